@@ -1,0 +1,148 @@
+//! One guest, many behaviours, chosen by the `MODE` environment variable: the host's test
+//! suite runs it to exercise every outcome a real component can have.
+use gorch_guest_sdk::{self as gorch, Error, bus, mailbox};
+use std::hint::black_box;
+use std::time::Duration;
+
+fn run() -> Result<(), String> {
+    let mode = std::env::var("MODE").unwrap_or_default();
+    match mode.as_str() {
+        "ok" => Ok(()),
+        "err" => Err("testkit failed on purpose".to_string()),
+        "panic" => panic!("testkit panic: kaboom"),
+        "unreachable" => {
+            // Do some work first, so that the accounting of a trapped instance can be checked.
+            black_box(compute(2_000_000));
+            core::arch::wasm32::unreachable()
+        }
+        "oob" => {
+            let p = black_box(0xffff_fff0usize) as *const u64;
+            // Out of bounds of linear memory: the host traps.
+            let v = unsafe { core::ptr::read_volatile(p) };
+            Err(format!("read {v} out of bounds?"))
+        }
+        "stack-overflow" => Err(format!("{}", recurse(black_box(1)))),
+        "spin" => {
+            #[allow(clippy::empty_loop)]
+            loop {}
+        }
+        "compute" => {
+            let iters: u64 = env_num("ITERS", 20_000_000);
+            gorch::info!("compute -> {}", compute(iters));
+            Ok(())
+        }
+        "idle" => {
+            gorch::sleep(Duration::from_millis(env_num("MILLIS", 200)));
+            Ok(())
+        }
+        "add-busy" => {
+            gorch::add_busy(Duration::from_millis(env_num("MILLIS", 1500)));
+            Ok(())
+        }
+        "memhog" => {
+            let mut chunks: Vec<Vec<u8>> = Vec::new();
+            loop {
+                chunks.push(black_box(vec![1u8; 1 << 20]));
+                if chunks.len() > 4096 {
+                    return Err("allocated 4 GiB without hitting a limit".to_string());
+                }
+            }
+        }
+        "recv" => match mailbox::recv() {
+            Ok(m) => Err(format!("unexpected message {m:?}")),
+            Err(e) => {
+                gorch::info!("recv returned: {e}");
+                Err(format!("recv: {e}"))
+            }
+        },
+        "sleep-forever" => {
+            let woke = gorch::sleep(Duration::from_secs(3600));
+            Err(format!("sleep returned {woke}"))
+        }
+        "beat-then-hang" => {
+            gorch::beat();
+            // Blocks in a host call without beating again.
+            let _ = mailbox::recv();
+            Ok(())
+        }
+        "sandbox" => sandbox(),
+        "identity" => {
+            gorch::info!("id={} name={} restarts={}", gorch::id(), gorch::name(), gorch::restarts());
+            mailbox::send("observer", format!("{}|{}", gorch::id(), gorch::name()).as_bytes())
+                .map_err(|e| e.to_string())
+        }
+        "echo" => loop {
+            match mailbox::recv() {
+                Ok(m) => bus::publish("testkit-out", &m).map_err(|e| e.to_string())?,
+                Err(Error::Cancelled) => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            }
+        },
+        "bus-relay" => loop {
+            match bus::recv("testkit-in") {
+                Ok(m) => bus::publish("testkit-out", &m).map_err(|e| e.to_string())?,
+                Err(Error::Cancelled) => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            }
+        },
+        "stdout" => {
+            println!("line from stdout");
+            eprintln!("line from stderr");
+            Ok(())
+        }
+        other => Err(format!("unknown MODE {other:?}")),
+    }
+}
+
+fn env_num(key: &str, default: u64) -> u64 {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn compute(iters: u64) -> u64 {
+    let mut h: u64 = 1469598103934665603;
+    for i in 0..iters {
+        h = (h ^ i).wrapping_mul(1099511628211).rotate_left(5);
+    }
+    h
+}
+
+#[allow(unconditional_recursion)]
+fn recurse(n: u64) -> u64 {
+    let buf = black_box([n; 64]);
+    recurse(black_box(buf[3] + 1)) + buf[7]
+}
+
+/// Tries what a sandboxed guest must not be able to do; fails naming whatever worked.
+fn sandbox() -> Result<(), String> {
+    let mut escaped = Vec::new();
+    if std::fs::read("/etc/passwd").is_ok() {
+        escaped.push("read /etc/passwd".to_string());
+    }
+    if std::fs::read_dir("/").is_ok() || std::fs::read_dir(".").is_ok() {
+        escaped.push("listed a directory".to_string());
+    }
+    if std::fs::write("escape.txt", b"x").is_ok() {
+        escaped.push("wrote a file".to_string());
+    }
+    let vars: Vec<String> = std::env::vars().map(|(k, _)| k).filter(|k| k != "MODE").collect();
+    if !vars.is_empty() {
+        escaped.push(format!("saw env vars {vars:?}"));
+    }
+    if std::net::TcpStream::connect("127.0.0.1:9").is_ok() {
+        escaped.push("opened a TCP connection".to_string());
+    }
+    if std::net::TcpListener::bind("127.0.0.1:0").is_ok() {
+        escaped.push("bound a TCP socket".to_string());
+    }
+    if std::net::UdpSocket::bind("127.0.0.1:0").is_ok() {
+        escaped.push("bound a UDP socket".to_string());
+    }
+    if escaped.is_empty() {
+        gorch::info!("sandbox held");
+        Ok(())
+    } else {
+        Err(format!("sandbox escaped: {}", escaped.join(", ")))
+    }
+}
+
+gorch::worker!(run);

@@ -1,0 +1,181 @@
+//! The `gorch-host` command line: one clap struct per subcommand, each with `run()`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use crate::orchestrator::Orchestrator;
+use crate::plugin::PluginDir;
+use crate::wasm::{EngineConfig, WasmEngine};
+
+/// Runs sandboxed WebAssembly component workers and keeps them alive and visible.
+#[derive(Debug, Parser)]
+#[command(name = "gorch-host", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load, validate and start every plugin in a directory; run until SIGINT/SIGTERM.
+    Run(RunCmd),
+    /// Validate component files against the gorch:worker world; print imports and exports.
+    Check(CheckCmd),
+}
+
+impl Cli {
+    /// Runs the chosen subcommand.
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Run(c) => c.run().await,
+            Command::Check(c) => c.run(),
+        }
+    }
+}
+
+/// `gorch-host run DIR`.
+#[derive(Debug, clap::Args)]
+pub struct RunCmd {
+    /// Directory with `NAME.wasm` components and optional `NAME.toml` manifests.
+    pub dir: PathBuf,
+    /// Bound on the graceful shutdown after the first signal (a second signal kills at once).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+impl RunCmd {
+    /// Starts the plugins and runs until a signal.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let orch = Orchestrator::new();
+        let engine = WasmEngine::new(EngineConfig::default())?;
+        let started = start_plugins(&orch, &engine, &self.dir)?;
+        tracing::info!(
+            "{started} routine(s) running from {}; press Ctrl-C to stop",
+            self.dir.display()
+        );
+        wait_for_signal().await?;
+        tracing::info!(
+            "shutting down (bound {}; signal again to kill at once)",
+            humantime::format_duration(self.shutdown_timeout)
+        );
+        tokio::spawn(async {
+            if wait_for_signal().await.is_ok() {
+                eprintln!("second signal: killing at once");
+                std::process::exit(130);
+            }
+        });
+        let report = orch.shutdown(self.shutdown_timeout).await;
+        if !report.killed.is_empty() {
+            tracing::warn!("killed after the grace period: {}", report.killed.join(", "));
+        }
+        if !report.unstoppable.is_empty() {
+            bail!("could not stop within the bound: {}", report.unstoppable.join(", "));
+        }
+        tracing::info!("stopped {} routine(s)", report.stopped);
+        Ok(())
+    }
+}
+
+/// Loads every plugin of `dir` and spawns its routines. A bad plugin is reported (by file,
+/// with the reason) and skipped; the others start. Returns how many routines started.
+pub fn start_plugins(
+    orch: &Orchestrator,
+    engine: &WasmEngine,
+    dir: &Path,
+) -> anyhow::Result<usize> {
+    let scanned =
+        PluginDir::scan(dir).with_context(|| format!("cannot read plugin directory {}", dir.display()))?;
+    for e in &scanned.errors {
+        tracing::error!("skipping plugin: {e}");
+    }
+    if scanned.plugins.is_empty() {
+        tracing::warn!("no *.wasm components in {}", dir.display());
+    }
+    let mut started = 0;
+    for spec in &scanned.plugins {
+        let component = match engine.load_file(&spec.wasm) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("skipping plugin: {e}");
+                continue;
+            }
+        };
+        for name in spec.manifest.routine_names(&spec.stem) {
+            let opts = spec.manifest.spawn_options(name.clone());
+            match orch.spawn_wasm_as(
+                opts,
+                spec.stem.clone(),
+                &component,
+                spec.manifest.wasm_options(),
+            ) {
+                Ok(_) => started += 1,
+                Err(e) => tracing::error!("{}: cannot start {name}: {e}", spec.wasm.display()),
+            }
+        }
+    }
+    Ok(started)
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    }
+}
+
+/// `gorch-host check FILE...`.
+#[derive(Debug, clap::Args)]
+pub struct CheckCmd {
+    /// Component files to validate.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+impl CheckCmd {
+    /// Validates each file; fails if any is bad.
+    pub fn run(self) -> anyhow::Result<()> {
+        let engine = WasmEngine::new(EngineConfig { pooling: false, ..Default::default() })?;
+        let mut bad = 0;
+        let mut out = std::io::stdout().lock();
+        for f in &self.files {
+            match engine.load_file(f) {
+                Ok(c) => {
+                    let world =
+                        if c.is_command() { "wasi:cli/command" } else { "gorch:worker/worker" };
+                    writeln!(out, "{}: ok ({world})", f.display())?;
+                    for i in c.imports() {
+                        writeln!(out, "  import {i}")?;
+                    }
+                    for e in c.exports() {
+                        writeln!(out, "  export {e}")?;
+                    }
+                }
+                Err(e) => {
+                    bad += 1;
+                    writeln!(out, "error: {e}")?;
+                }
+            }
+        }
+        if bad > 0 {
+            bail!("{bad} of {} file(s) failed the check", self.files.len());
+        }
+        Ok(())
+    }
+}

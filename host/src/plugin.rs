@@ -1,0 +1,470 @@
+//! Plugin manifests (`NAME.toml` beside `NAME.wasm`) and plugin directories.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, DEFAULT_QUEUE_CAPACITY, SpawnOptions};
+use crate::wasm::{DEFAULT_MEMORY_LIMIT, WasmOptions};
+
+/// A manifest that could not be read or is invalid: names the file, and the line and column
+/// where the problem is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}: {message}", path.display(), location.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
+pub struct ManifestError {
+    /// The manifest file.
+    pub path: PathBuf,
+    /// 1-based line and column, when known.
+    pub location: Option<(usize, usize)>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// When the supervisor restarts a routine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never restart.
+    Never,
+    /// Restart after `FAILED`, `PANICKED` or `TIMED_OUT` (the default).
+    #[default]
+    OnFailure,
+    /// Restart after every end but a stop on request.
+    Always,
+}
+
+/// The `[backoff]` table: exponential backoff between restarts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "RawBackoff")]
+pub struct Backoff {
+    /// First delay (default 200ms).
+    pub initial: Duration,
+    /// Largest delay (default 5s).
+    pub max: Duration,
+    /// Factor between delays, at least 1 (default 2.0).
+    pub multiplier: f64,
+    /// Random spread: delay × (1 ± jitter·U), in [0, 1] (default 0.2).
+    pub jitter: f64,
+    /// A run that lasted this long resets the backoff (default 30s).
+    pub stable_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(5),
+            multiplier: 2.0,
+            jitter: 0.2,
+            stable_after: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawBackoff {
+    #[serde(default, with = "humantime_serde::option")]
+    initial: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    max: Option<Duration>,
+    multiplier: Option<f64>,
+    jitter: Option<f64>,
+    #[serde(default, with = "humantime_serde::option")]
+    stable_after: Option<Duration>,
+}
+
+impl TryFrom<RawBackoff> for Backoff {
+    type Error = String;
+    fn try_from(r: RawBackoff) -> Result<Self, String> {
+        let d = Backoff::default();
+        let b = Backoff {
+            initial: r.initial.unwrap_or(d.initial),
+            max: r.max.unwrap_or(d.max),
+            multiplier: r.multiplier.unwrap_or(d.multiplier),
+            jitter: r.jitter.unwrap_or(d.jitter),
+            stable_after: r.stable_after.unwrap_or(d.stable_after),
+        };
+        b.validate()?;
+        Ok(b)
+    }
+}
+
+impl Backoff {
+    /// Checks the settings: multiplier ≥ 1, jitter in [0, 1], max ≥ initial.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
+            return Err(format!("backoff.multiplier must be at least 1, got {}", self.multiplier));
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err(format!("backoff.jitter must be between 0 and 1, got {}", self.jitter));
+        }
+        if self.max < self.initial {
+            return Err(format!(
+                "backoff.max ({}) is less than backoff.initial ({})",
+                humantime::format_duration(self.max),
+                humantime::format_duration(self.initial)
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The `[intensity]` table: at most `max-restarts` within `within`, then give up.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "RawIntensity")]
+pub struct Intensity {
+    /// Restarts allowed in the window (default 5).
+    pub max_restarts: u32,
+    /// The window (default 10s; not zero).
+    pub within: Duration,
+}
+
+impl Default for Intensity {
+    fn default() -> Self {
+        Intensity { max_restarts: 5, within: Duration::from_secs(10) }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawIntensity {
+    max_restarts: Option<u32>,
+    #[serde(default, with = "humantime_serde::option")]
+    within: Option<Duration>,
+}
+
+impl TryFrom<RawIntensity> for Intensity {
+    type Error = String;
+    fn try_from(r: RawIntensity) -> Result<Self, String> {
+        let d = Intensity::default();
+        let i = Intensity {
+            max_restarts: r.max_restarts.unwrap_or(d.max_restarts),
+            within: r.within.unwrap_or(d.within),
+        };
+        if i.within.is_zero() {
+            return Err("intensity.within must not be zero".into());
+        }
+        Ok(i)
+    }
+}
+
+/// A size in bytes: an integer, or a string such as `"64MiB"`, `"512KiB"`, `"1GB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `"64MiB"`, `"1 GiB"`, `"4096"`, `"10KB"`.
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}: expected e.g. \"64MiB\""))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "invalid size unit {other:?} in {s:?}: use B, KiB, MiB, GiB, KB, MB or GB"
+                ));
+            }
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size in bytes, such as 1048576 or \"1MiB\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v).map(ByteSize).map_err(|_| E::custom("size must not be negative"))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The `[limits]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Limits {
+    /// Linear memory per instance (default 64MiB).
+    pub memory: ByteSize,
+    /// Fuel (instructions) per run; 0 = unlimited (default).
+    pub fuel: u64,
+    /// Largest message the plugin may send or publish (default 1MiB).
+    pub message_bytes: ByteSize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory: ByteSize(DEFAULT_MEMORY_LIMIT),
+            fuel: 0,
+            message_bytes: ByteSize(DEFAULT_MESSAGE_BYTES),
+        }
+    }
+}
+
+/// The `[wasi]` table: what the sandbox grants (nothing by default).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct WasiGrants {
+    /// Environment variables the guest sees.
+    pub env: BTreeMap<String, String>,
+    /// Arguments the guest sees.
+    pub args: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_queue() -> usize {
+    DEFAULT_QUEUE_CAPACITY
+}
+fn default_deliveries() -> u32 {
+    3
+}
+
+fn positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = u32::deserialize(d)?;
+    if v == 0 {
+        return Err(serde::de::Error::custom("must be at least 1"));
+    }
+    Ok(v)
+}
+
+fn positive_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = usize::deserialize(d)?;
+    if v == 0 {
+        return Err(serde::de::Error::custom("must be at least 1"));
+    }
+    Ok(v)
+}
+
+fn routine_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v = String::deserialize(d)?;
+    crate::bus::validate_name(&v)
+        .map_err(|r| serde::de::Error::custom(format!("invalid name {v:?}: {r}")))?;
+    Ok(Some(v))
+}
+
+/// A plugin manifest, `NAME.toml` beside `NAME.wasm`. All keys are optional and kebab-case;
+/// unknown keys are errors.
+///
+/// ```toml
+/// name = "echo"               # default: the file stem
+/// instances = 1               # replicas: names echo-1 .. echo-N when N > 1
+/// restart = "on-failure"      # never | on-failure | always
+/// idle-timeout = "0s"         # 0 = watchdog off
+/// queue-capacity = 128        # mailbox
+/// max-deliveries = 3
+/// [backoff]
+/// initial = "200ms"
+/// max = "5s"
+/// multiplier = 2.0
+/// jitter = 0.2
+/// stable-after = "30s"
+/// [intensity]
+/// max-restarts = 5
+/// within = "10s"
+/// [limits]
+/// memory = "64MiB"            # linear memory per instance
+/// fuel = 0                    # instructions per run, 0 = unlimited
+/// message-bytes = "1MiB"
+/// [wasi]
+/// env = { GREETING = "hi" }
+/// args = []
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PluginManifest {
+    /// Routine name; default: the file stem.
+    #[serde(default, deserialize_with = "routine_name")]
+    pub name: Option<String>,
+    /// Replicas (at least 1).
+    #[serde(default = "one", deserialize_with = "positive_u32")]
+    pub instances: u32,
+    /// Restart policy.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Idle watchdog; zero turns it off (the default).
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Mailbox capacity (at least 1).
+    #[serde(default = "default_queue", deserialize_with = "positive_usize")]
+    pub queue_capacity: usize,
+    /// Delivery attempts of one message before it goes to `dead-letter` (at least 1).
+    #[serde(default = "default_deliveries", deserialize_with = "positive_u32")]
+    pub max_deliveries: u32,
+    /// Backoff between restarts.
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// Restart intensity limit.
+    #[serde(default)]
+    pub intensity: Intensity,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// WASI grants.
+    #[serde(default)]
+    pub wasi: WasiGrants,
+}
+
+impl Default for PluginManifest {
+    fn default() -> Self {
+        PluginManifest {
+            name: None,
+            instances: 1,
+            restart: RestartPolicy::default(),
+            idle_timeout: Duration::ZERO,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            max_deliveries: 3,
+            backoff: Backoff::default(),
+            intensity: Intensity::default(),
+            limits: Limits::default(),
+            wasi: WasiGrants::default(),
+        }
+    }
+}
+
+impl PluginManifest {
+    /// Parses manifest text; `path` names it in errors.
+    pub fn from_str(path: &Path, text: &str) -> Result<Self, ManifestError> {
+        toml::from_str(text).map_err(|e| {
+            let location = e.span().map(|s| line_col(text, s.start));
+            ManifestError { path: path.to_path_buf(), location, message: e.message().to_string() }
+        })
+    }
+
+    /// Reads and parses a manifest file.
+    pub fn from_file(path: &Path) -> Result<Self, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ManifestError {
+            path: path.to_path_buf(),
+            location: None,
+            message: e.to_string(),
+        })?;
+        Self::from_str(path, &text)
+    }
+
+    /// The routine names this manifest spawns: `name`, or `name-1 .. name-N`.
+    pub fn routine_names(&self, stem: &str) -> Vec<String> {
+        let base = self.name.clone().unwrap_or_else(|| stem.to_string());
+        if self.instances <= 1 {
+            vec![base]
+        } else {
+            (1..=self.instances).map(|i| format!("{base}-{i}")).collect()
+        }
+    }
+
+    /// Spawn options of one routine of this plugin.
+    pub fn spawn_options(&self, name: String) -> SpawnOptions {
+        let mut o = SpawnOptions::new(name)
+            .queue_capacity(self.queue_capacity)
+            .message_bytes(self.limits.message_bytes.0);
+        if !self.idle_timeout.is_zero() {
+            o = o.idle_timeout(self.idle_timeout);
+        }
+        o
+    }
+
+    /// The wasm options (limits and WASI grants).
+    pub fn wasm_options(&self) -> WasmOptions {
+        WasmOptions {
+            memory: self.limits.memory.0,
+            fuel: self.limits.fuel,
+            env: self.wasi.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            args: self.wasi.args.clone(),
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    (line, col)
+}
+
+/// One plugin found in a directory: its component file and its manifest.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    /// The file stem (`echo` for `echo.wasm`).
+    pub stem: String,
+    /// The component file.
+    pub wasm: PathBuf,
+    /// The manifest (defaults when there is no `NAME.toml`).
+    pub manifest: PluginManifest,
+}
+
+/// A plugin directory, scanned: the plugins that can be tried, and the problems found.
+#[derive(Debug, Default)]
+pub struct PluginDir {
+    /// Plugins with a valid (or no) manifest, sorted by file name.
+    pub plugins: Vec<PluginSpec>,
+    /// Problems that keep a plugin from being tried, each naming its file.
+    pub errors: Vec<String>,
+}
+
+/// The directory-wide configuration file, reserved for groups.
+pub const DIR_CONFIG: &str = "gorch.toml";
+
+impl PluginDir {
+    /// Finds every `*.wasm` in `dir` with its optional `NAME.toml`.
+    pub fn scan(dir: &Path) -> std::io::Result<PluginDir> {
+        let mut out = PluginDir::default();
+        let mut entries: Vec<PathBuf> =
+            std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        for path in &entries {
+            let ext = path.extension().and_then(|e| e.to_str());
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+            match ext {
+                Some("wasm") => {
+                    let toml = path.with_extension("toml");
+                    let manifest = if toml.exists() {
+                        match PluginManifest::from_file(&toml) {
+                            Ok(m) => m,
+                            Err(e) => {
+                                out.errors.push(e.to_string());
+                                continue;
+                            }
+                        }
+                    } else {
+                        PluginManifest::default()
+                    };
+                    out.plugins.push(PluginSpec { stem, wasm: path.clone(), manifest });
+                }
+                Some("toml") if path.file_name().and_then(|n| n.to_str()) != Some(DIR_CONFIG) => {
+                    if !path.with_extension("wasm").exists() {
+                        out.errors.push(format!(
+                            "{}: manifest without a component: no {stem}.wasm beside it",
+                            path.display()
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
