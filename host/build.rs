@@ -74,12 +74,12 @@ fn check_target() {
         .output()
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if let Some(sysroot) = sysroot {
-        if !Path::new(&sysroot).join("lib/rustlib").join(TARGET).exists() {
-            panic!(
-                "the {TARGET} target is not installed; run `rustup target add {TARGET}` \
-                 (the README's commands do this)"
-            );
-        }
+    if let Some(sysroot) = sysroot
+        && !Path::new(&sysroot).join("lib/rustlib").join(TARGET).exists()
+    {
+        panic!(
+            "the {TARGET} target is not installed; run `rustup target add {TARGET}` \
+             (the README's commands do this)"
+        );
     }
 }

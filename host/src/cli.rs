@@ -89,8 +89,8 @@ pub fn start_plugins(
     engine: &WasmEngine,
     dir: &Path,
 ) -> anyhow::Result<usize> {
-    let scanned =
-        PluginDir::scan(dir).with_context(|| format!("cannot read plugin directory {}", dir.display()))?;
+    let scanned = PluginDir::scan(dir)
+        .with_context(|| format!("cannot read plugin directory {}", dir.display()))?;
     for e in &scanned.errors {
         tracing::error!("skipping plugin: {e}");
     }

@@ -566,8 +566,20 @@ pub fn write_stats_table(w: &mut dyn io::Write, snaps: &[Snapshot]) -> io::Resul
     writeln!(
         w,
         "{:>5}  {:<20} {:<12} {:<9} {:<12} {:>4} {:>9} {:>8} {:>9} {:>12} {:>9} {:>9} {:>8} {:>8}  LAST ERROR",
-        "ID", "NAME", "PLUGIN", "STATE", "HEALTH", "RST", "UPTIME", "IDLE", "BUSY", "FUEL", "MEM",
-        "QUEUE", "IN", "OUT"
+        "ID",
+        "NAME",
+        "PLUGIN",
+        "STATE",
+        "HEALTH",
+        "RST",
+        "UPTIME",
+        "IDLE",
+        "BUSY",
+        "FUEL",
+        "MEM",
+        "QUEUE",
+        "IN",
+        "OUT"
     )?;
     for s in snaps {
         writeln!(
@@ -587,7 +599,10 @@ pub fn write_stats_table(w: &mut dyn io::Write, snaps: &[Snapshot]) -> io::Resul
             format!("{}/{}", s.queue_len, s.queue_cap),
             s.messages_in,
             s.messages_out,
-            s.last_error.as_deref().map(|e| truncate(e.lines().next().unwrap_or(""), 60)).unwrap_or_default(),
+            s.last_error
+                .as_deref()
+                .map(|e| truncate(e.lines().next().unwrap_or(""), 60))
+                .unwrap_or_default(),
         )?;
     }
     Ok(())

@@ -162,7 +162,8 @@ impl ByteSize {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}: expected e.g. \"64MiB\""))?;
+        let n: u64 =
+            num.parse().map_err(|_| format!("invalid size {s:?}: expected e.g. \"64MiB\""))?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" => 1 << 10,
@@ -454,13 +455,14 @@ impl PluginDir {
                     };
                     out.plugins.push(PluginSpec { stem, wasm: path.clone(), manifest });
                 }
-                Some("toml") if path.file_name().and_then(|n| n.to_str()) != Some(DIR_CONFIG) => {
-                    if !path.with_extension("wasm").exists() {
-                        out.errors.push(format!(
-                            "{}: manifest without a component: no {stem}.wasm beside it",
-                            path.display()
-                        ));
-                    }
+                Some("toml")
+                    if path.file_name().and_then(|n| n.to_str()) != Some(DIR_CONFIG)
+                        && !path.with_extension("wasm").exists() =>
+                {
+                    out.errors.push(format!(
+                        "{}: manifest without a component: no {stem}.wasm beside it",
+                        path.display()
+                    ));
                 }
                 _ => {}
             }

@@ -17,8 +17,8 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable, types::ComponentItem};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
-    Trap, UpdateDeadline, WasmBacktrace,
+    CallHook, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter,
+    Store, Trap, UpdateDeadline, WasmBacktrace,
 };
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
@@ -176,7 +176,9 @@ impl WasmEngine {
             match Engine::new(&wasmtime_config(&config, true)) {
                 Ok(e) => (e, true),
                 Err(e) => {
-                    tracing::warn!("pooling allocator unavailable ({e}); using on-demand allocation");
+                    tracing::warn!(
+                        "pooling allocator unavailable ({e}); using on-demand allocation"
+                    );
                     (Engine::new(&wasmtime_config(&config, false))?, false)
                 }
             }
@@ -246,10 +248,8 @@ impl WasmEngine {
             .map_err(|e| LoadError::Compile { path: path.clone(), message: format!("{e:#}") })?;
         let ty = component.component_type();
         let engine = &self.inner.engine;
-        let imports: Vec<String> =
-            ty.imports(engine).map(|(n, e)| describe(n, &e.ty)).collect();
-        let exports: Vec<String> =
-            ty.exports(engine).map(|(n, e)| describe(n, &e.ty)).collect();
+        let imports: Vec<String> = ty.imports(engine).map(|(n, e)| describe(n, &e.ty)).collect();
+        let exports: Vec<String> = ty.exports(engine).map(|(n, e)| describe(n, &e.ty)).collect();
         let has_run = ty.get_export(engine, "run").is_some();
         let has_cli_run = ty.exports(engine).any(|(n, _)| n.starts_with("wasi:cli/run@0.2"));
         let wrong = |message: String| LoadError::WrongWorld { path: path.clone(), message };
@@ -258,19 +258,20 @@ impl WasmEngine {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| wrong(format!("imports do not fit the host: {e:#}")))?;
-        let kind = if has_run {
-            Kind::Worker(bindings::WorkerPre::new(pre).map_err(|e| {
-                wrong(format!("does not fit the gorch:worker/worker world: {e:#}"))
-            })?)
-        } else if has_cli_run {
-            Kind::Command(wasmtime_wasi::p2::bindings::CommandPre::new(pre).map_err(|e| {
-                wrong(format!("does not fit the wasi:cli/command world: {e:#}"))
-            })?)
-        } else {
-            return Err(wrong(
-                "exports neither `run` (world gorch:worker/worker) nor `wasi:cli/run`".into(),
-            ));
-        };
+        let kind =
+            if has_run {
+                Kind::Worker(bindings::WorkerPre::new(pre).map_err(|e| {
+                    wrong(format!("does not fit the gorch:worker/worker world: {e:#}"))
+                })?)
+            } else if has_cli_run {
+                Kind::Command(wasmtime_wasi::p2::bindings::CommandPre::new(pre).map_err(|e| {
+                    wrong(format!("does not fit the wasi:cli/command world: {e:#}"))
+                })?)
+            } else {
+                return Err(wrong(
+                    "exports neither `run` (world gorch:worker/worker) nor `wasi:cli/run`".into(),
+                ));
+            };
         Ok(WasmComponent {
             inner: Arc::new(ComponentInner {
                 _engine: self.inner.clone(),
@@ -535,6 +536,19 @@ async fn run_instance(
             Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
         });
     }
+    {
+        // Keeps the live fuel figure fresh for guests that mostly wait in host calls and so
+        // rarely reach an epoch callback.
+        let shared = shared.clone();
+        store.call_hook(move |cx, hook| {
+            if matches!(hook, CallHook::CallingHost)
+                && let Ok(left) = cx.get_fuel()
+            {
+                shared.fuel.store(base + (initial - left), Relaxed);
+            }
+            Ok(())
+        });
+    }
 
     let result: wasmtime::Result<Result<(), String>> = match &comp.kind {
         Kind::Worker(pre) => match pre.instantiate_async(&mut store).await {
@@ -581,25 +595,27 @@ fn trap_message(e: &wasmtime::Error, stderr: &str) -> String {
     };
     if let Some(bt) = e.downcast_ref::<WasmBacktrace>() {
         // The first frame that is the guest's own code, not the panic machinery of std.
-        let own = |n: &&str| {
-            !["std::", "core::", "alloc::", "__rust", "rust_panic", "abort", "panic"]
-                .iter()
-                .any(|p| n.contains(p))
-        };
-        if let Some(f) = bt.frames().iter().filter_map(|f| f.func_name()).find(own) {
+        let own = bt
+            .frames()
+            .iter()
+            .filter_map(|f| f.func_name())
+            .map(|n| format!("{:#}", rustc_demangle::demangle(n)))
+            .find(|n| {
+                !["std::", "core::", "alloc::", "__rust", "rust_panic", "abort", "<std", "<core"]
+                    .iter()
+                    .any(|p| n.starts_with(p))
+            });
+        if let Some(f) = own {
             msg.push_str(&format!(" (in {f})"));
         }
     }
     let stderr = stderr.trim();
     if let Some(i) = stderr.rfind("panicked at ") {
-        let panic: Vec<&str> = stderr[i..]
-            .lines()
-            .take_while(|l| !l.starts_with("note: "))
-            .map(str::trim)
-            .collect();
+        let panic: Vec<&str> =
+            stderr[i..].lines().take_while(|l| !l.starts_with("note: ")).map(str::trim).collect();
         msg.push_str("; ");
         msg.push_str(&panic.join(" "));
-    } else if let Some(last) = stderr.lines().last() {
+    } else if let Some(last) = stderr.lines().rev().find(|l| !l.starts_with("note: ")) {
         msg.push_str("; ");
         msg.push_str(last.trim());
     }

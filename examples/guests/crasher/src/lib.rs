@@ -13,7 +13,7 @@ fn run() -> Result<(), Error> {
             Err(e) => return Err(e),
         };
         seen += 1;
-        if seen % every == 0 {
+        if seen.is_multiple_of(every) {
             panic!("crasher: giving up on {:?} after {seen} jobs", String::from_utf8_lossy(&job));
         }
     }

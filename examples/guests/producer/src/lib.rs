@@ -10,7 +10,7 @@ fn run() -> Result<(), Error> {
         n += 1;
         let job = format!("job {n}");
         bus::publish("jobs", job.as_bytes())?;
-        if n % 10 == 0 {
+        if n.is_multiple_of(10) {
             match mailbox::send("echo", job.as_bytes()) {
                 // The echo plugin is optional.
                 Ok(()) | Err(Error::NoSuchRoutine(_)) => {}

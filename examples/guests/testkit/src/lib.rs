@@ -22,7 +22,8 @@ fn run() -> Result<(), String> {
             Err(format!("read {v} out of bounds?"))
         }
         "stack-overflow" => Err(format!("{}", recurse(black_box(1)))),
-        "spin" => {
+        "spin" =>
+        {
             #[allow(clippy::empty_loop)]
             loop {}
         }
@@ -67,7 +68,12 @@ fn run() -> Result<(), String> {
         }
         "sandbox" => sandbox(),
         "identity" => {
-            gorch::info!("id={} name={} restarts={}", gorch::id(), gorch::name(), gorch::restarts());
+            gorch::info!(
+                "id={} name={} restarts={}",
+                gorch::id(),
+                gorch::name(),
+                gorch::restarts()
+            );
             mailbox::send("observer", format!("{}|{}", gorch::id(), gorch::name()).as_bytes())
                 .map_err(|e| e.to_string())
         }
@@ -106,10 +112,12 @@ fn compute(iters: u64) -> u64 {
     h
 }
 
+/// Recursion that lives on the wasm call stack (no linear-memory frames), so that it hits
+/// the host's `max_wasm_stack` rather than the guest's own shadow stack.
 #[allow(unconditional_recursion)]
+#[inline(never)]
 fn recurse(n: u64) -> u64 {
-    let buf = black_box([n; 64]);
-    recurse(black_box(buf[3] + 1)) + buf[7]
+    recurse(n.wrapping_add(1)) ^ recurse(n.wrapping_add(2))
 }
 
 /// Tries what a sandboxed guest must not be able to do; fails naming whatever worked.
