@@ -36,6 +36,7 @@ pub mod cli;
 mod orchestrator;
 mod plugin;
 mod routine;
+mod supervisor;
 mod wasm;
 
 pub use bus::{
@@ -44,14 +45,15 @@ pub use bus::{
 };
 pub use channel::{Channel, ChannelStats, RecvError, SendError, Sizer};
 pub use orchestrator::{
-    DEFAULT_GRACE, DEFAULT_HISTORY, DEFAULT_MESSAGE_BYTES, DEFAULT_QUEUE_CAPACITY, Orchestrator,
-    ShutdownReport, SpawnError, SpawnOptions, write_stats_table,
+    DEAD_LETTER_TOPIC, DEFAULT_GRACE, DEFAULT_HISTORY, DEFAULT_MESSAGE_BYTES,
+    DEFAULT_QUEUE_CAPACITY, Orchestrator, ShutdownReport, SpawnError, SpawnOptions,
+    write_stats_table,
 };
 pub use plugin::{
-    Backoff, ByteSize, DIR_CONFIG, Intensity, Limits, ManifestError, PluginDir, PluginManifest,
-    PluginSpec, RestartPolicy, WasiGrants,
+    ByteSize, DIR_CONFIG, Limits, ManifestError, PluginDir, PluginManifest, PluginSpec, WasiGrants,
 };
-pub use routine::{CallError, Health, RoutineContext, RoutineHandle, Snapshot, State};
+pub use routine::{CallError, Health, Message, RoutineContext, RoutineHandle, Snapshot, State};
+pub use supervisor::{Backoff, DEFAULT_MAX_DELIVERIES, Intensity, RestartPolicy, Supervision};
 pub use wasm::{
     DEFAULT_EPOCH_TICK, DEFAULT_MAX_WASM_STACK, DEFAULT_MEMORY_LIMIT, DEFAULT_POOL_SIZE,
     EngineConfig, FUEL_YIELD_INTERVAL, LoadError, WasmComponent, WasmEngine, WasmOptions,

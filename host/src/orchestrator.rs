@@ -20,9 +20,10 @@ use tokio_util::task::TaskTracker;
 use crate::bus::{Bus, BusError, DEFAULT_TOPIC_CAPACITY, TopicStats, validate_name};
 use crate::channel::Channel;
 use crate::routine::{
-    CallError, RoutineContext, RoutineHandle, RoutineShared, Snapshot, State, StopReason,
-    dur_nanos, now_nanos,
+    CallError, InFlight, Message, RoutineContext, RoutineHandle, RoutineShared, RunControl,
+    Snapshot, Source, State, dur_nanos, now_nanos,
 };
+use crate::supervisor::{RestartPolicy, RestartWindow, Supervision};
 
 /// Default mailbox capacity.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 128;
@@ -69,6 +70,8 @@ pub struct SpawnOptions {
     pub grace: Duration,
     /// Largest payload the routine may send or publish; default [`DEFAULT_MESSAGE_BYTES`].
     pub message_bytes: u64,
+    /// Restart policy, backoff, intensity and `max-deliveries`; default: never restart.
+    pub supervision: Supervision,
 }
 
 impl SpawnOptions {
@@ -80,6 +83,7 @@ impl SpawnOptions {
             idle_timeout: None,
             grace: DEFAULT_GRACE,
             message_bytes: DEFAULT_MESSAGE_BYTES,
+            supervision: Supervision::default(),
         }
     }
     /// Sets the mailbox capacity.
@@ -100,6 +104,16 @@ impl SpawnOptions {
     /// Sets the per-message size limit.
     pub fn message_bytes(mut self, n: u64) -> Self {
         self.message_bytes = n;
+        self
+    }
+    /// Sets the supervision settings.
+    pub fn supervision(mut self, s: Supervision) -> Self {
+        self.supervision = s;
+        self
+    }
+    /// Sets the restart policy (keeping the other supervision settings).
+    pub fn restart(mut self, policy: RestartPolicy) -> Self {
+        self.supervision.restart = policy;
         self
     }
 }
@@ -180,15 +194,15 @@ pub(crate) struct OrchInner {
     shutdown_report: tokio::sync::OnceCell<ShutdownReport>,
     /// Names of routines the shutdown had to kill after the grace period.
     killed_names: Mutex<Vec<String>>,
-    bus: Bus<Vec<u8>>,
+    bus: Bus<Message>,
 }
 
 impl OrchInner {
-    pub(crate) fn mailbox_of(&self, name: &str) -> Option<Channel<Vec<u8>>> {
+    pub(crate) fn mailbox_of(&self, name: &str) -> Option<Channel<Message>> {
         self.by_name.read().get(name).map(|r| r.mailbox.clone())
     }
 
-    pub(crate) fn topic(&self, name: &str) -> Result<Channel<Vec<u8>>, CallError> {
+    pub(crate) fn topic(&self, name: &str) -> Result<Channel<Message>, CallError> {
         self.bus.topic(name, DEFAULT_TOPIC_CAPACITY).map_err(|e| match e {
             BusError::InvalidName { name, .. } => CallError::InvalidName(name),
             BusError::TooManyTopics { max } => CallError::Limit(format!("at most {max} topics")),
@@ -240,7 +254,7 @@ impl Orchestrator {
     }
 
     /// An orchestrator whose routines share `bus` (for example one with another topic limit).
-    pub fn with_bus(bus: Bus<Vec<u8>>) -> Self {
+    pub fn with_bus(bus: Bus<Message>) -> Self {
         Orchestrator {
             inner: Arc::new(OrchInner {
                 next_id: AtomicU64::new(1),
@@ -258,7 +272,7 @@ impl Orchestrator {
     }
 
     /// The bus shared by this orchestrator's routines.
-    pub fn bus(&self) -> &Bus<Vec<u8>> {
+    pub fn bus(&self) -> &Bus<Message> {
         &self.inner.bus
     }
 
@@ -297,9 +311,8 @@ impl Orchestrator {
             self.inner.routines.write().insert(id, shared.clone());
             shared
         };
-        let ctx = RoutineContext { shared: shared.clone(), orch: self.inner.clone() };
         let orch = self.inner.clone();
-        self.inner.tracker.spawn(drive(orch, ctx, work));
+        self.inner.tracker.spawn(drive(orch, shared.clone(), work));
         Ok(RoutineHandle { shared })
     }
 
@@ -344,7 +357,7 @@ impl Orchestrator {
     /// Asks every live routine to stop (each gets its grace period, then is killed).
     pub fn kill_all(&self) {
         for r in self.inner.routines.read().values() {
-            r.request_stop(StopReason::Requested);
+            r.request_stop();
         }
     }
 
@@ -376,7 +389,7 @@ async fn shutdown_inner(inner: Arc<OrchInner>, timeout: Duration) -> ShutdownRep
     inner.tracker.close();
     let live: Vec<Arc<RoutineShared>> = inner.routines.read().values().cloned().collect();
     for r in &live {
-        r.request_stop(StopReason::Requested);
+        r.request_stop();
     }
     if tokio::time::timeout_at(kill_at, inner.tracker.wait()).await.is_err() {
         let remaining: Vec<Arc<RoutineShared>> = inner.routines.read().values().cloned().collect();
@@ -430,13 +443,68 @@ async fn idle_watchdog(shared: &RoutineShared) {
     }
 }
 
-/// The routine's task: runs the work, watches for stop requests and the idle timeout,
-/// enforces the grace period and the kill, and records the end.
-async fn drive(orch: Arc<OrchInner>, ctx: RoutineContext, work: Arc<dyn Work>) {
-    let shared = ctx.shared.clone();
+/// The routine's task: runs the work, restarts it as its supervision says, and records the
+/// end. Each run gets fresh stop signals; the routine's id, name and mailbox stay.
+async fn drive(orch: Arc<OrchInner>, shared: Arc<RoutineShared>, work: Arc<dyn Work>) {
     // Make sure the routine is finalized even if this task is aborted.
     let mut guard = FinishGuard { orch: orch.clone(), shared: shared.clone(), armed: true };
+    let sup = &shared.supervision;
+    let mut window = RestartWindow::default();
+    let mut attempt: u32 = 0;
+    let state = loop {
+        let run = Arc::new(RunControl::new(&shared.stop));
+        let ctx = RoutineContext { shared: shared.clone(), orch: orch.clone(), run: run.clone() };
+        // tokio's clock, so that paused-time tests see real backoff and windows.
+        let started = tokio::time::Instant::now();
+        let state = run_once(&shared, &run, ctx, &*work).await;
+        if state == State::Stopped && !run.cancel.is_cancelled() {
+            // A clean return acknowledges the message in flight.
+            *shared.in_flight.lock() = None;
+        } else {
+            requeue_in_flight(&orch, &shared);
+        }
+        if shared.stop.is_cancelled() || !sup.restart.restarts_after(state) {
+            break state;
+        }
+        if started.elapsed() >= sup.backoff.stable_after {
+            attempt = 0;
+        }
+        if !window.allow(&sup.intensity, tokio::time::Instant::now()) {
+            let last = shared.last_error.lock().clone().unwrap_or_else(|| state.to_string());
+            shared.set_last_error(Some(format!(
+                "gave up: more than {} restarts within {}; last: {last}",
+                sup.intensity.max_restarts,
+                humantime::format_duration(sup.intensity.within)
+            )));
+            break State::Failed;
+        }
+        let delay = sup.backoff.delay(attempt, rand::random::<f64>());
+        attempt = attempt.saturating_add(1);
+        shared.set_state(State::Backoff);
+        tracing::info!(
+            routine = %shared.name,
+            "{state}; restarting in {}",
+            humantime::format_duration(round_ms(delay))
+        );
+        tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => break State::Stopped,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        shared.restarts.fetch_add(1, Relaxed);
+    };
+    guard.armed = false;
+    finish(&orch, &shared, state);
+}
 
+/// One run: start the work, watch for stop requests and the idle timeout, enforce the grace
+/// period and the kill. Returns the state the run ended in.
+async fn run_once(
+    shared: &RoutineShared,
+    run: &RunControl,
+    ctx: RoutineContext,
+    work: &dyn Work,
+) -> State {
     shared.started_at.store(now_nanos(), Relaxed);
     shared.beat();
     shared.set_state(State::Running);
@@ -446,62 +514,125 @@ async fn drive(orch: Arc<OrchInner>, ctx: RoutineContext, work: Arc<dyn Work>) {
     let outcome = tokio::select! {
         biased;
         o = &mut timed => o,
-        _ = shared.cancel.cancelled() => stop_run(&shared, &mut timed, &*work).await,
-        _ = idle_watchdog(&shared) => {
+        _ = run.cancel.cancelled() => stop_run(shared, run, &mut timed, work).await,
+        _ = idle_watchdog(shared) => {
             let idle = shared.idle_for();
-            shared.request_stop(StopReason::IdleTimeout);
+            run.idle_timed_out.store(true, Relaxed);
+            run.cancel.cancel();
             shared.set_last_error(Some(format!(
                 "idle timeout: no beat for {}",
                 humantime::format_duration(round_ms(idle))
             )));
-            stop_run(&shared, &mut timed, &*work).await
+            stop_run(shared, run, &mut timed, work).await
         }
     };
     drop(timed);
+    shared.started_at.store(0, Relaxed);
+    shared.memory_bytes.store(0, Relaxed);
 
-    let state = match (shared.stop_reason(), outcome) {
-        (StopReason::IdleTimeout, _) => State::TimedOut,
-        (StopReason::Requested, Outcome::Err(e) | Outcome::Panicked(e)) => {
-            shared.set_last_error(Some(e));
-            State::Stopped
-        }
-        (StopReason::Requested, _) => State::Stopped,
-        (StopReason::None, Outcome::Ok) => State::Stopped,
-        (StopReason::None, Outcome::Err(e)) => {
-            shared.set_last_error(Some(e));
-            State::Failed
-        }
-        (StopReason::None, Outcome::Panicked(e)) => {
-            shared.set_last_error(Some(e));
-            State::Panicked
-        }
-        (StopReason::None, Outcome::Killed) => {
+    if run.idle_timed_out.load(Relaxed) {
+        return State::TimedOut;
+    }
+    let requested = shared.stop.is_cancelled();
+    match outcome {
+        Outcome::Ok => State::Stopped,
+        Outcome::Killed => {
             shared.set_last_error(Some("killed".to_string()));
             State::Stopped
         }
+        Outcome::Err(e) => {
+            shared.set_last_error(Some(e));
+            if requested { State::Stopped } else { State::Failed }
+        }
+        Outcome::Panicked(e) => {
+            shared.set_last_error(Some(e));
+            if requested { State::Stopped } else { State::Panicked }
+        }
+    }
+}
+
+/// After a run that did not end cleanly: the message in flight goes back to the head of the
+/// queue it came from, or to `dead-letter` once it has been delivered `max-deliveries` times.
+fn requeue_in_flight(orch: &OrchInner, shared: &RoutineShared) {
+    let Some(InFlight { msg, source }) = shared.in_flight.lock().take() else { return };
+    if msg.deliveries >= shared.supervision.max_deliveries {
+        dead_letter(orch, shared, msg, &source);
+        return;
+    }
+    let back = match &source {
+        Source::Mailbox => shared.mailbox.push_front(msg),
+        Source::Topic(_, ch) => ch.push_front(msg),
     };
-    guard.armed = false;
-    finish(&orch, &shared, state);
+    if back.is_err() {
+        tracing::warn!(routine = %shared.name, "in-flight message dropped: its queue is closed");
+    }
+}
+
+/// The topic that receives messages delivered `max-deliveries` times without success.
+pub const DEAD_LETTER_TOPIC: &str = "dead-letter";
+
+/// A dead letter, as JSON on the `dead-letter` topic.
+#[derive(serde::Serialize)]
+struct DeadLetter<'a> {
+    routine: &'a str,
+    error: Option<String>,
+    source: String,
+    deliveries: u32,
+    payload: &'a [u8],
+}
+
+fn dead_letter(orch: &OrchInner, shared: &RoutineShared, msg: Message, source: &Source) {
+    let letter = DeadLetter {
+        routine: &shared.name,
+        error: shared.last_error.lock().clone(),
+        source: match source {
+            Source::Mailbox => "mailbox".to_string(),
+            Source::Topic(t, _) => format!("topic:{t}"),
+        },
+        deliveries: msg.deliveries,
+        payload: &msg.payload,
+    };
+    let json = serde_json::to_vec(&letter).unwrap_or_default();
+    shared.dead_letters.fetch_add(1, Relaxed);
+    tracing::warn!(
+        routine = %shared.name,
+        "message from {} failed {} deliveries: sent to {DEAD_LETTER_TOPIC}",
+        letter.source,
+        msg.deliveries
+    );
+    match orch.topic(DEAD_LETTER_TOPIC) {
+        Ok(ch) => {
+            if ch.try_send(Message::from(json)).is_err() {
+                tracing::error!("the {DEAD_LETTER_TOPIC} topic is full; a dead letter was dropped");
+            }
+        }
+        Err(e) => tracing::error!("cannot reach the {DEAD_LETTER_TOPIC} topic: {e}"),
+    }
 }
 
 /// The stop sequence after a stop request: wait for the run to return within the grace
 /// period (or until a hard kill), then kill it.
-async fn stop_run<F>(shared: &RoutineShared, run: &mut F, work: &dyn Work) -> Outcome
+async fn stop_run<F>(
+    shared: &RoutineShared,
+    run: &RunControl,
+    fut: &mut F,
+    work: &dyn Work,
+) -> Outcome
 where
     F: Future<Output = Outcome> + Unpin,
 {
     shared.set_state(State::Stopping);
     tokio::select! {
         biased;
-        o = &mut *run => return o,
+        o = &mut *fut => return o,
         _ = tokio::time::sleep(shared.grace) => {}
         _ = shared.kill.cancelled() => {}
     }
-    shared.killed.store(true, Relaxed);
+    run.killed.store(true, Relaxed);
     if work.interruptible() {
         // The epoch callback traps the instance at its next tick; a guest blocked in a
         // host call that does not watch cancellation is dropped after the wait.
-        if let Ok(o) = tokio::time::timeout(KILL_WAIT, &mut *run).await {
+        if let Ok(o) = tokio::time::timeout(KILL_WAIT, &mut *fut).await {
             return match o {
                 Outcome::Panicked(_) | Outcome::Killed => Outcome::Killed,
                 other => other,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, DEFAULT_QUEUE_CAPACITY, SpawnOptions};
+use crate::supervisor::{Backoff, Intensity, RestartPolicy, Supervision};
 use crate::wasm::{DEFAULT_MEMORY_LIMIT, WasmOptions};
 
 /// A manifest that could not be read or is invalid: names the file, and the line and column
@@ -21,135 +22,6 @@ pub struct ManifestError {
     pub location: Option<(usize, usize)>,
     /// What is wrong.
     pub message: String,
-}
-
-/// When the supervisor restarts a routine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RestartPolicy {
-    /// Never restart.
-    Never,
-    /// Restart after `FAILED`, `PANICKED` or `TIMED_OUT` (the default).
-    #[default]
-    OnFailure,
-    /// Restart after every end but a stop on request.
-    Always,
-}
-
-/// The `[backoff]` table: exponential backoff between restarts.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(try_from = "RawBackoff")]
-pub struct Backoff {
-    /// First delay (default 200ms).
-    pub initial: Duration,
-    /// Largest delay (default 5s).
-    pub max: Duration,
-    /// Factor between delays, at least 1 (default 2.0).
-    pub multiplier: f64,
-    /// Random spread: delay × (1 ± jitter·U), in [0, 1] (default 0.2).
-    pub jitter: f64,
-    /// A run that lasted this long resets the backoff (default 30s).
-    pub stable_after: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(5),
-            multiplier: 2.0,
-            jitter: 0.2,
-            stable_after: Duration::from_secs(30),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct RawBackoff {
-    #[serde(default, with = "humantime_serde::option")]
-    initial: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    max: Option<Duration>,
-    multiplier: Option<f64>,
-    jitter: Option<f64>,
-    #[serde(default, with = "humantime_serde::option")]
-    stable_after: Option<Duration>,
-}
-
-impl TryFrom<RawBackoff> for Backoff {
-    type Error = String;
-    fn try_from(r: RawBackoff) -> Result<Self, String> {
-        let d = Backoff::default();
-        let b = Backoff {
-            initial: r.initial.unwrap_or(d.initial),
-            max: r.max.unwrap_or(d.max),
-            multiplier: r.multiplier.unwrap_or(d.multiplier),
-            jitter: r.jitter.unwrap_or(d.jitter),
-            stable_after: r.stable_after.unwrap_or(d.stable_after),
-        };
-        b.validate()?;
-        Ok(b)
-    }
-}
-
-impl Backoff {
-    /// Checks the settings: multiplier ≥ 1, jitter in [0, 1], max ≥ initial.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
-            return Err(format!("backoff.multiplier must be at least 1, got {}", self.multiplier));
-        }
-        if !(0.0..=1.0).contains(&self.jitter) {
-            return Err(format!("backoff.jitter must be between 0 and 1, got {}", self.jitter));
-        }
-        if self.max < self.initial {
-            return Err(format!(
-                "backoff.max ({}) is less than backoff.initial ({})",
-                humantime::format_duration(self.max),
-                humantime::format_duration(self.initial)
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// The `[intensity]` table: at most `max-restarts` within `within`, then give up.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(try_from = "RawIntensity")]
-pub struct Intensity {
-    /// Restarts allowed in the window (default 5).
-    pub max_restarts: u32,
-    /// The window (default 10s; not zero).
-    pub within: Duration,
-}
-
-impl Default for Intensity {
-    fn default() -> Self {
-        Intensity { max_restarts: 5, within: Duration::from_secs(10) }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct RawIntensity {
-    max_restarts: Option<u32>,
-    #[serde(default, with = "humantime_serde::option")]
-    within: Option<Duration>,
-}
-
-impl TryFrom<RawIntensity> for Intensity {
-    type Error = String;
-    fn try_from(r: RawIntensity) -> Result<Self, String> {
-        let d = Intensity::default();
-        let i = Intensity {
-            max_restarts: r.max_restarts.unwrap_or(d.max_restarts),
-            within: r.within.unwrap_or(d.within),
-        };
-        if i.within.is_zero() {
-            return Err("intensity.within must not be zero".into());
-        }
-        Ok(i)
-    }
 }
 
 /// A size in bytes: an integer, or a string such as `"64MiB"`, `"512KiB"`, `"1GB"`.
@@ -381,7 +253,13 @@ impl PluginManifest {
     pub fn spawn_options(&self, name: String) -> SpawnOptions {
         let mut o = SpawnOptions::new(name)
             .queue_capacity(self.queue_capacity)
-            .message_bytes(self.limits.message_bytes.0);
+            .message_bytes(self.limits.message_bytes.0)
+            .supervision(Supervision {
+                restart: self.restart,
+                backoff: self.backoff.clone(),
+                intensity: self.intensity.clone(),
+                max_deliveries: self.max_deliveries,
+            });
         if !self.idle_timeout.is_zero() {
             o = o.idle_timeout(self.idle_timeout);
         }

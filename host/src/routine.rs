@@ -5,6 +5,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
+
+use crate::supervisor::Supervision;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -152,13 +154,78 @@ pub(crate) fn now_nanos() -> u64 {
     u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Why a routine is being stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub(crate) enum StopReason {
-    None = 0,
-    Requested = 1,
-    IdleTimeout = 2,
+/// A message in a mailbox or topic: the payload, and how many times it was delivered
+/// already (it is delivered again when its receiver crashes while processing it).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Message {
+    /// The bytes.
+    pub payload: Vec<u8>,
+    /// Deliveries so far (0 for a message never received).
+    pub deliveries: u32,
+}
+
+impl Message {
+    /// A fresh message.
+    pub fn new(payload: impl Into<Vec<u8>>) -> Self {
+        Message { payload: payload.into(), deliveries: 0 }
+    }
+}
+
+impl From<Vec<u8>> for Message {
+    fn from(payload: Vec<u8>) -> Self {
+        Message { payload, deliveries: 0 }
+    }
+}
+
+impl From<&[u8]> for Message {
+    fn from(payload: &[u8]) -> Self {
+        Message::new(payload)
+    }
+}
+
+impl From<&str> for Message {
+    fn from(payload: &str) -> Self {
+        Message::new(payload.as_bytes())
+    }
+}
+
+impl crate::channel::Sizer for Message {
+    fn approx_size(&self) -> usize {
+        self.payload.len()
+    }
+}
+
+/// Where an in-flight message came from, so that a crash can put it back.
+pub(crate) enum Source {
+    Mailbox,
+    Topic(String, Channel<Message>),
+}
+
+/// The message a routine received last, until its next receive or a clean return.
+pub(crate) struct InFlight {
+    pub msg: Message,
+    pub source: Source,
+}
+
+/// Stop signals of one run (one instance): a restart gets fresh ones.
+pub(crate) struct RunControl {
+    /// Asks the run to stop: `cancelled()` turns true, blocking host calls return
+    /// `cancelled`. A child of the routine's permanent stop token.
+    pub cancel: CancellationToken,
+    /// Set when the instance must die now: the epoch callback traps it at the next tick.
+    pub killed: AtomicBool,
+    /// The idle watchdog fired.
+    pub idle_timed_out: AtomicBool,
+}
+
+impl RunControl {
+    pub fn new(stop: &CancellationToken) -> Self {
+        RunControl {
+            cancel: stop.child_token(),
+            killed: AtomicBool::new(false),
+            idle_timed_out: AtomicBool::new(false),
+        }
+    }
 }
 
 /// Everything about a routine that outlives a single run: identity, counters, mailbox,
@@ -181,14 +248,14 @@ pub(crate) struct RoutineShared {
     pub idle_timeout: Option<Duration>,
     pub grace: Duration,
     pub message_bytes: u64,
-    pub mailbox: Channel<Vec<u8>>,
-    /// Graceful stop: `cancelled()` turns true, blocking host calls return `cancelled`.
-    pub cancel: CancellationToken,
+    pub mailbox: Channel<Message>,
+    pub supervision: Supervision,
+    pub in_flight: Mutex<Option<InFlight>>,
+    pub dead_letters: AtomicU64,
+    /// Stop on request (permanent: no restart follows).
+    pub stop: CancellationToken,
     /// Hard stop: skip what is left of the grace period.
     pub kill: CancellationToken,
-    /// Set when the instance must die now: the epoch callback traps it at the next tick.
-    pub killed: AtomicBool,
-    stop_reason: AtomicU8,
     done: watch::Sender<Option<State>>,
 }
 
@@ -212,10 +279,11 @@ impl RoutineShared {
             grace: opts.grace,
             message_bytes: opts.message_bytes,
             mailbox: Channel::new(opts.queue_capacity),
-            cancel: CancellationToken::new(),
+            supervision: opts.supervision.clone(),
+            in_flight: Mutex::new(None),
+            dead_letters: AtomicU64::new(0),
+            stop: CancellationToken::new(),
             kill: CancellationToken::new(),
-            killed: AtomicBool::new(false),
-            stop_reason: AtomicU8::new(StopReason::None as u8),
             done: watch::channel(None).0,
         }
     }
@@ -232,28 +300,14 @@ impl RoutineShared {
         self.last_beat.store(now_nanos(), Relaxed);
     }
 
-    pub fn stop_reason(&self) -> StopReason {
-        match self.stop_reason.load(Relaxed) {
-            1 => StopReason::Requested,
-            2 => StopReason::IdleTimeout,
-            _ => StopReason::None,
-        }
-    }
-
-    /// Asks the routine to stop; the first reason wins.
-    pub fn request_stop(&self, reason: StopReason) {
-        let _ = self.stop_reason.compare_exchange(
-            StopReason::None as u8,
-            reason as u8,
-            Relaxed,
-            Relaxed,
-        );
-        self.cancel.cancel();
+    /// Asks the routine to stop for good (no restart follows).
+    pub fn request_stop(&self) {
+        self.stop.cancel();
     }
 
     /// Stops the routine without waiting for the grace period.
     pub fn hard_kill(&self) {
-        self.request_stop(StopReason::Requested);
+        self.stop.cancel();
         self.kill.cancel();
     }
 
@@ -402,14 +456,14 @@ impl RoutineHandle {
         self.shared.snapshot()
     }
     /// The routine's mailbox (send to it from the host side).
-    pub fn mailbox(&self) -> &Channel<Vec<u8>> {
+    pub fn mailbox(&self) -> &Channel<Message> {
         &self.shared.mailbox
     }
     /// Asks the routine to stop: `cancelled()` turns true and blocking calls return
     /// `cancelled`; after the grace period a wasm instance is killed by epoch interruption.
     /// Returns at once; use [`wait`](Self::wait) for the end.
     pub fn kill(&self) {
-        self.shared.request_stop(StopReason::Requested);
+        self.shared.request_stop();
     }
     /// Stops the routine now, without a grace period.
     pub fn kill_now(&self) {
@@ -440,6 +494,7 @@ pub(crate) fn dur_nanos(d: Duration) -> u64 {
 pub struct RoutineContext {
     pub(crate) shared: Arc<RoutineShared>,
     pub(crate) orch: Arc<OrchInner>,
+    pub(crate) run: Arc<RunControl>,
 }
 
 impl fmt::Debug for RoutineContext {
@@ -471,30 +526,34 @@ impl RoutineContext {
     }
     /// True once the host has asked this routine to stop.
     pub fn is_cancelled(&self) -> bool {
-        self.shared.cancel.is_cancelled()
+        self.run.cancel.is_cancelled()
     }
     /// Completes when the host asks this routine to stop.
     pub async fn cancelled(&self) {
-        self.shared.cancel.cancelled().await
+        self.run.cancel.cancelled().await
     }
     /// The cancellation token of the current stop request.
     pub fn cancel_token(&self) -> &CancellationToken {
-        &self.shared.cancel
+        &self.run.cancel
     }
     /// Sleeps; returns false if cut short by cancellation.
     pub async fn sleep(&self, d: Duration) -> bool {
         tokio::select! {
             biased;
-            _ = self.shared.cancel.cancelled() => false,
+            _ = self.run.cancel.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
         }
     }
 
     /// Next message from this routine's mailbox; `None` timeout waits without limit;
     /// `Ok(None)` means the wait timed out.
+    ///
+    /// Receiving acknowledges the previous message; the one returned stays in flight until
+    /// the next receive or a clean return (see [`crate::supervisor`]).
     pub async fn recv(&self, timeout: Option<Duration>) -> Result<Option<Vec<u8>>, CallError> {
-        let r = self.shared.mailbox.recv_until(Some(&self.shared.cancel), timeout).await;
-        self.took(r)
+        self.ack();
+        let r = self.shared.mailbox.recv_until(Some(&self.run.cancel), timeout).await;
+        self.took(r, || Source::Mailbox)
     }
 
     /// Delivers `payload` to the mailbox of the routine named `to`, waiting while it is full.
@@ -507,25 +566,32 @@ impl RoutineContext {
                 CallError::NoSuchRoutine(to.to_string())
             }
         })?;
-        self.sent(target.send_cancellable(payload, &self.shared.cancel).await)
+        self.sent(target.send_cancellable(Message::from(payload), &self.run.cancel).await)
     }
 
     /// Publishes `payload` on `topic` (created on first use), waiting while it is full.
     pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), CallError> {
         self.check_size(payload.len())?;
         let ch = self.orch.topic(topic)?;
-        self.sent(ch.send_cancellable(payload, &self.shared.cancel).await)
+        self.sent(ch.send_cancellable(Message::from(payload), &self.run.cancel).await)
     }
 
     /// Next message on `topic` (created on first use); `Ok(None)` means the wait timed out.
+    /// Like [`recv`](Self::recv), the message stays in flight until the next receive.
     pub async fn bus_recv(
         &self,
         topic: &str,
         timeout: Option<Duration>,
     ) -> Result<Option<Vec<u8>>, CallError> {
         let ch = self.orch.topic(topic)?;
-        let r = ch.recv_until(Some(&self.shared.cancel), timeout).await;
-        self.took(r)
+        self.ack();
+        let r = ch.recv_until(Some(&self.run.cancel), timeout).await;
+        self.took(r, || Source::Topic(topic.to_string(), ch.clone()))
+    }
+
+    /// The previous message was processed: it is no longer in flight.
+    fn ack(&self) {
+        *self.shared.in_flight.lock() = None;
     }
 
     /// Writes a log line attributed to this routine.
@@ -540,11 +606,18 @@ impl RoutineContext {
         Ok(())
     }
 
-    fn took(&self, r: Result<Vec<u8>, RecvError>) -> Result<Option<Vec<u8>>, CallError> {
+    fn took(
+        &self,
+        r: Result<Message, RecvError>,
+        source: impl FnOnce() -> Source,
+    ) -> Result<Option<Vec<u8>>, CallError> {
         match r {
-            Ok(m) => {
+            Ok(mut m) => {
                 self.shared.messages_in.fetch_add(1, Relaxed);
-                Ok(Some(m))
+                m.deliveries += 1;
+                let keep = Message { payload: m.payload.clone(), deliveries: m.deliveries };
+                *self.shared.in_flight.lock() = Some(InFlight { msg: keep, source: source() });
+                Ok(Some(m.payload))
             }
             Err(RecvError::Timeout) => Ok(None),
             Err(RecvError::Cancelled) => Err(CallError::Cancelled),
@@ -552,7 +625,7 @@ impl RoutineContext {
         }
     }
 
-    fn sent(&self, r: Result<(), SendError<Vec<u8>>>) -> Result<(), CallError> {
+    fn sent(&self, r: Result<(), SendError<Message>>) -> Result<(), CallError> {
         match r {
             Ok(()) => {
                 self.shared.messages_out.fetch_add(1, Relaxed);

@@ -495,6 +495,7 @@ async fn run_instance(
     ctx: RoutineContext,
 ) -> Outcome {
     let shared = ctx.shared.clone();
+    let run = ctx.run.clone();
     let stderr_tail = Arc::new(Mutex::new(String::new()));
     let wasi = WasiCtxBuilder::new()
         .stdout(GuestOutput { routine: shared.name.clone(), stderr: None })
@@ -525,8 +526,9 @@ async fn run_instance(
     store.set_epoch_deadline(1);
     {
         let shared = shared.clone();
+        let run = run.clone();
         store.epoch_deadline_callback(move |cx| {
-            if shared.killed.load(Relaxed) {
+            if run.killed.load(Relaxed) {
                 return Ok(UpdateDeadline::Interrupt);
             }
             if let Ok(left) = cx.get_fuel() {
@@ -579,7 +581,7 @@ async fn run_instance(
                     Outcome::Err(format!("exited with status {}", exit.0))
                 };
             }
-            if shared.killed.load(Relaxed) {
+            if run.killed.load(Relaxed) {
                 return Outcome::Killed;
             }
             Outcome::Panicked(trap_message(&e, &stderr_tail.lock()))
@@ -748,7 +750,7 @@ impl HostState {
     /// A killed instance gets a trap from any host call, so that it dies even if it keeps
     /// calling the host instead of reaching an epoch check.
     fn alive(&self) -> wasmtime::Result<()> {
-        if self.ctx.shared.killed.load(Relaxed) {
+        if self.ctx.run.killed.load(Relaxed) {
             wasmtime::bail!("killed");
         }
         Ok(())

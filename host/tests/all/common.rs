@@ -51,6 +51,32 @@ pub fn run<F: Future>(f: F) -> F::Output {
     })
 }
 
+/// Runs `f` on a current-thread runtime with paused time: sleeps advance the clock
+/// instantly when every task is idle, so backoff sequences are exact and tests fast.
+pub fn run_paused<F: Future>(f: F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let out = f.await;
+        assert_no_leaked_tasks().await;
+        out
+    })
+}
+
+/// Polls `cond` in paused time (each step advances the clock 1 ms), up to a minute.
+pub async fn wait_until_paused(mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..60_000 {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    false
+}
+
 /// Waits (with a deadline) until the runtime has no alive task but the caller.
 pub async fn assert_no_leaked_tasks() {
     let handle = tokio::runtime::Handle::current();

@@ -6,4 +6,5 @@ mod cli;
 mod common;
 mod manifest;
 mod native;
+mod supervision;
 mod wasm;

@@ -300,14 +300,14 @@ fn mailbox_to_bus_round_trip_through_a_guest() {
         let out = orch.bus().topic("testkit-out", 64).unwrap();
         let inp = orch.bus().topic("testkit-in", 64).unwrap();
         for i in 0..10u8 {
-            echo.mailbox().send(vec![i]).await.unwrap();
-            inp.send(vec![100 + i]).await.unwrap();
+            echo.mailbox().send(vec![i].into()).await.unwrap();
+            inp.send(vec![100 + i].into()).await.unwrap();
         }
         let mut got = Vec::new();
         for _ in 0..20 {
             let m =
                 tokio::time::timeout(Duration::from_secs(10), out.recv()).await.unwrap().unwrap();
-            got.push(m[0]);
+            got.push(m.payload[0]);
         }
         got.sort();
         let want: Vec<u8> = (0..10).chain(100..110).collect();

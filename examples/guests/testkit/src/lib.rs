@@ -91,6 +91,22 @@ fn run() -> Result<(), String> {
                 Err(e) => return Err(e.to_string()),
             }
         },
+        // Forwards every message to `testkit-out`, and panics on a message "poison".
+        // SOURCE=mailbox (default) or a topic name.
+        "poison" => {
+            let source = std::env::var("SOURCE").unwrap_or_else(|_| "mailbox".into());
+            loop {
+                let got = if source == "mailbox" { mailbox::recv() } else { bus::recv(&source) };
+                match got {
+                    Ok(m) if m == b"poison" => {
+                        panic!("poisoned after {} restarts", gorch::restarts())
+                    }
+                    Ok(m) => bus::publish("testkit-out", &m).map_err(|e| e.to_string())?,
+                    Err(Error::Cancelled) => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        }
         "stdout" => {
             println!("line from stdout");
             eprintln!("line from stderr");
