@@ -486,10 +486,17 @@ async fn drive(orch: Arc<OrchInner>, shared: Arc<RoutineShared>, work: Arc<dyn W
             "{state}; restarting in {}",
             humantime::format_duration(round_ms(delay))
         );
-        tokio::select! {
-            biased;
-            _ = shared.stop.cancelled() => break State::Stopped,
-            _ = tokio::time::sleep(delay) => {}
+        if delay.is_zero() {
+            // The timer wheel has millisecond resolution: a zero sleep would cost 1 ms.
+            if shared.stop.is_cancelled() {
+                break State::Stopped;
+            }
+        } else {
+            tokio::select! {
+                biased;
+                _ = shared.stop.cancelled() => break State::Stopped,
+                _ = tokio::time::sleep(delay) => {}
+            }
         }
         shared.restarts.fetch_add(1, Relaxed);
     };
