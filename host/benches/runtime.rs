@@ -182,7 +182,9 @@ fn restart_latency(testkit: &gorch_host::WasmComponent) {
             tokio::task::yield_now().await;
         }
         let per = t.elapsed() / n as u32;
-        println!("| wasm (traps at once; includes the trap and a new instance) | {n} | {per:.2?} |");
+        println!(
+            "| wasm (traps at once; includes the trap and a new instance) | {n} | {per:.2?} |"
+        );
         h.kill_now();
         assert!(matches!(h.wait().await, State::Stopped));
         orch.shutdown(Duration::from_secs(2)).await;
@@ -201,7 +203,8 @@ fn spawn_cost(_engine: &WasmEngine, testkit: &gorch_host::WasmComponent) {
         let wasm = WasmOptions::default().env("MODE", "ok");
         let t = Instant::now();
         for i in 0..n {
-            let h = orch.spawn_wasm(SpawnOptions::new(format!("s{i}")), testkit, wasm.clone()).unwrap();
+            let h =
+                orch.spawn_wasm(SpawnOptions::new(format!("s{i}")), testkit, wasm.clone()).unwrap();
             h.wait().await;
         }
         let per = t.elapsed() / n;

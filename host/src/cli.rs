@@ -97,6 +97,11 @@ pub fn start_plugins(
     if scanned.plugins.is_empty() {
         tracing::warn!("no *.wasm components in {}", dir.display());
     }
+    let groups: std::collections::BTreeMap<&str, crate::Group> = scanned
+        .groups
+        .iter()
+        .map(|(name, g)| (name.as_str(), orch.group(name.clone(), g.strategy, g.intensity.clone())))
+        .collect();
     let mut started = 0;
     for spec in &scanned.plugins {
         let component = match engine.load_file(&spec.wasm) {
@@ -107,7 +112,10 @@ pub fn start_plugins(
             }
         };
         for name in spec.manifest.routine_names(&spec.stem) {
-            let opts = spec.manifest.spawn_options(name.clone());
+            let mut opts = spec.manifest.spawn_options(name.clone());
+            if let Some(g) = scanned.group_of(spec).and_then(|g| groups.get(g)) {
+                opts = opts.group(g);
+            }
             match orch.spawn_wasm_as(
                 opts,
                 spec.stem.clone(),

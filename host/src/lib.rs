@@ -50,10 +50,13 @@ pub use orchestrator::{
     write_stats_table,
 };
 pub use plugin::{
-    ByteSize, DIR_CONFIG, Limits, ManifestError, PluginDir, PluginManifest, PluginSpec, WasiGrants,
+    ByteSize, DIR_CONFIG, DirConfig, GroupConfig, Limits, ManifestError, PluginDir, PluginManifest,
+    PluginSpec, WasiGrants,
 };
 pub use routine::{CallError, Health, Message, RoutineContext, RoutineHandle, Snapshot, State};
-pub use supervisor::{Backoff, DEFAULT_MAX_DELIVERIES, Intensity, RestartPolicy, Supervision};
+pub use supervisor::{
+    Backoff, DEFAULT_MAX_DELIVERIES, Group, Intensity, RestartPolicy, Strategy, Supervision,
+};
 pub use wasm::{
     DEFAULT_EPOCH_TICK, DEFAULT_MAX_WASM_STACK, DEFAULT_MEMORY_LIMIT, DEFAULT_POOL_SIZE,
     EngineConfig, FUEL_YIELD_INTERVAL, LoadError, WasmComponent, WasmEngine, WasmOptions,

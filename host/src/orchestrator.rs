@@ -23,7 +23,9 @@ use crate::routine::{
     CallError, InFlight, Message, RoutineContext, RoutineHandle, RoutineShared, RunControl,
     Snapshot, Source, State, dur_nanos, now_nanos,
 };
-use crate::supervisor::{RestartPolicy, RestartWindow, Supervision};
+use crate::supervisor::{
+    Group, GroupInner, Intensity, RestartPolicy, RestartWindow, Strategy, Supervision,
+};
 
 /// Default mailbox capacity.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 128;
@@ -72,6 +74,8 @@ pub struct SpawnOptions {
     pub message_bytes: u64,
     /// Restart policy, backoff, intensity and `max-deliveries`; default: never restart.
     pub supervision: Supervision,
+    /// The group the routine belongs to, if any.
+    pub group: Option<Group>,
 }
 
 impl SpawnOptions {
@@ -84,6 +88,7 @@ impl SpawnOptions {
             grace: DEFAULT_GRACE,
             message_bytes: DEFAULT_MESSAGE_BYTES,
             supervision: Supervision::default(),
+            group: None,
         }
     }
     /// Sets the mailbox capacity.
@@ -109,6 +114,11 @@ impl SpawnOptions {
     /// Sets the supervision settings.
     pub fn supervision(mut self, s: Supervision) -> Self {
         self.supervision = s;
+        self
+    }
+    /// Makes the routine a member of `group` (members start in spawn order).
+    pub fn group(mut self, group: &Group) -> Self {
+        self.group = Some(group.clone());
         self
     }
     /// Sets the restart policy (keeping the other supervision settings).
@@ -308,12 +318,26 @@ impl Orchestrator {
             let id = self.inner.next_id.fetch_add(1, Relaxed);
             let shared = Arc::new(RoutineShared::new(id, &opts, plugin));
             by_name.insert(opts.name.clone(), shared.clone());
+            if let Some(g) = &shared.group {
+                g.members.lock().push(shared.clone());
+            }
             self.inner.routines.write().insert(id, shared.clone());
             shared
         };
         let orch = self.inner.clone();
         self.inner.tracker.spawn(drive(orch, shared.clone(), work));
         Ok(RoutineHandle { shared })
+    }
+
+    /// A group of routines supervised together with `strategy`; its `intensity` limit
+    /// counts the restarts of all members and, when exceeded, ends the whole group.
+    pub fn group(
+        &self,
+        name: impl Into<String>,
+        strategy: Strategy,
+        intensity: Intensity,
+    ) -> Group {
+        Group { inner: Arc::new(GroupInner::new(name.into(), strategy, intensity)) }
     }
 
     /// The live routine with this id.
@@ -451,41 +475,69 @@ async fn drive(orch: Arc<OrchInner>, shared: Arc<RoutineShared>, work: Arc<dyn W
     let sup = &shared.supervision;
     let mut window = RestartWindow::default();
     let mut attempt: u32 = 0;
+    let group = shared.group.clone();
     let state = loop {
         let run = Arc::new(RunControl::new(&shared.stop));
+        *shared.current_run.lock() = Some(run.clone());
         let ctx = RoutineContext { shared: shared.clone(), orch: orch.clone(), run: run.clone() };
         // tokio's clock, so that paused-time tests see real backoff and windows.
         let started = tokio::time::Instant::now();
         let state = run_once(&shared, &run, ctx, &*work).await;
+        let by_group = run.group_restart.load(Relaxed) && !shared.stop.is_cancelled();
         if state == State::Stopped && !run.cancel.is_cancelled() {
             // A clean return acknowledges the message in flight.
             *shared.in_flight.lock() = None;
         } else {
             requeue_in_flight(&orch, &shared);
         }
-        if shared.stop.is_cancelled() || !sup.restart.restarts_after(state) {
-            break state;
-        }
-        if started.elapsed() >= sup.backoff.stable_after {
-            attempt = 0;
-        }
-        if !window.allow(&sup.intensity, tokio::time::Instant::now()) {
-            let last = shared.last_error.lock().clone().unwrap_or_else(|| state.to_string());
-            shared.set_last_error(Some(format!(
-                "gave up: more than {} restarts within {}; last: {last}",
-                sup.intensity.max_restarts,
-                humantime::format_duration(sup.intensity.within)
-            )));
+        if let Some(reason) = group.as_ref().and_then(|g| g.gave_up()) {
+            shared.set_last_error(Some(reason));
             break State::Failed;
         }
-        let delay = sup.backoff.delay(attempt, rand::random::<f64>());
-        attempt = attempt.saturating_add(1);
+        if shared.stop.is_cancelled() {
+            break state;
+        }
+        let delay = if by_group {
+            // Restarted along with another member: no backoff of its own.
+            Duration::ZERO
+        } else {
+            if !sup.restart.restarts_after(state) {
+                break state;
+            }
+            if started.elapsed() >= sup.backoff.stable_after {
+                attempt = 0;
+            }
+            let last = shared.last_error.lock().clone().unwrap_or_else(|| state.to_string());
+            let now = tokio::time::Instant::now();
+            match &group {
+                Some(g) => {
+                    if !g.allow_restart(now, &last) {
+                        shared.set_last_error(g.gave_up());
+                        break State::Failed;
+                    }
+                    g.restart_others(&shared);
+                }
+                None => {
+                    if !window.allow(&sup.intensity, now) {
+                        shared.set_last_error(Some(format!(
+                            "gave up: more than {} restarts within {}; last: {last}",
+                            sup.intensity.max_restarts,
+                            humantime::format_duration(sup.intensity.within)
+                        )));
+                        break State::Failed;
+                    }
+                }
+            }
+            let delay = sup.backoff.delay(attempt, rand::random::<f64>());
+            attempt = attempt.saturating_add(1);
+            tracing::info!(
+                routine = %shared.name,
+                "{state}; restarting in {}",
+                humantime::format_duration(round_ms(delay))
+            );
+            delay
+        };
         shared.set_state(State::Backoff);
-        tracing::info!(
-            routine = %shared.name,
-            "{state}; restarting in {}",
-            humantime::format_duration(round_ms(delay))
-        );
         if delay.is_zero() {
             // The timer wheel has millisecond resolution: a zero sleep would cost 1 ms.
             if shared.stop.is_cancelled() {
@@ -498,10 +550,33 @@ async fn drive(orch: Arc<OrchInner>, shared: Arc<RoutineShared>, work: Arc<dyn W
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+        // Members of a group restart in start order.
+        if let Some(g) = &group
+            && !wait_turn(g, &shared).await
+        {
+            break State::Stopped;
+        }
         shared.restarts.fetch_add(1, Relaxed);
     };
     guard.armed = false;
     finish(&orch, &shared, state);
+}
+
+/// Waits until every member started before this one is running again; false if the
+/// routine is stopped meanwhile.
+async fn wait_turn(g: &GroupInner, shared: &RoutineShared) -> bool {
+    loop {
+        let changed = g.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if g.my_turn(shared) {
+            return true;
+        }
+        tokio::select! {
+            _ = shared.stop.cancelled() => return false,
+            _ = changed => {}
+        }
+    }
 }
 
 /// One run: start the work, watch for stop requests and the idle timeout, enforce the grace

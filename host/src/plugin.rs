@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, DEFAULT_QUEUE_CAPACITY, SpawnOptions};
-use crate::supervisor::{Backoff, Intensity, RestartPolicy, Supervision};
+use crate::supervisor::{Backoff, Intensity, RestartPolicy, Strategy, Supervision};
 use crate::wasm::{DEFAULT_MEMORY_LIMIT, WasmOptions};
 
 /// A manifest that could not be read or is invalid: names the file, and the line and column
@@ -298,19 +298,78 @@ pub struct PluginSpec {
 /// A plugin directory, scanned: the plugins that can be tried, and the problems found.
 #[derive(Debug, Default)]
 pub struct PluginDir {
-    /// Plugins with a valid (or no) manifest, sorted by file name.
+    /// Plugins with a valid (or no) manifest: group members first, in group and start
+    /// order, then the others by file name.
     pub plugins: Vec<PluginSpec>,
+    /// The groups of `gorch.toml` (empty without one, or when it is invalid).
+    pub groups: BTreeMap<String, GroupConfig>,
     /// Problems that keep a plugin from being tried, each naming its file.
     pub errors: Vec<String>,
 }
 
-/// The directory-wide configuration file, reserved for groups.
+/// The directory-wide configuration file: groups.
 pub const DIR_CONFIG: &str = "gorch.toml";
+
+/// `gorch.toml` of a plugin directory:
+///
+/// ```toml
+/// [groups.pipeline]
+/// strategy = "rest-for-one"          # one-for-one (default) | one-for-all | rest-for-one
+/// members = ["producer", "consumer"] # plugin names, in start order
+/// [groups.pipeline.intensity]        # the group's restart limit (default 5 within 10s)
+/// max-restarts = 5
+/// within = "10s"
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DirConfig {
+    /// Groups by name.
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupConfig>,
+}
+
+/// One `[groups.NAME]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GroupConfig {
+    /// Restart strategy.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Plugin names (a manifest's `name`, or the file stem), in start order.
+    pub members: Vec<String>,
+    /// The group's restart intensity limit.
+    #[serde(default)]
+    pub intensity: Intensity,
+}
+
+impl DirConfig {
+    /// Parses `gorch.toml` text; `path` names it in errors.
+    pub fn from_str(path: &Path, text: &str) -> Result<Self, ManifestError> {
+        toml::from_str(text).map_err(|e| {
+            let location = e.span().map(|s| line_col(text, s.start));
+            ManifestError { path: path.to_path_buf(), location, message: e.message().to_string() }
+        })
+    }
+}
 
 impl PluginDir {
     /// Finds every `*.wasm` in `dir` with its optional `NAME.toml`.
     pub fn scan(dir: &Path) -> std::io::Result<PluginDir> {
         let mut out = PluginDir::default();
+        let config_path = dir.join(DIR_CONFIG);
+        if config_path.exists() {
+            let parsed = std::fs::read_to_string(&config_path)
+                .map_err(|e| ManifestError {
+                    path: config_path.clone(),
+                    location: None,
+                    message: e.to_string(),
+                })
+                .and_then(|t| DirConfig::from_str(&config_path, &t));
+            match parsed {
+                Ok(c) => out.groups = c.groups,
+                Err(e) => out.errors.push(format!("{e} (groups ignored)")),
+            }
+        }
         let mut entries: Vec<PathBuf> =
             std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
         entries.sort();
@@ -345,6 +404,60 @@ impl PluginDir {
                 _ => {}
             }
         }
+        out.order_groups(&config_path);
         Ok(out)
+    }
+
+    /// The plugin name a group refers to: the manifest's `name`, or the file stem.
+    pub fn plugin_name(spec: &PluginSpec) -> &str {
+        spec.manifest.name.as_deref().unwrap_or(&spec.stem)
+    }
+
+    /// The group a plugin belongs to.
+    pub fn group_of(&self, spec: &PluginSpec) -> Option<&str> {
+        let name = Self::plugin_name(spec);
+        self.groups
+            .iter()
+            .find(|(_, g)| g.members.iter().any(|m| m == name))
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// Checks group members and puts them first, in start order.
+    fn order_groups(&mut self, config_path: &Path) {
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut bad = Vec::new();
+        for (gname, g) in &self.groups {
+            for m in &g.members {
+                if !self.plugins.iter().any(|p| Self::plugin_name(p) == m) {
+                    bad.push(format!(
+                        "{}: group {gname}: no plugin named {m:?} in this directory",
+                        config_path.display()
+                    ));
+                }
+                if let Some(other) = seen.insert(m, gname) {
+                    bad.push(format!(
+                        "{}: plugin {m:?} is in two groups ({other} and {gname})",
+                        config_path.display()
+                    ));
+                }
+            }
+        }
+        if !bad.is_empty() {
+            self.errors.extend(bad);
+            self.errors.push(format!("{}: groups ignored", config_path.display()));
+            self.groups.clear();
+            return;
+        }
+        let key = |p: &PluginSpec| -> (usize, usize) {
+            let name = Self::plugin_name(p);
+            self.groups
+                .values()
+                .enumerate()
+                .find_map(|(gi, g)| g.members.iter().position(|m| m == name).map(|mi| (gi, mi)))
+                .unwrap_or((usize::MAX, 0))
+        };
+        let mut plugins = std::mem::take(&mut self.plugins);
+        plugins.sort_by_key(|p| key(p)); // stable: the others keep file-name order
+        self.plugins = plugins;
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
 
-use crate::supervisor::Supervision;
+use crate::supervisor::{GroupInner, Supervision};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -216,6 +216,8 @@ pub(crate) struct RunControl {
     pub killed: AtomicBool,
     /// The idle watchdog fired.
     pub idle_timed_out: AtomicBool,
+    /// The run was ended by its group, to restart with another member.
+    pub group_restart: AtomicBool,
 }
 
 impl RunControl {
@@ -224,6 +226,7 @@ impl RunControl {
             cancel: stop.child_token(),
             killed: AtomicBool::new(false),
             idle_timed_out: AtomicBool::new(false),
+            group_restart: AtomicBool::new(false),
         }
     }
 }
@@ -250,6 +253,9 @@ pub(crate) struct RoutineShared {
     pub message_bytes: u64,
     pub mailbox: Channel<Message>,
     pub supervision: Supervision,
+    pub group: Option<Arc<GroupInner>>,
+    /// The current run's stop signals (for the group to end it).
+    pub current_run: Mutex<Option<Arc<RunControl>>>,
     pub in_flight: Mutex<Option<InFlight>>,
     pub dead_letters: AtomicU64,
     /// Stop on request (permanent: no restart follows).
@@ -280,6 +286,8 @@ impl RoutineShared {
             message_bytes: opts.message_bytes,
             mailbox: Channel::new(opts.queue_capacity),
             supervision: opts.supervision.clone(),
+            group: opts.group.as_ref().map(|g| g.inner.clone()),
+            current_run: Mutex::new(None),
             in_flight: Mutex::new(None),
             dead_letters: AtomicU64::new(0),
             stop: CancellationToken::new(),
@@ -294,6 +302,11 @@ impl RoutineShared {
 
     pub fn set_state(&self, s: State) {
         self.state.store(s as u8, Relaxed);
+        if let Some(g) = &self.group
+            && (s == State::Running || s.is_final())
+        {
+            g.changed.notify_waiters();
+        }
     }
 
     pub fn beat(&self) {
@@ -303,6 +316,14 @@ impl RoutineShared {
     /// Asks the routine to stop for good (no restart follows).
     pub fn request_stop(&self) {
         self.stop.cancel();
+    }
+
+    /// Ends the current run so that the routine restarts with its group.
+    pub fn restart_by_group(&self) {
+        if let Some(run) = self.current_run.lock().as_ref() {
+            run.group_restart.store(true, Relaxed);
+            run.cancel.cancel();
+        }
     }
 
     /// Stops the routine without waiting for the grace period.

@@ -92,3 +92,43 @@ fn an_empty_manifest_gives_the_defaults() {
     assert_eq!(m.limits.memory, ByteSize(64 << 20));
     assert_eq!(m.spawn_options("t".into()).idle_timeout, None);
 }
+
+#[test]
+fn gorch_toml_groups_order_members_first_and_name_bad_members() {
+    use gorch_host::{PluginDir, Strategy};
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["a.wasm", "b.wasm", "c.wasm", "d.wasm"] {
+        std::fs::write(dir.path().join(f), b"").unwrap();
+    }
+    std::fs::write(dir.path().join("b.toml"), "name = \"bee\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("gorch.toml"),
+        "[groups.g]\nstrategy = \"one-for-all\"\nmembers = [\"d\", \"bee\"]\n",
+    )
+    .unwrap();
+    let scanned = PluginDir::scan(dir.path()).unwrap();
+    assert!(scanned.errors.is_empty(), "{:?}", scanned.errors);
+    let order: Vec<&str> = scanned.plugins.iter().map(|p| p.stem.as_str()).collect();
+    assert_eq!(order, vec!["d", "b", "a", "c"]);
+    assert_eq!(scanned.groups["g"].strategy, Strategy::OneForAll);
+    assert_eq!(scanned.group_of(&scanned.plugins[1]), Some("g"));
+    assert_eq!(scanned.group_of(&scanned.plugins[2]), None);
+
+    std::fs::write(dir.path().join("gorch.toml"), "[groups.g]\nmembers = [\"zed\"]\n").unwrap();
+    let scanned = PluginDir::scan(dir.path()).unwrap();
+    assert!(
+        scanned.errors[0]
+            .ends_with("gorch.toml: group g: no plugin named \"zed\" in this directory"),
+        "{:?}",
+        scanned.errors
+    );
+    assert!(scanned.groups.is_empty());
+
+    std::fs::write(dir.path().join("gorch.toml"), "[groups.g]\nmembers = []\nbogus = 1\n").unwrap();
+    let scanned = PluginDir::scan(dir.path()).unwrap();
+    assert!(
+        scanned.errors[0].contains("gorch.toml:3:1: unknown field `bogus`"),
+        "{:?}",
+        scanned.errors
+    );
+}

@@ -306,3 +306,117 @@ fn a_crash_loses_no_message_and_poison_goes_to_dead_letter() {
         });
     }
 }
+
+/// Spawns members a, b, c of a group; `fails` fails on its first run only; the others wait
+/// for cancellation. Returns the handles and the log of run starts.
+fn spawn_group(
+    orch: &Orchestrator,
+    strategy: gorch_host::Strategy,
+    fails: &'static str,
+) -> (Vec<gorch_host::RoutineHandle>, Arc<Mutex<Vec<String>>>) {
+    let g =
+        orch.group("g", strategy, Intensity { max_restarts: 10, within: Duration::from_secs(60) });
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let handles = ["a", "b", "c"]
+        .into_iter()
+        .map(|name| {
+            let log = log.clone();
+            let opts = SpawnOptions::new(name)
+                .supervision(sup(RestartPolicy::OnFailure, 100, 100))
+                .group(&g);
+            orch.spawn(opts, move |ctx| {
+                let log = log.clone();
+                async move {
+                    log.lock().unwrap().push(format!("{}{}", ctx.name(), ctx.restarts()));
+                    if ctx.name() == fails && ctx.restarts() == 0 {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        return Err("first run fails".to_string());
+                    }
+                    ctx.cancelled().await;
+                    Ok(())
+                }
+            })
+            .unwrap()
+        })
+        .collect();
+    (handles, log)
+}
+
+async fn settle(handles: &[gorch_host::RoutineHandle]) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(handles.iter().all(|h| h.state() == State::Running));
+}
+
+#[test]
+fn one_for_one_restarts_only_the_member() {
+    run_paused(async {
+        let orch = Orchestrator::new();
+        let (hs, log) = spawn_group(&orch, gorch_host::Strategy::OneForOne, "b");
+        settle(&hs).await;
+        assert_eq!(hs.iter().map(|h| h.restarts()).collect::<Vec<_>>(), vec![0, 1, 0]);
+        assert_eq!(*log.lock().unwrap(), vec!["a0", "b0", "c0", "b1"]);
+        shutdown(&orch).await;
+    })
+}
+
+#[test]
+fn one_for_all_restarts_every_member_in_start_order() {
+    run_paused(async {
+        let orch = Orchestrator::new();
+        let (hs, log) = spawn_group(&orch, gorch_host::Strategy::OneForAll, "b");
+        settle(&hs).await;
+        assert_eq!(hs.iter().map(|h| h.restarts()).collect::<Vec<_>>(), vec![1, 1, 1]);
+        assert_eq!(*log.lock().unwrap(), vec!["a0", "b0", "c0", "a1", "b1", "c1"]);
+        shutdown(&orch).await;
+    })
+}
+
+#[test]
+fn rest_for_one_restarts_the_member_and_those_after_it() {
+    run_paused(async {
+        let orch = Orchestrator::new();
+        let (hs, log) = spawn_group(&orch, gorch_host::Strategy::RestForOne, "b");
+        settle(&hs).await;
+        assert_eq!(hs.iter().map(|h| h.restarts()).collect::<Vec<_>>(), vec![0, 1, 1]);
+        assert_eq!(*log.lock().unwrap(), vec!["a0", "b0", "c0", "b1", "c1"]);
+        shutdown(&orch).await;
+    })
+}
+
+#[test]
+fn the_group_intensity_limit_ends_the_whole_group() {
+    run_paused(async {
+        let orch = Orchestrator::new();
+        let g = orch.group(
+            "pipeline",
+            gorch_host::Strategy::OneForOne,
+            Intensity { max_restarts: 2, within: Duration::from_secs(60) },
+        );
+        let failing = orch
+            .spawn(
+                SpawnOptions::new("failing")
+                    .supervision(sup(RestartPolicy::OnFailure, 100, 100))
+                    .group(&g),
+                |_| async { Err::<(), _>("always fails") },
+            )
+            .unwrap();
+        let steady = orch
+            .spawn(SpawnOptions::new("steady").group(&g), |ctx| async move {
+                ctx.cancelled().await;
+                Ok::<(), String>(())
+            })
+            .unwrap();
+        assert_eq!(failing.wait().await, State::Failed);
+        assert_eq!(steady.wait().await, State::Failed);
+        assert_eq!(failing.restarts(), 2);
+        assert!(g.gave_up());
+        for name in ["failing", "steady"] {
+            let err = last_error(&orch, name);
+            assert!(
+                err.starts_with("group pipeline gave up: more than 2 restarts"),
+                "{name}: {err}"
+            );
+        }
+        shutdown(&orch).await;
+    })
+}
