@@ -33,7 +33,7 @@ pub enum BusError {
     },
 }
 
-/// Checks a topic or routine name: non-empty, at most 255 bytes, printable, no whitespace.
+/// Checks a topic name: non-empty, at most 255 bytes, printable, no whitespace.
 pub fn validate_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("empty");
@@ -47,8 +47,23 @@ pub fn validate_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Checks a routine name: non-empty, at most 255 bytes, no control characters (spaces and
+/// any printable text are allowed: names are escaped wherever they are shown).
+pub fn validate_routine_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("empty");
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err("longer than 255 bytes");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("contains control characters");
+    }
+    Ok(())
+}
+
 /// Stats of one topic, as served by `/gorchestra/api/topics`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TopicStats {
     /// Topic name.

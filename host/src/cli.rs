@@ -1,12 +1,14 @@
 //! The `gorch-host` command line: one clap struct per subcommand, each with `run()`.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+use crate::obs::{ObsConfig, ObsServer};
 use crate::orchestrator::Orchestrator;
 use crate::plugin::PluginDir;
 use crate::wasm::{EngineConfig, WasmEngine};
@@ -27,6 +29,8 @@ pub enum Command {
     Run(RunCmd),
     /// Validate component files against the gorch:worker world; print imports and exports.
     Check(CheckCmd),
+    /// Print the stats table of a running host (from its JSON API).
+    Ps(PsCmd),
 }
 
 impl Cli {
@@ -35,6 +39,7 @@ impl Cli {
         match self.command {
             Command::Run(c) => c.run().await,
             Command::Check(c) => c.run(),
+            Command::Ps(c) => c.run().await,
         }
     }
 }
@@ -47,18 +52,44 @@ pub struct RunCmd {
     /// Bound on the graceful shutdown after the first signal (a second signal kills at once).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Address of the observability server (metrics, dashboard, JSON API).
+    #[arg(long, default_value = crate::obs::DEFAULT_ADDR)]
+    pub addr: SocketAddr,
+    /// Do not serve the dashboard at /gorchestra.
+    #[arg(long)]
+    pub no_dashboard: bool,
+    /// Serve a CPU profile at /debug/pprof/profile?seconds=N (off by default).
+    #[arg(long)]
+    pub pprof: bool,
+    /// Require `Authorization: Bearer TOKEN` on every route but /healthz.
+    #[arg(long, env = "GORCH_TOKEN")]
+    pub token: Option<String>,
 }
 
 impl RunCmd {
     /// Starts the plugins and runs until a signal.
     pub async fn run(self) -> anyhow::Result<()> {
         let orch = Orchestrator::new();
+        let obs_config = ObsConfig {
+            addr: self.addr,
+            dashboard: !self.no_dashboard,
+            pprof: self.pprof,
+            token: self.token.clone(),
+        };
+        let server = ObsServer::start(&orch, &obs_config)
+            .with_context(|| format!("cannot listen on {}", self.addr))?;
+        let addr = server.local_addr();
         let engine = WasmEngine::new(EngineConfig::default())?;
         let started = start_plugins(&orch, &engine, &self.dir)?;
+        server.set_ready(true);
         tracing::info!(
             "{started} routine(s) running from {}; press Ctrl-C to stop",
             self.dir.display()
         );
+        if obs_config.dashboard {
+            tracing::info!("dashboard: http://{addr}/gorchestra");
+        }
+        tracing::info!("metrics: http://{addr}/metrics");
         wait_for_signal().await?;
         tracing::info!(
             "shutting down (bound {}; signal again to kill at once)",
@@ -70,7 +101,9 @@ impl RunCmd {
                 std::process::exit(130);
             }
         });
+        server.set_ready(false);
         let report = orch.shutdown(self.shutdown_timeout).await;
+        server.shutdown().await;
         if !report.killed.is_empty() {
             tracing::warn!("killed after the grace period: {}", report.killed.join(", "));
         }
@@ -186,4 +219,68 @@ impl CheckCmd {
         }
         Ok(())
     }
+}
+
+/// `gorch-host ps`.
+#[derive(Debug, clap::Args)]
+pub struct PsCmd {
+    /// Address of the running host's observability server.
+    #[arg(long, default_value = crate::obs::DEFAULT_ADDR)]
+    pub addr: SocketAddr,
+    /// Bearer token, if the host was started with `--token`.
+    #[arg(long, env = "GORCH_TOKEN")]
+    pub token: Option<String>,
+}
+
+impl PsCmd {
+    /// Fetches the routines and prints the table.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let body = http_get(self.addr, "/gorchestra/api/routines", self.token.as_deref())
+            .await
+            .with_context(|| format!("cannot reach a gorch-host at {}", self.addr))?;
+        let snaps: Vec<crate::Snapshot> = serde_json::from_slice(&body)
+            .context("unexpected answer from /gorchestra/api/routines")?;
+        crate::write_stats_table(&mut std::io::stdout().lock(), &snaps)?;
+        Ok(())
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection (the host's own API only).
+async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await
+            .context("connect timed out")??;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .context("read timed out")??;
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").context("malformed HTTP response")?;
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        bail!("{path}: HTTP {status}: {}", String::from_utf8_lossy(&buf[split + 4..]).trim());
+    }
+    let body = buf[split + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return Ok(dechunk(&body));
+    }
+    Ok(body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..nl]).trim(), 16).unwrap_or(0);
+        if size == 0 || b.len() < nl + 2 + size {
+            break;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + size]);
+        b = &b[(nl + 4 + size).min(b.len())..];
+    }
+    out
 }

@@ -33,17 +33,24 @@
 mod bus;
 mod channel;
 pub mod cli;
+pub mod metrics;
+mod obs;
 mod orchestrator;
 mod plugin;
+mod profile;
 mod routine;
 mod supervisor;
 mod wasm;
 
 pub use bus::{
     Bus, BusError, DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY, MAX_NAME_BYTES, TopicStats,
-    validate_name,
+    validate_name, validate_routine_name,
 };
 pub use channel::{Channel, ChannelStats, RecvError, SendError, Sizer};
+pub use obs::{
+    BODY_LIMIT, DEFAULT_ADDR, HEADER_READ_TIMEOUT, MAX_PROFILE_SECONDS, ObsConfig, ObsServer,
+    ObsState, router,
+};
 pub use orchestrator::{
     DEAD_LETTER_TOPIC, DEFAULT_GRACE, DEFAULT_HISTORY, DEFAULT_MESSAGE_BYTES,
     DEFAULT_QUEUE_CAPACITY, Orchestrator, ShutdownReport, SpawnError, SpawnOptions,

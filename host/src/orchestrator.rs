@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use parking_lot::{Mutex, RwLock};
 use tokio_util::task::TaskTracker;
 
-use crate::bus::{Bus, BusError, DEFAULT_TOPIC_CAPACITY, TopicStats, validate_name};
+use crate::bus::{Bus, BusError, DEFAULT_TOPIC_CAPACITY, TopicStats, validate_routine_name};
 use crate::channel::Channel;
 use crate::routine::{
     CallError, InFlight, Message, RoutineContext, RoutineHandle, RoutineShared, RunControl,
@@ -61,7 +61,7 @@ pub enum SpawnError {
 /// Options of a spawned routine. `SpawnOptions::new(name)` gives the documented defaults.
 #[derive(Debug, Clone)]
 pub struct SpawnOptions {
-    /// Unique name (non-empty, at most 255 bytes, printable, no whitespace).
+    /// Unique name (non-empty, at most 255 bytes, no control characters).
     pub name: String,
     /// Mailbox capacity; default [`DEFAULT_QUEUE_CAPACITY`].
     pub queue_capacity: usize,
@@ -308,7 +308,7 @@ impl Orchestrator {
         if self.inner.shutting_down.load(Relaxed) {
             return Err(SpawnError::ShutDown);
         }
-        validate_name(&opts.name)
+        validate_routine_name(&opts.name)
             .map_err(|reason| SpawnError::InvalidName { name: opts.name.clone(), reason })?;
         let shared = {
             let mut by_name = self.inner.by_name.write();
@@ -360,6 +360,12 @@ impl Orchestrator {
             .map(|s| RoutineHandle { shared: s.clone() })
             .collect();
         v.sort_by_key(|h| h.id());
+        v
+    }
+
+    pub(crate) fn shared_list(&self) -> Vec<Arc<RoutineShared>> {
+        let mut v: Vec<Arc<RoutineShared>> = self.inner.routines.read().values().cloned().collect();
+        v.sort_by_key(|r| r.id);
         v
     }
 
@@ -483,6 +489,7 @@ async fn drive(orch: Arc<OrchInner>, shared: Arc<RoutineShared>, work: Arc<dyn W
         // tokio's clock, so that paused-time tests see real backoff and windows.
         let started = tokio::time::Instant::now();
         let state = run_once(&shared, &run, ctx, &*work).await;
+        shared.count_termination(state);
         let by_group = run.group_restart.load(Relaxed) && !shared.stop.is_cancelled();
         if state == State::Stopped && !run.cancel.is_cancelled() {
             // A clean return acknowledges the message in flight.

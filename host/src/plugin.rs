@@ -136,7 +136,7 @@ fn positive_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 
 fn routine_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let v = String::deserialize(d)?;
-    crate::bus::validate_name(&v)
+    crate::bus::validate_routine_name(&v)
         .map_err(|r| serde::de::Error::custom(format!("invalid name {v:?}: {r}")))?;
     Ok(Some(v))
 }

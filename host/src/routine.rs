@@ -17,7 +17,7 @@ use crate::channel::{Channel, RecvError, SendError};
 use crate::orchestrator::OrchInner;
 
 /// Lifecycle state of a routine (DESIGN.md names; serialized in upper case).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 #[repr(u8)]
 pub enum State {
@@ -83,8 +83,12 @@ impl fmt::Display for State {
     }
 }
 
+/// The end states, in the order of `RoutineShared::terminations`.
+pub(crate) const TERMINAL_STATES: [State; 4] =
+    [State::Stopped, State::Failed, State::TimedOut, State::Panicked];
+
 /// Health of a routine, derived from its state and heartbeat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Health {
     /// Running (and beating in time, if it has an idle timeout), or ended cleanly.
@@ -258,6 +262,8 @@ pub(crate) struct RoutineShared {
     pub current_run: Mutex<Option<Arc<RunControl>>>,
     pub in_flight: Mutex<Option<InFlight>>,
     pub dead_letters: AtomicU64,
+    /// Runs ended, by end state (STOPPED, FAILED, TIMED_OUT, PANICKED).
+    pub terminations: [AtomicU64; 4],
     /// Stop on request (permanent: no restart follows).
     pub stop: CancellationToken,
     /// Hard stop: skip what is left of the grace period.
@@ -290,6 +296,7 @@ impl RoutineShared {
             current_run: Mutex::new(None),
             in_flight: Mutex::new(None),
             dead_letters: AtomicU64::new(0),
+            terminations: Default::default(),
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
             done: watch::channel(None).0,
@@ -316,6 +323,13 @@ impl RoutineShared {
     /// Asks the routine to stop for good (no restart follows).
     pub fn request_stop(&self) {
         self.stop.cancel();
+    }
+
+    /// Counts the end of a run in `state` (a final state).
+    pub fn count_termination(&self, state: State) {
+        if let Some(i) = TERMINAL_STATES.iter().position(|s| *s == state) {
+            self.terminations[i].fetch_add(1, Relaxed);
+        }
     }
 
     /// Ends the current run so that the routine restarts with its group.
@@ -388,7 +402,7 @@ impl RoutineShared {
 
 /// A point-in-time view of a routine, as served by `/gorchestra/api/routines` (camelCase
 /// JSON field names of DESIGN.md).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Snapshot {
     /// Stable id (unchanged across restarts).
@@ -581,7 +595,7 @@ impl RoutineContext {
     pub async fn send(&self, to: &str, payload: Vec<u8>) -> Result<(), CallError> {
         self.check_size(payload.len())?;
         let target = self.orch.mailbox_of(to).ok_or_else(|| {
-            if crate::bus::validate_name(to).is_err() {
+            if crate::bus::validate_routine_name(to).is_err() {
                 CallError::InvalidName(to.to_string())
             } else {
                 CallError::NoSuchRoutine(to.to_string())

@@ -695,6 +695,9 @@ impl LineLogger {
     fn emit(&self, line: &[u8]) {
         let text = String::from_utf8_lossy(line);
         let text = text.trim_end_matches('\r');
+        if text.trim().is_empty() {
+            return;
+        }
         let level = if self.tail.is_some() { tracing::Level::WARN } else { tracing::Level::INFO };
         log_line(&self.routine, level, text);
     }

@@ -6,5 +6,6 @@ mod cli;
 mod common;
 mod manifest;
 mod native;
+mod obs;
 mod supervision;
 mod wasm;

@@ -38,7 +38,7 @@ fn names_are_unique_and_validated() {
             .unwrap();
         let dup = orch.spawn(SpawnOptions::new("one"), |_| async { Ok::<(), String>(()) });
         assert!(matches!(dup, Err(SpawnError::NameTaken(n)) if n == "one"));
-        let bad = orch.spawn(SpawnOptions::new("has space"), |_| async { Ok::<(), String>(()) });
+        let bad = orch.spawn(SpawnOptions::new("has\u{7}bell"), |_| async { Ok::<(), String>(()) });
         assert!(matches!(bad, Err(SpawnError::InvalidName { .. })));
         assert_eq!(orch.get_by_name("one").unwrap().id(), h.id());
         assert_eq!(orch.list().len(), 1);

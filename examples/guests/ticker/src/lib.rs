@@ -1,5 +1,6 @@
-//! Beats, sleeps and logs once a second until it is stopped.
-use gorch_guest_sdk as gorch;
+//! Beats, sleeps and logs once a second until it is stopped; also drains the `echo` topic
+//! (which the echo plugin fills) so that the demo runs for ever.
+use gorch_guest_sdk::{self as gorch, bus};
 use std::time::Duration;
 
 fn run() -> Result<(), gorch::Error> {
@@ -8,6 +9,9 @@ fn run() -> Result<(), gorch::Error> {
         gorch::beat();
         n += 1;
         gorch::info!("tick {n} (restarts: {})", gorch::restarts());
+        while let Some(m) = bus::recv_timeout("echo", Duration::ZERO)? {
+            gorch::debug!("echoed: {}", String::from_utf8_lossy(&m));
+        }
         if !gorch::sleep(Duration::from_secs(1)) {
             gorch::info!("stopping after {n} ticks");
             return Ok(());

@@ -1,0 +1,210 @@
+//! The observability server: routes through `oneshot`, one real server on port 0, metric
+//! names and values, removal of finished series, escaping, pprof gating, the token.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use gorch_host::{ObsConfig, ObsServer, ObsState, Orchestrator, SpawnOptions, router};
+use tower::ServiceExt;
+
+use crate::common::*;
+
+async fn get(app: &axum::Router, path: &str, token: Option<&str>) -> (StatusCode, String) {
+    let mut req = Request::get(path);
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let resp = app.clone().oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+    let status = resp.status();
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 24).await.unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn value(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_have_the_design_names_and_the_counters_values() {
+    run(async {
+        let orch = Orchestrator::new();
+        let app = router(ObsState::new(&orch, None), &ObsConfig::default());
+        let worker = orch
+            .spawn(SpawnOptions::new("worker"), |ctx| async move {
+                ctx.add_busy(Duration::from_secs(2));
+                ctx.publish("jobs", b"abc".to_vec()).await?;
+                ctx.publish("jobs", b"de".to_vec()).await?;
+                ctx.cancelled().await;
+                Ok::<(), gorch_host::CallError>(())
+            })
+            .unwrap();
+        assert!(wait_until(Duration::from_secs(5), || worker.snapshot().messages_out == 2).await);
+        let (status, m) = get(&app, "/metrics", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(value(&m, r#"gorch_routines{state="RUNNING"}"#), Some(1.0));
+        assert_eq!(value(&m, r#"gorch_routines{state="FAILED"}"#), Some(0.0));
+        let id = worker.id();
+        assert_eq!(
+            value(&m, &format!(r#"gorch_routine_info{{id="{id}",name="worker",plugin=""}}"#)),
+            Some(1.0)
+        );
+        assert_eq!(value(&m, r#"gorch_routine_up{name="worker"}"#), Some(1.0));
+        assert!(value(&m, r#"gorch_routine_busy_seconds_total{name="worker"}"#).unwrap() >= 2.0);
+        assert_eq!(value(&m, r#"gorch_routine_messages_sent_total{name="worker"}"#), Some(2.0));
+        assert_eq!(value(&m, r#"gorch_routine_queue_capacity{name="worker"}"#), Some(128.0));
+        assert_eq!(value(&m, r#"gorch_topic_length{topic="jobs"}"#), Some(2.0));
+        assert_eq!(value(&m, r#"gorch_topic_bytes{topic="jobs"}"#), Some(5.0));
+        assert_eq!(value(&m, r#"gorch_topic_published_total{topic="jobs"}"#), Some(2.0));
+        for name in [
+            "gorch_routine_restarts_total",
+            "gorch_routine_fuel_consumed_total",
+            "gorch_routine_memory_bytes",
+            "gorch_routine_queue_length",
+            "gorch_routine_queue_bytes",
+            "gorch_routine_messages_received_total",
+            "gorch_routine_terminations_total",
+            "gorch_topic_capacity",
+            "gorch_topic_received_total",
+            "gorch_topic_blocked_publish_seconds_total",
+            "gorch_topic_blocked_recv_seconds_total",
+            "gorch_dead_letters_total",
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+        ] {
+            assert!(m.contains(&format!("# TYPE {name} ")), "{name} missing:\n{m}");
+        }
+        // A finished routine's series disappear.
+        worker.kill();
+        worker.wait().await;
+        let (_, m) = get(&app, "/metrics", None).await;
+        assert!(!m.contains(r#"name="worker""#), "{m}");
+        shutdown(&orch).await;
+    })
+}
+
+#[test]
+fn json_api_health_readiness_and_a_hostile_name() {
+    run(async {
+        let orch = Orchestrator::new();
+        let state = ObsState::new(&orch, None);
+        let app = router(state.clone(), &ObsConfig::default());
+        let evil = "<img src=x onerror=alert(1)>";
+        let h = orch
+            .spawn(SpawnOptions::new(evil), |ctx| async move {
+                ctx.cancelled().await;
+                Ok::<(), String>(())
+            })
+            .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || h.state() == gorch_host::State::Running).await
+        );
+        let (status, body) = get(&app, "/gorchestra/api/routines", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v[0]["name"], evil);
+        assert_eq!(v[0]["state"], "RUNNING");
+        // The page renders names with textContent only: no innerHTML anywhere.
+        let (status, page) = get(&app, "/gorchestra", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(page.contains("<table id=\"routines\">"));
+        assert!(!page.contains("innerHTML"));
+        assert!(!page.contains("<script src") && !page.contains("<link "), "no external assets");
+        assert_eq!(get(&app, "/healthz", None).await.0, StatusCode::OK);
+        assert_eq!(get(&app, "/readyz", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
+        state.set_ready(true);
+        assert_eq!(get(&app, "/readyz", None).await.0, StatusCode::OK);
+        assert_eq!(get(&app, "/gorchestra/api/topics", None).await.1, "[]");
+        h.kill();
+        h.wait().await;
+        let (_, hist) = get(&app, "/gorchestra/api/history", None).await;
+        let v: serde_json::Value = serde_json::from_str(&hist).unwrap();
+        assert_eq!(v[0]["name"], evil);
+        // pprof is off unless asked for.
+        assert_eq!(
+            get(&app, "/debug/pprof/profile?seconds=1", None).await.0,
+            StatusCode::NOT_FOUND
+        );
+        let no_dash = router(state, &ObsConfig { dashboard: false, ..Default::default() });
+        assert_eq!(get(&no_dash, "/gorchestra", None).await.0, StatusCode::NOT_FOUND);
+        shutdown(&orch).await;
+    })
+}
+
+#[test]
+fn the_token_guards_every_route_but_healthz() {
+    run(async {
+        let orch = Orchestrator::new();
+        let cfg = ObsConfig { token: Some("s3cret".into()), ..Default::default() };
+        let app = router(ObsState::new(&orch, Some("s3cret".into())), &cfg);
+        for path in [
+            "/metrics",
+            "/gorchestra",
+            "/gorchestra/api/routines",
+            "/gorchestra/api/topics",
+            "/gorchestra/api/history",
+            "/readyz",
+        ] {
+            assert_eq!(get(&app, path, None).await.0, StatusCode::UNAUTHORIZED, "{path}");
+            assert_eq!(get(&app, path, Some("wrong")).await.0, StatusCode::UNAUTHORIZED, "{path}");
+            assert_ne!(get(&app, path, Some("s3cret")).await.0, StatusCode::UNAUTHORIZED, "{path}");
+        }
+        assert_eq!(get(&app, "/healthz", None).await.0, StatusCode::OK);
+        assert_eq!(get(&app, "/gorchestra?token=s3cret", None).await.0, StatusCode::OK);
+        assert_eq!(
+            get(&app, "/gorchestra/api/routines?token=s3cret", None).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        shutdown(&orch).await;
+    })
+}
+
+#[test]
+fn a_real_server_on_port_0_serves_ps_and_a_cpu_profile() {
+    run(async {
+        let orch = Orchestrator::new();
+        let cfg =
+            ObsConfig { addr: "127.0.0.1:0".parse().unwrap(), pprof: true, ..Default::default() };
+        let server = ObsServer::start(&orch, &cfg).unwrap();
+        let addr = server.local_addr();
+        assert_ne!(addr.port(), 0);
+        // Binding is synchronous: a second server on the same port fails at once.
+        let clash = ObsServer::start(&orch, &ObsConfig { addr, ..Default::default() });
+        assert!(clash.is_err());
+        spawn_mode(&orch, SpawnOptions::new("spinning"), "spin");
+
+        let bin = env!("CARGO_BIN_EXE_gorch-host");
+        let out = tokio::process::Command::new(bin)
+            .args(["ps", "--addr", &addr.to_string()])
+            .output()
+            .await
+            .unwrap();
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{table} {}", String::from_utf8_lossy(&out.stderr));
+        assert!(table.lines().nth(1).unwrap().contains("spinning"), "{table}");
+
+        let resp = raw_get(addr, "/debug/pprof/profile?seconds=1").await;
+        assert!(
+            resp.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&resp[..200.min(resp.len())])
+        );
+        let body = &resp[resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+        // profile.proto starts with its sample types (field 1, length-delimited).
+        assert_eq!(body[0], 0x0a);
+        assert!(body.windows(7).any(|w| w == b"samples"));
+        server.shutdown().await;
+        shutdown(&orch).await;
+    })
+}
+
+async fn raw_get(addr: std::net::SocketAddr, path: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    buf
+}
