@@ -41,6 +41,11 @@ impl Sizer for Box<[u8]> {
         self.len()
     }
 }
+impl Sizer for bytes::Bytes {
+    fn approx_size(&self) -> usize {
+        self.len()
+    }
+}
 impl Sizer for () {}
 impl Sizer for u64 {
     fn approx_size(&self) -> usize {

@@ -82,6 +82,14 @@ pub fn runtime_builder() -> tokio::runtime::Builder {
     b
 }
 
+/// Like [`runtime_builder`], with another event interval (for measurements).
+#[doc(hidden)]
+pub fn runtime_builder_with_interval(interval: u32) -> tokio::runtime::Builder {
+    let mut b = runtime_builder();
+    b.event_interval(interval);
+    b
+}
+
 /// Paths of the example and test guest components, built by this crate's build script.
 #[doc(hidden)]
 pub mod example_guests {

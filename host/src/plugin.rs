@@ -223,10 +223,7 @@ impl Default for PluginManifest {
 impl PluginManifest {
     /// Parses manifest text; `path` names it in errors.
     pub fn from_str(path: &Path, text: &str) -> Result<Self, ManifestError> {
-        toml::from_str(text).map_err(|e| {
-            let location = e.span().map(|s| line_col(text, s.start));
-            ManifestError { path: path.to_path_buf(), location, message: e.message().to_string() }
-        })
+        parse_toml(path, text)
     }
 
     /// Reads and parses a manifest file.
@@ -275,6 +272,14 @@ impl PluginManifest {
             args: self.wasi.args.clone(),
         }
     }
+}
+
+/// Parses TOML into `T`; errors name the file, line and column.
+fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ManifestError> {
+    toml::from_str(text).map_err(|e| {
+        let location = e.span().map(|s| line_col(text, s.start));
+        ManifestError { path: path.to_path_buf(), location, message: e.message().to_string() }
+    })
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -345,10 +350,7 @@ pub struct GroupConfig {
 impl DirConfig {
     /// Parses `gorch.toml` text; `path` names it in errors.
     pub fn from_str(path: &Path, text: &str) -> Result<Self, ManifestError> {
-        toml::from_str(text).map_err(|e| {
-            let location = e.span().map(|s| line_col(text, s.start));
-            ManifestError { path: path.to_path_buf(), location, message: e.message().to_string() }
-        })
+        parse_toml(path, text)
     }
 }
 

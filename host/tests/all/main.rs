@@ -5,6 +5,7 @@ mod channel;
 mod cli;
 mod common;
 mod manifest;
+mod messaging;
 mod native;
 mod obs;
 mod supervision;

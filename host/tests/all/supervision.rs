@@ -98,35 +98,27 @@ fn a_stable_run_resets_the_backoff() {
     })
 }
 
+/// A stop request, and a shutdown, during a one-minute backoff both act at once.
 #[test]
-fn stop_during_backoff_acts_at_once() {
-    run_paused(async {
-        let orch = Orchestrator::new();
-        let runs = Arc::new(Mutex::new(Vec::new()));
-        let h = spawn_failing(&orch, sup(RestartPolicy::Always, 60_000, 60_000), runs.clone());
-        assert!(wait_until_paused(|| h.state() == State::Backoff).await);
-        let t = Instant::now();
-        h.kill();
-        assert_eq!(h.wait().await, State::Stopped);
-        assert!(t.elapsed() < Duration::from_millis(10));
-        assert_eq!(runs.lock().unwrap().len(), 1);
-        shutdown(&orch).await;
-    })
-}
-
-#[test]
-fn shutdown_during_backoff_acts_at_once() {
-    run_paused(async {
-        let orch = Orchestrator::new();
-        let runs = Arc::new(Mutex::new(Vec::new()));
-        let h = spawn_failing(&orch, sup(RestartPolicy::Always, 60_000, 60_000), runs.clone());
-        assert!(wait_until_paused(|| h.state() == State::Backoff).await);
-        let t = Instant::now();
-        let report = orch.shutdown(Duration::from_secs(5)).await;
-        assert!(t.elapsed() < Duration::from_millis(10));
-        assert_eq!(report.stopped, 1);
-        assert_eq!(h.state(), State::Stopped);
-    })
+fn stop_and_shutdown_during_backoff_act_at_once() {
+    for via_shutdown in [false, true] {
+        run_paused(async move {
+            let orch = Orchestrator::new();
+            let runs = Arc::new(Mutex::new(Vec::new()));
+            let h = spawn_failing(&orch, sup(RestartPolicy::Always, 60_000, 60_000), runs.clone());
+            assert!(wait_until_paused(|| h.state() == State::Backoff).await);
+            let t = Instant::now();
+            if via_shutdown {
+                assert_eq!(orch.shutdown(Duration::from_secs(5)).await.stopped, 1);
+            } else {
+                h.kill();
+            }
+            assert_eq!(h.wait().await, State::Stopped);
+            assert!(t.elapsed() < Duration::from_millis(10));
+            assert_eq!(runs.lock().unwrap().len(), 1);
+            shutdown(&orch).await;
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -107,6 +107,80 @@ fn run() -> Result<(), String> {
                 }
             }
         }
+        // Provokes every WIT error the host can answer and reports them in order.
+        "errors" => {
+            let mut seen = Vec::new();
+            let name = |e: Error| match e {
+                Error::Cancelled => "cancelled".to_string(),
+                Error::Closed => "closed".to_string(),
+                Error::NoSuchRoutine(n) => format!("no-such-routine({n})"),
+                Error::TooLarge(l) => format!("too-large({l})"),
+                Error::Limit(_) => "limit".to_string(),
+                Error::InvalidName(n) => format!("invalid-name({n})"),
+                Error::Codec(c) => format!("codec({c})"),
+            };
+            seen.push(mailbox::send("nobody", b"x").map_err(name).err().unwrap_or_default());
+            let big = vec![0u8; env_num("BIG", 2048) as usize];
+            seen.push(bus::publish("t", &big).map_err(name).err().unwrap_or_default());
+            seen.push(bus::publish("", b"x").map_err(name).err().unwrap_or_default());
+            seen.push(bus::publish("has space", b"x").map_err(name).err().unwrap_or_default());
+            // Blocks until the host removes the topic: `closed`.
+            seen.push(bus::recv("doomed").map(|_| ()).map_err(name).err().unwrap_or_default());
+            let mut limit = String::new();
+            for i in 0..100_000 {
+                if let Err(e) = bus::publish(&format!("flood-{i}"), b"x") {
+                    limit = format!("{}@{i}", name(e));
+                    break;
+                }
+            }
+            seen.push(limit);
+            Err(seen.join(" "))
+        }
+        // Publishes COUNT messages of SIZE bytes on TOPIC.
+        "flood" => {
+            let topic = std::env::var("TOPIC").unwrap_or_else(|_| "flood".into());
+            let payload = vec![7u8; env_num("SIZE", 64) as usize];
+            for _ in 0..env_num("COUNT", 1000) {
+                bus::publish(&topic, &payload).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+        // Receives COUNT messages from TOPIC, then returns.
+        "drain" => {
+            let topic = std::env::var("TOPIC").unwrap_or_else(|_| "flood".into());
+            for _ in 0..env_num("COUNT", 1000) {
+                bus::recv(&topic).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+        // Ping-pong: "ping" sends COUNT messages to PEER and waits for each reply; "pong"
+        // answers every message in its mailbox to PEER.
+        "ping" => {
+            let peer = std::env::var("PEER").unwrap_or_else(|_| "pong".into());
+            for _ in 0..env_num("COUNT", 1000) {
+                mailbox::send(&peer, b"ping").map_err(|e| e.to_string())?;
+                mailbox::recv().map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+        "pong" => {
+            let peer = std::env::var("PEER").unwrap_or_else(|_| "ping".into());
+            loop {
+                match mailbox::recv() {
+                    Ok(m) => mailbox::send(&peer, &m).map_err(|e| e.to_string())?,
+                    Err(Error::Cancelled) => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        }
+        // Allocates a 64 MiB payload and tries to publish it.
+        "huge" => {
+            let big = vec![1u8; 64 << 20];
+            match bus::publish("huge", &big) {
+                Err(e) => Err(e.to_string()),
+                Ok(()) => Ok(()),
+            }
+        }
         "stdout" => {
             println!("line from stdout");
             eprintln!("line from stderr");

@@ -1,0 +1,215 @@
+//! Messaging from real guests: every WIT error variant, competing consumers, flooding, and
+//! channel statistics against a model under concurrency.
+
+use std::time::Duration;
+
+use gorch_host::{Bus, Channel, Orchestrator, SpawnOptions, State, WasmOptions};
+use proptest::prelude::*;
+
+use crate::common::*;
+
+#[test]
+fn each_wit_error_variant_reaches_a_guest() {
+    run(async {
+        let orch = Orchestrator::with_bus(Bus::with_max_topics(5));
+        let opts = SpawnOptions::new("errs").message_bytes(1024);
+        let h = spawn_mode_with(&orch, opts, "errors", WasmOptions::default().env("BIG", "2048"));
+        // The guest blocks on `doomed` once the other checks are done; removing the topic
+        // closes it under the guest.
+        assert!(wait_until(Duration::from_secs(10), || orch.bus().get("doomed").is_some()).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(orch.bus().remove("doomed"));
+        assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Failed);
+        // "flood-0".."flood-4" fill the limit of 5 topics ("t" was refused before it was
+        // created, the bad names too, and "doomed" is gone).
+        assert_eq!(
+            last_error(&orch, "errs"),
+            "no-such-routine(nobody) too-large(1024) invalid-name() invalid-name(has space) closed limit@5"
+        );
+        // And `cancelled`: a blocked recv woken by stop.
+        let r = spawn_mode(&orch, SpawnOptions::new("recv"), "recv");
+        assert!(wait_until(Duration::from_secs(10), || r.state() == State::Running).await);
+        r.kill();
+        r.wait().await;
+        assert_eq!(last_error(&orch, "recv"), "recv: cancelled");
+        shutdown(&orch).await;
+    })
+}
+
+#[test]
+fn competing_consumers_share_a_topic_without_duplicates() {
+    run(async {
+        let orch = Orchestrator::new();
+        let a = spawn_mode(&orch, SpawnOptions::new("relay-a"), "bus-relay");
+        let b = spawn_mode(&orch, SpawnOptions::new("relay-b"), "bus-relay");
+        let input = orch.bus().topic("testkit-in", 64).unwrap();
+        let out = orch.bus().topic("testkit-out", 4096).unwrap();
+        let n = 2000u32;
+        for i in 0..n {
+            input.send(i.to_le_bytes().to_vec().into()).await.unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < n as usize {
+            let m =
+                tokio::time::timeout(Duration::from_secs(10), out.recv()).await.unwrap().unwrap();
+            got.push(u32::from_le_bytes(m.payload.try_into().unwrap()));
+        }
+        got.sort();
+        assert_eq!(got, (0..n).collect::<Vec<_>>(), "a message was lost or duplicated");
+        let (ra, rb) = (a.snapshot().messages_in, b.snapshot().messages_in);
+        assert!(ra > 0 && rb > 0, "both consumers received: {ra} + {rb}");
+        shutdown(&orch).await;
+    })
+}
+
+#[test]
+fn a_flooding_guest_gets_errors_and_the_host_stays_small() {
+    run(async {
+        let orch = Orchestrator::new();
+        let errs = spawn_mode(&orch, SpawnOptions::new("errs"), "errors");
+        let huge = spawn_mode_with(
+            &orch,
+            SpawnOptions::new("huge"),
+            "huge",
+            WasmOptions::default().memory(256 << 20),
+        );
+        // Nobody reads `flood`: the publisher blocks at the topic's capacity.
+        let flood = spawn_mode_with(
+            &orch,
+            SpawnOptions::new("flood"),
+            "flood",
+            WasmOptions::default().env("COUNT", "100000").env("SIZE", "1024"),
+        );
+        assert_eq!(wait_end(&huge, Duration::from_secs(20)).await, State::Failed);
+        assert_eq!(last_error(&orch, "huge"), "payload too large (limit 1048576 bytes)");
+        assert!(wait_until(Duration::from_secs(20), || orch.bus().get("doomed").is_some()).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        orch.bus().remove("doomed");
+        assert_eq!(wait_end(&errs, Duration::from_secs(20)).await, State::Failed);
+        assert!(last_error(&orch, "errs").contains(" limit@"), "{}", last_error(&orch, "errs"));
+        assert_eq!(orch.bus().len(), gorch_host::DEFAULT_MAX_TOPICS);
+        let t = orch.bus().topic("flood", 1).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || t.len() == gorch_host::DEFAULT_TOPIC_CAPACITY)
+                .await
+        );
+        assert_eq!(flood.state(), State::Running, "blocked in publish, not failed");
+        // Bounded: what the host holds for the flood is one topic's capacity of 1 KiB
+        // messages, and it stays there while the guest keeps trying.
+        let held = || orch.topics().iter().map(|t| t.bytes).sum::<usize>();
+        assert!(
+            held() <= gorch_host::DEFAULT_TOPIC_CAPACITY * 1024 + 2 * 1024 * 1024,
+            "{}",
+            held()
+        );
+        let published = t.stats().sends;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(t.stats().sends, published, "the publisher waits instead of queueing more");
+        shutdown(&orch).await;
+    })
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    TrySend(u8),
+    TryRecv,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Random sequences of operations against a VecDeque model: stats stay exact.
+    #[test]
+    fn channel_stats_match_a_model(cap in 1usize..8, ops in proptest::collection::vec(
+        prop_oneof![any::<u8>().prop_map(Op::TrySend), Just(Op::TryRecv)], 0..200)) {
+        let ch: Channel<Vec<u8>> = Channel::new(cap);
+        let mut model = std::collections::VecDeque::new();
+        let (mut sends, mut recvs) = (0u64, 0u64);
+        for op in ops {
+            match op {
+                Op::TrySend(n) => {
+                    let r = ch.try_send(vec![0; n as usize]);
+                    if model.len() < cap {
+                        prop_assert!(r.is_ok());
+                        model.push_back(n as usize);
+                        sends += 1;
+                    } else {
+                        prop_assert!(r.is_err());
+                    }
+                }
+                Op::TryRecv => {
+                    let r = ch.try_recv();
+                    match model.pop_front() {
+                        Some(n) => { prop_assert_eq!(r.unwrap().len(), n); recvs += 1; }
+                        None => prop_assert!(r.is_err()),
+                    }
+                }
+            }
+            let s = ch.stats();
+            prop_assert_eq!(s.len, model.len());
+            prop_assert_eq!(s.approx_bytes, model.iter().sum::<usize>());
+            prop_assert_eq!((s.sends, s.recvs), (sends, recvs));
+            prop_assert_eq!((s.blocked_send_ns, s.blocked_recv_ns), (0, 0), "no waiting happened");
+        }
+    }
+}
+
+/// Many producers and consumers at once: every value arrives exactly once and the counters
+/// add up.
+#[test]
+fn stats_stay_exact_under_concurrency() {
+    run(async {
+        let ch: Channel<Vec<u8>> = Channel::new(8);
+        let mut tasks = Vec::new();
+        for p in 0..4u32 {
+            let ch = ch.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..2500u32 {
+                    ch.send((p * 10_000 + i).to_le_bytes().to_vec()).await.unwrap();
+                }
+                Vec::new()
+            }));
+        }
+        for _ in 0..4 {
+            let ch = ch.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for _ in 0..2500 {
+                    got.push(u32::from_le_bytes(ch.recv().await.unwrap().try_into().unwrap()));
+                }
+                got
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort();
+        let want: Vec<u32> = (0..4).flat_map(|p| (0..2500).map(move |i| p * 10_000 + i)).collect();
+        assert_eq!(all, want);
+        let s = ch.stats();
+        assert_eq!((s.sends, s.recvs, s.len, s.approx_bytes), (10_000, 10_000, 0, 0));
+    })
+}
+
+#[test]
+fn cancellation_wakes_every_blocked_operation() {
+    run(async {
+        let ch: Channel<Vec<u8>> = Channel::new(1);
+        let empty: Channel<Vec<u8>> = Channel::new(1);
+        ch.try_send(vec![1]).unwrap();
+        let token = tokio_util::sync::CancellationToken::new();
+        let mut tasks = Vec::new();
+        for _ in 0..5 {
+            let (c, t) = (ch.clone(), token.clone());
+            tasks.push(tokio::spawn(async move { c.send_cancellable(vec![2], &t).await.is_err() }));
+            let (c, t) = (empty.clone(), token.clone());
+            tasks.push(tokio::spawn(async move { c.recv_cancellable(&t).await.is_err() }));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        token.cancel();
+        for t in tasks {
+            assert!(tokio::time::timeout(Duration::from_secs(2), t).await.unwrap().unwrap());
+        }
+    })
+}
