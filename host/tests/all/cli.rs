@@ -13,6 +13,10 @@ fn run_starts_good_plugins_reports_bad_ones_and_stops_on_sigint() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(example_guests::path("ticker"), dir.path().join("ticker.wasm")).unwrap();
     std::fs::write(dir.path().join("ticker.toml"), "idle-timeout = \"10s\"\n").unwrap();
+    // A plain WASI command: its stdout goes to the log, attributed to the routine.
+    std::fs::copy(example_guests::path("hello-command"), dir.path().join("hello-command.wasm"))
+        .unwrap();
+    std::fs::write(dir.path().join("hello-command.toml"), "restart = \"never\"\n").unwrap();
     // Not wasm at all.
     std::fs::write(dir.path().join("broken.wasm"), b"garbage").unwrap();
     // A good component with a bad manifest.
@@ -40,7 +44,7 @@ fn run_starts_good_plugins_reports_bad_ones_and_stops_on_sigint() {
     });
     let mut log = String::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !log.contains("tick 1") {
+    while !(log.contains("tick 1") && log.contains("from a plain WASI command")) {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(l) => {
@@ -49,7 +53,7 @@ fn run_starts_good_plugins_reports_bad_ones_and_stops_on_sigint() {
             }
             Err(_) => {
                 let _ = child.kill();
-                panic!("no tick within 60 s; log so far:\n{log}");
+                panic!("no tick and hello within 60 s; log so far:\n{log}");
             }
         }
     }
@@ -61,7 +65,10 @@ fn run_starts_good_plugins_reports_bad_ones_and_stops_on_sigint() {
     assert!(exit.success(), "exit {exit:?}; log:\n{log}");
     assert!(log.contains("broken.wasm: not a WebAssembly file"), "{log}");
     assert!(log.contains("echo.toml:2:1: unknown field `bogus`"), "{log}");
-    assert!(log.contains("1 routine(s) running"), "{log}");
+    assert!(log.contains("2 routine(s) running"), "{log}");
+    let hello =
+        log.lines().find(|l| l.contains("hello, world, from a plain WASI command")).unwrap();
+    assert!(hello.contains("routine=\"hello-command\""), "{hello}");
     assert!(log.contains("stopped 1 routine(s)"), "{log}");
 }
 
