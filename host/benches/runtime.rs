@@ -18,6 +18,10 @@ fn main() {
     let testkit = engine.load_file(example_guests::path("testkit")).expect("testkit");
     println!("machine: {} cores; epoch tick {:?}", num_cpus(), gorch_host::DEFAULT_EPOCH_TICK);
     println!();
+    if std::env::args().any(|a| a == "--spawn") {
+        spawn_cost(&engine, &testkit);
+        return;
+    }
     if std::env::args().any(|a| a == "--quick") {
         restart_latency(&testkit);
         return;

@@ -546,7 +546,9 @@ async fn drive(orch: Arc<OrchInner>, shared: Arc<RoutineShared>, work: Arc<dyn W
         };
         shared.set_state(State::Backoff);
         if delay.is_zero() {
-            // The timer wheel has millisecond resolution: a zero sleep would cost 1 ms.
+            // The timer wheel has millisecond resolution: a zero sleep would cost 1 ms. Still
+            // yield, so that a routine failing at once cannot monopolize its worker thread.
+            tokio::task::yield_now().await;
             if shared.stop.is_cancelled() {
                 break State::Stopped;
             }

@@ -274,7 +274,7 @@ impl WasmEngine {
             };
         Ok(WasmComponent {
             inner: Arc::new(ComponentInner {
-                _engine: self.inner.clone(),
+                engine: self.inner.clone(),
                 path,
                 kind,
                 imports,
@@ -329,7 +329,7 @@ enum Kind {
 
 struct ComponentInner {
     // Keeps the engine (and its epoch ticker) alive while the component is.
-    _engine: Arc<EngineInner>,
+    engine: Arc<EngineInner>,
     path: PathBuf,
     kind: Kind,
     imports: Vec<String>,
@@ -506,7 +506,7 @@ async fn run_instance(
         .allow_udp(false)
         .allow_ip_name_lookup(false)
         .build();
-    let engine = comp._engine.engine.clone();
+    let engine = comp.engine.engine.clone();
     let mut store = Store::new(
         &engine,
         HostState {

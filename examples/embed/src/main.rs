@@ -9,7 +9,6 @@ use std::time::Duration;
 use gorch_host::{CallError, Orchestrator, SpawnOptions, WasmEngine, WasmOptions, example_guests};
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber_init();
     gorch_host::runtime_builder().build()?.block_on(async {
         let orch = Orchestrator::new();
         let engine = WasmEngine::new(Default::default())?;
@@ -36,9 +35,4 @@ fn main() -> anyhow::Result<()> {
         println!("shutdown: {report:?}");
         Ok(())
     })
-}
-
-fn tracing_subscriber_init() {
-    // The example keeps its dependencies minimal: guest log lines go nowhere unless a
-    // subscriber is installed; gorch-host's binary installs tracing-subscriber.
 }
