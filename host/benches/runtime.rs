@@ -196,28 +196,78 @@ fn restart_latency(testkit: &gorch_host::WasmComponent) {
     println!();
 }
 
-/// Spawn → `run` returned, for a trivial guest (MODE=ok), sequentially, through the
-/// orchestrator; against raw wasmtime instantiate + call measured inside the same harness
-/// (the orchestrator's own store setup is the difference).
-fn spawn_cost(_engine: &WasmEngine, testkit: &gorch_host::WasmComponent) {
+/// Spawn → `run` returned, for a trivial guest, sequentially: the `hello-command` WASI
+/// command through the orchestrator, against raw wasmtime (`CommandPre::instantiate_async` +
+/// `wasi:cli/run` on the same engine and component) in the same run; and the `testkit`
+/// worker (MODE=ok) through the orchestrator.
+fn spawn_cost(engine: &WasmEngine, testkit: &gorch_host::WasmComponent) {
+    let hello = engine.load_file(example_guests::path("hello-command")).unwrap();
     let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
     let n = 2_000u32;
-    let per = rt.block_on(async {
+    let through = |component: gorch_host::WasmComponent, wasm: WasmOptions| async move {
         let orch = Orchestrator::new();
-        let wasm = WasmOptions::default().env("MODE", "ok");
         let t = Instant::now();
         for i in 0..n {
-            let h =
-                orch.spawn_wasm(SpawnOptions::new(format!("s{i}")), testkit, wasm.clone()).unwrap();
+            let h = orch
+                .spawn_wasm(SpawnOptions::new(format!("s{i}")), &component, wasm.clone())
+                .unwrap();
             h.wait().await;
         }
         let per = t.elapsed() / n;
         orch.shutdown(Duration::from_secs(2)).await;
         per
-    });
+    };
+    let ours = rt.block_on(through(hello.clone(), WasmOptions::default()));
+    let raw = rt.block_on(raw_spawn(engine, n));
+    let worker = rt.block_on(through(testkit.clone(), WasmOptions::default().env("MODE", "ok")));
     println!("## spawn + join of a trivial guest, sequential, {n} runs");
-    println!("| through the orchestrator |");
-    println!("|---|");
-    println!("| {per:.2?} ({:.0} spawns/s) |", 1.0 / per.as_secs_f64());
+    println!("| guest | through the orchestrator | raw wasmtime instantiate + call | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| hello-command (WASI command) | {ours:.2?} ({:.0}/s) | {raw:.2?} ({:.0}/s) | {:.2} |",
+        1.0 / ours.as_secs_f64(),
+        1.0 / raw.as_secs_f64(),
+        ours.as_secs_f64() / raw.as_secs_f64()
+    );
+    println!(
+        "| testkit, MODE=ok (worker) | {worker:.2?} ({:.0}/s) | — | — |",
+        1.0 / worker.as_secs_f64()
+    );
     println!();
+}
+
+struct RawState {
+    wasi: wasmtime_wasi::WasiCtx,
+    table: wasmtime::component::ResourceTable,
+}
+
+impl wasmtime_wasi::WasiView for RawState {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        wasmtime_wasi::WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+async fn raw_spawn(engine: &WasmEngine, n: u32) -> Duration {
+    use wasmtime::component::{Component, Linker};
+    let engine = engine.engine();
+    let bytes = std::fs::read(example_guests::path("hello-command")).unwrap();
+    let component = Component::new(engine, &bytes).unwrap();
+    let mut linker: Linker<RawState> = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+    let pre =
+        wasmtime_wasi::p2::bindings::CommandPre::new(linker.instantiate_pre(&component).unwrap())
+            .unwrap();
+    let t = Instant::now();
+    for _ in 0..n {
+        let wasi = wasmtime_wasi::WasiCtxBuilder::new().build();
+        let mut store = wasmtime::Store::new(
+            engine,
+            RawState { wasi, table: wasmtime::component::ResourceTable::new() },
+        );
+        store.set_fuel(u64::MAX).unwrap();
+        store.set_epoch_deadline(1_000_000);
+        let command = pre.instantiate_async(&mut store).await.unwrap();
+        command.wasi_cli_run().call_run(&mut store).await.unwrap().unwrap();
+    }
+    t.elapsed() / n
 }
