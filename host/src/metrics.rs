@@ -5,8 +5,8 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use prometheus::core::{Collector, Desc};
-use prometheus::proto::MetricFamily;
-use prometheus::{CounterVec, Encoder, GaugeVec, Opts, Registry, TextEncoder};
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::{Encoder, Registry, TextEncoder};
 
 use crate::orchestrator::Orchestrator;
 use crate::routine::{State, TERMINAL_STATES};
@@ -73,33 +73,50 @@ const METRICS: &[(&str, &str, &[&str], bool)] = &[
     ),
 ];
 
-enum Vec_ {
-    Gauge(GaugeVec),
-    Counter(CounterVec),
+/// A metric family under construction: built directly as protobuf-model structs, without
+/// the per-series hashing and locking of the prometheus vec types (this runs every scrape).
+struct Family {
+    mf: MetricFamily,
+    labels: &'static [&'static str],
+    counter: bool,
 }
 
-impl Vec_ {
-    fn set(&self, labels: &[&str], v: f64) {
-        match self {
-            Vec_::Gauge(g) => g.with_label_values(labels).set(v),
-            Vec_::Counter(c) => c.with_label_values(labels).inc_by(v.max(0.0)),
-        }
+impl Family {
+    fn new(i: usize) -> Self {
+        let (name, help, labels, counter) = METRICS[i];
+        let mut mf = MetricFamily::default();
+        mf.set_name(name.to_string());
+        mf.set_help(help.to_string());
+        mf.set_field_type(if counter { MetricType::COUNTER } else { MetricType::GAUGE });
+        Family { mf, labels, counter }
     }
-    fn collect(&self) -> Vec<MetricFamily> {
-        match self {
-            Vec_::Gauge(g) => g.collect(),
-            Vec_::Counter(c) => c.collect(),
-        }
-    }
-}
 
-fn make(i: usize) -> Vec_ {
-    let (name, help, labels, counter) = METRICS[i];
-    let opts = Opts::new(name, help);
-    if counter {
-        Vec_::Counter(CounterVec::new(opts, labels).expect("valid metric"))
-    } else {
-        Vec_::Gauge(GaugeVec::new(opts, labels).expect("valid metric"))
+    /// Adds a series with these label values (in the order of the table above).
+    fn set(&mut self, values: &[&str], v: f64) {
+        let mut pairs: Vec<LabelPair> = self
+            .labels
+            .iter()
+            .zip(values)
+            .map(|(k, v)| {
+                let mut l = LabelPair::default();
+                l.set_name(k.to_string());
+                l.set_value(v.to_string());
+                l
+            })
+            .collect();
+        pairs.sort_by(|a, b| a.name().cmp(b.name()));
+        let mut m = Metric::default();
+        m.set_label(pairs);
+        if self.counter {
+            let mut c = Counter::default();
+            c.set_value(v.max(0.0));
+            m.set_counter(c);
+        } else {
+            let mut g = Gauge::default();
+            g.set_value(v);
+            m.set_gauge(g);
+        }
+        self.mf.mut_metric().push(m);
     }
 }
 
@@ -128,7 +145,7 @@ impl Collector for GorchCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let m: Vec<Vec_> = (0..METRICS.len()).map(make).collect();
+        let mut m: Vec<Family> = (0..METRICS.len()).map(Family::new).collect();
         let routines = self.orch.shared_list();
         for s in State::ALL {
             let n = routines.iter().filter(|r| r.state() == s).count();
@@ -164,7 +181,7 @@ impl Collector for GorchCollector {
             m[18].set(&[topic], t.blocked_publish_seconds);
             m[19].set(&[topic], t.blocked_recv_seconds);
         }
-        m.iter().flat_map(Vec_::collect).collect()
+        m.into_iter().map(|f| f.mf).filter(|mf| !mf.get_metric().is_empty()).collect()
     }
 }
 
