@@ -202,8 +202,6 @@ pub(crate) struct OrchInner {
     tracker: TaskTracker,
     shutting_down: AtomicBool,
     shutdown_report: tokio::sync::OnceCell<ShutdownReport>,
-    /// Names of routines the shutdown had to kill after the grace period.
-    killed_names: Mutex<Vec<String>>,
     bus: Bus<Message>,
 }
 
@@ -275,7 +273,6 @@ impl Orchestrator {
                 tracker: TaskTracker::new(),
                 shutting_down: AtomicBool::new(false),
                 shutdown_report: tokio::sync::OnceCell::new(),
-                killed_names: Mutex::new(Vec::new()),
                 bus,
             }),
         }
@@ -421,10 +418,11 @@ async fn shutdown_inner(inner: Arc<OrchInner>, timeout: Duration) -> ShutdownRep
     for r in &live {
         r.request_stop();
     }
+    let mut killed = Vec::new();
     if tokio::time::timeout_at(kill_at, inner.tracker.wait()).await.is_err() {
         let remaining: Vec<Arc<RoutineShared>> = inner.routines.read().values().cloned().collect();
         for r in &remaining {
-            inner.killed_names.lock().push(r.name.clone());
+            killed.push(r.name.clone());
             r.hard_kill();
         }
     }
@@ -435,7 +433,6 @@ async fn shutdown_inner(inner: Arc<OrchInner>, timeout: Duration) -> ShutdownRep
         }
     }
     inner.bus.close_all();
-    let mut killed = std::mem::take(&mut *inner.killed_names.lock());
     killed.retain(|n| !unstoppable.contains(n));
     killed.sort();
     unstoppable.sort();

@@ -228,12 +228,7 @@ impl PluginManifest {
 
     /// Reads and parses a manifest file.
     pub fn from_file(path: &Path) -> Result<Self, ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ManifestError {
-            path: path.to_path_buf(),
-            location: None,
-            message: e.to_string(),
-        })?;
-        Self::from_str(path, &text)
+        read_toml(path)
     }
 
     /// The routine names this manifest spawns: `name`, or `name-1 .. name-N`.
@@ -272,6 +267,16 @@ impl PluginManifest {
             args: self.wasi.args.clone(),
         }
     }
+}
+
+/// Reads and parses a TOML file into `T`.
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ManifestError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ManifestError {
+        path: path.to_path_buf(),
+        location: None,
+        message: e.to_string(),
+    })?;
+    parse_toml(path, &text)
 }
 
 /// Parses TOML into `T`; errors name the file, line and column.
@@ -360,14 +365,7 @@ impl PluginDir {
         let mut out = PluginDir::default();
         let config_path = dir.join(DIR_CONFIG);
         if config_path.exists() {
-            let parsed = std::fs::read_to_string(&config_path)
-                .map_err(|e| ManifestError {
-                    path: config_path.clone(),
-                    location: None,
-                    message: e.to_string(),
-                })
-                .and_then(|t| DirConfig::from_str(&config_path, &t));
-            match parsed {
+            match read_toml::<DirConfig>(&config_path) {
                 Ok(c) => out.groups = c.groups,
                 Err(e) => out.errors.push(format!("{e} (groups ignored)")),
             }

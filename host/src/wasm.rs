@@ -131,13 +131,13 @@ struct EngineInner {
     linker: Linker<HostState>,
     pooling: bool,
     ticker_stop: Arc<AtomicBool>,
-    ticker: Mutex<Option<JoinHandle<()>>>,
+    ticker: Option<JoinHandle<()>>,
 }
 
 impl Drop for EngineInner {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Relaxed);
-        if let Some(t) = self.ticker.lock().take() {
+        if let Some(t) = self.ticker.take() {
             t.thread().unpark();
             let _ = t.join();
         }
@@ -207,7 +207,7 @@ impl WasmEngine {
                 linker,
                 pooling,
                 ticker_stop,
-                ticker: Mutex::new(Some(ticker)),
+                ticker: Some(ticker),
             }),
         })
     }
