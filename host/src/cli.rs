@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use crate::obs::{ObsConfig, ObsServer};
 use crate::orchestrator::Orchestrator;
 use crate::plugin::PluginDir;
-use crate::wasm::{EngineConfig, WasmEngine};
+use crate::wasm::{DEFAULT_POOL_SIZE, EngineConfig, WasmEngine};
 
 /// Runs sandboxed WebAssembly component workers and keeps them alive and visible.
 #[derive(Debug, Parser)]
@@ -64,6 +64,35 @@ pub struct RunCmd {
     /// Require `Authorization: Bearer TOKEN` on every route but /healthz.
     #[arg(long, env = "GORCH_TOKEN")]
     pub token: Option<String>,
+    /// Engine flags (compile cache).
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// Engine settings shared by `run` and `check`.
+#[derive(Debug, clap::Args)]
+pub struct EngineArgs {
+    /// Directory of compiled components, so later starts skip compilation
+    /// [default: $XDG_CACHE_HOME/gorch-host or ~/.cache/gorch-host].
+    #[arg(long, env = "GORCH_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Compile every component at start, without reading or writing the cache.
+    #[arg(long, conflicts_with = "cache_dir")]
+    pub no_cache: bool,
+}
+
+impl EngineArgs {
+    /// The engine configuration these flags ask for, with room in the instance pool for
+    /// `instances` concurrent instances (at least the default).
+    pub fn config(&self, instances: usize) -> EngineConfig {
+        let cache_dir = if self.no_cache {
+            None
+        } else {
+            self.cache_dir.clone().or_else(crate::CompileCache::default_dir)
+        };
+        let pool_size = u32::try_from(instances).unwrap_or(u32::MAX).max(DEFAULT_POOL_SIZE);
+        EngineConfig { cache_dir, pool_size, ..Default::default() }
+    }
 }
 
 impl RunCmd {
@@ -79,8 +108,10 @@ impl RunCmd {
         let server = ObsServer::start(&orch, &obs_config)
             .with_context(|| format!("cannot listen on {}", self.addr))?;
         let addr = server.local_addr();
-        let engine = WasmEngine::new(EngineConfig::default())?;
-        let started = start_plugins(&orch, &engine, &self.dir)?;
+        let scanned = PluginDir::scan(&self.dir)
+            .with_context(|| format!("cannot read plugin directory {}", self.dir.display()))?;
+        let engine = WasmEngine::new(self.engine.config(scanned.instances()))?;
+        let started = start_plugins(&orch, &engine, &self.dir, &scanned);
         server.set_ready(true);
         tracing::info!(
             "{started} routine(s) running from {}; press Ctrl-C to stop",
@@ -115,15 +146,15 @@ impl RunCmd {
     }
 }
 
-/// Loads every plugin of `dir` and spawns its routines. A bad plugin is reported (by file,
-/// with the reason) and skipped; the others start. Returns how many routines started.
+/// Loads every plugin `scanned` from `dir` and spawns its routines. A bad plugin is reported
+/// (by file, with the reason) and skipped; the others start. Returns how many routines
+/// started.
 pub fn start_plugins(
     orch: &Orchestrator,
     engine: &WasmEngine,
     dir: &Path,
-) -> anyhow::Result<usize> {
-    let scanned = PluginDir::scan(dir)
-        .with_context(|| format!("cannot read plugin directory {}", dir.display()))?;
+    scanned: &PluginDir,
+) -> usize {
     for e in &scanned.errors {
         tracing::error!("skipping plugin: {e}");
     }
@@ -136,9 +167,14 @@ pub fn start_plugins(
         .map(|(name, g)| (name.as_str(), orch.group(name.clone(), g.strategy, g.intensity.clone())))
         .collect();
     let mut started = 0;
+    let (mut loaded, mut reused) = (0, 0);
     for spec in &scanned.plugins {
         let component = match engine.load_file(&spec.wasm) {
-            Ok(c) => c,
+            Ok(c) => {
+                loaded += 1;
+                reused += usize::from(c.cache_status() == crate::CacheStatus::Hit);
+                c
+            }
             Err(e) => {
                 tracing::error!("skipping plugin: {e}");
                 continue;
@@ -160,7 +196,13 @@ pub fn start_plugins(
             }
         }
     }
-    Ok(started)
+    if let Some(cache) = engine.cache_dir() {
+        tracing::info!(
+            "{reused} of {loaded} component(s) from the compile cache {}",
+            cache.display()
+        );
+    }
+    started
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -187,12 +229,15 @@ pub struct CheckCmd {
     /// Component files to validate.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+    /// Engine flags (compile cache).
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 impl CheckCmd {
     /// Validates each file; fails if any is bad.
     pub fn run(self) -> anyhow::Result<()> {
-        let engine = WasmEngine::new(EngineConfig { pooling: false, ..Default::default() })?;
+        let engine = WasmEngine::new(EngineConfig { pooling: false, ..self.engine.config(0) })?;
         let mut bad = 0;
         let mut out = std::io::stdout().lock();
         for f in &self.files {

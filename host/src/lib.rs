@@ -31,6 +31,7 @@
 //! ```
 
 mod bus;
+mod cache;
 mod channel;
 pub mod cli;
 pub mod metrics;
@@ -46,6 +47,7 @@ pub use bus::{
     Bus, BusError, DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY, MAX_NAME_BYTES, TopicStats,
     validate_name, validate_routine_name,
 };
+pub use cache::{CacheStatus, CompileCache};
 pub use channel::{Channel, ChannelStats, RecvError, SendError, Sizer};
 pub use obs::{
     BODY_LIMIT, DEFAULT_ADDR, HEADER_READ_TIMEOUT, MAX_PROFILE_SECONDS, ObsConfig, ObsServer,
@@ -65,8 +67,9 @@ pub use supervisor::{
     Backoff, DEFAULT_MAX_DELIVERIES, Group, Intensity, RestartPolicy, Strategy, Supervision,
 };
 pub use wasm::{
-    DEFAULT_EPOCH_TICK, DEFAULT_MAX_WASM_STACK, DEFAULT_MEMORY_LIMIT, DEFAULT_POOL_SIZE,
-    EngineConfig, FUEL_YIELD_INTERVAL, LoadError, WasmComponent, WasmEngine, WasmOptions,
+    DEFAULT_EPOCH_TICK, DEFAULT_MAX_WASM_STACK, DEFAULT_MEMORY_LIMIT, DEFAULT_MEMORY_RESERVATION,
+    DEFAULT_POOL_SIZE, EngineConfig, FUEL_YIELD_INTERVAL, LoadError, WasmComponent, WasmEngine,
+    WasmOptions,
 };
 
 /// How often a tokio worker checks timers and I/O, in polls. Tokio's default (61) lets a

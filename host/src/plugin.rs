@@ -360,6 +360,11 @@ impl DirConfig {
 }
 
 impl PluginDir {
+    /// How many routines the plugins ask for in all (their `instances`).
+    pub fn instances(&self) -> usize {
+        self.plugins.iter().map(|p| p.manifest.instances.max(1) as usize).sum()
+    }
+
     /// Finds every `*.wasm` in `dir` with its optional `NAME.toml`.
     pub fn scan(dir: &Path) -> std::io::Result<PluginDir> {
         let mut out = PluginDir::default();

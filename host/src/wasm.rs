@@ -24,6 +24,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use crate::cache::{CacheStatus, CompileCache};
 use crate::orchestrator::{Orchestrator, Outcome, SpawnError, SpawnOptions, Work};
 use crate::routine::{CallError, RoutineContext, RoutineHandle};
 
@@ -49,6 +50,8 @@ pub const DEFAULT_EPOCH_TICK: Duration = Duration::from_millis(5);
 pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
 /// Default wasm stack limit per instance (512 KiB, wasmtime's default).
 pub const DEFAULT_MAX_WASM_STACK: usize = 512 << 10;
+/// Default virtual reservation per linear memory (4 GiB: no bounds checks in compiled code).
+pub const DEFAULT_MEMORY_RESERVATION: u64 = 4 << 30;
 /// Default number of concurrent instances the pooling allocator reserves room for.
 pub const DEFAULT_POOL_SIZE: u32 = 1000;
 /// Fuel between two forced write-backs of the fuel counter (a yield point): bounds how
@@ -113,6 +116,14 @@ pub struct EngineConfig {
     pub pool_size: u32,
     /// Wasm stack limit per instance ([`DEFAULT_MAX_WASM_STACK`]).
     pub max_wasm_stack: usize,
+    /// Virtual address space reserved per linear memory ([`DEFAULT_MEMORY_RESERVATION`]),
+    /// also the largest memory a pooled instance can grow to. With 4 GiB compiled code needs
+    /// no bounds checks; smaller values (64 MiB, say) fit 100,000 pooled instances in the
+    /// address space at the cost of explicit bounds checks. Nothing is committed up front.
+    pub memory_reservation: u64,
+    /// Directory of the compiled-component cache (see [`CompileCache`]); `None` (the
+    /// library's default) compiles every load. The CLI uses [`CompileCache::default_dir`].
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -122,6 +133,8 @@ impl Default for EngineConfig {
             pooling: true,
             pool_size: DEFAULT_POOL_SIZE,
             max_wasm_stack: DEFAULT_MAX_WASM_STACK,
+            memory_reservation: DEFAULT_MEMORY_RESERVATION,
+            cache_dir: None,
         }
     }
 }
@@ -130,6 +143,7 @@ struct EngineInner {
     engine: Engine,
     linker: Linker<HostState>,
     pooling: bool,
+    cache: Option<CompileCache>,
     ticker_stop: Arc<AtomicBool>,
     ticker: Option<JoinHandle<()>>,
 }
@@ -206,6 +220,7 @@ impl WasmEngine {
                 engine,
                 linker,
                 pooling,
+                cache: config.cache_dir.map(CompileCache::new),
                 ticker_stop,
                 ticker: Some(ticker),
             }),
@@ -215,6 +230,11 @@ impl WasmEngine {
     /// Whether the pooling allocator is in use.
     pub fn is_pooling(&self) -> bool {
         self.inner.pooling
+    }
+
+    /// The compile cache's directory, if the engine has one.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.inner.cache.as_ref().map(|c| c.dir())
     }
 
     /// The underlying wasmtime engine.
@@ -244,10 +264,13 @@ impl WasmEngine {
         if bytes[4..8] == [1, 0, 0, 0] {
             return Err(LoadError::CoreModule { path });
         }
-        let component = Component::new(&self.inner.engine, bytes)
-            .map_err(|e| LoadError::Compile { path: path.clone(), message: format!("{e:#}") })?;
-        let ty = component.component_type();
         let engine = &self.inner.engine;
+        let (component, cache) = match &self.inner.cache {
+            Some(cache) => cache.load(engine, bytes, &path),
+            None => Component::new(engine, bytes).map(|c| (c, CacheStatus::Off)),
+        }
+        .map_err(|e| LoadError::Compile { path: path.clone(), message: format!("{e:#}") })?;
+        let ty = component.component_type();
         let imports: Vec<String> = ty.imports(engine).map(|(n, e)| describe(n, &e.ty)).collect();
         let exports: Vec<String> = ty.exports(engine).map(|(n, e)| describe(n, &e.ty)).collect();
         let has_run = ty.get_export(engine, "run").is_some();
@@ -279,6 +302,7 @@ impl WasmEngine {
                 kind,
                 imports,
                 exports,
+                cache,
             }),
         })
     }
@@ -305,6 +329,7 @@ fn wasmtime_config(c: &EngineConfig, pooling: bool) -> Config {
     cfg.max_wasm_stack(c.max_wasm_stack);
     cfg.async_stack_size(c.max_wasm_stack + (1 << 20));
     cfg.memory_init_cow(true);
+    cfg.memory_reservation(c.memory_reservation);
     if pooling {
         let n = c.pool_size.max(1);
         let mut p = PoolingAllocationConfig::new();
@@ -316,7 +341,7 @@ fn wasmtime_config(c: &EngineConfig, pooling: bool) -> Config {
         p.total_tables(n.saturating_mul(4));
         p.max_tables_per_component(8);
         p.total_stacks(n);
-        p.max_memory_size(4 << 30);
+        p.max_memory_size(c.memory_reservation as usize);
         cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(p));
     }
     cfg
@@ -334,6 +359,7 @@ struct ComponentInner {
     kind: Kind,
     imports: Vec<String>,
     exports: Vec<String>,
+    cache: CacheStatus,
 }
 
 /// A compiled, linked component, ready to instantiate any number of times.
@@ -364,6 +390,10 @@ impl WasmComponent {
     /// Its exports, as `kind name` lines.
     pub fn exports(&self) -> &[String] {
         &self.inner.exports
+    }
+    /// Whether it was compiled or came from the compile cache.
+    pub fn cache_status(&self) -> CacheStatus {
+        self.inner.cache
     }
 }
 

@@ -23,8 +23,10 @@ fn run_starts_good_plugins_reports_bad_ones_and_stops_on_sigint() {
     std::fs::copy(example_guests::path("echo"), dir.path().join("echo.wasm")).unwrap();
     std::fs::write(dir.path().join("echo.toml"), "queue-capacity = 8\nbogus = true\n").unwrap();
 
+    let cache = tempfile::tempdir().unwrap();
     let mut child = Command::new(BIN)
-        .args(["run", "--shutdown-timeout", "2s"])
+        .args(["run", "--shutdown-timeout", "2s", "--cache-dir"])
+        .arg(cache.path())
         .arg(dir.path())
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
@@ -70,11 +72,18 @@ fn run_starts_good_plugins_reports_bad_ones_and_stops_on_sigint() {
         log.lines().find(|l| l.contains("hello, world, from a plain WASI command")).unwrap();
     assert!(hello.contains("routine=\"hello-command\""), "{hello}");
     assert!(log.contains("stopped 1 routine(s)"), "{log}");
+    // ticker and hello-command were compiled and stored for the next start.
+    assert!(log.contains("0 of 2 component(s) from the compile cache"), "{log}");
+    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 2);
 }
 
 #[test]
 fn check_validates_components_and_prints_imports_and_exports() {
-    let ok = Command::new(BIN).arg("check").arg(example_guests::path("ticker")).output().unwrap();
+    let ok = Command::new(BIN)
+        .args(["check", "--no-cache"])
+        .arg(example_guests::path("ticker"))
+        .output()
+        .unwrap();
     let out = String::from_utf8_lossy(&ok.stdout);
     assert!(ok.status.success(), "{out}");
     assert!(out.contains("ok (gorch:worker/worker)"), "{out}");
@@ -84,7 +93,7 @@ fn check_validates_components_and_prints_imports_and_exports() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.wasm");
     std::fs::write(&bad, b"\0asm\x01\0\0\0").unwrap();
-    let res = Command::new(BIN).arg("check").arg(&bad).output().unwrap();
+    let res = Command::new(BIN).args(["check", "--no-cache"]).arg(&bad).output().unwrap();
     assert!(!res.status.success());
     let out = String::from_utf8_lossy(&res.stdout);
     assert!(out.contains("bad.wasm: is a core wasm module"), "{out}");

@@ -1,0 +1,191 @@
+//! An on-disk cache of compiled components, so that a second start skips Cranelift.
+//!
+//! An entry is named by the SHA-256 of the engine's compatibility hash (wasmtime version,
+//! target, and every setting that changes generated code, such as fuel and epochs) and of the
+//! component's bytes: a new wasmtime, another configuration or a changed file all look up
+//! another name, so an entry is never stale. The file holds a magic tag, the SHA-256 of the
+//! compiled artifact, and the artifact; it is checked before wasmtime sees it, so a truncated
+//! or corrupt entry (a crash mid-write, a bad disk) is reported, removed and recompiled, never
+//! loaded. Entries are written to a temporary file and renamed into place, so readers never
+//! see half an entry, and concurrent hosts sharing the directory are safe.
+//!
+//! The cache is best effort: a directory that cannot be written only costs a recompile, with
+//! a warning in the log.
+
+use std::hash::Hasher;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+const MAGIC: &[u8; 8] = b"GORCHCC1";
+const HEADER: usize = MAGIC.len() + 32;
+
+/// Where a component came from when it was loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Compiled; the engine has no cache.
+    Off,
+    /// Deserialized from a valid cache entry.
+    Hit,
+    /// Compiled, and stored for the next start (or not, if the directory is not writable).
+    Miss,
+    /// The entry was unusable (corrupt, truncated, refused by wasmtime): compiled again and
+    /// replaced.
+    Replaced,
+}
+
+/// A directory of compiled components. See the module documentation.
+#[derive(Debug, Clone)]
+pub struct CompileCache {
+    dir: PathBuf,
+}
+
+impl CompileCache {
+    /// A cache in `dir` (created on the first store).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        CompileCache { dir: dir.into() }
+    }
+
+    /// The per-user default: `$XDG_CACHE_HOME/gorch-host`, else `$HOME/.cache/gorch-host`.
+    pub fn default_dir() -> Option<PathBuf> {
+        let base = match std::env::var_os("XDG_CACHE_HOME") {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => PathBuf::from(std::env::var_os("HOME").filter(|h| !h.is_empty())?).join(".cache"),
+        };
+        Some(base.join("gorch-host"))
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The entry file for `bytes` compiled by `engine`.
+    pub fn entry_path(&self, engine: &Engine, bytes: &[u8]) -> PathBuf {
+        let mut key = ShaHasher(Sha256::new());
+        std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut key);
+        key.0.update((bytes.len() as u64).to_le_bytes());
+        key.0.update(bytes);
+        self.dir.join(format!("{}.cwasm", hex(&key.0.finalize())))
+    }
+
+    /// The compiled form of `bytes`: from the cache if a valid entry exists, else compiled
+    /// (and stored). Compile errors are wasmtime's; cache trouble is only logged.
+    pub(crate) fn load(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+        what: &Path,
+    ) -> wasmtime::Result<(Component, CacheStatus)> {
+        let entry = self.entry_path(engine, bytes);
+        let mut status = CacheStatus::Miss;
+        match std::fs::read(&entry) {
+            Ok(file) => match verified(&file) {
+                Ok(artifact) => {
+                    // SAFETY: `artifact` was produced by `Component::serialize` of an engine
+                    // with this compatibility hash (the entry's name) and is intact (its
+                    // SHA-256 matches the one written with it); wasmtime checks the version
+                    // and settings again. Only a deliberate forgery by someone who can write
+                    // the cache directory could get past this, and that user can already
+                    // replace the host binary.
+                    #[allow(unsafe_code)]
+                    match unsafe { Component::deserialize(engine, artifact) } {
+                        Ok(c) => return Ok((c, CacheStatus::Hit)),
+                        Err(e) => self.discard(&entry, what, &format!("{e:#}")),
+                    }
+                    status = CacheStatus::Replaced;
+                }
+                Err(why) => {
+                    self.discard(&entry, what, why);
+                    status = CacheStatus::Replaced;
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("compile cache: cannot read {}: {e}", entry.display()),
+        }
+        let component = Component::new(engine, bytes)?;
+        match component.serialize() {
+            Ok(artifact) => {
+                if let Err(e) = self.store(&entry, &artifact) {
+                    tracing::warn!(
+                        "compile cache: cannot store {} for {}: {e}",
+                        entry.display(),
+                        what.display()
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("compile cache: cannot serialize {}: {e:#}", what.display()),
+        }
+        Ok((component, status))
+    }
+
+    fn discard(&self, entry: &Path, what: &Path, why: &str) {
+        tracing::warn!(
+            "compile cache: entry {} for {} is unusable ({why}); recompiling",
+            entry.display(),
+            what.display()
+        );
+        let _ = std::fs::remove_file(entry);
+    }
+
+    fn store(&self, entry: &Path, artifact: &[u8]) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
+        tmp.write_all(MAGIC)?;
+        tmp.write_all(&Sha256::digest(artifact))?;
+        tmp.write_all(artifact)?;
+        tmp.as_file().sync_data()?;
+        tmp.persist(entry).map_err(|e| e.error)?;
+        Ok(())
+    }
+}
+
+/// The artifact of an entry file, if its header and checksum hold.
+fn verified(file: &[u8]) -> Result<&[u8], &'static str> {
+    if file.len() < HEADER || &file[..MAGIC.len()] != MAGIC {
+        return Err("bad header");
+    }
+    let artifact = &file[HEADER..];
+    if Sha256::digest(artifact).as_slice() != &file[MAGIC.len()..HEADER] {
+        return Err("checksum mismatch");
+    }
+    Ok(artifact)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Feeds `Hash` output into SHA-256 (the engine hash is only exposed as `impl Hash`).
+struct ShaHasher(Sha256);
+
+impl Hasher for ShaHasher {
+    fn finish(&self) -> u64 {
+        0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verified_rejects_truncation_and_flips() {
+        let artifact = b"compiled code".to_vec();
+        let mut file = MAGIC.to_vec();
+        file.extend_from_slice(&Sha256::digest(&artifact));
+        file.extend_from_slice(&artifact);
+        assert_eq!(verified(&file), Ok(&artifact[..]));
+        assert_eq!(verified(&file[..file.len() - 1]), Err("checksum mismatch"));
+        assert_eq!(verified(&file[..10]), Err("bad header"));
+        let mut flipped = file.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert_eq!(verified(&flipped), Err("checksum mismatch"));
+    }
+}

@@ -1,0 +1,120 @@
+//! The compiled-component cache: a second load is a hit, and a corrupt, truncated or
+//! foreign entry is detected, replaced and never loaded.
+
+use std::time::Duration;
+
+use gorch_host::{
+    CacheStatus, CompileCache, EngineConfig, Orchestrator, SpawnOptions, State, WasmEngine,
+    WasmOptions, example_guests,
+};
+
+use crate::common::*;
+
+fn cached_engine(dir: &std::path::Path) -> WasmEngine {
+    WasmEngine::new(EngineConfig {
+        pooling: false,
+        cache_dir: Some(dir.to_path_buf()),
+        ..Default::default()
+    })
+    .expect("engine")
+}
+
+/// The only entry file in `dir`.
+fn entry(dir: &std::path::Path) -> std::path::PathBuf {
+    let files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "one entry and no temporary files left: {files:?}");
+    files[0].clone()
+}
+
+/// Runs `component` (the testkit) once in mode `ok` and checks it ends Stopped.
+fn runs_ok(component: &gorch_host::WasmComponent) {
+    run(async {
+        let orch = Orchestrator::new();
+        let h = orch
+            .spawn_wasm(
+                SpawnOptions::new("cached"),
+                component,
+                WasmOptions::default().env("MODE", "ok"),
+            )
+            .expect("spawn");
+        assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Stopped);
+        shutdown(&orch).await;
+    })
+}
+
+#[test]
+fn second_load_is_a_hit_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = cached_engine(dir.path());
+    let path = example_guests::path("testkit");
+    let first = engine.load_file(&path).unwrap();
+    assert_eq!(first.cache_status(), CacheStatus::Miss);
+    let file = entry(dir.path());
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(file, CompileCache::new(dir.path()).entry_path(engine.engine(), &bytes));
+
+    // A fresh engine with the same settings (a second start) finds it.
+    let again = cached_engine(dir.path());
+    let second = again.load_file(&path).unwrap();
+    assert_eq!(second.cache_status(), CacheStatus::Hit);
+    assert_eq!(second.exports(), first.exports());
+    runs_ok(&second);
+
+    // Another component gets another entry; without a cache nothing is written.
+    again.load_file(example_guests::path("echo")).unwrap();
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    let plain = WasmEngine::new(EngineConfig { pooling: false, ..Default::default() }).unwrap();
+    assert_eq!(plain.load_file(&path).unwrap().cache_status(), CacheStatus::Off);
+}
+
+#[test]
+fn corrupt_truncated_or_foreign_entries_are_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = example_guests::path("testkit");
+    cached_engine(dir.path()).load_file(&path).unwrap();
+    let file = entry(dir.path());
+    let good = std::fs::read(&file).unwrap();
+
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    let truncated = good[..good.len() - 100].to_vec();
+    // A well-formed entry (right magic and checksum) around bytes wasmtime did not produce.
+    let mut foreign = good[..8].to_vec();
+    let junk = b"not a compiled component".to_vec();
+    foreign.extend_from_slice(&sha256(&junk));
+    foreign.extend_from_slice(&junk);
+
+    for (what, bad) in [("flipped", flipped), ("truncated", truncated), ("foreign", foreign)] {
+        std::fs::write(&file, bad).unwrap();
+        let engine = cached_engine(dir.path());
+        let c = engine.load_file(&path).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(c.cache_status(), CacheStatus::Replaced, "{what}");
+        assert_eq!(std::fs::read(entry(dir.path())).unwrap(), good, "{what}: entry rewritten");
+        assert_eq!(
+            cached_engine(dir.path()).load_file(&path).unwrap().cache_status(),
+            CacheStatus::Hit
+        );
+        runs_ok(&c);
+    }
+}
+
+#[test]
+fn an_unwritable_cache_only_costs_a_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file where the cache directory should be: nothing can be stored under it.
+    let blocked = dir.path().join("cache");
+    std::fs::write(&blocked, b"").unwrap();
+    let engine = cached_engine(&blocked);
+    let c = engine.load_file(example_guests::path("echo")).unwrap();
+    assert_eq!(c.cache_status(), CacheStatus::Miss);
+    assert_eq!(
+        engine.load_file(example_guests::path("echo")).unwrap().cache_status(),
+        CacheStatus::Miss
+    );
+}
+
+fn sha256(b: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(b).to_vec()
+}
