@@ -1,6 +1,6 @@
 //! Runtime benchmarks (a bench binary, `cargo bench -p gorch-host --bench runtime`):
 //! timer lateness under spinning guests, restart latency, stop latency of a `loop {}` guest,
-//! spawn cost against raw wasmtime. Each figure is measured next to its baseline in the same
+//! spawn cost against raw wasmtime, the cost of fuel + epoch accounting (`--accounting`). Each figure is measured next to its baseline in the same
 //! run; BENCHMARKS.md records the numbers.
 
 use std::sync::Arc;
@@ -18,6 +18,14 @@ fn main() {
     let testkit = engine.load_file(example_guests::path("testkit")).expect("testkit");
     println!("machine: {} cores; epoch tick {:?}", num_cpus(), gorch_host::DEFAULT_EPOCH_TICK);
     println!();
+    if let Some(dir) = std::env::args().skip_while(|a| a != "--dump-code").nth(1) {
+        dump_code(&dir);
+        return;
+    }
+    if std::env::args().any(|a| a == "--accounting") {
+        accounting();
+        return;
+    }
     if std::env::args().any(|a| a == "--spawn") {
         spawn_cost(&engine, &testkit);
         return;
@@ -30,6 +38,7 @@ fn main() {
     stop_latency(&testkit);
     restart_latency(&testkit);
     spawn_cost(&engine, &testkit);
+    accounting();
 }
 
 fn num_cpus() -> usize {
@@ -196,42 +205,117 @@ fn restart_latency(testkit: &gorch_host::WasmComponent) {
     println!();
 }
 
-/// Spawn → `run` returned, for a trivial guest, sequentially: the `hello-command` WASI
-/// command through the orchestrator, against raw wasmtime (`CommandPre::instantiate_async` +
+/// Spawn → `run` returned, for a trivial guest (P1): the `hello-command` WASI command
+/// through the orchestrator, against raw wasmtime (`CommandPre::instantiate_async` +
 /// `wasi:cli/run` on the same engine and component) in the same run; and the `testkit`
-/// worker (MODE=ok) through the orchestrator.
+/// worker (MODE=ok) through the orchestrator. Sequential (spawn, wait, repeat, from a task
+/// of the runtime as a supervisor or the CLI would) and in waves of 500 concurrent spawns
+/// (throughput).
 fn spawn_cost(engine: &WasmEngine, testkit: &gorch_host::WasmComponent) {
     let hello = engine.load_file(example_guests::path("hello-command")).unwrap();
-    let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
-    let n = 2_000u32;
-    let through = |component: gorch_host::WasmComponent, wasm: WasmOptions| async move {
-        let orch = Orchestrator::new();
-        let t = Instant::now();
-        for i in 0..n {
-            let h = orch
-                .spawn_wasm(SpawnOptions::new(format!("s{i}")), &component, wasm.clone())
-                .unwrap();
-            h.wait().await;
-        }
-        let per = t.elapsed() / n;
-        orch.shutdown(Duration::from_secs(2)).await;
-        per
+    let interval = std::env::var("GORCH_EVENT_INTERVAL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(gorch_host::EVENT_INTERVAL);
+    let rt = gorch_host::runtime_builder_with_interval(interval).worker_threads(2).build().unwrap();
+    let (n, total, wave) = (2_000u32, 20_000u32, 500u32);
+    let through = |component: gorch_host::WasmComponent, wasm: WasmOptions, concurrent: bool| {
+        rt.block_on(async move {
+            tokio::spawn(async move {
+                let orch = Orchestrator::new();
+                let t = Instant::now();
+                let runs = if concurrent { total } else { n };
+                let step = if concurrent { wave } else { 1 };
+                for w in (0..runs).step_by(step as usize) {
+                    let hs: Vec<_> = (w..w + step)
+                        .map(|i| {
+                            orch.spawn_wasm(
+                                SpawnOptions::new(format!("s{i}")),
+                                &component,
+                                wasm.clone(),
+                            )
+                            .unwrap()
+                        })
+                        .collect();
+                    for h in hs {
+                        assert_eq!(h.wait().await, State::Stopped);
+                    }
+                }
+                let per = t.elapsed() / runs;
+                orch.shutdown(Duration::from_secs(2)).await;
+                per
+            })
+            .await
+            .unwrap()
+        })
     };
-    let ours = rt.block_on(through(hello.clone(), WasmOptions::default()));
-    let raw = rt.block_on(raw_spawn(engine, n));
-    let worker = rt.block_on(through(testkit.clone(), WasmOptions::default().env("MODE", "ok")));
-    println!("## spawn + join of a trivial guest, sequential, {n} runs");
-    println!("| guest | through the orchestrator | raw wasmtime instantiate + call | ratio |");
-    println!("|---|---|---|---|");
+    let raw_pre = raw_pre(engine);
+    let raw = |concurrent: bool, in_task: bool| {
+        let pre = raw_pre.clone();
+        rt.block_on(async move {
+            tokio::spawn(async move {
+                let t = Instant::now();
+                if concurrent {
+                    for _ in (0..total).step_by(wave as usize) {
+                        let tasks: Vec<_> =
+                            (0..wave).map(|_| tokio::spawn(raw_run(pre.clone()))).collect();
+                        for task in tasks {
+                            task.await.unwrap();
+                        }
+                    }
+                    t.elapsed() / total
+                } else if in_task {
+                    for _ in 0..n {
+                        tokio::spawn(raw_run(pre.clone())).await.unwrap();
+                    }
+                    t.elapsed() / n
+                } else {
+                    for _ in 0..n {
+                        raw_run(pre.clone()).await;
+                    }
+                    t.elapsed() / n
+                }
+            })
+            .await
+            .unwrap()
+        })
+    };
+    let ok = WasmOptions::default().env("MODE", "ok");
+    let rows = [
+        (
+            "sequential spawn + join",
+            through(hello.clone(), WasmOptions::default(), false),
+            raw(false, false),
+        ),
+        (
+            "waves of 500 concurrent spawns",
+            through(hello.clone(), WasmOptions::default(), true),
+            raw(true, true),
+        ),
+    ];
+    let raw_task = raw(false, true);
+    let rows_raw_seq = rows[0].2;
+    let worker_seq = through(testkit.clone(), ok.clone(), false);
+    let worker_conc = through(testkit.clone(), ok, true);
+    println!("## spawn → run returned, trivial guest ({n} sequential, {total} concurrent)");
     println!(
-        "| hello-command (WASI command) | {ours:.2?} ({:.0}/s) | {raw:.2?} ({:.0}/s) | {:.2} |",
-        1.0 / ours.as_secs_f64(),
-        1.0 / raw.as_secs_f64(),
-        ours.as_secs_f64() / raw.as_secs_f64()
+        "| how | hello-command through the orchestrator | raw wasmtime instantiate + call | ratio | testkit worker (MODE=ok) |"
     );
+    println!("|---|---|---|---|---|");
+    for ((how, ours, raw), worker) in rows.into_iter().zip([worker_seq, worker_conc]) {
+        println!(
+            "| {how} | {ours:.2?} ({:.0}/s) | {raw:.2?} ({:.0}/s) | {:.2} | {worker:.2?} ({:.0}/s) |",
+            1.0 / ours.as_secs_f64(),
+            1.0 / raw.as_secs_f64(),
+            ours.as_secs_f64() / raw.as_secs_f64(),
+            1.0 / worker.as_secs_f64(),
+        );
+    }
     println!(
-        "| testkit, MODE=ok (worker) | {worker:.2?} ({:.0}/s) | — | — |",
-        1.0 / worker.as_secs_f64()
+        "\nRaw wasmtime in a fresh tokio task per run (spawn + await), sequential: \
+         {raw_task:.2?} ({:.0}/s), {:.2}x raw: what being a task costs, without the orchestrator.",
+        1.0 / raw_task.as_secs_f64(),
+        raw_task.as_secs_f64() / rows_raw_seq.as_secs_f64()
     );
     println!();
 }
@@ -247,27 +331,108 @@ impl wasmtime_wasi::WasiView for RawState {
     }
 }
 
-async fn raw_spawn(engine: &WasmEngine, n: u32) -> Duration {
+type RawPre = wasmtime_wasi::p2::bindings::CommandPre<RawState>;
+
+fn raw_pre(engine: &WasmEngine) -> RawPre {
     use wasmtime::component::{Component, Linker};
     let engine = engine.engine();
     let bytes = std::fs::read(example_guests::path("hello-command")).unwrap();
     let component = Component::new(engine, &bytes).unwrap();
     let mut linker: Linker<RawState> = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
-    let pre =
-        wasmtime_wasi::p2::bindings::CommandPre::new(linker.instantiate_pre(&component).unwrap())
-            .unwrap();
-    let t = Instant::now();
-    for _ in 0..n {
-        let wasi = wasmtime_wasi::WasiCtxBuilder::new().build();
-        let mut store = wasmtime::Store::new(
-            engine,
-            RawState { wasi, table: wasmtime::component::ResourceTable::new() },
-        );
-        store.set_fuel(u64::MAX).unwrap();
-        store.set_epoch_deadline(1_000_000);
-        let command = pre.instantiate_async(&mut store).await.unwrap();
-        command.wasi_cli_run().call_run(&mut store).await.unwrap().unwrap();
+    wasmtime_wasi::p2::bindings::CommandPre::new(linker.instantiate_pre(&component).unwrap())
+        .unwrap()
+}
+
+/// One raw run: store, instantiate, call `wasi:cli/run`.
+async fn raw_run(pre: RawPre) {
+    let wasi = wasmtime_wasi::WasiCtxBuilder::new().build();
+    let mut store = wasmtime::Store::new(
+        pre.engine(),
+        RawState { wasi, table: wasmtime::component::ResourceTable::new() },
+    );
+    store.set_fuel(u64::MAX).unwrap();
+    store.set_epoch_deadline(1_000_000);
+    let command = pre.instantiate_async(&mut store).await.unwrap();
+    command.wasi_cli_run().call_run(&mut store).await.unwrap().unwrap();
+}
+
+/// Compute-bound guests through the orchestrator on engines that differ only in fuel
+/// metering and epoch interruption (P5): the default (both) against neither. Median of 5
+/// runs each, interleaved; each run is spawn → end of a fresh instance.
+fn accounting() {
+    let configs = [
+        ("neither", false, false),
+        ("epochs", false, true),
+        ("fuel", true, false),
+        ("fuel + epochs (default)", true, true),
+    ];
+    let workloads: [(&str, &[(&str, &str)]); 3] = [
+        ("tight loop (compute, 100M iterations)", &[("MODE", "compute"), ("ITERS", "100000000")]),
+        ("calls (fib 35)", &[("MODE", "fib"), ("N", "35")]),
+        ("memory + branches (sort 100k u32 x 20)", &[("MODE", "sort"), ("ROUNDS", "20")]),
+    ];
+    let engines: Vec<_> = configs
+        .iter()
+        .map(|&(_, fuel, epochs)| {
+            let engine =
+                WasmEngine::new(gorch_host::EngineConfig { fuel, epochs, ..Default::default() })
+                    .unwrap();
+            let testkit = engine.load_file(example_guests::path("testkit")).unwrap();
+            (engine, testkit)
+        })
+        .collect();
+    let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
+    println!("## accounting overhead: compute-bound guests, median of 5 runs, spawn to end");
+    print!("| workload |");
+    for (name, ..) in &configs {
+        print!(" {name} |");
     }
-    t.elapsed() / n
+    println!(" default / neither |");
+    println!("|---|{}---|", "---|".repeat(configs.len()));
+    for (label, env) in workloads {
+        let mut times = vec![Vec::new(); configs.len()];
+        for _ in 0..5 {
+            for (i, (_, testkit)) in engines.iter().enumerate() {
+                let mut wasm = WasmOptions::default();
+                for (k, v) in env {
+                    wasm = wasm.env(*k, *v);
+                }
+                times[i].push(rt.block_on(async {
+                    let orch = Orchestrator::new();
+                    let t = Instant::now();
+                    let h = orch.spawn_wasm(SpawnOptions::new("acct"), testkit, wasm).unwrap();
+                    assert_eq!(h.wait().await, State::Stopped);
+                    let took = t.elapsed();
+                    orch.shutdown(Duration::from_secs(1)).await;
+                    took
+                }));
+            }
+        }
+        let med: Vec<Duration> = times.iter_mut().map(|v| percentile(v, 0.5)).collect();
+        print!("| {label} |");
+        for (m, base) in med.iter().zip(std::iter::repeat(med[0])) {
+            print!(" {m:.1?} ({:.2}x) |", m.as_secs_f64() / base.as_secs_f64());
+        }
+        println!(" **{:.2}** |", med[med.len() - 1].as_secs_f64() / med[0].as_secs_f64());
+    }
+    println!();
+}
+
+/// Writes the testkit compiled with and without fuel + epochs (ELF files, for `objdump -d`)
+/// to `dir`: how the accounting overhead of BENCHMARKS.md was explained.
+fn dump_code(dir: &str) {
+    let bytes = std::fs::read(example_guests::path("testkit")).unwrap();
+    for (name, on) in [("neither", false), ("fuel-epochs", true)] {
+        let engine = WasmEngine::new(gorch_host::EngineConfig {
+            fuel: on,
+            epochs: on,
+            ..Default::default()
+        })
+        .unwrap();
+        let code = engine.engine().precompile_component(&bytes).unwrap();
+        let path = std::path::Path::new(dir).join(format!("testkit-{name}.cwasm"));
+        std::fs::write(&path, code).unwrap();
+        println!("wrote {}", path.display());
+    }
 }

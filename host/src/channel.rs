@@ -178,7 +178,8 @@ impl<T: Sizer + Send> Channel<T> {
         Channel {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
-                    queue: VecDeque::with_capacity(cap.min(1024)),
+                    // Grows on demand: an idle mailbox costs no queue memory.
+                    queue: VecDeque::new(),
                     bytes: 0,
                     closed: false,
                 }),

@@ -67,11 +67,11 @@ pub struct ObsState {
 }
 
 impl ObsState {
-    /// State for `orch`, with its metrics registered in a fresh registry.
+    /// State for `orch`; `/metrics` serves its `gorch_*` metrics and the `process_*` ones.
     pub fn new(orch: &Orchestrator, token: Option<String>) -> Self {
         ObsState {
             orch: orch.clone(),
-            registry: Arc::new(crate::metrics::registry(orch)),
+            registry: Arc::new(crate::metrics::process_registry()),
             ready: Arc::new(AtomicBool::new(false)),
             token: token.map(Arc::from),
         }
@@ -134,10 +134,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn metrics(AxState(s): AxState<ObsState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        crate::metrics::render(&s.registry),
-    )
+    // Thousands of routines take milliseconds to render: off the workers that run guests.
+    let body =
+        tokio::task::spawn_blocking(move || crate::metrics::render_with(&s.orch, &s.registry))
+            .await
+            .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }
 
 async fn routines(AxState(s): AxState<ObsState>) -> impl IntoResponse {

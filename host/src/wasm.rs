@@ -54,6 +54,11 @@ pub const DEFAULT_MAX_WASM_STACK: usize = 512 << 10;
 pub const DEFAULT_MEMORY_RESERVATION: u64 = 4 << 30;
 /// Default number of concurrent instances the pooling allocator reserves room for.
 pub const DEFAULT_POOL_SIZE: u32 = 1000;
+/// Bytes of each pooled memory and table reset with memset instead of madvise when an
+/// instance ends.
+const POOL_KEEP_RESIDENT: usize = 64 << 10;
+/// Freed pool slots decommitted together (one TLB shootdown for the batch).
+const POOL_DECOMMIT_BATCH: usize = 64;
 /// Fuel between two forced write-backs of the fuel counter (a yield point): bounds how
 /// much of a killed instance's fuel can go unrecorded, at a negligible cost.
 pub const FUEL_YIELD_INTERVAL: u64 = 1_000_000;
@@ -124,6 +129,14 @@ pub struct EngineConfig {
     /// Directory of the compiled-component cache (see [`CompileCache`]); `None` (the
     /// library's default) compiles every load. The CLI uses [`CompileCache::default_dir`].
     pub cache_dir: Option<PathBuf>,
+    /// Fuel metering (default true). Only for measuring its cost: without it
+    /// `fuelConsumed` stays 0 and fuel limits do nothing.
+    #[doc(hidden)]
+    pub fuel: bool,
+    /// Epoch interruption (default true). Only for measuring its cost: without it a
+    /// spinning guest can be neither time-sliced nor killed.
+    #[doc(hidden)]
+    pub epochs: bool,
 }
 
 impl Default for EngineConfig {
@@ -135,6 +148,8 @@ impl Default for EngineConfig {
             max_wasm_stack: DEFAULT_MAX_WASM_STACK,
             memory_reservation: DEFAULT_MEMORY_RESERVATION,
             cache_dir: None,
+            fuel: true,
+            epochs: true,
         }
     }
 }
@@ -324,8 +339,8 @@ fn describe(name: &str, item: &ComponentItem) -> String {
 fn wasmtime_config(c: &EngineConfig, pooling: bool) -> Config {
     let mut cfg = Config::new();
     cfg.wasm_component_model(true);
-    cfg.consume_fuel(true);
-    cfg.epoch_interruption(true);
+    cfg.consume_fuel(c.fuel);
+    cfg.epoch_interruption(c.epochs);
     cfg.max_wasm_stack(c.max_wasm_stack);
     cfg.async_stack_size(c.max_wasm_stack + (1 << 20));
     cfg.memory_init_cow(true);
@@ -342,6 +357,12 @@ fn wasmtime_config(c: &EngineConfig, pooling: bool) -> Config {
         p.max_tables_per_component(8);
         p.total_stacks(n);
         p.max_memory_size(c.memory_reservation as usize);
+        // Reset a freed slot with memset rather than madvise (which page-faults the next
+        // instance in again and makes the kernel shoot down TLBs on every core), and batch
+        // the madvise calls that remain: the two largest costs of a short-lived instance.
+        p.linear_memory_keep_resident(POOL_KEEP_RESIDENT);
+        p.table_keep_resident(POOL_KEEP_RESIDENT);
+        p.decommit_batch_size(POOL_DECOMMIT_BATCH);
         cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(p));
     }
     cfg

@@ -84,6 +84,40 @@ fn metrics_have_the_design_names_and_the_counters_values() {
 }
 
 #[test]
+fn the_text_writer_and_the_collector_report_the_same_series() {
+    run(async {
+        let orch = Orchestrator::new();
+        let odd = r#"a "quoted" \ name"#;
+        let h = orch
+            .spawn(SpawnOptions::new(odd), |ctx| async move {
+                ctx.publish("t", b"x".to_vec()).await?;
+                ctx.cancelled().await;
+                Ok::<(), gorch_host::CallError>(())
+            })
+            .unwrap();
+        assert!(wait_until(Duration::from_secs(5), || h.snapshot().messages_out == 1).await);
+        let series = |text: &str| {
+            let mut v: Vec<String> = text
+                .lines()
+                .filter(|l| !l.starts_with('#') && l.starts_with("gorch_"))
+                .filter(|l| !l.contains("busy_seconds")) // still moving
+                .map(str::to_string)
+                .collect();
+            v.sort();
+            v
+        };
+        let mut text = String::new();
+        gorch_host::metrics::write_text(&orch, &mut text);
+        let collected = gorch_host::metrics::render(&gorch_host::metrics::registry(&orch));
+        assert_eq!(series(&text), series(&collected));
+        assert!(text.contains(r#"gorch_routine_up{name="a \"quoted\" \\ name"} 1"#), "{text}");
+        h.kill();
+        h.wait().await;
+        shutdown(&orch).await;
+    })
+}
+
+#[test]
 fn json_api_health_readiness_and_a_hostile_name() {
     run(async {
         let orch = Orchestrator::new();

@@ -32,6 +32,28 @@ fn run() -> Result<(), String> {
             gorch::info!("compute -> {}", compute(iters));
             Ok(())
         }
+        // Compute shapes for the accounting benchmark: calls, and memory with branches.
+        "fib" => {
+            let n = env_num("N", 30);
+            gorch::info!("fib({n}) = {}", fib(black_box(n)));
+            Ok(())
+        }
+        "sort" => {
+            let (len, rounds) = (env_num("LEN", 100_000) as usize, env_num("ROUNDS", 10));
+            let mut x: u32 = 2463534242;
+            let mut v = vec![0u32; len];
+            for _ in 0..rounds {
+                for e in v.iter_mut() {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    *e = x;
+                }
+                v.sort_unstable();
+            }
+            gorch::info!("sorted, median {}", v[len / 2]);
+            Ok(())
+        }
         "idle" => {
             gorch::sleep(Duration::from_millis(env_num("MILLIS", 200)));
             Ok(())
@@ -56,6 +78,14 @@ fn run() -> Result<(), String> {
                 Err(format!("recv: {e}"))
             }
         },
+        // Announces itself on the `parked` topic, then waits in `recv` (density benchmark).
+        "park" => {
+            bus::publish("parked", b"").map_err(|e| e.to_string())?;
+            match mailbox::recv() {
+                Ok(_) | Err(Error::Cancelled) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
         "sleep-forever" => {
             let woke = gorch::sleep(Duration::from_secs(3600));
             Err(format!("sleep returned {woke}"))
@@ -192,6 +222,10 @@ fn run() -> Result<(), String> {
 
 fn env_num(key: &str, default: u64) -> u64 {
     std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn fib(n: u64) -> u64 {
+    if n < 2 { n } else { fib(n - 1) + fib(n - 2) }
 }
 
 fn compute(iters: u64) -> u64 {

@@ -1,0 +1,196 @@
+//! How cost grows with the number of wasm workers (P2 density, P7 scrape, and the scaling
+//! note), a bench binary: `cargo bench -p gorch-host --bench scale` (sizes 10, 100, 1,000,
+//! 10,000), or `... -- 100000` for other sizes.
+//!
+//! Each size runs in a fresh child process (memory freed by one size would otherwise be
+//! reused by the next): it starts one `testkit` worker in mode `park` (announces itself on
+//! a topic, then blocks in `mailbox::recv`) and reads the resident memory of the host with
+//! that one worker, the baseline. It then spawns the other N-1 the same way, timing spawn
+//! to all parked, reads memory again, and times `GET /metrics` (median of 20) and
+//! `GET /gorchestra/api/routines` through the real HTTP server. Memory per worker is
+//! (RSS with N - RSS with 1) / (N-1); PSS is given too, because RSS counts each instance's
+//! mapping of the shared, copy-on-write memory image again.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use gorch_host::{
+    EngineConfig, ObsConfig, ObsServer, Orchestrator, SpawnOptions, WasmEngine, WasmOptions,
+    example_guests,
+};
+
+/// Above this many workers the default 4 GiB reservation per memory would not fit the
+/// address space; the bench then reserves 64 MiB per memory (`memory_reservation`).
+const BIG: usize = 20_000;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    if let [flag, n] = &args[..]
+        && flag == "--child"
+    {
+        child(n.parse().expect("size"));
+        return;
+    }
+    let sizes: Vec<usize> = if args.is_empty() {
+        vec![10, 100, 1_000, 10_000]
+    } else {
+        args.iter().map(|a| a.parse().expect("sizes are numbers")).collect()
+    };
+    println!(
+        "## scaling: N idle wasm workers (testkit, blocked in recv), {} cores",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!(
+        "| workers | spawn to all parked | per spawn | spawns/s | RSS, 1 worker | RSS per extra worker | PSS per extra worker | /metrics | /metrics bytes | /api/routines |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for n in sizes {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--child", &n.to_string()])
+            .output()
+            .expect("child");
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            println!(
+                "| {n} | failed: {} {} |",
+                text.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            continue;
+        }
+        print!("{text}");
+    }
+}
+
+fn child(n: usize) {
+    let config = EngineConfig {
+        pool_size: (n + 16) as u32,
+        memory_reservation: if n > BIG { 64 << 20 } else { gorch_host::DEFAULT_MEMORY_RESERVATION },
+        ..Default::default()
+    };
+    let engine = WasmEngine::new(config).expect("engine");
+    assert!(engine.is_pooling(), "the pooling allocator must be in use");
+    let testkit = engine.load_file(example_guests::path("testkit")).expect("testkit");
+    let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
+    rt.block_on(async {
+        let orch = Orchestrator::new();
+        let server = ObsServer::start(
+            &orch,
+            &ObsConfig { addr: "127.0.0.1:0".parse().unwrap(), ..Default::default() },
+        )
+        .unwrap();
+        let parked = orch.bus().topic("parked", 1024).unwrap();
+        let wasm = WasmOptions::default().env("MODE", "park");
+        orch.spawn_wasm(SpawnOptions::new("w0"), &testkit, wasm.clone()).expect("spawn");
+        parked.recv().await.unwrap();
+        let (rss1, pss1) = memory();
+        let t = Instant::now();
+        let spawner = {
+            let orch = orch.clone();
+            let testkit = testkit.clone();
+            let wasm = wasm.clone();
+            tokio::spawn(async move {
+                for i in 1..n {
+                    orch.spawn_wasm(SpawnOptions::new(format!("w{i}")), &testkit, wasm.clone())
+                        .expect("spawn");
+                    if i % 64 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        };
+        for _ in 1..n {
+            parked.recv().await.unwrap();
+        }
+        let took = t.elapsed();
+        spawner.await.unwrap();
+        let (rssn, pssn) = memory();
+        if std::env::var_os("GORCH_SMAPS").is_some() {
+            print_mappings();
+        }
+        let addr = server.local_addr();
+        let (metrics, bytes) = timed_get(addr, "/metrics").await;
+        let (api, _) = timed_get(addr, "/gorchestra/api/routines").await;
+        let extra = (n - 1).max(1) as f64;
+        println!(
+            "| {n} | {took:.1?} | {:.1?} | {:.0} | {:.1} MB | {:.1} KB | {:.1} KB | {metrics:.2?} | {bytes} | {api:.2?} |",
+            took / (n.max(2) - 1) as u32,
+            extra / took.as_secs_f64(),
+            rss1 as f64 / 1e6,
+            (rssn.saturating_sub(rss1)) as f64 / extra / 1024.0,
+            pssn.saturating_sub(pss1) as f64 / extra / 1024.0,
+        );
+        orch.shutdown(Duration::from_secs(30)).await;
+        server.shutdown().await;
+    });
+}
+
+/// (RSS, PSS) of this process in bytes.
+fn memory() -> (u64, u64) {
+    let field = |text: &str, key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    };
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    (field(&rollup, "Rss:"), field(&rollup, "Pss:"))
+}
+
+/// Median time of 20 GETs of `path`, and the body size.
+async fn timed_get(addr: SocketAddr, path: &'static str) -> (Duration, usize) {
+    tokio::task::spawn_blocking(move || {
+        let mut times = Vec::new();
+        let mut size = 0;
+        for _ in 0..20 {
+            let t = Instant::now();
+            let mut s = TcpStream::connect(addr).unwrap();
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).unwrap();
+            times.push(t.elapsed());
+            assert!(
+                buf.starts_with(b"HTTP/1.1 200"),
+                "{path}: {}",
+                String::from_utf8_lossy(&buf[..80.min(buf.len())])
+            );
+            size = buf.len();
+        }
+        times.sort();
+        (times[times.len() / 2], size)
+    })
+    .await
+    .unwrap()
+}
+
+/// The mappings with the most resident memory, to stderr (`GORCH_SMAPS=1`): where the
+/// memory per worker goes.
+fn print_mappings() {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let mut maps: Vec<(u64, u64, String)> = Vec::new();
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            let size = Some(first).map(|r| {
+                let (a, b) = r.split_once('-').unwrap();
+                u64::from_str_radix(b, 16).unwrap() - u64::from_str_radix(a, 16).unwrap()
+            });
+            maps.push((
+                0,
+                size.unwrap_or(0),
+                line.split_whitespace().nth(5).unwrap_or("[anon]").to_string(),
+            ));
+        } else if let Some(v) = line.strip_prefix("Rss:")
+            && let Some(m) = maps.last_mut()
+        {
+            m.0 = v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
+        }
+    }
+    maps.sort_by_key(|m| std::cmp::Reverse(m.0));
+    for (rss, size, name) in maps.iter().take(12) {
+        eprintln!("{rss:>10} kB resident of {:>12} kB  {name}", size / 1024);
+    }
+}
