@@ -26,10 +26,10 @@ const BIG: usize = 20_000;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    if let [flag, n] = &args[..]
+    if let [flag, kind, n] = &args[..]
         && flag == "--child"
     {
-        child(n.parse().expect("size"));
+        child(kind == "native", n.parse().expect("size"));
         return;
     }
     let sizes: Vec<usize> = if args.is_empty() {
@@ -42,12 +42,16 @@ fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     println!(
-        "| workers | spawn to all parked | per spawn | spawns/s | RSS, 1 worker | RSS per extra worker | PSS per extra worker | /metrics | /metrics bytes | /api/routines |"
+        "| workers | spawn to all parked | per spawn | spawns/s | RSS, 1 worker | RSS per extra worker | of which linear memory / fiber stack / host | PSS per extra worker | mappings per extra worker | /metrics | /metrics bytes | /api/routines |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for n in sizes {
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let runs = sizes
+        .iter()
+        .map(|&n| ("wasm", n))
+        .chain(sizes.iter().filter(|&&n| n <= BIG).max().map(|&n| ("native", n)));
+    for (kind, n) in runs {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--child", &n.to_string()])
+            .args(["--child", kind, &n.to_string()])
             .output()
             .expect("child");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -63,14 +67,25 @@ fn main() {
     }
 }
 
-fn child(n: usize) {
+/// One size in this process: N routines parked in `recv` (wasm: the testkit guest; native:
+/// an async closure doing the same, the orchestrator's own share).
+fn child(native: bool, n: usize) {
+    // Shows why the pooling allocator could not be created, if it could not.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .init();
     let config = EngineConfig {
         pool_size: (n + 16) as u32,
         memory_reservation: if n > BIG { 64 << 20 } else { gorch_host::DEFAULT_MEMORY_RESERVATION },
         ..Default::default()
     };
     let engine = WasmEngine::new(config).expect("engine");
-    assert!(engine.is_pooling(), "the pooling allocator must be in use");
+    assert!(
+        engine.is_pooling(),
+        "no pooling allocator for {n} instances (see the warning above); vm.max_map_count is {}",
+        std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap_or_default().trim()
+    );
     let testkit = engine.load_file(example_guests::path("testkit")).expect("testkit");
     let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
     rt.block_on(async {
@@ -82,18 +97,30 @@ fn child(n: usize) {
         .unwrap();
         let parked = orch.bus().topic("parked", 1024).unwrap();
         let wasm = WasmOptions::default().env("MODE", "park");
-        orch.spawn_wasm(SpawnOptions::new("w0"), &testkit, wasm.clone()).expect("spawn");
+        let spawn = move |orch: &Orchestrator, i: usize| {
+            let opts = SpawnOptions::new(format!("w{i}"));
+            if native {
+                orch.spawn(opts, |ctx| async move {
+                    ctx.publish("parked", Vec::new()).await?;
+                    ctx.recv(None).await.map(drop)
+                })
+            } else {
+                orch.spawn_wasm(opts, &testkit, wasm.clone())
+            }
+            .expect("spawn")
+        };
+        spawn(&orch, 0);
         parked.recv().await.unwrap();
         let (rss1, pss1) = memory();
+        let parts1 = breakdown();
+        let maps1 = mappings();
         let t = Instant::now();
         let spawner = {
             let orch = orch.clone();
-            let testkit = testkit.clone();
-            let wasm = wasm.clone();
+            let spawn = spawn.clone();
             tokio::spawn(async move {
                 for i in 1..n {
-                    orch.spawn_wasm(SpawnOptions::new(format!("w{i}")), &testkit, wasm.clone())
-                        .expect("spawn");
+                    spawn(&orch, i);
                     if i % 64 == 0 {
                         tokio::task::yield_now().await;
                     }
@@ -106,24 +133,34 @@ fn child(n: usize) {
         let took = t.elapsed();
         spawner.await.unwrap();
         let (rssn, pssn) = memory();
-        if std::env::var_os("GORCH_SMAPS").is_some() {
-            print_mappings();
-        }
+        let parts_n = breakdown();
+        let maps_n = mappings();
         let addr = server.local_addr();
         let (metrics, bytes) = timed_get(addr, "/metrics").await;
         let (api, _) = timed_get(addr, "/gorchestra/api/routines").await;
         let extra = (n - 1).max(1) as f64;
+        let kb = |a: u64, b: u64| b.saturating_sub(a) as f64 / extra / 1024.0;
         println!(
-            "| {n} | {took:.1?} | {:.1?} | {:.0} | {:.1} MB | {:.1} KB | {:.1} KB | {metrics:.2?} | {bytes} | {api:.2?} |",
+            "| {n}{} | {took:.1?} | {:.1?} | {:.0} | {:.1} MB | {:.1} KB | {:.1} / {:.1} / {:.1} KB | {:.1} KB | {:.1} | {metrics:.2?} | {bytes} | {api:.2?} |",
+            if native { " native" } else { "" },
             took / (n.max(2) - 1) as u32,
             extra / took.as_secs_f64(),
             rss1 as f64 / 1e6,
-            (rssn.saturating_sub(rss1)) as f64 / extra / 1024.0,
-            pssn.saturating_sub(pss1) as f64 / extra / 1024.0,
+            kb(rss1, rssn),
+            kb(parts1[0], parts_n[0]),
+            kb(parts1[1], parts_n[1]),
+            kb(parts1[2], parts_n[2]),
+            kb(pss1, pssn),
+            maps_n.saturating_sub(maps1) as f64 / extra,
         );
         orch.shutdown(Duration::from_secs(30)).await;
         server.shutdown().await;
     });
+}
+
+/// How many memory mappings this process has (each counts against `vm.max_map_count`).
+fn mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps").map(|m| m.lines().count()).unwrap_or(0)
 }
 
 /// (RSS, PSS) of this process in bytes.
@@ -166,31 +203,32 @@ async fn timed_get(addr: SocketAddr, path: &'static str) -> (Duration, usize) {
     .unwrap()
 }
 
-/// The mappings with the most resident memory, to stderr (`GORCH_SMAPS=1`): where the
-/// memory per worker goes.
-fn print_mappings() {
+/// Resident bytes by kind of mapping: (linear memories incl. their copy-on-write images,
+/// fiber stacks, everything else: the host's heap, binary and libraries). The pools are the
+/// two huge anonymous reservations: linear memories (terabytes of address space) and fiber
+/// stacks (gigabytes).
+fn breakdown() -> [u64; 3] {
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-    let mut maps: Vec<(u64, u64, String)> = Vec::new();
+    let mut out = [0u64; 3];
+    let mut kind = 2;
     for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            let size = Some(first).map(|r| {
-                let (a, b) = r.split_once('-').unwrap();
-                u64::from_str_radix(b, 16).unwrap() - u64::from_str_radix(a, 16).unwrap()
-            });
-            maps.push((
-                0,
-                size.unwrap_or(0),
-                line.split_whitespace().nth(5).unwrap_or("[anon]").to_string(),
-            ));
-        } else if let Some(v) = line.strip_prefix("Rss:")
-            && let Some(m) = maps.last_mut()
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-')
+            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
         {
-            m.0 = v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
+            let name = words.nth(4).unwrap_or("");
+            let size = b - a;
+            kind = if name.contains("memfd") || (name.is_empty() && size >= 64 << 30) {
+                0
+            } else if name.is_empty() && size >= 256 << 20 {
+                1
+            } else {
+                2
+            };
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            out[kind] += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
         }
     }
-    maps.sort_by_key(|m| std::cmp::Reverse(m.0));
-    for (rss, size, name) in maps.iter().take(12) {
-        eprintln!("{rss:>10} kB resident of {:>12} kB  {name}", size / 1024);
-    }
+    out
 }
