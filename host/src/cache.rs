@@ -10,7 +10,9 @@
 //! see half an entry, and concurrent hosts sharing the directory are safe.
 //!
 //! The cache is best effort: a directory that cannot be written only costs a recompile, with
-//! a warning in the log.
+//! a warning in the log. Whoever can write the directory can make the host run code of their
+//! choosing, so it is created private (mode 0700) and a directory that others may write
+//! (group- or world-writable) is refused with a warning: components are then compiled.
 
 use std::hash::Hasher;
 use std::io::Write;
@@ -26,7 +28,7 @@ const HEADER: usize = MAGIC.len() + 32;
 /// Where a component came from when it was loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStatus {
-    /// Compiled; the engine has no cache.
+    /// Compiled; the engine has no cache, or its directory is writable by others (refused).
     Off,
     /// Deserialized from a valid cache entry.
     Hit,
@@ -80,6 +82,14 @@ impl CompileCache {
         bytes: &[u8],
         what: &Path,
     ) -> wasmtime::Result<(Component, CacheStatus)> {
+        if let Err(why) = self.private() {
+            tracing::warn!(
+                "compile cache {} not used for {}: {why}",
+                self.dir.display(),
+                what.display()
+            );
+            return Ok((Component::new(engine, bytes)?, CacheStatus::Off));
+        }
         let entry = self.entry_path(engine, bytes);
         let mut status = CacheStatus::Miss;
         match std::fs::read(&entry) {
@@ -122,6 +132,25 @@ impl CompileCache {
         Ok((component, status))
     }
 
+    /// Whether only its owner can write the directory (true if it does not exist yet: it will
+    /// be created private).
+    fn private(&self) -> Result<(), String> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            match std::fs::metadata(&self.dir) {
+                Ok(m) if m.permissions().mode() & 0o022 != 0 => {
+                    return Err(format!(
+                        "it is writable by others (mode {:o}); make it private with chmod 700",
+                        m.permissions().mode() & 0o777
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     fn discard(&self, entry: &Path, what: &Path, why: &str) {
         tracing::warn!(
             "compile cache: entry {} for {} is unusable ({why}); recompiling",
@@ -132,7 +161,11 @@ impl CompileCache {
     }
 
     fn store(&self, entry: &Path, artifact: &[u8]) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
+        let mut dir = std::fs::DirBuilder::new();
+        dir.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
+        dir.create(&self.dir)?;
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
         tmp.write_all(MAGIC)?;
         tmp.write_all(&Sha256::digest(artifact))?;

@@ -114,6 +114,24 @@ fn an_unwritable_cache_only_costs_a_compile() {
     );
 }
 
+#[cfg(unix)]
+#[test]
+fn the_cache_directory_is_private_and_a_shared_one_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("new");
+    cached_engine(&cache).load_file(example_guests::path("echo")).unwrap();
+    assert_eq!(std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777, 0o700);
+
+    // Anyone could plant compiled code here: not read, not written.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let c = cached_engine(&shared).load_file(example_guests::path("echo")).unwrap();
+    assert_eq!(c.cache_status(), CacheStatus::Off);
+    assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
+}
+
 fn sha256(b: &[u8]) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(b).to_vec()
