@@ -125,6 +125,7 @@ pub struct EngineConfig {
     /// also the largest memory a pooled instance can grow to. With 4 GiB compiled code needs
     /// no bounds checks; smaller values (64 MiB, say) fit 100,000 pooled instances in the
     /// address space at the cost of explicit bounds checks. Nothing is committed up front.
+    /// A memory limit above it (`limits.memory`) cannot be reached.
     pub memory_reservation: u64,
     /// Directory of the compiled-component cache (see [`CompileCache`]); `None` (the
     /// library's default) compiles every load. The CLI uses [`CompileCache::default_dir`].
