@@ -99,8 +99,8 @@ impl CompileCache {
                     // with this compatibility hash (the entry's name) and is intact (its
                     // SHA-256 matches the one written with it); wasmtime checks the version
                     // and settings again. Only a deliberate forgery by someone who can write
-                    // the cache directory could get past this, and that user can already
-                    // replace the host binary.
+                    // the cache directory could get past this, and `private()` refuses a
+                    // directory that anyone but its owner can write.
                     #[allow(unsafe_code)]
                     match unsafe { Component::deserialize(engine, artifact) } {
                         Ok(c) => return Ok((c, CacheStatus::Hit)),
