@@ -250,31 +250,30 @@ fn spawn_cost(engine: &WasmEngine, testkit: &gorch_host::WasmComponent) {
         })
     };
     let raw_pre = raw_pre(engine);
-    let raw = |concurrent: bool, in_task: bool| {
+    // `None`: each run inline in one task; `Some(k)`: k tasks per wave, awaited together.
+    let raw = |tasks: Option<u32>| {
         let pre = raw_pre.clone();
         rt.block_on(async move {
             tokio::spawn(async move {
+                let runs = if tasks.unwrap_or(1) > 1 { total } else { n };
                 let t = Instant::now();
-                if concurrent {
-                    for _ in (0..total).step_by(wave as usize) {
-                        let tasks: Vec<_> =
-                            (0..wave).map(|_| tokio::spawn(raw_run(pre.clone()))).collect();
-                        for task in tasks {
-                            task.await.unwrap();
+                match tasks {
+                    None => {
+                        for _ in 0..runs {
+                            raw_run(pre.clone()).await;
                         }
                     }
-                    t.elapsed() / total
-                } else if in_task {
-                    for _ in 0..n {
-                        tokio::spawn(raw_run(pre.clone())).await.unwrap();
+                    Some(k) => {
+                        for _ in (0..runs).step_by(k as usize) {
+                            let wave: Vec<_> =
+                                (0..k).map(|_| tokio::spawn(raw_run(pre.clone()))).collect();
+                            for task in wave {
+                                task.await.unwrap();
+                            }
+                        }
                     }
-                    t.elapsed() / n
-                } else {
-                    for _ in 0..n {
-                        raw_run(pre.clone()).await;
-                    }
-                    t.elapsed() / n
                 }
+                t.elapsed() / runs
             })
             .await
             .unwrap()
@@ -285,16 +284,15 @@ fn spawn_cost(engine: &WasmEngine, testkit: &gorch_host::WasmComponent) {
         (
             "sequential spawn + join",
             through(hello.clone(), WasmOptions::default(), false),
-            raw(false, false),
+            raw(None),
         ),
         (
             "waves of 500 concurrent spawns",
             through(hello.clone(), WasmOptions::default(), true),
-            raw(true, true),
+            raw(Some(wave)),
         ),
     ];
-    let raw_task = raw(false, true);
-    let rows_raw_seq = rows[0].2;
+    let raw_task = raw(Some(1));
     let worker_seq = through(testkit.clone(), ok.clone(), false);
     let worker_conc = through(testkit.clone(), ok, true);
     println!("## spawn → run returned, trivial guest ({n} sequential, {total} concurrent)");
@@ -315,7 +313,7 @@ fn spawn_cost(engine: &WasmEngine, testkit: &gorch_host::WasmComponent) {
         "\nRaw wasmtime in a fresh tokio task per run (spawn + await), sequential: \
          {raw_task:.2?} ({:.0}/s), {:.2}x raw: what being a task costs, without the orchestrator.",
         1.0 / raw_task.as_secs_f64(),
-        raw_task.as_secs_f64() / rows_raw_seq.as_secs_f64()
+        raw_task.as_secs_f64() / rows[0].2.as_secs_f64()
     );
     println!();
 }

@@ -111,9 +111,7 @@ fn child(native: bool, n: usize) {
         };
         spawn(&orch, 0);
         parked.recv().await.unwrap();
-        let (rss1, pss1) = memory();
-        let parts1 = breakdown();
-        let maps1 = mappings();
+        let one = Memory::read();
         let t = Instant::now();
         let spawner = {
             let orch = orch.clone();
@@ -132,9 +130,7 @@ fn child(native: bool, n: usize) {
         }
         let took = t.elapsed();
         spawner.await.unwrap();
-        let (rssn, pssn) = memory();
-        let parts_n = breakdown();
-        let maps_n = mappings();
+        let all = Memory::read();
         let addr = server.local_addr();
         let (metrics, bytes) = timed_get(addr, "/metrics").await;
         let (api, _) = timed_get(addr, "/gorchestra/api/routines").await;
@@ -145,36 +141,17 @@ fn child(native: bool, n: usize) {
             if native { " native" } else { "" },
             took / (n.max(2) - 1) as u32,
             extra / took.as_secs_f64(),
-            rss1 as f64 / 1e6,
-            kb(rss1, rssn),
-            kb(parts1[0], parts_n[0]),
-            kb(parts1[1], parts_n[1]),
-            kb(parts1[2], parts_n[2]),
-            kb(pss1, pssn),
-            maps_n.saturating_sub(maps1) as f64 / extra,
+            one.rss() as f64 / 1e6,
+            kb(one.rss(), all.rss()),
+            kb(one.rss_by_kind[0], all.rss_by_kind[0]),
+            kb(one.rss_by_kind[1], all.rss_by_kind[1]),
+            kb(one.rss_by_kind[2], all.rss_by_kind[2]),
+            kb(one.pss, all.pss),
+            all.mappings.saturating_sub(one.mappings) as f64 / extra,
         );
         orch.shutdown(Duration::from_secs(30)).await;
         server.shutdown().await;
     });
-}
-
-/// How many memory mappings this process has (each counts against `vm.max_map_count`).
-fn mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps").map(|m| m.lines().count()).unwrap_or(0)
-}
-
-/// (RSS, PSS) of this process in bytes.
-fn memory() -> (u64, u64) {
-    let field = |text: &str, key: &str| {
-        text.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-            .unwrap_or(0)
-    };
-    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
-    (field(&rollup, "Rss:"), field(&rollup, "Pss:"))
 }
 
 /// Median time of 20 GETs of `path`, and the body size.
@@ -203,32 +180,52 @@ async fn timed_get(addr: SocketAddr, path: &'static str) -> (Duration, usize) {
     .unwrap()
 }
 
-/// Resident bytes by kind of mapping: (linear memories incl. their copy-on-write images,
-/// fiber stacks, everything else: the host's heap, binary and libraries). The pools are the
-/// two huge anonymous reservations: linear memories (terabytes of address space) and fiber
-/// stacks (gigabytes).
-fn breakdown() -> [u64; 3] {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-    let mut out = [0u64; 3];
-    let mut kind = 2;
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        let first = words.next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-')
-            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
-        {
-            let name = words.nth(4).unwrap_or("");
-            let size = b - a;
-            kind = if name.contains("memfd") || (name.is_empty() && size >= 64 << 30) {
-                0
-            } else if name.is_empty() && size >= 256 << 20 {
-                1
-            } else {
-                2
-            };
-        } else if let Some(v) = line.strip_prefix("Rss:") {
-            out[kind] += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
+/// This process's memory, from one read of `/proc/self/smaps`.
+struct Memory {
+    /// Resident bytes by kind of mapping: linear memories incl. their copy-on-write images,
+    /// fiber stacks, everything else (the host's heap, binary and libraries). The pools are
+    /// the two huge anonymous reservations: linear memories (terabytes of address space) and
+    /// fiber stacks (gigabytes).
+    rss_by_kind: [u64; 3],
+    /// Proportional set size: shared pages divided among their users.
+    pss: u64,
+    /// Mappings (each counts against `vm.max_map_count`).
+    mappings: usize,
+}
+
+impl Memory {
+    fn read() -> Memory {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+        let mut m = Memory { rss_by_kind: [0; 3], pss: 0, mappings: 0 };
+        let kb =
+            |v: &str| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
+        let mut kind = 2;
+        for line in smaps.lines() {
+            let mut words = line.split_whitespace();
+            let first = words.next().unwrap_or("");
+            if let Some((a, b)) = first.split_once('-')
+                && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+            {
+                m.mappings += 1;
+                let name = words.nth(4).unwrap_or("");
+                let size = b - a;
+                kind = if name.contains("memfd") || (name.is_empty() && size >= 64 << 30) {
+                    0
+                } else if name.is_empty() && size >= 256 << 20 {
+                    1
+                } else {
+                    2
+                };
+            } else if let Some(v) = line.strip_prefix("Rss:") {
+                m.rss_by_kind[kind] += kb(v);
+            } else if let Some(v) = line.strip_prefix("Pss:") {
+                m.pss += kb(v);
+            }
         }
+        m
     }
-    out
+
+    fn rss(&self) -> u64 {
+        self.rss_by_kind.iter().sum()
+    }
 }

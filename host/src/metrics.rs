@@ -110,7 +110,7 @@ impl Family {
         m.set_label(pairs);
         if self.counter {
             let mut c = Counter::default();
-            c.set_value(v.max(0.0));
+            c.set_value(v);
             m.set_counter(c);
         } else {
             let mut g = Gauge::default();
@@ -155,7 +155,11 @@ impl Collector for GorchCollector {
 /// Every series of the `gorch_*` metrics: `f(index in METRICS, label values in the table's
 /// order, value)`. The one place that knows what each metric measures; the collector and
 /// the text writer are two sinks for it.
-fn visit(orch: &Orchestrator, mut f: impl FnMut(usize, &[&str], f64)) {
+fn visit(orch: &Orchestrator, mut sink: impl FnMut(usize, &[&str], f64)) {
+    // A counter never goes negative, whatever the float arithmetic did.
+    let mut f = |i: usize, labels: &[&str], v: f64| {
+        sink(i, labels, if METRICS[i].3 { v.max(0.0) } else { v })
+    };
     let routines = orch.shared_list();
     for s in State::ALL {
         let n = routines.iter().filter(|r| r.state() == s).count();
@@ -215,7 +219,6 @@ pub fn write_text(orch: &Orchestrator, out: &mut String) {
             body.push('"');
         }
         body.push_str("} ");
-        let v = if METRICS[i].3 { v.max(0.0) } else { v };
         let _ = writeln!(body, "{v}");
     });
     for (i, body) in bodies.iter().enumerate() {
@@ -251,8 +254,14 @@ pub fn registry(orch: &Orchestrator) -> Registry {
 /// Registers the `gorch_*` metrics of `orch` and the `process_*` metrics in `registry`.
 pub fn register(orch: &Orchestrator, registry: &Registry) -> prometheus::Result<()> {
     registry.register(Box::new(GorchCollector::new(orch.clone())))?;
+    register_process(registry)
+}
+
+fn register_process(registry: &Registry) -> prometheus::Result<()> {
     #[cfg(target_os = "linux")]
     registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+    #[cfg(not(target_os = "linux"))]
+    let _ = registry;
     Ok(())
 }
 
@@ -267,9 +276,7 @@ pub fn render(registry: &Registry) -> String {
 /// A registry with only the standard `process_*` metrics (empty off Linux).
 pub fn process_registry() -> Registry {
     let r = Registry::new();
-    #[cfg(target_os = "linux")]
-    r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
-        .expect("fresh registry");
+    register_process(&r).expect("fresh registry");
     r
 }
 
