@@ -4,13 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use gorch_host::{
-    CallError, Orchestrator, SpawnOptions, WasmComponent, WasmEngine, WasmOptions, example_guests,
-};
+use gorch_host::{CallError, Orchestrator, SpawnOptions, WasmComponent, WasmEngine, WasmOptions};
 
 fn main() {
     let engine = WasmEngine::new(Default::default()).expect("engine");
-    let testkit = engine.load_file(example_guests::path("testkit")).expect("testkit");
+    let testkit = engine.load_file(gorch_artifacts::path("testkit")).expect("testkit");
     let interval: u32 = std::env::var("GORCH_EVENT_INTERVAL")
         .ok()
         .and_then(|v| v.parse().ok())

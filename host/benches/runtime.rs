@@ -9,14 +9,18 @@ use std::time::{Duration, Instant};
 
 use gorch_host::{
     Backoff, Intensity, Orchestrator, RestartPolicy, SpawnOptions, State, Supervision, WasmEngine,
-    WasmOptions, example_guests,
+    WasmOptions,
 };
 
 fn main() {
     // `cargo bench` passes `--bench`; ignore arguments.
     let engine = WasmEngine::new(Default::default()).expect("engine");
-    let testkit = engine.load_file(example_guests::path("testkit")).expect("testkit");
-    println!("machine: {} cores; epoch tick {:?}", num_cpus(), gorch_host::DEFAULT_EPOCH_TICK);
+    let testkit = engine.load_file(gorch_artifacts::path("testkit")).expect("testkit");
+    println!(
+        "machine: {} cores; epoch tick {:?}",
+        num_cpus(),
+        gorch_host::wasm::DEFAULT_EPOCH_TICK
+    );
     println!();
     if let Some(dir) = std::env::args().skip_while(|a| a != "--dump-code").nth(1) {
         dump_code(&dir);
@@ -99,7 +103,7 @@ fn timer_lateness(testkit: &gorch_host::WasmComponent) {
     println!();
 }
 
-/// From `kill_now()` to the end of a guest spinning in `loop {}`, against the epoch tick.
+/// From `kill()` to the end of a guest spinning in `loop {}`, against the epoch tick.
 fn stop_latency(testkit: &gorch_host::WasmComponent) {
     let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
     let mut v = rt.block_on(async {
@@ -117,17 +121,17 @@ fn stop_latency(testkit: &gorch_host::WasmComponent) {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             let t = Instant::now();
-            h.kill_now();
+            h.kill();
             h.wait().await;
             v.push(t.elapsed());
         }
         orch.shutdown(Duration::from_secs(2)).await;
         v
     });
-    let tick = gorch_host::DEFAULT_EPOCH_TICK;
+    let tick = gorch_host::wasm::DEFAULT_EPOCH_TICK;
     let p50 = percentile(&mut v, 0.5);
     let max = *v.iter().max().unwrap();
-    println!("## stop latency of a loop {{}} guest (kill_now → ended), 50 runs");
+    println!("## stop latency of a loop {{}} guest (kill → ended), 50 runs");
     println!("| p50 | max | epoch tick | max / tick |");
     println!("|---|---|---|---|");
     println!(
@@ -178,7 +182,7 @@ fn restart_latency(testkit: &gorch_host::WasmComponent) {
         }
         let per = t.elapsed() / n as u32;
         println!("| native (fails at once) | {} | {per:.2?} |", h.restarts());
-        h.kill_now();
+        h.kill();
         h.wait().await;
 
         // Wasm: the guest panics at once; each restart instantiates a fresh instance.
@@ -198,7 +202,7 @@ fn restart_latency(testkit: &gorch_host::WasmComponent) {
         println!(
             "| wasm (traps at once; includes the trap and a new instance) | {n} | {per:.2?} |"
         );
-        h.kill_now();
+        h.kill();
         assert!(matches!(h.wait().await, State::Stopped));
         orch.shutdown(Duration::from_secs(2)).await;
     });
@@ -212,7 +216,7 @@ fn restart_latency(testkit: &gorch_host::WasmComponent) {
 /// of the runtime as a supervisor or the CLI would) and in waves of 500 concurrent spawns
 /// (throughput).
 fn spawn_cost(engine: &WasmEngine, testkit: &gorch_host::WasmComponent) {
-    let hello = engine.load_file(example_guests::path("hello-command")).unwrap();
+    let hello = engine.load_file(gorch_artifacts::path("hello-command")).unwrap();
     let interval = std::env::var("GORCH_EVENT_INTERVAL")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -334,7 +338,7 @@ type RawPre = wasmtime_wasi::p2::bindings::CommandPre<RawState>;
 fn raw_pre(engine: &WasmEngine) -> RawPre {
     use wasmtime::component::{Component, Linker};
     let engine = engine.engine();
-    let bytes = std::fs::read(example_guests::path("hello-command")).unwrap();
+    let bytes = std::fs::read(gorch_artifacts::path("hello-command")).unwrap();
     let component = Component::new(engine, &bytes).unwrap();
     let mut linker: Linker<RawState> = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
@@ -376,7 +380,7 @@ fn accounting() {
             let engine =
                 WasmEngine::new(gorch_host::EngineConfig { fuel, epochs, ..Default::default() })
                     .unwrap();
-            let testkit = engine.load_file(example_guests::path("testkit")).unwrap();
+            let testkit = engine.load_file(gorch_artifacts::path("testkit")).unwrap();
             (engine, testkit)
         })
         .collect();
@@ -420,7 +424,7 @@ fn accounting() {
 /// Writes the testkit compiled with and without fuel + epochs (ELF files, for `objdump -d`)
 /// to `dir`: how the accounting overhead of BENCHMARKS.md was explained.
 fn dump_code(dir: &str) {
-    let bytes = std::fs::read(example_guests::path("testkit")).unwrap();
+    let bytes = std::fs::read(gorch_artifacts::path("testkit")).unwrap();
     for (name, on) in [("neither", false), ("fuel-epochs", true)] {
         let engine = WasmEngine::new(gorch_host::EngineConfig {
             fuel: on,

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use gorch_host::{
     EngineConfig, ObsConfig, ObsServer, Orchestrator, SpawnOptions, WasmEngine, WasmOptions,
-    example_guests,
 };
 
 /// Above this many workers the default 4 GiB reservation per memory would not fit the
@@ -77,7 +76,11 @@ fn child(native: bool, n: usize) {
         .init();
     let config = EngineConfig {
         pool_size: (n + 16) as u32,
-        memory_reservation: if n > BIG { 64 << 20 } else { gorch_host::DEFAULT_MEMORY_RESERVATION },
+        memory_reservation: if n > BIG {
+            64 << 20
+        } else {
+            gorch_host::wasm::DEFAULT_MEMORY_RESERVATION
+        },
         ..Default::default()
     };
     let engine = WasmEngine::new(config).expect("engine");
@@ -86,7 +89,7 @@ fn child(native: bool, n: usize) {
         "no pooling allocator for {n} instances (see the warning above); vm.max_map_count is {}",
         std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap_or_default().trim()
     );
-    let testkit = engine.load_file(example_guests::path("testkit")).expect("testkit");
+    let testkit = engine.load_file(gorch_artifacts::path("testkit")).expect("testkit");
     let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
     rt.block_on(async {
         let orch = Orchestrator::new();

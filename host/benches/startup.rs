@@ -16,13 +16,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_gorch-host");
 const ROUNDS: usize = 5;
 
 fn main() {
-    let plugins = gorch_host::example_guests::PLUGINS_DIR;
+    let plugins = gorch_artifacts::DEMO_PLUGINS_DIR;
     let n = std::fs::read_dir(plugins)
         .unwrap()
         .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "wasm"))
         .count();
     println!(
-        "## `gorch-host run examples/plugins` ({n} components) until /readyz: {ROUNDS} rounds"
+        "## `gorch-host run` on the demo plugins ({n} components) until /readyz: {ROUNDS} rounds"
     );
     let (mut first, mut second, mut none) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {

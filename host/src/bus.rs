@@ -1,4 +1,5 @@
-//! `Bus<T>`: named topics, each a bounded [`Channel`], created on first use.
+//! [`Bus`]: named topics, each a bounded [`Channel`], created on first use, with their
+//! [`TopicStats`]. Topic names are checked by [`crate::names`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -6,13 +7,12 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use crate::channel::{Channel, ChannelStats, Sizer};
+use crate::names::{NameError, validate_topic_name};
 
 /// Default capacity of a topic created on demand.
 pub const DEFAULT_TOPIC_CAPACITY: usize = 1024;
 /// Default host-wide limit on the number of topics.
 pub const DEFAULT_MAX_TOPICS: usize = 1024;
-/// The longest valid topic or routine name, in bytes.
-pub const MAX_NAME_BYTES: usize = 255;
 
 /// Why a topic could not be had.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,7 +23,7 @@ pub enum BusError {
         /// The name as given.
         name: String,
         /// What is wrong with it.
-        reason: &'static str,
+        reason: NameError,
     },
     /// The bus already has its maximum number of topics.
     #[error("topic limit reached ({max} topics)")]
@@ -31,35 +31,6 @@ pub enum BusError {
         /// The limit.
         max: usize,
     },
-}
-
-/// Checks a topic name: non-empty, at most 255 bytes, printable, no whitespace.
-pub fn validate_name(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() {
-        return Err("empty");
-    }
-    if name.len() > MAX_NAME_BYTES {
-        return Err("longer than 255 bytes");
-    }
-    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("contains whitespace or control characters");
-    }
-    Ok(())
-}
-
-/// Checks a routine name: non-empty, at most 255 bytes, no control characters (spaces and
-/// any printable text are allowed: names are escaped wherever they are shown).
-pub fn validate_routine_name(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() {
-        return Err("empty");
-    }
-    if name.len() > MAX_NAME_BYTES {
-        return Err("longer than 255 bytes");
-    }
-    if name.chars().any(char::is_control) {
-        return Err("contains control characters");
-    }
-    Ok(())
 }
 
 /// Stats of one topic, as served by `/gorchestra/api/topics`.
@@ -150,7 +121,7 @@ impl<T: Sizer + Send> Bus<T> {
         if let Some(ch) = self.inner.topics.read().get(name) {
             return Ok(ch.clone());
         }
-        validate_name(name)
+        validate_topic_name(name)
             .map_err(|reason| BusError::InvalidName { name: name.to_string(), reason })?;
         let mut topics = self.inner.topics.write();
         if let Some(ch) = topics.get(name) {

@@ -1,31 +1,30 @@
-//! The orchestrator: registry of routines, spawning, lookup, history, stats and bounded
-//! shutdown. It owns the bus that routines share.
+//! The orchestrator: the registry of routines (by id and by name), every way to spawn one
+//! (native closures and wasm components), lookup, the history of finished routines, stats,
+//! and the bounded shutdown. It owns the bus that routines share.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::{self, Display};
 use std::future::Future;
 use std::io;
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use parking_lot::{Mutex, RwLock};
 use tokio_util::task::TaskTracker;
 
-use crate::bus::{Bus, BusError, DEFAULT_TOPIC_CAPACITY, TopicStats, validate_routine_name};
+use crate::bus::{Bus, BusError, DEFAULT_TOPIC_CAPACITY, TopicStats};
 use crate::channel::Channel;
+use crate::delivery::Message;
+use crate::names::{NameError, validate_routine_name};
+use crate::routine::work::NativeWork;
 use crate::routine::{
-    CallError, InFlight, Message, RoutineContext, RoutineHandle, RoutineShared, RunControl,
-    Snapshot, Source, State, dur_nanos, now_nanos,
+    CallError, RoutineContext, RoutineHandle, RoutineShared, Snapshot, State, Work,
+    write_stats_table,
 };
-use crate::supervisor::{
-    Group, GroupInner, Intensity, RestartPolicy, RestartWindow, Strategy, Supervision,
-};
+use crate::supervisor::driver::{KILL_WAIT, drive};
+use crate::supervisor::{Group, GroupInner, Intensity, RestartPolicy, Strategy, Supervision};
+use crate::wasm::{WasmComponent, WasmOptions, WasmWork};
 
 /// Default mailbox capacity.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 128;
@@ -35,9 +34,6 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(1);
 pub const DEFAULT_MESSAGE_BYTES: u64 = 1 << 20;
 /// Default number of finished routines kept in the history.
 pub const DEFAULT_HISTORY: usize = 256;
-/// How long after the kill signal a wasm instance gets to reach an epoch check before its
-/// future is dropped (it may be blocked in a host call that does not watch cancellation).
-const KILL_WAIT: Duration = Duration::from_millis(100);
 
 /// Why a routine could not be spawned.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +50,7 @@ pub enum SpawnError {
         /// The name as given.
         name: String,
         /// What is wrong with it.
-        reason: &'static str,
+        reason: NameError,
     },
 }
 
@@ -128,59 +124,6 @@ impl SpawnOptions {
     }
 }
 
-/// How one run of a routine ended, before supervision maps it to a [`State`].
-#[derive(Debug)]
-pub(crate) enum Outcome {
-    Ok,
-    Err(String),
-    Panicked(String),
-    /// Killed by the host (the epoch callback, or the future dropped).
-    Killed,
-}
-
-/// Something a routine runs: a native closure or a wasm component instance.
-pub(crate) trait Work: Send + Sync + 'static {
-    /// Starts one run.
-    fn start(&self, ctx: RoutineContext) -> BoxFuture<'static, Outcome>;
-    /// Whether the run can be interrupted in place (wasm: the epoch callback) so the driver
-    /// should wait a little after the kill signal instead of dropping the future at once.
-    fn interruptible(&self) -> bool;
-}
-
-struct NativeWork<F>(F);
-
-impl<F, Fut, E> Work for NativeWork<F>
-where
-    F: Fn(RoutineContext) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), E>> + Send + 'static,
-    E: Display + Send + 'static,
-{
-    fn start(&self, ctx: RoutineContext) -> BoxFuture<'static, Outcome> {
-        let fut = (self.0)(ctx);
-        async move {
-            match AssertUnwindSafe(fut).catch_unwind().await {
-                Ok(Ok(())) => Outcome::Ok,
-                Ok(Err(e)) => Outcome::Err(e.to_string()),
-                Err(payload) => Outcome::Panicked(panic_message(&*payload)),
-            }
-        }
-        .boxed()
-    }
-    fn interruptible(&self) -> bool {
-        false
-    }
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        format!("panicked: {s}")
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        format!("panicked: {s}")
-    } else {
-        "panicked".to_string()
-    }
-}
-
 /// What [`Orchestrator::shutdown`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShutdownReport {
@@ -207,7 +150,7 @@ pub(crate) struct OrchInner {
 
 impl OrchInner {
     pub(crate) fn mailbox_of(&self, name: &str) -> Option<Channel<Message>> {
-        self.by_name.read().get(name).map(|r| r.mailbox.clone())
+        self.by_name.read().get(name).map(|r| r.mailbox().clone())
     }
 
     pub(crate) fn topic(&self, name: &str) -> Result<Channel<Message>, CallError> {
@@ -215,6 +158,38 @@ impl OrchInner {
             BusError::InvalidName { name, .. } => CallError::InvalidName(name),
             BusError::TooManyTopics { max } => CallError::Limit(format!("at most {max} topics")),
         })
+    }
+
+    /// The routine has ended for good in `state`: closes its mailbox, moves it from the
+    /// registry to the history, logs the end and wakes those waiting for it.
+    pub(crate) fn retire(&self, shared: &Arc<RoutineShared>, state: State) {
+        shared.end_run();
+        shared.mailbox().close();
+        self.routines.write().remove(&shared.id());
+        {
+            let mut by_name = self.by_name.write();
+            if by_name.get(shared.name()).is_some_and(|r| Arc::ptr_eq(r, shared)) {
+                by_name.remove(shared.name());
+            }
+        }
+        shared.set_state(state);
+        let snap = shared.snapshot();
+        {
+            let mut h = self.history.lock();
+            if h.len() >= self.history_cap {
+                h.pop_front();
+            }
+            h.push_back(snap);
+        }
+        match state {
+            State::Stopped => tracing::info!(routine = %shared.name(), "routine ended: {state}"),
+            _ => tracing::warn!(
+                routine = %shared.name(),
+                error = shared.last_error().as_deref().unwrap_or(""),
+                "routine ended: {state}"
+            ),
+        }
+        shared.finish(state);
     }
 }
 
@@ -296,6 +271,33 @@ impl Orchestrator {
         self.spawn_work(opts, String::new(), Arc::new(NativeWork(f)))
     }
 
+    /// Spawns a routine that runs `component` (one fresh instance per run). Its plugin name
+    /// (shown in snapshots) is the component file's stem.
+    pub fn spawn_wasm(
+        &self,
+        opts: SpawnOptions,
+        component: &WasmComponent,
+        wasm: WasmOptions,
+    ) -> Result<RoutineHandle, SpawnError> {
+        let plugin = component
+            .path()
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.spawn_wasm_as(opts, plugin, component, wasm)
+    }
+
+    /// Like [`spawn_wasm`](Self::spawn_wasm), naming the plugin shown in snapshots.
+    pub fn spawn_wasm_as(
+        &self,
+        opts: SpawnOptions,
+        plugin: String,
+        component: &WasmComponent,
+        wasm: WasmOptions,
+    ) -> Result<RoutineHandle, SpawnError> {
+        self.spawn_work(opts, plugin, Arc::new(WasmWork::new(component, wasm)))
+    }
+
     pub(crate) fn spawn_work(
         &self,
         opts: SpawnOptions,
@@ -315,7 +317,7 @@ impl Orchestrator {
             let id = self.inner.next_id.fetch_add(1, Relaxed);
             let shared = Arc::new(RoutineShared::new(id, &opts, plugin));
             by_name.insert(opts.name.clone(), shared.clone());
-            if let Some(g) = &shared.group {
+            if let Some(g) = shared.group() {
                 g.members.lock().push(shared.clone());
             }
             self.inner.routines.write().insert(id, shared.clone());
@@ -323,7 +325,7 @@ impl Orchestrator {
         };
         let orch = self.inner.clone();
         self.inner.tracker.spawn(drive(orch, shared.clone(), work));
-        Ok(RoutineHandle { shared })
+        Ok(RoutineHandle::new(shared))
     }
 
     /// A group of routines supervised together with `strategy`; its `intensity` limit
@@ -339,30 +341,25 @@ impl Orchestrator {
 
     /// The live routine with this id.
     pub fn get(&self, id: u64) -> Option<RoutineHandle> {
-        self.inner.routines.read().get(&id).map(|s| RoutineHandle { shared: s.clone() })
+        self.inner.routines.read().get(&id).map(|s| RoutineHandle::new(s.clone()))
     }
 
     /// The live routine with this name.
     pub fn get_by_name(&self, name: &str) -> Option<RoutineHandle> {
-        self.inner.by_name.read().get(name).map(|s| RoutineHandle { shared: s.clone() })
+        self.inner.by_name.read().get(name).map(|s| RoutineHandle::new(s.clone()))
     }
 
     /// Every live routine, by id.
     pub fn list(&self) -> Vec<RoutineHandle> {
-        let mut v: Vec<RoutineHandle> = self
-            .inner
-            .routines
-            .read()
-            .values()
-            .map(|s| RoutineHandle { shared: s.clone() })
-            .collect();
+        let mut v: Vec<RoutineHandle> =
+            self.inner.routines.read().values().map(|s| RoutineHandle::new(s.clone())).collect();
         v.sort_by_key(|h| h.id());
         v
     }
 
     pub(crate) fn shared_list(&self) -> Vec<Arc<RoutineShared>> {
         let mut v: Vec<Arc<RoutineShared>> = self.inner.routines.read().values().cloned().collect();
-        v.sort_by_key(|r| r.id);
+        v.sort_by_key(|r| r.id());
         v
     }
 
@@ -382,7 +379,7 @@ impl Orchestrator {
     }
 
     /// Asks every live routine to stop (each gets its grace period, then is killed).
-    pub fn kill_all(&self) {
+    pub fn stop_all(&self) {
         for r in self.inner.routines.read().values() {
             r.request_stop();
         }
@@ -422,14 +419,14 @@ async fn shutdown_inner(inner: Arc<OrchInner>, timeout: Duration) -> ShutdownRep
     if tokio::time::timeout_at(kill_at, inner.tracker.wait()).await.is_err() {
         let remaining: Vec<Arc<RoutineShared>> = inner.routines.read().values().cloned().collect();
         for r in &remaining {
-            killed.push(r.name.clone());
+            killed.push(r.name().to_string());
             r.hard_kill();
         }
     }
     let mut unstoppable = Vec::new();
     if tokio::time::timeout_at(deadline, inner.tracker.wait()).await.is_err() {
         for r in inner.routines.read().values() {
-            unstoppable.push(r.name.clone());
+            unstoppable.push(r.name().to_string());
         }
     }
     inner.bus.close_all();
@@ -437,414 +434,4 @@ async fn shutdown_inner(inner: Arc<OrchInner>, timeout: Duration) -> ShutdownRep
     killed.sort();
     unstoppable.sort();
     ShutdownReport { stopped: live.len().saturating_sub(unstoppable.len()), killed, unstoppable }
-}
-
-/// A future that adds the time spent in each of its polls to a counter: exact CPU time of
-/// the routine's work on the executor thread (wasm execution and host-side work alike).
-struct Timed<'a, F> {
-    fut: F,
-    busy: &'a AtomicU64,
-}
-
-impl<F: Future + Unpin> Future for Timed<'_, F> {
-    type Output = F::Output;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let start = Instant::now();
-        let r = Pin::new(&mut self.fut).poll(cx);
-        self.busy.fetch_add(dur_nanos(start.elapsed()), Relaxed);
-        r
-    }
-}
-
-/// Completes when the routine has not beaten for its idle timeout.
-async fn idle_watchdog(shared: &RoutineShared) {
-    let Some(timeout) = shared.idle_timeout else {
-        return std::future::pending().await;
-    };
-    loop {
-        let idle = shared.idle_for();
-        if idle >= timeout {
-            return;
-        }
-        tokio::time::sleep(timeout - idle).await;
-    }
-}
-
-/// The routine's task: runs the work, restarts it as its supervision says, and records the
-/// end. Each run gets fresh stop signals; the routine's id, name and mailbox stay.
-async fn drive(orch: Arc<OrchInner>, shared: Arc<RoutineShared>, work: Arc<dyn Work>) {
-    // Make sure the routine is finalized even if this task is aborted.
-    let mut guard = FinishGuard { orch: orch.clone(), shared: shared.clone(), armed: true };
-    let sup = &shared.supervision;
-    let mut window = RestartWindow::default();
-    let mut attempt: u32 = 0;
-    let group = shared.group.clone();
-    let state = loop {
-        let run = Arc::new(RunControl::new(&shared.stop));
-        *shared.current_run.lock() = Some(run.clone());
-        let ctx = RoutineContext { shared: shared.clone(), orch: orch.clone(), run: run.clone() };
-        // tokio's clock, so that paused-time tests see real backoff and windows.
-        let started = tokio::time::Instant::now();
-        let state = run_once(&shared, &run, ctx, &*work).await;
-        shared.count_termination(state);
-        let by_group = run.group_restart.load(Relaxed) && !shared.stop.is_cancelled();
-        if state == State::Stopped && !run.cancel.is_cancelled() {
-            // A clean return acknowledges the message in flight.
-            *shared.in_flight.lock() = None;
-        } else {
-            requeue_in_flight(&orch, &shared);
-        }
-        if let Some(reason) = group.as_ref().and_then(|g| g.gave_up()) {
-            shared.set_last_error(Some(reason));
-            break State::Failed;
-        }
-        if shared.stop.is_cancelled() {
-            break state;
-        }
-        let delay = if by_group {
-            // Restarted along with another member: no backoff of its own.
-            Duration::ZERO
-        } else {
-            if !sup.restart.restarts_after(state) {
-                break state;
-            }
-            if started.elapsed() >= sup.backoff.stable_after {
-                attempt = 0;
-            }
-            let last = shared.last_error.lock().clone().unwrap_or_else(|| state.to_string());
-            let now = tokio::time::Instant::now();
-            match &group {
-                Some(g) => {
-                    if !g.allow_restart(now, &last) {
-                        shared.set_last_error(g.gave_up());
-                        break State::Failed;
-                    }
-                    g.restart_others(&shared);
-                }
-                None => {
-                    if !window.allow(&sup.intensity, now) {
-                        shared.set_last_error(Some(format!(
-                            "gave up: more than {} restarts within {}; last: {last}",
-                            sup.intensity.max_restarts,
-                            humantime::format_duration(sup.intensity.within)
-                        )));
-                        break State::Failed;
-                    }
-                }
-            }
-            let delay = sup.backoff.delay(attempt, rand::random::<f64>());
-            attempt = attempt.saturating_add(1);
-            tracing::info!(
-                routine = %shared.name,
-                "{state}; restarting in {}",
-                humantime::format_duration(round_ms(delay))
-            );
-            delay
-        };
-        shared.set_state(State::Backoff);
-        if delay.is_zero() {
-            // The timer wheel has millisecond resolution: a zero sleep would cost 1 ms. Still
-            // yield, so that a routine failing at once cannot monopolize its worker thread.
-            tokio::task::yield_now().await;
-            if shared.stop.is_cancelled() {
-                break State::Stopped;
-            }
-        } else {
-            tokio::select! {
-                biased;
-                _ = shared.stop.cancelled() => break State::Stopped,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
-        // Members of a group restart in start order.
-        if let Some(g) = &group
-            && !wait_turn(g, &shared).await
-        {
-            break State::Stopped;
-        }
-        shared.restarts.fetch_add(1, Relaxed);
-    };
-    guard.armed = false;
-    finish(&orch, &shared, state);
-}
-
-/// Waits until every member started before this one is running again; false if the
-/// routine is stopped meanwhile.
-async fn wait_turn(g: &GroupInner, shared: &RoutineShared) -> bool {
-    loop {
-        let changed = g.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        if g.my_turn(shared) {
-            return true;
-        }
-        tokio::select! {
-            _ = shared.stop.cancelled() => return false,
-            _ = changed => {}
-        }
-    }
-}
-
-/// One run: start the work, watch for stop requests and the idle timeout, enforce the grace
-/// period and the kill. Returns the state the run ended in.
-async fn run_once(
-    shared: &RoutineShared,
-    run: &RunControl,
-    ctx: RoutineContext,
-    work: &dyn Work,
-) -> State {
-    shared.started_at.store(now_nanos(), Relaxed);
-    shared.beat();
-    shared.set_state(State::Running);
-    let fut = work.start(ctx);
-    let mut timed = Timed { fut, busy: &shared.busy_ns };
-
-    let outcome = tokio::select! {
-        biased;
-        o = &mut timed => o,
-        _ = run.cancel.cancelled() => stop_run(shared, run, &mut timed, work).await,
-        _ = idle_watchdog(shared) => {
-            let idle = shared.idle_for();
-            run.idle_timed_out.store(true, Relaxed);
-            run.cancel.cancel();
-            shared.set_last_error(Some(format!(
-                "idle timeout: no beat for {}",
-                humantime::format_duration(round_ms(idle))
-            )));
-            stop_run(shared, run, &mut timed, work).await
-        }
-    };
-    drop(timed);
-    shared.started_at.store(0, Relaxed);
-    shared.memory_bytes.store(0, Relaxed);
-
-    if run.idle_timed_out.load(Relaxed) {
-        return State::TimedOut;
-    }
-    let requested = shared.stop.is_cancelled();
-    match outcome {
-        Outcome::Ok => State::Stopped,
-        Outcome::Killed => {
-            shared.set_last_error(Some("killed".to_string()));
-            State::Stopped
-        }
-        Outcome::Err(e) => {
-            shared.set_last_error(Some(e));
-            if requested { State::Stopped } else { State::Failed }
-        }
-        Outcome::Panicked(e) => {
-            shared.set_last_error(Some(e));
-            if requested { State::Stopped } else { State::Panicked }
-        }
-    }
-}
-
-/// After a run that did not end cleanly: the message in flight goes back to the head of the
-/// queue it came from, or to `dead-letter` once it has been delivered `max-deliveries` times.
-fn requeue_in_flight(orch: &OrchInner, shared: &RoutineShared) {
-    let Some(InFlight { msg, source }) = shared.in_flight.lock().take() else { return };
-    if msg.deliveries >= shared.supervision.max_deliveries {
-        dead_letter(orch, shared, msg, &source);
-        return;
-    }
-    let back = match &source {
-        Source::Mailbox => shared.mailbox.push_front(msg),
-        Source::Topic(_, ch) => ch.push_front(msg),
-    };
-    if back.is_err() {
-        tracing::warn!(routine = %shared.name, "in-flight message dropped: its queue is closed");
-    }
-}
-
-/// The topic that receives messages delivered `max-deliveries` times without success.
-pub const DEAD_LETTER_TOPIC: &str = "dead-letter";
-
-/// A dead letter, as JSON on the `dead-letter` topic.
-#[derive(serde::Serialize)]
-struct DeadLetter<'a> {
-    routine: &'a str,
-    error: Option<String>,
-    source: String,
-    deliveries: u32,
-    payload: &'a [u8],
-}
-
-fn dead_letter(orch: &OrchInner, shared: &RoutineShared, msg: Message, source: &Source) {
-    let letter = DeadLetter {
-        routine: &shared.name,
-        error: shared.last_error.lock().clone(),
-        source: match source {
-            Source::Mailbox => "mailbox".to_string(),
-            Source::Topic(t, _) => format!("topic:{t}"),
-        },
-        deliveries: msg.deliveries,
-        payload: &msg.payload,
-    };
-    let json = serde_json::to_vec(&letter).unwrap_or_default();
-    shared.dead_letters.fetch_add(1, Relaxed);
-    tracing::warn!(
-        routine = %shared.name,
-        "message from {} failed {} deliveries: sent to {DEAD_LETTER_TOPIC}",
-        letter.source,
-        msg.deliveries
-    );
-    match orch.topic(DEAD_LETTER_TOPIC) {
-        Ok(ch) => {
-            if ch.try_send(Message::from(json)).is_err() {
-                tracing::error!("the {DEAD_LETTER_TOPIC} topic is full; a dead letter was dropped");
-            }
-        }
-        Err(e) => tracing::error!("cannot reach the {DEAD_LETTER_TOPIC} topic: {e}"),
-    }
-}
-
-/// The stop sequence after a stop request: wait for the run to return within the grace
-/// period (or until a hard kill), then kill it.
-async fn stop_run<F>(
-    shared: &RoutineShared,
-    run: &RunControl,
-    fut: &mut F,
-    work: &dyn Work,
-) -> Outcome
-where
-    F: Future<Output = Outcome> + Unpin,
-{
-    shared.set_state(State::Stopping);
-    tokio::select! {
-        biased;
-        o = &mut *fut => return o,
-        _ = tokio::time::sleep(shared.grace) => {}
-        _ = shared.kill.cancelled() => {}
-    }
-    run.killed.store(true, Relaxed);
-    if work.interruptible() {
-        // The epoch callback traps the instance at its next tick; a guest blocked in a
-        // host call that does not watch cancellation is dropped after the wait.
-        if let Ok(o) = tokio::time::timeout(KILL_WAIT, &mut *fut).await {
-            return match o {
-                Outcome::Panicked(_) | Outcome::Killed => Outcome::Killed,
-                other => other,
-            };
-        }
-    }
-    Outcome::Killed
-}
-
-fn round_ms(d: Duration) -> Duration {
-    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn finish(orch: &OrchInner, shared: &Arc<RoutineShared>, state: State) {
-    shared.started_at.store(0, Relaxed);
-    shared.memory_bytes.store(0, Relaxed);
-    shared.mailbox.close();
-    orch.routines.write().remove(&shared.id);
-    {
-        let mut by_name = orch.by_name.write();
-        if by_name.get(&shared.name).is_some_and(|r| Arc::ptr_eq(r, shared)) {
-            by_name.remove(&shared.name);
-        }
-    }
-    shared.set_state(state);
-    let snap = shared.snapshot();
-    {
-        let mut h = orch.history.lock();
-        if h.len() >= orch.history_cap {
-            h.pop_front();
-        }
-        h.push_back(snap);
-    }
-    match state {
-        State::Stopped => tracing::info!(routine = %shared.name, "routine ended: {state}"),
-        _ => tracing::warn!(
-            routine = %shared.name,
-            error = shared.last_error.lock().as_deref().unwrap_or(""),
-            "routine ended: {state}"
-        ),
-    }
-    shared.finish(state);
-}
-
-struct FinishGuard {
-    orch: Arc<OrchInner>,
-    shared: Arc<RoutineShared>,
-    armed: bool,
-}
-
-impl Drop for FinishGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            self.shared.set_last_error(Some("aborted: could not be stopped in time".into()));
-            finish(&self.orch, &self.shared, State::Stopped);
-        }
-    }
-}
-
-/// Writes the stats table (shared by `print_stats` and `gorch-host ps`).
-pub fn write_stats_table(w: &mut dyn io::Write, snaps: &[Snapshot]) -> io::Result<()> {
-    writeln!(
-        w,
-        "{:>5}  {:<20} {:<12} {:<9} {:<12} {:>4} {:>9} {:>8} {:>9} {:>12} {:>9} {:>9} {:>8} {:>8}  LAST ERROR",
-        "ID",
-        "NAME",
-        "PLUGIN",
-        "STATE",
-        "HEALTH",
-        "RST",
-        "UPTIME",
-        "IDLE",
-        "BUSY",
-        "FUEL",
-        "MEM",
-        "QUEUE",
-        "IN",
-        "OUT"
-    )?;
-    for s in snaps {
-        writeln!(
-            w,
-            "{:>5}  {:<20} {:<12} {:<9} {:<12} {:>4} {:>8.1}s {:>7.1}s {:>8.3}s {:>12} {:>9} {:>9} {:>8} {:>8}  {}",
-            s.id,
-            truncate(&s.name, 20),
-            truncate(&s.plugin, 12),
-            s.state.as_str(),
-            s.health.as_str(),
-            s.restarts,
-            s.uptime_seconds,
-            s.idle_seconds,
-            s.busy_seconds,
-            s.fuel_consumed,
-            human_bytes(s.memory_bytes),
-            format!("{}/{}", s.queue_len, s.queue_cap),
-            s.messages_in,
-            s.messages_out,
-            s.last_error
-                .as_deref()
-                .map(|e| truncate(e.lines().next().unwrap_or(""), 60))
-                .unwrap_or_default(),
-        )?;
-    }
-    Ok(())
-}
-
-fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
-}
-
-/// `65536` → `64.0KiB`.
-pub(crate) fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < UNITS.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 { format!("{b}B") } else { format!("{v:.1}{}", UNITS[i]) }
 }

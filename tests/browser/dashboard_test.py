@@ -2,7 +2,8 @@
 chromium-driver) opens /gorchestra of a host running the example plugins, checks that the
 table lists them, sorts by a column, sees a value change, and saves a PNG screenshot.
 
-Run by .ci/run after `cargo test` (which builds target/debug/gorch-host and the guests):
+Run by .ci/run after `cargo test` (which builds the demo example, target/debug/examples/demo,
+and the guests):
     python3 tests/browser/dashboard_test.py [SCREENSHOT.png]
 """
 
@@ -19,7 +20,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.join(ROOT, "target", "debug", "gorch-host")
+BIN = os.path.join(ROOT, "target", "debug", "examples", "demo")
 EXPECTED = {"ticker", "echo", "producer", "consumer-1", "consumer-2", "crasher", "spinner"}
 
 
@@ -54,7 +55,7 @@ def main():
     shot = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target", "dashboard.png")
     port = free_port()
     host = subprocess.Popen(
-        [BIN, "run", os.path.join(ROOT, "examples", "plugins"), "--addr", f"127.0.0.1:{port}"],
+        [BIN, "--addr", f"127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

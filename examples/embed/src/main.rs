@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use gorch_host::{CallError, Orchestrator, SpawnOptions, WasmEngine, WasmOptions, example_guests};
+use gorch_host::{CallError, Orchestrator, SpawnOptions, WasmEngine, WasmOptions};
 
 fn main() -> anyhow::Result<()> {
     gorch_host::runtime_builder().build()?.block_on(async {
@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
         let engine = WasmEngine::new(Default::default())?;
 
         // A wasm guest: takes messages from its mailbox and republishes them on `echo`.
-        let echo = engine.load_file(example_guests::path("echo"))?;
+        let echo = engine.load_file(gorch_artifacts::path("echo"))?;
         orch.spawn_wasm(SpawnOptions::new("echo"), &echo, WasmOptions::default())?;
 
         // A native routine: sends to the guest's mailbox, reads the `echo` topic back.

@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use gorch_host::{
-    CacheStatus, CompileCache, EngineConfig, Orchestrator, SpawnOptions, State, WasmEngine,
-    WasmOptions, example_guests,
-};
+use gorch_host::wasm::{CacheStatus, CompileCache};
+use gorch_host::{EngineConfig, Orchestrator, SpawnOptions, State, WasmEngine, WasmOptions};
 
 use crate::common::*;
 
@@ -46,7 +44,7 @@ fn runs_ok(component: &gorch_host::WasmComponent) {
 fn second_load_is_a_hit_and_runs() {
     let dir = tempfile::tempdir().unwrap();
     let engine = cached_engine(dir.path());
-    let path = example_guests::path("testkit");
+    let path = gorch_artifacts::path("testkit");
     let first = engine.load_file(&path).unwrap();
     assert_eq!(first.cache_status(), CacheStatus::Miss);
     let file = entry(dir.path());
@@ -61,7 +59,7 @@ fn second_load_is_a_hit_and_runs() {
     runs_ok(&second);
 
     // Another component gets another entry; without a cache nothing is written.
-    again.load_file(example_guests::path("echo")).unwrap();
+    again.load_file(gorch_artifacts::path("echo")).unwrap();
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     let plain = WasmEngine::new(EngineConfig { pooling: false, ..Default::default() }).unwrap();
     assert_eq!(plain.load_file(&path).unwrap().cache_status(), CacheStatus::Off);
@@ -70,7 +68,7 @@ fn second_load_is_a_hit_and_runs() {
 #[test]
 fn corrupt_truncated_or_foreign_entries_are_replaced() {
     let dir = tempfile::tempdir().unwrap();
-    let path = example_guests::path("testkit");
+    let path = gorch_artifacts::path("testkit");
     cached_engine(dir.path()).load_file(&path).unwrap();
     let file = entry(dir.path());
     let good = std::fs::read(&file).unwrap();
@@ -106,10 +104,10 @@ fn an_unwritable_cache_only_costs_a_compile() {
     let blocked = dir.path().join("cache");
     std::fs::write(&blocked, b"").unwrap();
     let engine = cached_engine(&blocked);
-    let c = engine.load_file(example_guests::path("echo")).unwrap();
+    let c = engine.load_file(gorch_artifacts::path("echo")).unwrap();
     assert_eq!(c.cache_status(), CacheStatus::Miss);
     assert_eq!(
-        engine.load_file(example_guests::path("echo")).unwrap().cache_status(),
+        engine.load_file(gorch_artifacts::path("echo")).unwrap().cache_status(),
         CacheStatus::Miss
     );
 }
@@ -120,14 +118,14 @@ fn the_cache_directory_is_private_and_a_shared_one_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("new");
-    cached_engine(&cache).load_file(example_guests::path("echo")).unwrap();
+    cached_engine(&cache).load_file(gorch_artifacts::path("echo")).unwrap();
     assert_eq!(std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777, 0o700);
 
     // Anyone could plant compiled code here: not read, not written.
     let shared = dir.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let c = cached_engine(&shared).load_file(example_guests::path("echo")).unwrap();
+    let c = cached_engine(&shared).load_file(gorch_artifacts::path("echo")).unwrap();
     assert_eq!(c.cache_status(), CacheStatus::Off);
     assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
 }

@@ -4,23 +4,21 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gorch_host::example_guests;
-
 const BIN: &str = env!("CARGO_BIN_EXE_gorch-host");
 
 #[test]
 fn run_starts_good_plugins_reports_bad_ones_and_stops_on_sigint() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(example_guests::path("ticker"), dir.path().join("ticker.wasm")).unwrap();
+    std::fs::copy(gorch_artifacts::path("ticker"), dir.path().join("ticker.wasm")).unwrap();
     std::fs::write(dir.path().join("ticker.toml"), "idle-timeout = \"10s\"\n").unwrap();
     // A plain WASI command: its stdout goes to the log, attributed to the routine.
-    std::fs::copy(example_guests::path("hello-command"), dir.path().join("hello-command.wasm"))
+    std::fs::copy(gorch_artifacts::path("hello-command"), dir.path().join("hello-command.wasm"))
         .unwrap();
     std::fs::write(dir.path().join("hello-command.toml"), "restart = \"never\"\n").unwrap();
     // Not wasm at all.
     std::fs::write(dir.path().join("broken.wasm"), b"garbage").unwrap();
     // A good component with a bad manifest.
-    std::fs::copy(example_guests::path("echo"), dir.path().join("echo.wasm")).unwrap();
+    std::fs::copy(gorch_artifacts::path("echo"), dir.path().join("echo.wasm")).unwrap();
     std::fs::write(dir.path().join("echo.toml"), "queue-capacity = 8\nbogus = true\n").unwrap();
 
     let cache = tempfile::tempdir().unwrap();
@@ -81,7 +79,7 @@ fn run_starts_good_plugins_reports_bad_ones_and_stops_on_sigint() {
 fn check_validates_components_and_prints_imports_and_exports() {
     let ok = Command::new(BIN)
         .args(["check", "--no-cache"])
-        .arg(example_guests::path("ticker"))
+        .arg(gorch_artifacts::path("ticker"))
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&ok.stdout);

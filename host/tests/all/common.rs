@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use gorch_host::{
     Orchestrator, RoutineHandle, SpawnOptions, WasmComponent, WasmEngine, WasmOptions,
-    example_guests,
 };
 
 /// One engine for the whole test binary (its epoch ticker is a plain thread).
@@ -22,7 +21,7 @@ pub fn engine() -> &'static WasmEngine {
 /// The `testkit` guest, compiled once.
 pub fn testkit() -> &'static WasmComponent {
     static C: OnceLock<WasmComponent> = OnceLock::new();
-    C.get_or_init(|| engine().load_file(example_guests::path("testkit")).expect("testkit"))
+    C.get_or_init(|| engine().load_file(gorch_artifacts::path("testkit")).expect("testkit"))
 }
 
 /// Spawns the testkit guest in `mode`.

@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gorch_host::{ByteSize, PluginManifest, RestartPolicy};
+use gorch_host::plugin::ByteSize;
+use gorch_host::{PluginManifest, RestartPolicy};
 
 fn dir(kind: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/manifests").join(kind)
@@ -118,7 +119,8 @@ fn gorch_toml_groups_order_members_first_and_name_bad_members() {
     let scanned = PluginDir::scan(dir.path()).unwrap();
     assert!(
         scanned.errors[0]
-            .ends_with("gorch.toml: group g: no plugin named \"zed\" in this directory"),
+            .to_string()
+            .contains("gorch.toml: group g: no plugin named \"zed\" in this directory"),
         "{:?}",
         scanned.errors
     );
@@ -127,7 +129,7 @@ fn gorch_toml_groups_order_members_first_and_name_bad_members() {
     std::fs::write(dir.path().join("gorch.toml"), "[groups.g]\nmembers = []\nbogus = 1\n").unwrap();
     let scanned = PluginDir::scan(dir.path()).unwrap();
     assert!(
-        scanned.errors[0].contains("gorch.toml:3:1: unknown field `bogus`"),
+        scanned.errors[0].to_string().contains("gorch.toml:3:1: unknown field `bogus`"),
         "{:?}",
         scanned.errors
     );

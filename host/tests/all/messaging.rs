@@ -29,7 +29,7 @@ fn each_wit_error_variant_reaches_a_guest() {
         // And `cancelled`: a blocked recv woken by stop.
         let r = spawn_mode(&orch, SpawnOptions::new("recv"), "recv");
         assert!(wait_until(Duration::from_secs(10), || r.state() == State::Running).await);
-        r.kill();
+        r.stop();
         r.wait().await;
         assert_eq!(last_error(&orch, "recv"), "recv: cancelled");
         shutdown(&orch).await;
@@ -87,18 +87,19 @@ fn a_flooding_guest_gets_errors_and_the_host_stays_small() {
         orch.bus().remove("doomed");
         assert_eq!(wait_end(&errs, Duration::from_secs(20)).await, State::Failed);
         assert!(last_error(&orch, "errs").contains(" limit@"), "{}", last_error(&orch, "errs"));
-        assert_eq!(orch.bus().len(), gorch_host::DEFAULT_MAX_TOPICS);
+        assert_eq!(orch.bus().len(), gorch_host::bus::DEFAULT_MAX_TOPICS);
         let t = orch.bus().topic("flood", 1).unwrap();
         assert!(
-            wait_until(Duration::from_secs(10), || t.len() == gorch_host::DEFAULT_TOPIC_CAPACITY)
-                .await
+            wait_until(Duration::from_secs(10), || t.len()
+                == gorch_host::bus::DEFAULT_TOPIC_CAPACITY)
+            .await
         );
         assert_eq!(flood.state(), State::Running, "blocked in publish, not failed");
         // Bounded: what the host holds for the flood is one topic's capacity of 1 KiB
         // messages, and it stays there while the guest keeps trying.
         let held = || orch.topics().iter().map(|t| t.bytes).sum::<usize>();
         assert!(
-            held() <= gorch_host::DEFAULT_TOPIC_CAPACITY * 1024 + 2 * 1024 * 1024,
+            held() <= gorch_host::bus::DEFAULT_TOPIC_CAPACITY * 1024 + 2 * 1024 * 1024,
             "{}",
             held()
         );

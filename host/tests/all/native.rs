@@ -160,7 +160,7 @@ fn a_native_routine_that_ignores_cancellation_is_dropped_after_the_grace_period(
                 Ok::<(), String>(())
             })
             .unwrap();
-        h.kill();
+        h.stop();
         assert_eq!(wait_end(&h, Duration::from_secs(2)).await, State::Stopped);
         shutdown(&orch).await;
     })

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use gorch_host::{ObsConfig, ObsServer, ObsState, Orchestrator, SpawnOptions, router};
+use gorch_host::obs::{ObsState, router};
+use gorch_host::{ObsConfig, ObsServer, Orchestrator, SpawnOptions};
 use tower::ServiceExt;
 
 use crate::common::*;
@@ -75,7 +76,7 @@ fn metrics_have_the_design_names_and_the_counters_values() {
             assert!(m.contains(&format!("# TYPE {name} ")), "{name} missing:\n{m}");
         }
         // A finished routine's series disappear.
-        worker.kill();
+        worker.stop();
         worker.wait().await;
         let (_, m) = get(&app, "/metrics", None).await;
         assert!(!m.contains(r#"name="worker""#), "{m}");
@@ -107,11 +108,12 @@ fn the_text_writer_and_the_collector_report_the_same_series() {
             v
         };
         let mut text = String::new();
-        gorch_host::metrics::write_text(&orch, &mut text);
-        let collected = gorch_host::metrics::render(&gorch_host::metrics::registry(&orch));
+        gorch_host::obs::metrics::write_text(&orch, &mut text);
+        let collected =
+            gorch_host::obs::metrics::render(&gorch_host::obs::metrics::registry(&orch));
         assert_eq!(series(&text), series(&collected));
         assert!(text.contains(r#"gorch_routine_up{name="a \"quoted\" \\ name"} 1"#), "{text}");
-        h.kill();
+        h.stop();
         h.wait().await;
         shutdown(&orch).await;
     })
@@ -149,7 +151,7 @@ fn json_api_health_readiness_and_a_hostile_name() {
         state.set_ready(true);
         assert_eq!(get(&app, "/readyz", None).await.0, StatusCode::OK);
         assert_eq!(get(&app, "/gorchestra/api/topics", None).await.1, "[]");
-        h.kill();
+        h.stop();
         h.wait().await;
         let (_, hist) = get(&app, "/gorchestra/api/history", None).await;
         let v: serde_json::Value = serde_json::from_str(&hist).unwrap();

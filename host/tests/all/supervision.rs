@@ -111,7 +111,7 @@ fn stop_and_shutdown_during_backoff_act_at_once() {
             if via_shutdown {
                 assert_eq!(orch.shutdown(Duration::from_secs(5)).await.stopped, 1);
             } else {
-                h.kill();
+                h.stop();
             }
             assert_eq!(h.wait().await, State::Stopped);
             assert!(t.elapsed() < Duration::from_millis(10));
@@ -177,7 +177,7 @@ fn policy_by_outcome_matrix() {
                 .unwrap();
             if let How::Kill = how {
                 tokio::time::sleep(Duration::from_millis(5)).await;
-                h.kill();
+                h.stop();
             } else if let How::IdleTimeout = how {
                 // Keeps beating from outside so that only the first run times out? No: each
                 // run must time out by itself, so nothing beats.
@@ -264,7 +264,7 @@ fn a_crash_loses_no_message_and_poison_goes_to_dead_letter() {
                 WasmOptions::default().env("SOURCE", source),
             );
             let out = orch.bus().topic("testkit-out", 2000).unwrap();
-            let dead = orch.bus().topic(gorch_host::DEAD_LETTER_TOPIC, 16).unwrap();
+            let dead = orch.bus().topic(gorch_host::delivery::DEAD_LETTER_TOPIC, 16).unwrap();
             let input = if source == "mailbox" {
                 h.mailbox().clone()
             } else {

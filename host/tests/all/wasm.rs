@@ -66,7 +66,7 @@ fn stopping_a_spinning_guest_takes_the_grace_period_and_little_more() {
         let h = spawn_mode(&orch, SpawnOptions::new("spin").grace(grace), "spin");
         assert!(wait_until(Duration::from_secs(10), || h.snapshot().fuel_consumed > 0).await);
         let t = Instant::now();
-        h.kill();
+        h.stop();
         assert_eq!(wait_end(&h, Duration::from_secs(5)).await, State::Stopped);
         let took = t.elapsed();
         assert!(took >= grace, "killed before the grace period: {took:?}");
@@ -74,7 +74,11 @@ fn stopping_a_spinning_guest_takes_the_grace_period_and_little_more() {
         // The accounting of a killed instance: fuel is written back at least every
         // FUEL_YIELD_INTERVAL units, busy time comes from timing every poll.
         let s = h.snapshot();
-        assert!(s.fuel_consumed > gorch_host::FUEL_YIELD_INTERVAL, "fuel {}", s.fuel_consumed);
+        assert!(
+            s.fuel_consumed > gorch_host::wasm::FUEL_YIELD_INTERVAL,
+            "fuel {}",
+            s.fuel_consumed
+        );
         assert!(s.busy_seconds > 0.1, "busy {}", s.busy_seconds);
         shutdown(&orch).await;
     })
@@ -88,7 +92,7 @@ fn a_guest_blocked_in_recv_is_woken_by_stop() {
         assert!(wait_until(Duration::from_secs(10), || h.state() == State::Running).await);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let t = Instant::now();
-        h.kill();
+        h.stop();
         assert_eq!(wait_end(&h, Duration::from_secs(5)).await, State::Stopped);
         assert!(t.elapsed() < Duration::from_secs(1), "not woken: {:?}", t.elapsed());
         assert_eq!(last_error(&orch, "recv"), "recv: cancelled");
@@ -104,7 +108,7 @@ fn a_guest_blocked_in_sleep_is_woken_by_stop() {
         let h = spawn_mode(&orch, opts, "sleep-forever");
         assert!(wait_until(Duration::from_secs(10), || h.state() == State::Running).await);
         let t = Instant::now();
-        h.kill();
+        h.stop();
         assert_eq!(wait_end(&h, Duration::from_secs(5)).await, State::Stopped);
         assert!(t.elapsed() < Duration::from_secs(1));
         assert_eq!(last_error(&orch, "sleeper"), "sleep returned false");
@@ -326,7 +330,7 @@ fn mailbox_to_bus_round_trip_through_a_guest() {
 fn a_plain_wasi_command_runs_as_a_worker() {
     run(async {
         let orch = Orchestrator::new();
-        let cmd = engine().load_file(gorch_host::example_guests::path("hello-command")).unwrap();
+        let cmd = engine().load_file(gorch_artifacts::path("hello-command")).unwrap();
         assert!(cmd.is_command());
         let ok = orch.spawn_wasm(SpawnOptions::new("hello"), &cmd, WasmOptions::default()).unwrap();
         let fail_opts =

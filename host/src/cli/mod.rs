@@ -1,0 +1,103 @@
+//! The `gorch-host` command line: [`main`] (what the binary calls), and one clap struct per
+//! subcommand, each in its own file with a `run()`: [`RunCmd`], [`CheckCmd`], [`PsCmd`].
+//! Errors here are `anyhow` (printed with their cause chain); the library's are typed.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::wasm::{CompileCache, DEFAULT_POOL_SIZE, EngineConfig};
+
+mod check;
+mod ps;
+mod run;
+
+pub use check::CheckCmd;
+pub use ps::PsCmd;
+pub use run::RunCmd;
+
+/// Runs sandboxed WebAssembly component workers and keeps them alive and visible.
+#[derive(Debug, Parser)]
+#[command(name = "gorch-host", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load, validate and start every plugin in a directory; run until SIGINT/SIGTERM.
+    Run(RunCmd),
+    /// Validate component files against the gorch:worker world; print imports and exports.
+    Check(CheckCmd),
+    /// Print the stats table of a running host (from its JSON API).
+    Ps(PsCmd),
+}
+
+/// The `gorch-host` program: parses `args` (the first is the program name), sets up logging
+/// and the runtime, runs the command and prints the error chain on failure. The binary is
+/// this one call; the demo example calls it too.
+pub fn main<I, T>(args: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = crate::runtime_builder()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(cli.run()));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+impl Cli {
+    /// Runs the chosen subcommand.
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Run(c) => c.run().await,
+            Command::Check(c) => c.run(),
+            Command::Ps(c) => c.run().await,
+        }
+    }
+}
+
+/// Engine settings shared by `run` and `check`.
+#[derive(Debug, clap::Args)]
+pub struct EngineArgs {
+    /// Directory of compiled components, so later starts skip compilation
+    /// [default: $XDG_CACHE_HOME/gorch-host or ~/.cache/gorch-host].
+    #[arg(long, env = "GORCH_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Compile every component at start, without reading or writing the cache.
+    #[arg(long, conflicts_with = "cache_dir")]
+    pub no_cache: bool,
+}
+
+impl EngineArgs {
+    /// The engine configuration these flags ask for, with room in the instance pool for
+    /// `instances` concurrent instances (at least the default).
+    pub fn config(&self, instances: usize) -> EngineConfig {
+        let cache_dir = if self.no_cache {
+            None
+        } else {
+            self.cache_dir.clone().or_else(CompileCache::default_dir)
+        };
+        let pool_size = u32::try_from(instances).unwrap_or(u32::MAX).max(DEFAULT_POOL_SIZE);
+        EngineConfig { cache_dir, pool_size, ..Default::default() }
+    }
+}

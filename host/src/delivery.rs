@@ -1,0 +1,156 @@
+//! The delivery rule, in one place: at-least-once across crashes.
+//!
+//! A routine receives a [`Message`] from its mailbox or a topic; the message then stays *in
+//! flight* (a copy in the routine's [`InFlightSlot`]) until the routine asks for the next one
+//! (which acknowledges it) or its run returns `ok`. If the run ends any other way (error,
+//! trap, idle timeout, kill, restart by its group), [`settle`] puts the message back at the
+//! head of the queue it came from, so the restarted instance (or, for a topic, any consumer)
+//! receives it again first. A message delivered `max-deliveries` times goes to the
+//! [`DEAD_LETTER_TOPIC`] instead, as JSON naming the routine, the error and the source.
+
+use parking_lot::Mutex;
+
+use crate::channel::{Channel, Sizer};
+use crate::orchestrator::OrchInner;
+use crate::routine::RoutineShared;
+
+/// The topic that receives messages delivered `max-deliveries` times without success.
+pub const DEAD_LETTER_TOPIC: &str = "dead-letter";
+
+/// A message in a mailbox or topic: the payload, and how many times it was delivered
+/// already (it is delivered again when its receiver crashes while processing it).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Message {
+    /// The bytes.
+    pub payload: Vec<u8>,
+    /// Deliveries so far (0 for a message never received).
+    pub deliveries: u32,
+}
+
+impl Message {
+    /// A fresh message.
+    pub fn new(payload: impl Into<Vec<u8>>) -> Self {
+        Message { payload: payload.into(), deliveries: 0 }
+    }
+}
+
+impl From<Vec<u8>> for Message {
+    fn from(payload: Vec<u8>) -> Self {
+        Message { payload, deliveries: 0 }
+    }
+}
+
+impl From<&[u8]> for Message {
+    fn from(payload: &[u8]) -> Self {
+        Message::new(payload)
+    }
+}
+
+impl From<&str> for Message {
+    fn from(payload: &str) -> Self {
+        Message::new(payload.as_bytes())
+    }
+}
+
+impl Sizer for Message {
+    fn approx_size(&self) -> usize {
+        self.payload.len()
+    }
+}
+
+/// Where an in-flight message came from, so that a crash can put it back.
+pub(crate) enum Source {
+    Mailbox,
+    Topic(String, Channel<Message>),
+}
+
+impl Source {
+    fn describe(&self) -> String {
+        match self {
+            Source::Mailbox => "mailbox".to_string(),
+            Source::Topic(t, _) => format!("topic:{t}"),
+        }
+    }
+}
+
+struct InFlight {
+    msg: Message,
+    source: Source,
+}
+
+/// The message a routine received last, until its next receive or a clean return.
+#[derive(Default)]
+pub(crate) struct InFlightSlot(Mutex<Option<InFlight>>);
+
+impl InFlightSlot {
+    /// The previous message was processed: it is no longer in flight.
+    pub fn ack(&self) {
+        *self.0.lock() = None;
+    }
+
+    /// `msg` was just taken from `source`: counts the delivery, keeps a copy in flight and
+    /// returns the payload for the routine.
+    pub fn deliver(&self, mut msg: Message, source: Source) -> Vec<u8> {
+        msg.deliveries += 1;
+        let keep = Message { payload: msg.payload.clone(), deliveries: msg.deliveries };
+        *self.0.lock() = Some(InFlight { msg: keep, source });
+        msg.payload
+    }
+}
+
+/// After a run: a clean return acknowledges the message in flight; any other end puts it
+/// back at the head of its queue, or sends it to `dead-letter` once it has been delivered
+/// `max-deliveries` times.
+pub(crate) fn settle(orch: &OrchInner, shared: &RoutineShared, clean: bool) {
+    let Some(InFlight { msg, source }) = shared.in_flight().0.lock().take() else { return };
+    if clean {
+        return;
+    }
+    if msg.deliveries >= shared.supervision().max_deliveries {
+        dead_letter(orch, shared, msg, &source);
+        return;
+    }
+    let back = match &source {
+        Source::Mailbox => shared.mailbox().push_front(msg),
+        Source::Topic(_, ch) => ch.push_front(msg),
+    };
+    if back.is_err() {
+        tracing::warn!(routine = %shared.name(), "in-flight message dropped: its queue is closed");
+    }
+}
+
+/// A dead letter, as JSON on the `dead-letter` topic.
+#[derive(serde::Serialize)]
+struct DeadLetter<'a> {
+    routine: &'a str,
+    error: Option<String>,
+    source: String,
+    deliveries: u32,
+    payload: &'a [u8],
+}
+
+fn dead_letter(orch: &OrchInner, shared: &RoutineShared, msg: Message, source: &Source) {
+    let letter = DeadLetter {
+        routine: shared.name(),
+        error: shared.last_error(),
+        source: source.describe(),
+        deliveries: msg.deliveries,
+        payload: &msg.payload,
+    };
+    let json = serde_json::to_vec(&letter).unwrap_or_default();
+    shared.count_dead_letter();
+    tracing::warn!(
+        routine = %shared.name(),
+        "message from {} failed {} deliveries: sent to {DEAD_LETTER_TOPIC}",
+        letter.source,
+        msg.deliveries
+    );
+    match orch.topic(DEAD_LETTER_TOPIC) {
+        Ok(ch) => {
+            if ch.try_send(Message::from(json)).is_err() {
+                tracing::error!("the {DEAD_LETTER_TOPIC} topic is full; a dead letter was dropped");
+            }
+        }
+        Err(e) => tracing::error!("cannot reach the {DEAD_LETTER_TOPIC} topic: {e}"),
+    }
+}

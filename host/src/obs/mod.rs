@@ -1,0 +1,143 @@
+//! Observability: what an operator sees of a running host. Safe by default: bound to
+//! 127.0.0.1, profiling off, an optional bearer token, a header-read timeout and a body
+//! limit.
+//!
+//! - this module: [`ObsConfig`] and [`ObsServer`] (bind, accept, graceful close);
+//! - [`routes`]: the axum [`router`] (`/metrics`, the dashboard, the JSON API, health,
+//!   readiness, the profile) and the token check;
+//! - [`metrics`]: the `gorch_*` series, as Prometheus text or a `Collector`;
+//! - `process`: the process's own figures (CPU, RSS, threads; `process_*` metrics);
+//! - `profile`: CPU profiles in pprof's format;
+//! - `dashboard.html`: the live dashboard, one self-contained page.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::orchestrator::Orchestrator;
+
+pub mod metrics;
+mod process;
+mod profile;
+pub mod routes;
+
+pub use routes::{BODY_LIMIT, MAX_PROFILE_SECONDS, ObsState, router};
+
+/// Default address of the observability server.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:9090";
+/// How long a client may take to send its request headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings of the observability server. `Default` is the safe default: 127.0.0.1:9090,
+/// dashboard on, profiling off, no token.
+#[derive(Debug, Clone)]
+pub struct ObsConfig {
+    /// Where to listen.
+    pub addr: SocketAddr,
+    /// Serve the dashboard at `/gorchestra`.
+    pub dashboard: bool,
+    /// Serve `/debug/pprof/profile`.
+    pub pprof: bool,
+    /// Require `Authorization: Bearer <token>` on every route but `/healthz`.
+    pub token: Option<String>,
+}
+
+impl Default for ObsConfig {
+    fn default() -> Self {
+        ObsConfig {
+            addr: DEFAULT_ADDR.parse().expect("valid default address"),
+            dashboard: true,
+            pprof: false,
+            token: None,
+        }
+    }
+}
+
+/// A running observability server.
+pub struct ObsServer {
+    addr: SocketAddr,
+    state: ObsState,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for ObsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObsServer").field("addr", &self.addr).finish()
+    }
+}
+
+impl ObsServer {
+    /// Binds `config.addr` (synchronously: a bind error is returned, never swallowed) and
+    /// serves the routes on the current tokio runtime.
+    pub fn start(orch: &Orchestrator, config: &ObsConfig) -> std::io::Result<ObsServer> {
+        let std_listener = std::net::TcpListener::bind(config.addr)?;
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        let state = ObsState::new(orch, config.token.clone());
+        let app = router(state.clone(), config);
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(accept_loop(listener, app, cancel.clone(), tracker.clone()));
+        Ok(ObsServer { addr, state, cancel, tracker })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Marks the host ready for `/readyz`.
+    pub fn set_ready(&self, ready: bool) {
+        self.state.set_ready(ready);
+    }
+
+    /// Stops accepting, closes the connections and waits for their tasks.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let svc = TowerToHyperService::new(app.clone());
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn = b.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = cancel.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,241 @@
+//! A plugin directory: every `NAME.wasm` with its optional `NAME.toml`, and `gorch.toml`
+//! (groups). Scanning reads manifests only; loading and starting is `plugin::start`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::manifest::{ManifestError, PluginManifest, parse_toml, read_toml};
+use crate::supervisor::{Intensity, Strategy};
+
+/// The directory-wide configuration file: groups.
+pub const DIR_CONFIG: &str = "gorch.toml";
+
+/// A problem that keeps a plugin (or the groups) from being used. Each names the file, and
+/// the plugin or group it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// A plugin's manifest could not be read or is invalid: the plugin is skipped.
+    #[error("{0}")]
+    Manifest(ManifestError),
+    /// `NAME.toml` without `NAME.wasm`.
+    #[error("{}: manifest without a component: no {stem}.wasm beside it", path.display())]
+    Orphan {
+        /// The manifest.
+        path: PathBuf,
+        /// Its stem.
+        stem: String,
+    },
+    /// `gorch.toml` could not be read or is invalid: groups are ignored.
+    #[error("{0} (groups ignored)")]
+    DirConfig(ManifestError),
+    /// A group names a plugin that is not in the directory: groups are ignored.
+    #[error("{}: group {group}: no plugin named {member:?} in this directory (groups ignored)", config.display())]
+    UnknownMember {
+        /// `gorch.toml`.
+        config: PathBuf,
+        /// The group.
+        group: String,
+        /// The missing plugin.
+        member: String,
+    },
+    /// A plugin is a member of two groups: groups are ignored.
+    #[error("{}: plugin {member:?} is in two groups ({first} and {second}) (groups ignored)", config.display())]
+    TwoGroups {
+        /// `gorch.toml`.
+        config: PathBuf,
+        /// The plugin.
+        member: String,
+        /// The first group naming it.
+        first: String,
+        /// The second.
+        second: String,
+    },
+    /// The component could not be loaded (read, compiled, or fitted to the world).
+    #[error("{0}")]
+    Load(#[from] crate::wasm::LoadError),
+}
+
+impl PluginError {
+    /// The file the problem is in.
+    pub fn path(&self) -> &Path {
+        match self {
+            PluginError::Manifest(e) | PluginError::DirConfig(e) => &e.path,
+            PluginError::Orphan { path, .. } => path,
+            PluginError::UnknownMember { config, .. } | PluginError::TwoGroups { config, .. } => {
+                config
+            }
+            PluginError::Load(e) => e.path(),
+        }
+    }
+}
+
+/// One plugin found in a directory: its component file and its manifest.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    /// The file stem (`echo` for `echo.wasm`).
+    pub stem: String,
+    /// The component file.
+    pub wasm: PathBuf,
+    /// The manifest (defaults when there is no `NAME.toml`).
+    pub manifest: PluginManifest,
+}
+
+/// A plugin directory, scanned: the plugins that can be tried, and the problems found.
+#[derive(Debug, Default)]
+pub struct PluginDir {
+    /// Plugins with a valid (or no) manifest: group members first, in group and start
+    /// order, then the others by file name.
+    pub plugins: Vec<PluginSpec>,
+    /// The groups of `gorch.toml` (empty without one, or when it is invalid).
+    pub groups: BTreeMap<String, GroupConfig>,
+    /// Problems that keep a plugin from being tried, each naming its file.
+    pub errors: Vec<PluginError>,
+}
+
+/// `gorch.toml` of a plugin directory:
+///
+/// ```toml
+/// [groups.pipeline]
+/// strategy = "rest-for-one"          # one-for-one (default) | one-for-all | rest-for-one
+/// members = ["producer", "consumer"] # plugin names, in start order
+/// [groups.pipeline.intensity]        # the group's restart limit (default 5 within 10s)
+/// max-restarts = 5
+/// within = "10s"
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DirConfig {
+    /// Groups by name.
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupConfig>,
+}
+
+/// One `[groups.NAME]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GroupConfig {
+    /// Restart strategy.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Plugin names (a manifest's `name`, or the file stem), in start order.
+    pub members: Vec<String>,
+    /// The group's restart intensity limit.
+    #[serde(default)]
+    pub intensity: Intensity,
+}
+
+impl DirConfig {
+    /// Parses `gorch.toml` text; `path` names it in errors.
+    pub fn from_str(path: &Path, text: &str) -> Result<Self, ManifestError> {
+        parse_toml(path, text)
+    }
+}
+
+impl PluginDir {
+    /// How many routines the plugins ask for in all (their `instances`).
+    pub fn instances(&self) -> usize {
+        self.plugins.iter().map(|p| p.manifest.instances.max(1) as usize).sum()
+    }
+
+    /// Finds every `*.wasm` in `dir` with its optional `NAME.toml`.
+    pub fn scan(dir: &Path) -> std::io::Result<PluginDir> {
+        let mut out = PluginDir::default();
+        let config_path = dir.join(DIR_CONFIG);
+        if config_path.exists() {
+            match read_toml::<DirConfig>(&config_path) {
+                Ok(c) => out.groups = c.groups,
+                Err(e) => out.errors.push(PluginError::DirConfig(e)),
+            }
+        }
+        let mut entries: Vec<PathBuf> =
+            std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        for path in &entries {
+            let ext = path.extension().and_then(|e| e.to_str());
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+            match ext {
+                Some("wasm") => {
+                    let toml = path.with_extension("toml");
+                    let manifest = if toml.exists() {
+                        match PluginManifest::from_file(&toml) {
+                            Ok(m) => m,
+                            Err(e) => {
+                                out.errors.push(PluginError::Manifest(e));
+                                continue;
+                            }
+                        }
+                    } else {
+                        PluginManifest::default()
+                    };
+                    out.plugins.push(PluginSpec { stem, wasm: path.clone(), manifest });
+                }
+                Some("toml")
+                    if path.file_name().and_then(|n| n.to_str()) != Some(DIR_CONFIG)
+                        && !path.with_extension("wasm").exists() =>
+                {
+                    out.errors.push(PluginError::Orphan { path: path.clone(), stem });
+                }
+                _ => {}
+            }
+        }
+        out.order_groups(&config_path);
+        Ok(out)
+    }
+
+    /// The plugin name a group refers to: the manifest's `name`, or the file stem.
+    pub fn plugin_name(spec: &PluginSpec) -> &str {
+        spec.manifest.name.as_deref().unwrap_or(&spec.stem)
+    }
+
+    /// The group a plugin belongs to.
+    pub fn group_of(&self, spec: &PluginSpec) -> Option<&str> {
+        let name = Self::plugin_name(spec);
+        self.groups
+            .iter()
+            .find(|(_, g)| g.members.iter().any(|m| m == name))
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// Checks group members and puts them first, in start order.
+    fn order_groups(&mut self, config_path: &Path) {
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut bad = Vec::new();
+        for (gname, g) in &self.groups {
+            for m in &g.members {
+                if !self.plugins.iter().any(|p| Self::plugin_name(p) == m) {
+                    bad.push(PluginError::UnknownMember {
+                        config: config_path.to_path_buf(),
+                        group: gname.clone(),
+                        member: m.clone(),
+                    });
+                }
+                if let Some(other) = seen.insert(m, gname) {
+                    bad.push(PluginError::TwoGroups {
+                        config: config_path.to_path_buf(),
+                        member: m.clone(),
+                        first: other.to_string(),
+                        second: gname.clone(),
+                    });
+                }
+            }
+        }
+        if !bad.is_empty() {
+            self.errors.extend(bad);
+            self.groups.clear();
+            return;
+        }
+        let key = |p: &PluginSpec| -> (usize, usize) {
+            let name = Self::plugin_name(p);
+            self.groups
+                .values()
+                .enumerate()
+                .find_map(|(gi, g)| g.members.iter().position(|m| m == name).map(|mi| (gi, mi)))
+                .unwrap_or((usize::MAX, 0))
+        };
+        let mut plugins = std::mem::take(&mut self.plugins);
+        plugins.sort_by_key(|p| key(p)); // stable: the others keep file-name order
+        self.plugins = plugins;
+    }
+}

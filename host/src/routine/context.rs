@@ -1,0 +1,194 @@
+//! [`RoutineContext`]: what a running routine uses to talk to the host (heartbeat,
+//! accounting, cancellation, its mailbox, other routines' mailboxes, the bus, logging).
+//! Native routines receive one per run; wasm guests reach the same functions through the
+//! WIT imports (`wasm::host`), so both kinds of routine behave the same.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::channel::{RecvError, SendError};
+use crate::delivery::{Message, Source};
+use crate::names::validate_routine_name;
+use crate::orchestrator::OrchInner;
+use crate::routine::shared::{RoutineShared, RunControl};
+
+/// Why a routine's host call did not complete; mirrors the WIT `error` variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The routine is being stopped: return promptly.
+    #[error("cancelled")]
+    Cancelled,
+    /// The mailbox or topic is closed and empty.
+    #[error("closed")]
+    Closed,
+    /// No live routine has this name.
+    #[error("no such routine: {0}")]
+    NoSuchRoutine(String),
+    /// The payload is larger than the per-message limit (bytes).
+    #[error("payload too large (limit {0} bytes)")]
+    TooLarge(u64),
+    /// A host limit was reached.
+    #[error("limit reached: {0}")]
+    Limit(String),
+    /// The topic or routine name is not valid.
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+}
+
+/// What a running routine uses to talk to the host: heartbeat, accounting, cancellation,
+/// its mailbox, other routines' mailboxes and the bus. Native routines receive one; wasm
+/// guests reach the same functions through the WIT imports.
+#[derive(Clone)]
+pub struct RoutineContext {
+    pub(crate) shared: Arc<RoutineShared>,
+    pub(crate) orch: Arc<OrchInner>,
+    pub(crate) run: Arc<RunControl>,
+}
+
+impl fmt::Debug for RoutineContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RoutineContext").field("name", &self.shared.name()).finish()
+    }
+}
+
+impl RoutineContext {
+    /// Stable id.
+    pub fn id(&self) -> u64 {
+        self.shared.id()
+    }
+    /// Unique name.
+    pub fn name(&self) -> &str {
+        self.shared.name()
+    }
+    /// Restarts so far.
+    pub fn restarts(&self) -> u64 {
+        self.shared.restarts()
+    }
+    /// Heartbeat: resets the idle watchdog.
+    pub fn beat(&self) {
+        self.shared.beat()
+    }
+    /// Adds busy time the host cannot observe.
+    pub fn add_busy(&self, d: Duration) {
+        self.shared.add_busy(d);
+    }
+    /// True once the host has asked this routine to stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.run.cancel.is_cancelled()
+    }
+    /// Completes when the host asks this routine to stop.
+    pub async fn cancelled(&self) {
+        self.run.cancel.cancelled().await
+    }
+    /// The cancellation token of the current stop request.
+    pub fn cancel_token(&self) -> &CancellationToken {
+        &self.run.cancel
+    }
+    /// Sleeps; returns false if cut short by cancellation.
+    pub async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.run.cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+
+    /// Next message from this routine's mailbox; `None` timeout waits without limit;
+    /// `Ok(None)` means the wait timed out.
+    ///
+    /// Receiving acknowledges the previous message; the one returned stays in flight until
+    /// the next receive or a clean return (at-least-once: see the README's delivery rule).
+    pub async fn recv(&self, timeout: Option<Duration>) -> Result<Option<Vec<u8>>, CallError> {
+        self.shared.in_flight().ack();
+        let r = self.shared.mailbox().recv_until(Some(&self.run.cancel), timeout).await;
+        self.took(r, || Source::Mailbox)
+    }
+
+    /// Delivers `payload` to the mailbox of the routine named `to`, waiting while it is full.
+    pub async fn send(&self, to: &str, payload: Vec<u8>) -> Result<(), CallError> {
+        self.check_size(payload.len())?;
+        let target = self.orch.mailbox_of(to).ok_or_else(|| {
+            if validate_routine_name(to).is_err() {
+                CallError::InvalidName(to.to_string())
+            } else {
+                CallError::NoSuchRoutine(to.to_string())
+            }
+        })?;
+        self.sent(target.send_cancellable(Message::from(payload), &self.run.cancel).await)
+    }
+
+    /// Publishes `payload` on `topic` (created on first use), waiting while it is full.
+    pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), CallError> {
+        self.check_size(payload.len())?;
+        let ch = self.orch.topic(topic)?;
+        self.sent(ch.send_cancellable(Message::from(payload), &self.run.cancel).await)
+    }
+
+    /// Next message on `topic` (created on first use); `Ok(None)` means the wait timed out.
+    /// Like [`recv`](Self::recv), the message stays in flight until the next receive.
+    pub async fn bus_recv(
+        &self,
+        topic: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Vec<u8>>, CallError> {
+        let ch = self.orch.topic(topic)?;
+        self.shared.in_flight().ack();
+        let r = ch.recv_until(Some(&self.run.cancel), timeout).await;
+        self.took(r, || Source::Topic(topic.to_string(), ch.clone()))
+    }
+
+    /// Writes a log line attributed to this routine.
+    pub fn log(&self, level: tracing::Level, message: &str) {
+        log_line(self.shared.name(), level, message);
+    }
+
+    fn check_size(&self, len: usize) -> Result<(), CallError> {
+        let limit = self.shared.message_bytes();
+        if len as u64 > limit {
+            return Err(CallError::TooLarge(limit));
+        }
+        Ok(())
+    }
+
+    fn took(
+        &self,
+        r: Result<Message, RecvError>,
+        source: impl FnOnce() -> Source,
+    ) -> Result<Option<Vec<u8>>, CallError> {
+        match r {
+            Ok(m) => {
+                self.shared.count_in();
+                Ok(Some(self.shared.in_flight().deliver(m, source())))
+            }
+            Err(RecvError::Timeout) => Ok(None),
+            Err(RecvError::Cancelled) => Err(CallError::Cancelled),
+            Err(RecvError::Closed | RecvError::Empty) => Err(CallError::Closed),
+        }
+    }
+
+    fn sent(&self, r: Result<(), SendError<Message>>) -> Result<(), CallError> {
+        match r {
+            Ok(()) => {
+                self.shared.count_out();
+                Ok(())
+            }
+            Err(SendError::Cancelled(_)) => Err(CallError::Cancelled),
+            Err(SendError::Closed(_) | SendError::Full(_)) => Err(CallError::Closed),
+        }
+    }
+}
+
+/// Emits one log line as a tracing event attributed to the routine (target `guest`): what
+/// [`RoutineContext::log`], the WIT `log` import and a guest's stdout and stderr write.
+pub(crate) fn log_line(routine: &str, level: tracing::Level, message: &str) {
+    match level {
+        tracing::Level::TRACE => tracing::trace!(target: "guest", routine, "{message}"),
+        tracing::Level::DEBUG => tracing::debug!(target: "guest", routine, "{message}"),
+        tracing::Level::INFO => tracing::info!(target: "guest", routine, "{message}"),
+        tracing::Level::WARN => tracing::warn!(target: "guest", routine, "{message}"),
+        _ => tracing::error!(target: "guest", routine, "{message}"),
+    }
+}

@@ -1,0 +1,348 @@
+//! [`RoutineShared`]: everything about a routine that outlives a single run (identity,
+//! settings, counters, mailbox, stop signals), and [`RunControl`], the stop signals of one
+//! run. The fields are private: the driver, the context, the wasm runtime and the metrics
+//! reach them through the methods below, each named after what it does.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::channel::Channel;
+use crate::clock::{nanos, now_nanos};
+use crate::delivery::{InFlightSlot, Message};
+use crate::orchestrator::SpawnOptions;
+use crate::routine::snapshot::Snapshot;
+use crate::routine::state::{Health, State};
+use crate::supervisor::{GroupInner, Supervision};
+
+/// Stop signals of one run (one instance): a restart gets fresh ones.
+pub(crate) struct RunControl {
+    /// Asks the run to stop: `cancelled()` turns true, blocking host calls return
+    /// `cancelled`. A child of the routine's permanent stop token.
+    pub cancel: CancellationToken,
+    /// Set when the instance must die now: the epoch callback traps it at the next tick.
+    pub killed: AtomicBool,
+    /// The idle watchdog fired.
+    pub idle_timed_out: AtomicBool,
+    /// The run was ended by its group, to restart with another member.
+    pub group_restart: AtomicBool,
+}
+
+impl RunControl {
+    fn new(stop: &CancellationToken) -> Self {
+        RunControl {
+            cancel: stop.child_token(),
+            killed: AtomicBool::new(false),
+            idle_timed_out: AtomicBool::new(false),
+            group_restart: AtomicBool::new(false),
+        }
+    }
+}
+
+/// See the module documentation.
+pub(crate) struct RoutineShared {
+    id: u64,
+    name: String,
+    plugin: String,
+    state: AtomicU8,
+    restarts: AtomicU64,
+    /// `now_nanos()` when the current run started; 0 when not running.
+    started_at: AtomicU64,
+    last_beat: AtomicU64,
+    busy_ns: AtomicU64,
+    fuel: AtomicU64,
+    memory_bytes: AtomicU64,
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    idle_timeout: Option<Duration>,
+    grace: Duration,
+    message_bytes: u64,
+    mailbox: Channel<Message>,
+    supervision: Supervision,
+    group: Option<Arc<GroupInner>>,
+    /// The current run's stop signals (for the group to end it).
+    current_run: Mutex<Option<Arc<RunControl>>>,
+    in_flight: InFlightSlot,
+    dead_letters: AtomicU64,
+    /// Runs ended, by end state (in the order of [`State::TERMINAL`]).
+    terminations: [AtomicU64; 4],
+    /// Stop on request (permanent: no restart follows).
+    stop: CancellationToken,
+    /// Hard stop: skip what is left of the grace period.
+    kill: CancellationToken,
+    done: watch::Sender<Option<State>>,
+}
+
+impl RoutineShared {
+    pub fn new(id: u64, opts: &SpawnOptions, plugin: String) -> Self {
+        RoutineShared {
+            id,
+            name: opts.name.clone(),
+            plugin,
+            state: AtomicU8::new(State::Init as u8),
+            restarts: AtomicU64::new(0),
+            started_at: AtomicU64::new(0),
+            last_beat: AtomicU64::new(now_nanos()),
+            busy_ns: AtomicU64::new(0),
+            fuel: AtomicU64::new(0),
+            memory_bytes: AtomicU64::new(0),
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            idle_timeout: opts.idle_timeout.filter(|d| !d.is_zero()),
+            grace: opts.grace,
+            message_bytes: opts.message_bytes,
+            mailbox: Channel::new(opts.queue_capacity),
+            supervision: opts.supervision.clone(),
+            group: opts.group.as_ref().map(|g| g.inner.clone()),
+            current_run: Mutex::new(None),
+            in_flight: InFlightSlot::default(),
+            dead_letters: AtomicU64::new(0),
+            terminations: Default::default(),
+            stop: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            done: watch::channel(None).0,
+        }
+    }
+
+    // ---- identity and settings (fixed at spawn) ----
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn supervision(&self) -> &Supervision {
+        &self.supervision
+    }
+    pub fn group(&self) -> Option<&Arc<GroupInner>> {
+        self.group.as_ref()
+    }
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.idle_timeout
+    }
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+    /// The largest payload this routine may send or publish.
+    pub fn message_bytes(&self) -> u64 {
+        self.message_bytes
+    }
+    pub fn mailbox(&self) -> &Channel<Message> {
+        &self.mailbox
+    }
+    /// The message this routine is processing (see `delivery`).
+    pub fn in_flight(&self) -> &InFlightSlot {
+        &self.in_flight
+    }
+
+    // ---- state ----
+
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Relaxed))
+    }
+
+    pub fn set_state(&self, s: State) {
+        self.state.store(s as u8, Relaxed);
+        if let Some(g) = &self.group
+            && (s == State::Running || s.is_final())
+        {
+            g.changed.notify_waiters();
+        }
+    }
+
+    /// Records the final state and wakes everyone waiting for the end.
+    pub fn finish(&self, s: State) {
+        self.set_state(s);
+        self.done.send_replace(Some(s));
+    }
+
+    /// Waits until the routine has ended for good.
+    pub async fn wait(&self) -> State {
+        let mut rx = self.done.subscribe();
+        loop {
+            if let Some(s) = *rx.borrow_and_update() {
+                return s;
+            }
+            if rx.changed().await.is_err() {
+                return self.state();
+            }
+        }
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().clone()
+    }
+
+    pub fn set_last_error(&self, e: Option<String>) {
+        *self.last_error.lock() = e;
+    }
+
+    // ---- runs ----
+
+    /// Starts a run: fresh stop signals (kept for the group to end the run), the start
+    /// time, a heartbeat, `RUNNING`.
+    pub fn begin_run(&self) -> Arc<RunControl> {
+        let run = Arc::new(RunControl::new(&self.stop));
+        *self.current_run.lock() = Some(run.clone());
+        self.started_at.store(now_nanos(), Relaxed);
+        self.beat();
+        self.set_state(State::Running);
+        run
+    }
+
+    /// The run ended: no uptime, no linear memory.
+    pub fn end_run(&self) {
+        self.started_at.store(0, Relaxed);
+        self.memory_bytes.store(0, Relaxed);
+    }
+
+    /// Ends the current run so that the routine restarts with its group.
+    pub fn restart_by_group(&self) {
+        if let Some(run) = self.current_run.lock().as_ref() {
+            run.group_restart.store(true, Relaxed);
+            run.cancel.cancel();
+        }
+    }
+
+    /// Asks the routine to stop for good (no restart follows).
+    pub fn request_stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Stops the routine without waiting for the grace period.
+    pub fn hard_kill(&self) {
+        self.stop.cancel();
+        self.kill.cancel();
+    }
+
+    /// True once a stop was requested.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Completes when a stop is requested.
+    pub async fn stop_requested_wait(&self) {
+        self.stop.cancelled().await
+    }
+
+    /// Completes when a hard kill is requested.
+    pub async fn kill_requested(&self) {
+        self.kill.cancelled().await
+    }
+
+    // ---- counters ----
+
+    pub fn beat(&self) {
+        self.last_beat.store(now_nanos(), Relaxed);
+    }
+
+    pub fn idle_for(&self) -> Duration {
+        Duration::from_nanos(now_nanos().saturating_sub(self.last_beat.load(Relaxed)))
+    }
+
+    pub fn add_busy(&self, d: Duration) {
+        self.busy_ns.fetch_add(nanos(d), Relaxed);
+    }
+
+    pub fn fuel(&self) -> u64 {
+        self.fuel.load(Relaxed)
+    }
+
+    pub fn set_fuel(&self, total: u64) {
+        self.fuel.store(total, Relaxed);
+    }
+
+    pub fn set_memory(&self, bytes: u64) {
+        self.memory_bytes.store(bytes, Relaxed);
+    }
+
+    pub fn count_in(&self) {
+        self.messages_in.fetch_add(1, Relaxed);
+    }
+
+    pub fn count_out(&self) {
+        self.messages_out.fetch_add(1, Relaxed);
+    }
+
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Relaxed)
+    }
+
+    pub fn count_restart(&self) {
+        self.restarts.fetch_add(1, Relaxed);
+    }
+
+    /// Counts the end of a run in `state` (a final state).
+    pub fn count_termination(&self, state: State) {
+        if let Some(i) = State::TERMINAL.iter().position(|s| *s == state) {
+            self.terminations[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Runs ended so far, in the order of [`State::TERMINAL`].
+    pub fn terminations(&self) -> [u64; 4] {
+        std::array::from_fn(|i| self.terminations[i].load(Relaxed))
+    }
+
+    pub fn dead_letters(&self) -> u64 {
+        self.dead_letters.load(Relaxed)
+    }
+
+    pub fn count_dead_letter(&self) {
+        self.dead_letters.fetch_add(1, Relaxed);
+    }
+
+    // ---- views ----
+
+    pub fn health(&self) -> Health {
+        match self.state() {
+            State::Init | State::Stopped => Health::Ok,
+            State::Running => match self.idle_timeout {
+                Some(t) if self.idle_for() > t / 2 => Health::Idle,
+                _ => Health::Ok,
+            },
+            State::Backoff => Health::Backoff,
+            State::Stopping => Health::Stopping,
+            State::Failed => Health::Failed,
+            State::TimedOut => Health::IdleTimeout,
+            State::Panicked => Health::Panic,
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let started = self.started_at.load(Relaxed);
+        let now = now_nanos();
+        let mb = self.mailbox.stats();
+        Snapshot {
+            id: self.id,
+            name: self.name.clone(),
+            plugin: self.plugin.clone(),
+            state: self.state(),
+            health: self.health(),
+            restarts: self.restarts(),
+            uptime_seconds: if started == 0 { 0.0 } else { (now - started) as f64 / 1e9 },
+            idle_seconds: self.idle_for().as_secs_f64(),
+            busy_seconds: self.busy_ns.load(Relaxed) as f64 / 1e9,
+            fuel_consumed: self.fuel(),
+            memory_bytes: self.memory_bytes.load(Relaxed),
+            queue_len: mb.len,
+            queue_cap: mb.cap,
+            queue_bytes: mb.approx_bytes,
+            messages_in: self.messages_in.load(Relaxed),
+            messages_out: self.messages_out.load(Relaxed),
+            last_error: self.last_error(),
+        }
+    }
+
+    /// The busy-time counter, for the driver's timed polls.
+    pub fn busy_counter(&self) -> &AtomicU64 {
+        &self.busy_ns
+    }
+}

@@ -1,0 +1,293 @@
+//! The driver: the tokio task that runs one routine from spawn to its end. Each run gets
+//! fresh stop signals; between runs the policy decides (restart after a backoff, or end);
+//! during a run the driver watches for stop requests and the idle timeout, enforces the
+//! grace period and the kill, and times every poll of the work (busy time).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use crate::clock::{nanos, round_ms};
+use crate::delivery;
+use crate::orchestrator::OrchInner;
+use crate::routine::{Outcome, RoutineContext, RoutineShared, RunControl, State, Work};
+use crate::supervisor::group::GroupInner;
+use crate::supervisor::policy::RestartWindow;
+
+/// How long after the kill signal a wasm instance gets to reach an epoch check before its
+/// future is dropped (it may be blocked in a host call that does not watch cancellation).
+pub(crate) const KILL_WAIT: Duration = Duration::from_millis(100);
+
+/// The routine's task: runs the work, restarts it as its supervision says, and records the
+/// end. The routine's id, name and mailbox stay across runs.
+pub(crate) async fn drive(orch: Arc<OrchInner>, shared: Arc<RoutineShared>, work: Arc<dyn Work>) {
+    // Make sure the routine is finalized even if this task is aborted.
+    let mut guard = FinishGuard { orch: orch.clone(), shared: shared.clone(), armed: true };
+    let mut restarts = Restarts::default();
+    let state = loop {
+        let run = shared.begin_run();
+        let ctx = RoutineContext { shared: shared.clone(), orch: orch.clone(), run: run.clone() };
+        // tokio's clock, so that paused-time tests see real backoff and windows.
+        let started = tokio::time::Instant::now();
+        let state = run_once(&shared, &run, ctx, &*work).await;
+        shared.count_termination(state);
+        let clean = state == State::Stopped && !run.cancel.is_cancelled();
+        delivery::settle(&orch, &shared, clean);
+        let delay = match next_step(&shared, &run, state, started, &mut restarts) {
+            Step::End(state) => break state,
+            Step::Restart(delay) => delay,
+        };
+        if !wait_backoff(&shared, delay).await {
+            break State::Stopped;
+        }
+        shared.count_restart();
+    };
+    guard.armed = false;
+    orch.retire(&shared, state);
+}
+
+/// The restart history of one routine: the backoff attempt and the intensity window.
+#[derive(Default)]
+struct Restarts {
+    attempt: u32,
+    window: RestartWindow,
+}
+
+enum Step {
+    End(State),
+    Restart(Duration),
+}
+
+/// What follows a run that ended in `state`: the end of the routine, or a restart after a
+/// delay (the policy, the intensity limit, the group's strategy and the backoff decide).
+fn next_step(
+    shared: &RoutineShared,
+    run: &RunControl,
+    state: State,
+    started: tokio::time::Instant,
+    restarts: &mut Restarts,
+) -> Step {
+    let group = shared.group();
+    let by_group = run.group_restart.load(Relaxed) && !shared.stop_requested();
+    if let Some(reason) = group.and_then(|g| g.gave_up()) {
+        shared.set_last_error(Some(reason));
+        return Step::End(State::Failed);
+    }
+    if shared.stop_requested() {
+        return Step::End(state);
+    }
+    if by_group {
+        // Restarted along with another member: no backoff of its own.
+        return Step::Restart(Duration::ZERO);
+    }
+    let sup = shared.supervision();
+    if !sup.restart.restarts_after(state) {
+        return Step::End(state);
+    }
+    if started.elapsed() >= sup.backoff.stable_after {
+        restarts.attempt = 0;
+    }
+    let last = shared.last_error().unwrap_or_else(|| state.to_string());
+    let now = tokio::time::Instant::now();
+    match group {
+        Some(g) => {
+            if !g.allow_restart(now, &last) {
+                shared.set_last_error(g.gave_up());
+                return Step::End(State::Failed);
+            }
+            g.restart_others(shared);
+        }
+        None => {
+            if !restarts.window.allow(&sup.intensity, now) {
+                shared.set_last_error(Some(format!(
+                    "gave up: more than {} restarts within {}; last: {last}",
+                    sup.intensity.max_restarts,
+                    humantime::format_duration(sup.intensity.within)
+                )));
+                return Step::End(State::Failed);
+            }
+        }
+    }
+    let delay = sup.backoff.delay(restarts.attempt, rand::random::<f64>());
+    restarts.attempt = restarts.attempt.saturating_add(1);
+    tracing::info!(
+        routine = %shared.name(),
+        "{state}; restarting in {}",
+        humantime::format_duration(round_ms(delay))
+    );
+    Step::Restart(delay)
+}
+
+/// `BACKOFF` for `delay`, then (in a group) until it is this member's turn. False if the
+/// routine was stopped meanwhile.
+async fn wait_backoff(shared: &RoutineShared, delay: Duration) -> bool {
+    shared.set_state(State::Backoff);
+    if delay.is_zero() {
+        // The timer wheel has millisecond resolution: a zero sleep would cost 1 ms. Still
+        // yield, so that a routine failing at once cannot monopolize its worker thread.
+        tokio::task::yield_now().await;
+        if shared.stop_requested() {
+            return false;
+        }
+    } else {
+        tokio::select! {
+            biased;
+            _ = shared.stop_requested_wait() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    // Members of a group restart in start order.
+    match shared.group() {
+        Some(g) => wait_turn(g, shared).await,
+        None => true,
+    }
+}
+
+/// Waits until every member started before this one is running again; false if the
+/// routine is stopped meanwhile.
+async fn wait_turn(g: &GroupInner, shared: &RoutineShared) -> bool {
+    loop {
+        let changed = g.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if g.my_turn(shared) {
+            return true;
+        }
+        tokio::select! {
+            _ = shared.stop_requested_wait() => return false,
+            _ = changed => {}
+        }
+    }
+}
+
+/// One run: start the work, watch for stop requests and the idle timeout, enforce the grace
+/// period and the kill. Returns the state the run ended in.
+async fn run_once(
+    shared: &RoutineShared,
+    run: &RunControl,
+    ctx: RoutineContext,
+    work: &dyn Work,
+) -> State {
+    let fut = work.start(ctx);
+    let mut timed = Timed { fut, busy: shared.busy_counter() };
+
+    let outcome = tokio::select! {
+        biased;
+        o = &mut timed => o,
+        _ = run.cancel.cancelled() => stop_run(shared, run, &mut timed, work).await,
+        _ = idle_watchdog(shared) => {
+            let idle = shared.idle_for();
+            run.idle_timed_out.store(true, Relaxed);
+            run.cancel.cancel();
+            shared.set_last_error(Some(format!(
+                "idle timeout: no beat for {}",
+                humantime::format_duration(round_ms(idle))
+            )));
+            stop_run(shared, run, &mut timed, work).await
+        }
+    };
+    drop(timed);
+    shared.end_run();
+
+    if run.idle_timed_out.load(Relaxed) {
+        return State::TimedOut;
+    }
+    let requested = shared.stop_requested();
+    match outcome {
+        Outcome::Ok => State::Stopped,
+        Outcome::Killed => {
+            shared.set_last_error(Some("killed".to_string()));
+            State::Stopped
+        }
+        Outcome::Err(e) => {
+            shared.set_last_error(Some(e));
+            if requested { State::Stopped } else { State::Failed }
+        }
+        Outcome::Panicked(e) => {
+            shared.set_last_error(Some(e));
+            if requested { State::Stopped } else { State::Panicked }
+        }
+    }
+}
+
+/// The stop sequence after a stop request: wait for the run to return within the grace
+/// period (or until a hard kill), then kill it.
+async fn stop_run<F>(
+    shared: &RoutineShared,
+    run: &RunControl,
+    fut: &mut F,
+    work: &dyn Work,
+) -> Outcome
+where
+    F: Future<Output = Outcome> + Unpin,
+{
+    shared.set_state(State::Stopping);
+    tokio::select! {
+        biased;
+        o = &mut *fut => return o,
+        _ = tokio::time::sleep(shared.grace()) => {}
+        _ = shared.kill_requested() => {}
+    }
+    run.killed.store(true, Relaxed);
+    if work.interruptible() {
+        // The epoch callback traps the instance at its next tick; a guest blocked in a
+        // host call that does not watch cancellation is dropped after the wait.
+        if let Ok(o) = tokio::time::timeout(KILL_WAIT, &mut *fut).await {
+            return match o {
+                Outcome::Panicked(_) | Outcome::Killed => Outcome::Killed,
+                other => other,
+            };
+        }
+    }
+    Outcome::Killed
+}
+
+/// Completes when the routine has not beaten for its idle timeout.
+async fn idle_watchdog(shared: &RoutineShared) {
+    let Some(timeout) = shared.idle_timeout() else {
+        return std::future::pending().await;
+    };
+    loop {
+        let idle = shared.idle_for();
+        if idle >= timeout {
+            return;
+        }
+        tokio::time::sleep(timeout - idle).await;
+    }
+}
+
+/// A future that adds the time spent in each of its polls to a counter: exact CPU time of
+/// the routine's work on the executor thread (wasm execution and host-side work alike).
+struct Timed<'a, F> {
+    fut: F,
+    busy: &'a AtomicU64,
+}
+
+impl<F: Future + Unpin> Future for Timed<'_, F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let start = Instant::now();
+        let r = Pin::new(&mut self.fut).poll(cx);
+        self.busy.fetch_add(nanos(start.elapsed()), Relaxed);
+        r
+    }
+}
+
+/// Finalizes the routine if its task is aborted (at the shutdown bound) before it ended.
+struct FinishGuard {
+    orch: Arc<OrchInner>,
+    shared: Arc<RoutineShared>,
+    armed: bool,
+}
+
+impl Drop for FinishGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.set_last_error(Some("aborted: could not be stopped in time".into()));
+            self.orch.retire(&self.shared, State::Stopped);
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Supervision settings: [`RestartPolicy`], exponential [`Backoff`] with jitter, restart
+//! [`Intensity`], and [`Supervision`] which bundles them with `max-deliveries`. Each default
+//! is written once, here; the manifest's tables deserialize into these types.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::routine::State;
+
+/// When the supervisor restarts a routine. There are two defaults, on purpose:
+/// [`Supervision::default`] (routines spawned from code) never restarts, like a tokio task;
+/// [`Supervision::for_plugin`] (a manifest that says nothing) restarts `on-failure`, since a
+/// plugin is a service that should stay up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never restart.
+    Never,
+    /// Restart after `FAILED`, `PANICKED` or `TIMED_OUT`.
+    OnFailure,
+    /// Restart after every end but a stop on request.
+    Always,
+}
+
+/// The `[backoff]` table: exponential backoff between restarts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "RawBackoff")]
+pub struct Backoff {
+    /// First delay (default 200ms).
+    pub initial: Duration,
+    /// Largest delay (default 5s).
+    pub max: Duration,
+    /// Factor between delays, at least 1 (default 2.0).
+    pub multiplier: f64,
+    /// Random spread: delay × (1 ± jitter·U), in [0, 1] (default 0.2).
+    pub jitter: f64,
+    /// A run that lasted this long resets the backoff (default 30s).
+    pub stable_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(5),
+            multiplier: 2.0,
+            jitter: 0.2,
+            stable_after: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawBackoff {
+    #[serde(default, with = "humantime_serde::option")]
+    initial: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    max: Option<Duration>,
+    multiplier: Option<f64>,
+    jitter: Option<f64>,
+    #[serde(default, with = "humantime_serde::option")]
+    stable_after: Option<Duration>,
+}
+
+impl TryFrom<RawBackoff> for Backoff {
+    type Error = PolicyError;
+    fn try_from(r: RawBackoff) -> Result<Self, PolicyError> {
+        let d = Backoff::default();
+        let b = Backoff {
+            initial: r.initial.unwrap_or(d.initial),
+            max: r.max.unwrap_or(d.max),
+            multiplier: r.multiplier.unwrap_or(d.multiplier),
+            jitter: r.jitter.unwrap_or(d.jitter),
+            stable_after: r.stable_after.unwrap_or(d.stable_after),
+        };
+        b.validate()?;
+        Ok(b)
+    }
+}
+
+impl Backoff {
+    /// Checks the settings: multiplier ≥ 1, jitter in [0, 1], max ≥ initial.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
+            return Err(PolicyError::Multiplier(self.multiplier));
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err(PolicyError::Jitter(self.jitter));
+        }
+        if self.max < self.initial {
+            return Err(PolicyError::MaxBelowInitial { initial: self.initial, max: self.max });
+        }
+        Ok(())
+    }
+}
+
+/// The `[intensity]` table: at most `max-restarts` within `within`, then give up.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "RawIntensity")]
+pub struct Intensity {
+    /// Restarts allowed in the window (default 5).
+    pub max_restarts: u32,
+    /// The window (default 10s; not zero).
+    pub within: Duration,
+}
+
+impl Default for Intensity {
+    fn default() -> Self {
+        Intensity { max_restarts: 5, within: Duration::from_secs(10) }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawIntensity {
+    max_restarts: Option<u32>,
+    #[serde(default, with = "humantime_serde::option")]
+    within: Option<Duration>,
+}
+
+impl TryFrom<RawIntensity> for Intensity {
+    type Error = PolicyError;
+    fn try_from(r: RawIntensity) -> Result<Self, PolicyError> {
+        let d = Intensity::default();
+        let i = Intensity {
+            max_restarts: r.max_restarts.unwrap_or(d.max_restarts),
+            within: r.within.unwrap_or(d.within),
+        };
+        if i.within.is_zero() {
+            return Err(PolicyError::ZeroWindow);
+        }
+        Ok(i)
+    }
+}
+
+/// A supervision setting that is out of range (the message names the manifest key).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    /// `backoff.multiplier` below 1 or not finite.
+    #[error("backoff.multiplier must be at least 1, got {0}")]
+    Multiplier(f64),
+    /// `backoff.jitter` outside [0, 1].
+    #[error("backoff.jitter must be between 0 and 1, got {0}")]
+    Jitter(f64),
+    /// `backoff.max` below `backoff.initial`.
+    #[error(
+        "backoff.max ({}) is less than backoff.initial ({})",
+        humantime::format_duration(*.max),
+        humantime::format_duration(*.initial)
+    )]
+    MaxBelowInitial {
+        /// `backoff.initial`.
+        initial: Duration,
+        /// `backoff.max`.
+        max: Duration,
+    },
+    /// `intensity.within` of zero.
+    #[error("intensity.within must not be zero")]
+    ZeroWindow,
+}
+
+/// A routine's supervision settings. `Default` never restarts (see [`RestartPolicy`]);
+/// [`Supervision::for_plugin`] is what a manifest starts from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Supervision {
+    /// When to restart.
+    pub restart: RestartPolicy,
+    /// Delays between restarts.
+    pub backoff: Backoff,
+    /// How many restarts are too many.
+    pub intensity: Intensity,
+    /// Deliveries of one message before it goes to `dead-letter` (at least 1).
+    pub max_deliveries: u32,
+}
+
+/// Default `max-deliveries`.
+pub const DEFAULT_MAX_DELIVERIES: u32 = 3;
+
+impl Default for Supervision {
+    fn default() -> Self {
+        Supervision {
+            restart: RestartPolicy::Never,
+            backoff: Backoff::default(),
+            intensity: Intensity::default(),
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
+        }
+    }
+}
+
+impl Supervision {
+    /// The defaults of a plugin whose manifest says nothing: as [`Default`], but restarting
+    /// `on-failure`.
+    pub fn for_plugin() -> Self {
+        Supervision { restart: RestartPolicy::OnFailure, ..Supervision::default() }
+    }
+}
+
+impl RestartPolicy {
+    /// Whether a run that ended in `state` (not stopped on request) is restarted.
+    pub fn restarts_after(self, state: State) -> bool {
+        use State::*;
+        match self {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => matches!(state, Failed | Panicked | TimedOut),
+            RestartPolicy::Always => true,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before restart number `attempt` (0-based), before jitter:
+    /// `initial × multiplier^attempt`, capped at `max`.
+    pub fn base_delay(&self, attempt: u32) -> Duration {
+        let f = self.multiplier.powi(attempt.min(1024) as i32);
+        let secs = self.initial.as_secs_f64() * f;
+        if !secs.is_finite() || secs >= self.max.as_secs_f64() {
+            self.max
+        } else {
+            Duration::from_secs_f64(secs)
+        }
+    }
+
+    /// The delay with jitter, `base × (1 + jitter × (2u − 1))` for `u` in [0, 1): within
+    /// `base × (1 ± jitter)`.
+    pub fn delay(&self, attempt: u32, u: f64) -> Duration {
+        let base = self.base_delay(attempt).as_secs_f64();
+        Duration::from_secs_f64((base * (1.0 + self.jitter * (2.0 * u - 1.0))).max(0.0))
+    }
+}
+
+/// Counts restarts in a sliding window for the intensity limit.
+#[derive(Debug, Default)]
+pub(crate) struct RestartWindow {
+    times: VecDeque<Instant>,
+}
+
+impl RestartWindow {
+    /// Records a restart at `now`; false if that makes more than `max_restarts` within
+    /// the window (the routine must give up).
+    pub fn allow(&mut self, i: &Intensity, now: Instant) -> bool {
+        while self.times.front().is_some_and(|t| now.duration_since(*t) >= i.within) {
+            self.times.pop_front();
+        }
+        if self.times.len() as u64 >= u64::from(i.max_restarts) {
+            return false;
+        }
+        self.times.push_back(now);
+        true
+    }
+}

@@ -1,0 +1,201 @@
+//! Loading components: read a file, compile it (or take it from the compile cache), check
+//! it against the `gorch:worker/worker` world or the WASI command world, and keep its
+//! `InstancePre` in a [`WasmComponent`], ready to instantiate any number of times.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use wasmtime::component::{Component, types::ComponentItem};
+
+use super::cache::CacheStatus;
+use super::engine::{EngineInner, WasmEngine};
+use super::host;
+use super::instance::HostState;
+
+/// Why a component could not be loaded. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The file is not WebAssembly at all.
+    #[error("{path}: not a WebAssembly file (bad magic number)")]
+    NotWasm {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is a core wasm module, not a component.
+    #[error(
+        "{path}: is a core wasm module, not a component (build it with `--target wasm32-wasip2`)"
+    )]
+    CoreModule {
+        /// The file.
+        path: PathBuf,
+    },
+    /// wasmtime could not compile it.
+    #[error("{path}: cannot compile: {message}")]
+    Compile {
+        /// The file.
+        path: PathBuf,
+        /// wasmtime's explanation.
+        message: String,
+    },
+    /// It does not fit the `gorch:worker/worker` world nor is a WASI command.
+    #[error("{path}: {message}")]
+    WrongWorld {
+        /// The file.
+        path: PathBuf,
+        /// What does not fit.
+        message: String,
+    },
+}
+
+impl LoadError {
+    /// The file that could not be loaded.
+    pub fn path(&self) -> &Path {
+        match self {
+            LoadError::Io { path, .. }
+            | LoadError::NotWasm { path }
+            | LoadError::CoreModule { path }
+            | LoadError::Compile { path, .. }
+            | LoadError::WrongWorld { path, .. } => path,
+        }
+    }
+}
+
+impl WasmEngine {
+    /// Loads and compiles a component file and checks it against the `gorch:worker/worker`
+    /// world (or the WASI command world).
+    pub fn load_file(&self, path: impl AsRef<Path>) -> Result<WasmComponent, LoadError> {
+        let path = path.as_ref();
+        let bytes =
+            std::fs::read(path).map_err(|source| LoadError::Io { path: path.into(), source })?;
+        self.load_bytes(path, &bytes)
+    }
+
+    /// Like [`load_file`](Self::load_file), from bytes; `path` names them in errors.
+    pub fn load_bytes(
+        &self,
+        path: impl AsRef<Path>,
+        bytes: &[u8],
+    ) -> Result<WasmComponent, LoadError> {
+        let path = path.as_ref().to_path_buf();
+        if bytes.len() < 8 || &bytes[0..4] != b"\0asm" {
+            return Err(LoadError::NotWasm { path });
+        }
+        if bytes[4..8] == [1, 0, 0, 0] {
+            return Err(LoadError::CoreModule { path });
+        }
+        let engine = &self.inner.engine;
+        let (component, cache) = match &self.inner.cache {
+            Some(cache) => cache.load(engine, bytes, &path),
+            None => Component::new(engine, bytes).map(|c| (c, CacheStatus::Off)),
+        }
+        .map_err(|e| LoadError::Compile { path: path.clone(), message: format!("{e:#}") })?;
+        let ty = component.component_type();
+        let imports: Vec<String> = ty.imports(engine).map(|(n, e)| describe(n, &e.ty)).collect();
+        let exports: Vec<String> = ty.exports(engine).map(|(n, e)| describe(n, &e.ty)).collect();
+        let has_run = ty.get_export(engine, "run").is_some();
+        let has_cli_run = ty.exports(engine).any(|(n, _)| n.starts_with("wasi:cli/run@0.2"));
+        let wrong = |message: String| LoadError::WrongWorld { path: path.clone(), message };
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| wrong(format!("imports do not fit the host: {e:#}")))?;
+        let kind =
+            if has_run {
+                Kind::Worker(host::WorkerPre::new(pre).map_err(|e| {
+                    wrong(format!("does not fit the gorch:worker/worker world: {e:#}"))
+                })?)
+            } else if has_cli_run {
+                Kind::Command(wasmtime_wasi::p2::bindings::CommandPre::new(pre).map_err(|e| {
+                    wrong(format!("does not fit the wasi:cli/command world: {e:#}"))
+                })?)
+            } else {
+                return Err(wrong(
+                    "exports neither `run` (world gorch:worker/worker) nor `wasi:cli/run`".into(),
+                ));
+            };
+        Ok(WasmComponent {
+            inner: Arc::new(ComponentInner {
+                engine: self.inner.clone(),
+                path,
+                kind,
+                imports,
+                exports,
+                cache,
+            }),
+        })
+    }
+}
+
+fn describe(name: &str, item: &ComponentItem) -> String {
+    let kind = match item {
+        ComponentItem::ComponentFunc(_) => "func",
+        ComponentItem::CoreFunc(_) => "core func",
+        ComponentItem::Module(_) => "module",
+        ComponentItem::Component(_) => "component",
+        ComponentItem::ComponentInstance(_) => "instance",
+        ComponentItem::Type(_) => "type",
+        ComponentItem::Resource(_) => "resource",
+    };
+    format!("{kind} {name}")
+}
+
+/// Which world a component fits, with its pre-instantiated form.
+pub(super) enum Kind {
+    Worker(host::WorkerPre<HostState>),
+    Command(wasmtime_wasi::p2::bindings::CommandPre<HostState>),
+}
+
+pub(super) struct ComponentInner {
+    // Keeps the engine (and its epoch ticker) alive while the component is.
+    pub(super) engine: Arc<EngineInner>,
+    path: PathBuf,
+    pub(super) kind: Kind,
+    imports: Vec<String>,
+    exports: Vec<String>,
+    cache: CacheStatus,
+}
+
+/// A compiled, linked component, ready to instantiate any number of times.
+#[derive(Clone)]
+pub struct WasmComponent {
+    pub(super) inner: Arc<ComponentInner>,
+}
+
+impl std::fmt::Debug for WasmComponent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmComponent").field("path", &self.inner.path).finish()
+    }
+}
+
+impl WasmComponent {
+    /// The file it was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+    /// True for a plain WASI command (exports `wasi:cli/run`).
+    pub fn is_command(&self) -> bool {
+        matches!(self.inner.kind, Kind::Command(_))
+    }
+    /// Its imports, as `kind name` lines.
+    pub fn imports(&self) -> &[String] {
+        &self.inner.imports
+    }
+    /// Its exports, as `kind name` lines.
+    pub fn exports(&self) -> &[String] {
+        &self.inner.exports
+    }
+    /// Whether it was compiled or came from the compile cache.
+    pub fn cache_status(&self) -> CacheStatus {
+        self.inner.cache
+    }
+}

@@ -1,0 +1,293 @@
+//! One running instance: the per-instance settings ([`WasmOptions`]), the data of its
+//! `Store` (`HostState`: the deny-by-default WASI context, the routine's context, the memory
+//! limiter), and the run itself: set up fuel and the epoch callback, instantiate, call
+//! `run`, and map the result (or the trap) to an outcome.
+
+use std::sync::Arc;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use wasmtime::component::ResourceTable;
+use wasmtime::{CallHook, ResourceLimiter, Store, Trap, UpdateDeadline, WasmBacktrace};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::component::{ComponentInner, Kind, WasmComponent};
+use super::stdio::GuestOutput;
+use crate::routine::{Outcome, RoutineContext, RoutineShared, Work};
+
+/// Default linear memory limit per instance (64 MiB).
+pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
+/// Fuel between two forced write-backs of the fuel counter (a yield point): bounds how
+/// much of a killed instance's fuel can go unrecorded, at a negligible cost.
+pub const FUEL_YIELD_INTERVAL: u64 = 1_000_000;
+
+/// Per-instance settings of a wasm routine (the `[limits]` and `[wasi]` manifest tables).
+#[derive(Debug, Clone)]
+pub struct WasmOptions {
+    /// Linear memory limit in bytes ([`DEFAULT_MEMORY_LIMIT`]).
+    pub memory: u64,
+    /// Fuel per run; 0 means unlimited (the default).
+    pub fuel: u64,
+    /// Environment variables the guest sees (none by default).
+    pub env: Vec<(String, String)>,
+    /// Arguments the guest sees (none by default).
+    pub args: Vec<String>,
+}
+
+impl Default for WasmOptions {
+    fn default() -> Self {
+        WasmOptions { memory: DEFAULT_MEMORY_LIMIT, fuel: 0, env: Vec::new(), args: Vec::new() }
+    }
+}
+
+impl WasmOptions {
+    /// Adds an environment variable.
+    pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+    /// Sets the memory limit.
+    pub fn memory(mut self, bytes: u64) -> Self {
+        self.memory = bytes;
+        self
+    }
+    /// Sets the fuel limit per run (0 = unlimited).
+    pub fn fuel(mut self, fuel: u64) -> Self {
+        self.fuel = fuel;
+        self
+    }
+}
+
+/// A wasm component as a routine's work: one fresh instance per run.
+pub(crate) struct WasmWork {
+    component: WasmComponent,
+    opts: Arc<WasmOptions>,
+}
+
+impl WasmWork {
+    pub fn new(component: &WasmComponent, opts: WasmOptions) -> Self {
+        WasmWork { component: component.clone(), opts: Arc::new(opts) }
+    }
+}
+
+impl Work for WasmWork {
+    fn start(&self, ctx: RoutineContext) -> BoxFuture<'static, Outcome> {
+        run_instance(self.component.inner.clone(), self.opts.clone(), ctx).boxed()
+    }
+    fn interruptible(&self) -> bool {
+        true
+    }
+}
+
+/// The data of one instance's `Store`.
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) ctx: RoutineContext,
+    memory_limit: u64,
+    memory_used: u64,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let grown = self.memory_used + (desired - current) as u64;
+        if grown > self.memory_limit {
+            tracing::debug!(routine = %self.ctx.name(), "memory limit reached: {grown} bytes");
+            return Ok(false);
+        }
+        self.memory_used = grown;
+        self.ctx.shared.set_memory(grown);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// The fuel a store started with and the routine's total before it: what turns the fuel
+/// left into the routine's `fuelConsumed`.
+#[derive(Clone, Copy)]
+struct FuelBase {
+    initial: u64,
+    before: u64,
+}
+
+impl FuelBase {
+    fn record(self, shared: &RoutineShared, left: u64) {
+        shared.set_fuel(self.before + (self.initial - left));
+    }
+}
+
+async fn run_instance(
+    comp: Arc<ComponentInner>,
+    opts: Arc<WasmOptions>,
+    ctx: RoutineContext,
+) -> Outcome {
+    let shared = ctx.shared.clone();
+    let run = ctx.run.clone();
+    let stderr_tail = Arc::new(Mutex::new(String::new()));
+    let (mut store, fuel) = new_store(&comp, &opts, ctx, stderr_tail.clone());
+    let result = call(&comp, &mut store).await;
+    if let Ok(left) = store.get_fuel() {
+        fuel.record(&shared, left);
+    }
+    drop(store);
+    match result {
+        Ok(Ok(Ok(()))) => Outcome::Ok,
+        Ok(Ok(Err(msg))) => Outcome::Err(msg),
+        Err(msg) => Outcome::Err(msg),
+        Ok(Err(e)) => {
+            if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                return if exit.0 == 0 {
+                    Outcome::Ok
+                } else {
+                    Outcome::Err(format!("exited with status {}", exit.0))
+                };
+            }
+            if run.killed.load(std::sync::atomic::Ordering::Relaxed) {
+                return Outcome::Killed;
+            }
+            Outcome::Panicked(trap_message(&e, &stderr_tail.lock()))
+        }
+    }
+}
+
+/// A store for one run: the sandbox (no files, sockets or environment beyond the grants;
+/// stdout and stderr to the log), the memory limiter, fuel, and the epoch callback that
+/// slices a spinning guest and kills a stopped one.
+fn new_store(
+    comp: &ComponentInner,
+    opts: &WasmOptions,
+    ctx: RoutineContext,
+    stderr_tail: Arc<Mutex<String>>,
+) -> (Store<HostState>, FuelBase) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let shared = ctx.shared.clone();
+    let run = ctx.run.clone();
+    let routine = shared.name().to_string();
+    let wasi = WasiCtxBuilder::new()
+        .stdout(GuestOutput::stdout(&routine))
+        .stderr(GuestOutput::stderr(&routine, stderr_tail))
+        .envs(&opts.env)
+        .args(&opts.args)
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build();
+    let state = HostState {
+        wasi,
+        table: ResourceTable::new(),
+        ctx,
+        memory_limit: opts.memory,
+        memory_used: 0,
+    };
+    let mut store = Store::new(&comp.engine.engine, state);
+    store.limiter(|s| s as &mut dyn ResourceLimiter);
+    let fuel = FuelBase {
+        initial: if opts.fuel == 0 { u64::MAX } else { opts.fuel },
+        before: shared.fuel(),
+    };
+    // Fuel is configured on this engine: these cannot fail.
+    let _ = store.set_fuel(fuel.initial);
+    let _ = store.fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL));
+    store.set_epoch_deadline(1);
+    {
+        let shared = shared.clone();
+        store.epoch_deadline_callback(move |cx| {
+            if run.killed.load(Relaxed) {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            if let Ok(left) = cx.get_fuel() {
+                fuel.record(&shared, left);
+            }
+            // tokio's yield_now lets the worker poll timers and I/O before resuming us.
+            Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
+        });
+    }
+    // Keeps the live fuel figure fresh for guests that mostly wait in host calls and so
+    // rarely reach an epoch callback.
+    store.call_hook(move |cx, hook| {
+        if matches!(hook, CallHook::CallingHost)
+            && let Ok(left) = cx.get_fuel()
+        {
+            fuel.record(&shared, left);
+        }
+        Ok(())
+    });
+    (store, fuel)
+}
+
+/// Instantiates the component and calls its `run` (or `wasi:cli/run`). The outer error is
+/// a failed instantiation; the middle one a trap; the inner one what `run` returned.
+async fn call(
+    comp: &ComponentInner,
+    store: &mut Store<HostState>,
+) -> Result<wasmtime::Result<Result<(), String>>, String> {
+    let cannot = |e: wasmtime::Error| format!("cannot instantiate: {e:#}");
+    Ok(match &comp.kind {
+        Kind::Worker(pre) => {
+            pre.instantiate_async(&mut *store).await.map_err(cannot)?.call_run(store).await
+        }
+        Kind::Command(pre) => pre
+            .instantiate_async(&mut *store)
+            .await
+            .map_err(cannot)?
+            .wasi_cli_run()
+            .call_run(store)
+            .await
+            .map(|r| r.map_err(|()| "command exited with an error".to_string())),
+    })
+}
+
+/// `wasm trap: ... (in guest_fn); panicked at src/lib.rs:9:20: the message`.
+fn trap_message(e: &wasmtime::Error, stderr: &str) -> String {
+    let mut msg = match e.downcast_ref::<Trap>() {
+        Some(t) => t.to_string(),
+        None => format!("{}", e.root_cause()),
+    };
+    if let Some(bt) = e.downcast_ref::<WasmBacktrace>() {
+        // The first frame that is the guest's own code, not the panic machinery of std.
+        let own = bt
+            .frames()
+            .iter()
+            .filter_map(|f| f.func_name())
+            .map(|n| format!("{:#}", rustc_demangle::demangle(n)))
+            .find(|n| {
+                !["std::", "core::", "alloc::", "__rust", "rust_panic", "abort", "<std", "<core"]
+                    .iter()
+                    .any(|p| n.starts_with(p))
+            });
+        if let Some(f) = own {
+            msg.push_str(&format!(" (in {f})"));
+        }
+    }
+    let stderr = stderr.trim();
+    if let Some(i) = stderr.rfind("panicked at ") {
+        let panic: Vec<&str> =
+            stderr[i..].lines().take_while(|l| !l.starts_with("note: ")).map(str::trim).collect();
+        msg.push_str("; ");
+        msg.push_str(&panic.join(" "));
+    } else if let Some(last) = stderr.lines().rev().find(|l| !l.starts_with("note: ")) {
+        msg.push_str("; ");
+        msg.push_str(last.trim());
+    }
+    msg
+}

@@ -1,0 +1,27 @@
+//! The wasm runtime, by concept (as wasmtime's own `runtime/component/` is split):
+//!
+//! - [`engine`]: one [`WasmEngine`]: wasmtime with fuel metering and epoch interruption, the
+//!   pooling allocator, the epoch ticker thread, and the linker;
+//! - [`component`]: loading a file into a [`WasmComponent`] (compile or cache, world check);
+//! - [`instance`]: one `Store` per run: [`WasmOptions`], the sandbox, fuel and the kill;
+//! - `host`: the WIT bindings and the host side of the `gorch:worker` imports;
+//! - `stdio`: a guest's stdout and stderr as log lines;
+//! - [`cache`]: the on-disk cache of compiled components.
+//!
+//! Spawning a component as a routine is [`Orchestrator::spawn_wasm`](crate::Orchestrator::spawn_wasm).
+
+pub mod cache;
+pub mod component;
+pub mod engine;
+mod host;
+pub mod instance;
+mod stdio;
+
+pub use cache::{CacheStatus, CompileCache};
+pub use component::{LoadError, WasmComponent};
+pub use engine::{
+    DEFAULT_EPOCH_TICK, DEFAULT_MAX_WASM_STACK, DEFAULT_MEMORY_RESERVATION, DEFAULT_POOL_SIZE,
+    EngineConfig, EngineError, WasmEngine,
+};
+pub(crate) use instance::WasmWork;
+pub use instance::{DEFAULT_MEMORY_LIMIT, FUEL_YIELD_INTERVAL, WasmOptions};
