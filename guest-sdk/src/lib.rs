@@ -65,7 +65,28 @@ pub mod __private {
         });
     }
 
+    /// Raw bindings of the `stateful-worker` world (exports `upgrade` too); the imports are
+    /// the ones above.
+    #[allow(missing_docs, unsafe_code, clippy::all)]
+    pub mod stateful {
+        wit_bindgen::generate!({
+            path: "../wit",
+            world: "stateful-worker",
+            pub_export_macro: true,
+            export_macro_name: "__export_stateful_worker",
+            default_bindings_module: "::gorch_guest_sdk::__private::stateful",
+            runtime_path: "::gorch_guest_sdk::__private::wit_bindgen::rt",
+            with: {
+                "gorch:worker/types@0.1.0": ::gorch_guest_sdk::__private::bindings::gorch::worker::types,
+                "gorch:worker/runtime@0.1.0": ::gorch_guest_sdk::__private::bindings::gorch::worker::runtime,
+                "gorch:worker/mailbox@0.1.0": ::gorch_guest_sdk::__private::bindings::gorch::worker::mailbox,
+                "gorch:worker/bus@0.1.0": ::gorch_guest_sdk::__private::bindings::gorch::worker::bus,
+            },
+        });
+    }
+
     pub use bindings::Guest;
+    pub use stateful::exports::gorch::worker::upgrade::Guest as UpgradeGuest;
 
     /// Turns what a user's `run` returns into the WIT result.
     pub fn into_result<R: super::RunResult>(r: R) -> Result<(), String> {
@@ -87,6 +108,27 @@ use __private::bindings::gorch::worker::{bus as wit_bus, mailbox as wit_mailbox,
 /// }
 /// gorch_guest_sdk::worker!(run);
 /// ```
+///
+/// A worker that keeps in-memory state across live upgrades also names a `save` function
+/// (`fn() -> Vec<u8>`, called on the old version after `run` returned for the upgrade) and a
+/// `restore` function (`fn(Vec<u8>) -> Result<(), E>`, called on the new version before
+/// `run`; an `Err` fails the upgrade and the old version comes back with its state). The
+/// component then exports `gorch:worker/upgrade` (world `stateful-worker`).
+///
+/// ```no_run
+/// use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+/// static COUNT: AtomicU64 = AtomicU64::new(0);
+/// fn run() {}
+/// fn save() -> Vec<u8> {
+///     COUNT.load(SeqCst).to_le_bytes().to_vec()
+/// }
+/// fn restore(state: Vec<u8>) -> Result<(), String> {
+///     let bytes: [u8; 8] = state.try_into().map_err(|_| "expected 8 bytes".to_string())?;
+///     COUNT.store(u64::from_le_bytes(bytes), SeqCst);
+///     Ok(())
+/// }
+/// gorch_guest_sdk::worker!(run, save = save, restore = restore);
+/// ```
 #[macro_export]
 macro_rules! worker {
     ($run:path) => {
@@ -98,6 +140,26 @@ macro_rules! worker {
             }
         }
         $crate::__private::bindings::__export_worker!(__GorchWorker);
+    };
+    ($run:path, save = $save:path, restore = $restore:path $(,)?) => {
+        #[doc(hidden)]
+        struct __GorchWorker;
+        impl $crate::__private::stateful::Guest for __GorchWorker {
+            fn run() -> ::core::result::Result<(), ::std::string::String> {
+                $crate::__private::into_result($run())
+            }
+        }
+        impl $crate::__private::UpgradeGuest for __GorchWorker {
+            fn save() -> ::std::vec::Vec<u8> {
+                $save()
+            }
+            fn restore(
+                state: ::std::vec::Vec<u8>,
+            ) -> ::core::result::Result<(), ::std::string::String> {
+                $crate::__private::into_result($restore(state))
+            }
+        }
+        $crate::__private::stateful::__export_stateful_worker!(__GorchWorker);
     };
 }
 

@@ -17,7 +17,7 @@ pub const DEFAULT_MAX_TOPICS: usize = 1024;
 /// Why a topic could not be had.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BusError {
-    /// The name is empty, too long, or has whitespace or control characters.
+    /// The name is not valid (see [`crate::names::validate_topic_name`]).
     #[error("invalid topic name {name:?}: {reason}")]
     InvalidName {
         /// The name as given.

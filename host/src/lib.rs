@@ -40,6 +40,8 @@ mod channel;
 pub mod cli;
 mod clock;
 pub mod delivery;
+mod fsread;
+mod logguard;
 pub mod names;
 pub mod obs;
 pub mod orchestrator;

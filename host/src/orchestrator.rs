@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::bus::{Bus, BusError, DEFAULT_TOPIC_CAPACITY, TopicStats};
 use crate::channel::Channel;
 use crate::delivery::Message;
+use crate::logguard::escape;
 use crate::names::{NameError, validate_routine_name};
 use crate::routine::work::NativeWork;
 use crate::routine::{
@@ -57,7 +58,8 @@ pub enum SpawnError {
 /// Options of a spawned routine. `SpawnOptions::new(name)` gives the documented defaults.
 #[derive(Debug, Clone)]
 pub struct SpawnOptions {
-    /// Unique name (non-empty, at most 255 bytes, no control characters).
+    /// Unique name (see [`validate_routine_name`](crate::names::validate_routine_name): at
+    /// most 255 bytes, no control, bidi or invisible characters, no `/`).
     pub name: String,
     /// Mailbox capacity; default [`DEFAULT_QUEUE_CAPACITY`].
     pub queue_capacity: usize,
@@ -160,6 +162,15 @@ impl OrchInner {
         })
     }
 
+    /// Adds `snap` to the bounded history of finished routines (and replaced versions).
+    pub(crate) fn record_history(&self, snap: Snapshot) {
+        let mut h = self.history.lock();
+        if h.len() >= self.history_cap {
+            h.pop_front();
+        }
+        h.push_back(snap);
+    }
+
     /// The routine has ended for good in `state`: closes its mailbox, moves it from the
     /// registry to the history, logs the end and wakes those waiting for it.
     pub(crate) fn retire(&self, shared: &Arc<RoutineShared>, state: State) {
@@ -173,18 +184,14 @@ impl OrchInner {
             }
         }
         shared.set_state(state);
-        let snap = shared.snapshot();
-        {
-            let mut h = self.history.lock();
-            if h.len() >= self.history_cap {
-                h.pop_front();
-            }
-            h.push_back(snap);
-        }
+        self.record_history(shared.snapshot());
+        // The summaries of a restart storm's suppressed lines are due now.
+        shared.log_limiter().flush(shared.name());
+        let routine = escape(shared.name());
         match state {
-            State::Stopped => tracing::info!(routine = %shared.name(), "routine ended: {state}"),
+            State::Stopped => tracing::info!(routine = %routine, "routine ended: {state}"),
             _ => tracing::warn!(
-                routine = %shared.name(),
+                routine = %routine,
                 error = shared.last_error().as_deref().unwrap_or(""),
                 "routine ended: {state}"
             ),
@@ -315,7 +322,7 @@ impl Orchestrator {
                 return Err(SpawnError::NameTaken(opts.name));
             }
             let id = self.inner.next_id.fetch_add(1, Relaxed);
-            let shared = Arc::new(RoutineShared::new(id, &opts, plugin));
+            let shared = Arc::new(RoutineShared::new(id, &opts, plugin, work.version()));
             by_name.insert(opts.name.clone(), shared.clone());
             if let Some(g) = shared.group() {
                 g.members.lock().push(shared.clone());

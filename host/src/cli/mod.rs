@@ -8,11 +8,15 @@ use clap::{Parser, Subcommand};
 
 use crate::wasm::{CompileCache, DEFAULT_POOL_SIZE, EngineConfig};
 
+mod act;
 mod check;
+mod client;
 mod ps;
 mod run;
 
+pub use act::{PublishCmd, ReloadCmd, RoutineCmd, SendCmd};
 pub use check::CheckCmd;
+pub use client::Target;
 pub use ps::PsCmd;
 pub use run::RunCmd;
 
@@ -34,6 +38,16 @@ pub enum Command {
     Check(CheckCmd),
     /// Print the stats table of a running host (from its JSON API).
     Ps(PsCmd),
+    /// Publish a message on a topic of a running host (DATA, or standard input).
+    Publish(PublishCmd),
+    /// Send a message to a routine's mailbox on a running host (DATA, or standard input).
+    Send(SendCmd),
+    /// Restart a routine of a running host now (no backoff, not counted as a failure).
+    Restart(RoutineCmd),
+    /// Stop a routine of a running host on request (no restart follows).
+    Stop(RoutineCmd),
+    /// Apply the plugin directory of a running host now (live upgrade; like SIGHUP).
+    Reload(ReloadCmd),
 }
 
 /// The `gorch-host` program: parses `args` (the first is the program name), sets up logging
@@ -45,17 +59,24 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let cli = Cli::parse_from(args);
+    // Colours only on a terminal, and never with NO_COLOR (https://no-color.org).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
+        .with_ansi(ansi)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = crate::runtime_builder()
-        .build()
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(cli.run()));
+    let result = crate::runtime_builder().build().map_err(anyhow::Error::from).and_then(|rt| {
+        let result = rt.block_on(cli.run());
+        // A compile still running on the blocking pool (start-up cut short by a signal) must
+        // not hold the exit back: it only produces a cache entry, written atomically.
+        rt.shutdown_timeout(std::time::Duration::from_millis(200));
+        result
+    });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -72,6 +93,11 @@ impl Cli {
             Command::Run(c) => c.run().await,
             Command::Check(c) => c.run(),
             Command::Ps(c) => c.run().await,
+            Command::Publish(c) => c.run().await,
+            Command::Send(c) => c.run().await,
+            Command::Restart(c) => c.run("restart").await,
+            Command::Stop(c) => c.run("stop").await,
+            Command::Reload(c) => c.run().await,
         }
     }
 }

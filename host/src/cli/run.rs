@@ -2,15 +2,17 @@
 //! a signal, shut down within the bound.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::EngineArgs;
 use crate::obs::{DEFAULT_ADDR, ObsConfig, ObsServer};
-use crate::orchestrator::Orchestrator;
-use crate::plugin::{PluginDir, start_plugins};
+use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, Orchestrator};
+use crate::plugin::{LoadState, PluginBoard, PluginDir, Reloader, StartReport, start_plugins};
 use crate::wasm::WasmEngine;
 
 /// `gorch-host run DIR`.
@@ -33,48 +35,71 @@ pub struct RunCmd {
     /// Require `Authorization: Bearer TOKEN` on every route but /healthz.
     #[arg(long, env = "GORCH_TOKEN")]
     pub token: Option<String>,
+    /// Watch DIR and apply each change live (new, changed and removed plugins; see
+    /// `gorch-host reload`). SIGHUP applies the directory on request, with or without it.
+    #[arg(long)]
+    pub watch: bool,
+    /// Exit non-zero at start if any plugin of the directory fails to load (or it has none):
+    /// for deploy pipelines. Without it a bad plugin is reported (log, /readyz) and skipped.
+    #[arg(long)]
+    pub strict: bool,
     /// Engine flags (compile cache).
     #[command(flatten)]
     pub engine: EngineArgs,
 }
 
 impl RunCmd {
-    /// Starts the plugins and runs until a signal.
+    /// Starts the plugins and runs until a signal. The signal handlers come first, so that a
+    /// signal during start-up stops what has started (within the shutdown bound) and exits 0.
     pub async fn run(self) -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(16);
+        let signals = Signals::install().context("cannot install signal handlers")?;
+        let watcher = tokio::spawn(signals.watch(stop.clone(), reload_tx.clone()));
+        let result = self.serve(&stop, reload_tx, reload_rx).await;
+        watcher.abort();
+        result
+    }
+
+    async fn serve(
+        &self,
+        stop: &CancellationToken,
+        reload_tx: mpsc::Sender<()>,
+        reload_rx: mpsc::Receiver<()>,
+    ) -> anyhow::Result<()> {
         let orch = Orchestrator::new();
-        let obs_config = ObsConfig {
-            addr: self.addr,
-            dashboard: !self.no_dashboard,
-            pprof: self.pprof,
-            token: self.token.clone(),
-        };
-        let server = ObsServer::start(&orch, &obs_config)
-            .with_context(|| format!("cannot listen on {}", self.addr))?;
-        let addr = server.local_addr();
+        let server = self.start_server(&orch)?;
         let scanned = PluginDir::scan(&self.dir)
             .with_context(|| format!("cannot read plugin directory {}", self.dir.display()))?;
-        let engine = WasmEngine::new(self.engine.config(scanned.instances()))?;
-        let started = start_plugins(&orch, &engine, &self.dir, &scanned);
-        server.set_ready(true);
-        tracing::info!(
-            "{started} routine(s) running from {}; press Ctrl-C to stop",
-            self.dir.display()
-        );
-        if obs_config.dashboard {
-            tracing::info!("dashboard: http://{addr}/gorchestra");
+        let engine = self.engine_for(&scanned)?;
+        let board = server.plugins().clone();
+        // Ingress takes messages as large as the largest any plugin may send.
+        let limit = scanned.plugins.iter().map(|p| p.manifest.limits.message_bytes.0).max();
+        server.state().set_message_limit(limit.unwrap_or(DEFAULT_MESSAGE_BYTES));
+        // Live upgrade (SIGHUP, `reload`, the route, `--watch`): the reloader takes the files
+        // as scanned, and the watcher runs from now on, so no change made during start-up is
+        // missed (requests queue until start-up is done).
+        let reloader = Reloader::new(&orch, &engine, &self.dir, &scanned, &board);
+        let _watch = if self.watch { Some(watch_dir(&self.dir, reload_tx)?) } else { None };
+        let started = start_plugins(&orch, &engine, &self.dir, &scanned, &board, stop).await;
+        reloader.forget_failed().await;
+        server.state().set_reloader(reloader.clone());
+        if started.interrupted {
+            tracing::info!("signal during start-up: stopping what has started");
+        } else if self.strict && (started.failed > 0 || scanned.plugins.is_empty()) {
+            stop.cancel();
+            tracing::error!("--strict: stopping because the plugin directory did not load whole");
+        } else {
+            server.set_ready(true);
+            self.announce(&started, server.local_addr());
         }
-        tracing::info!("metrics: http://{addr}/metrics");
-        wait_for_signal().await?;
+        let reloads = tokio::spawn(reload_loop(reloader, reload_rx, stop.clone()));
+        stop.cancelled().await;
+        reloads.abort();
         tracing::info!(
             "shutting down (bound {}; signal again to kill at once)",
             humantime::format_duration(self.shutdown_timeout)
         );
-        tokio::spawn(async {
-            if wait_for_signal().await.is_ok() {
-                eprintln!("second signal: killing at once");
-                std::process::exit(130);
-            }
-        });
         server.set_ready(false);
         let report = orch.shutdown(self.shutdown_timeout).await;
         server.shutdown().await;
@@ -85,24 +110,178 @@ impl RunCmd {
             bail!("could not stop within the bound: {}", report.unstoppable.join(", "));
         }
         tracing::info!("stopped {} routine(s)", report.stopped);
-        Ok(())
-    }
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r?,
-            _ = term.recv() => {}
+        if self.strict && !started.interrupted {
+            strict_verdict(&board, scanned.plugins.is_empty(), &self.dir)?;
         }
         Ok(())
     }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await?;
-        Ok(())
+
+    /// Binds the observability server (warning when it is reachable without a token).
+    fn start_server(&self, orch: &Orchestrator) -> anyhow::Result<ObsServer> {
+        let config = ObsConfig {
+            addr: self.addr,
+            dashboard: !self.no_dashboard,
+            pprof: self.pprof,
+            token: self.token.clone(),
+        };
+        let server = ObsServer::start(orch, &config)
+            .with_context(|| format!("cannot listen on {}", self.addr))?;
+        let addr = server.local_addr();
+        if !addr.ip().is_loopback() && self.token.is_none() {
+            tracing::warn!(
+                "listening on {addr} without --token: anyone who can reach this address can \
+                 read the metrics and the routines, and steering routes are refused (set \
+                 --token or GORCH_TOKEN)"
+            );
+        }
+        Ok(server)
     }
+
+    /// The engine, with room for the directory's instances (refused past the host's limit);
+    /// logs each manifest's warnings against it.
+    fn engine_for(&self, scanned: &PluginDir) -> anyhow::Result<WasmEngine> {
+        let instances = scanned.check_instances(&self.dir)?;
+        let config = self.engine.config(instances);
+        for spec in &scanned.plugins {
+            for w in spec.manifest.warnings(&config) {
+                tracing::warn!("{}: {w}", spec.wasm.display());
+            }
+        }
+        Ok(WasmEngine::new(config)?)
+    }
+
+    fn announce(&self, started: &StartReport, addr: SocketAddr) {
+        let failed = if started.failed > 0 {
+            format!(" ({} failed: see /readyz)", started.failed)
+        } else {
+            String::new()
+        };
+        tracing::info!(
+            "{} routine(s) of {} plugin(s) running from {}{failed}; press Ctrl-C to stop",
+            started.routines,
+            started.started,
+            self.dir.display(),
+        );
+        if !self.no_dashboard {
+            tracing::info!("dashboard: http://{addr}/gorchestra");
+        }
+        tracing::info!("metrics: http://{addr}/metrics");
+    }
+}
+
+/// `--strict`: an error naming every plugin that failed (or the empty directory).
+fn strict_verdict(board: &PluginBoard, empty: bool, dir: &Path) -> anyhow::Result<()> {
+    let failed = board.in_state(LoadState::Failed);
+    if empty && failed.is_empty() {
+        bail!("--strict: no *.wasm components in {}", dir.display());
+    }
+    if !failed.is_empty() {
+        let lines: Vec<String> = failed
+            .iter()
+            .map(|p| format!("  {}: {}", p.file, p.error.as_deref().unwrap_or("failed")))
+            .collect();
+        bail!("--strict: {} plugin(s) failed to load:\n{}", failed.len(), lines.join("\n"));
+    }
+    Ok(())
+}
+
+/// SIGINT and SIGTERM, registered before anything else starts: the first one stops the host
+/// gracefully (also during start-up), the second exits at once.
+struct Signals {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                int: signal(SignalKind::interrupt())?,
+                term: signal(SignalKind::terminate())?,
+                hup: signal(SignalKind::hangup())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// The next SIGINT or SIGTERM; each SIGHUP meanwhile asks for a reload.
+    async fn next(&mut self, reload: &mpsc::Sender<()>) {
+        #[cfg(unix)]
+        loop {
+            tokio::select! {
+                _ = self.int.recv() => return,
+                _ = self.term.recv() => return,
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: applying the plugin directory");
+                    let _ = reload.try_send(());
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = reload;
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+
+    async fn watch(mut self, stop: CancellationToken, reload: mpsc::Sender<()>) {
+        self.next(&reload).await;
+        stop.cancel();
+        self.next(&reload).await;
+        eprintln!("second signal: killing at once");
+        std::process::exit(130);
+    }
+}
+
+/// How long the directory must stay quiet before a change is applied: editors and deploy
+/// tools write a temporary file and rename it, or write several files.
+const DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// Applies the directory on each request (SIGHUP, `--watch`), once the requests have
+/// stopped coming for [`DEBOUNCE`]; one reload at a time.
+async fn reload_loop(
+    reloader: Reloader,
+    mut requests: mpsc::Receiver<()>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = requests.recv() => if r.is_none() { return },
+        }
+        while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, requests.recv()).await {}
+        if stop.is_cancelled() {
+            return;
+        }
+        let report = reloader.apply().await;
+        if report.failed > 0 {
+            tracing::warn!(
+                "reload: {} plugin(s) failed; the running versions keep running",
+                report.failed
+            );
+        }
+    }
+}
+
+/// Watches `dir` (not recursively) and asks for a reload on every change in it.
+fn watch_dir(dir: &Path, reload: mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = reload.try_send(());
+        }
+    })
+    .context("cannot watch the plugin directory")?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+    tracing::info!("watching {} for changes", dir.display());
+    Ok(watcher)
 }

@@ -47,6 +47,7 @@ enum Series {
     TopicBlockedPublish,
     TopicBlockedRecv,
     DeadLetters,
+    Upgrades,
 }
 
 /// What describes a metric family: name, help, label names (alphabetical), counter or gauge.
@@ -58,7 +59,7 @@ struct Spec {
 }
 
 impl Series {
-    const ALL: [Series; 21] = [
+    const ALL: [Series; 22] = [
         Series::Routines,
         Series::RoutineInfo,
         Series::RoutineUp,
@@ -80,6 +81,7 @@ impl Series {
         Series::TopicBlockedPublish,
         Series::TopicBlockedRecv,
         Series::DeadLetters,
+        Series::Upgrades,
     ];
 
     fn spec(self) -> Spec {
@@ -174,6 +176,9 @@ impl Series {
                 NAME,
                 true,
             ),
+            Series::Upgrades => {
+                ("gorch_routine_upgrades_total", "Live upgrades of the routine's code.", NAME, true)
+            }
         };
         Spec { name, help, labels, counter }
     }
@@ -291,6 +296,7 @@ fn visit(orch: &Orchestrator, mut sink: impl FnMut(Series, &[&str], f64)) {
             f(Series::Terminations, &[name, st.as_str()], n as f64);
         }
         f(Series::DeadLetters, &[name], r.dead_letters() as f64);
+        f(Series::Upgrades, &[name], snap.upgrades as f64);
     }
     for t in orch.topics() {
         let topic = t.name.as_str();

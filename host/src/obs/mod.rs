@@ -5,6 +5,7 @@
 //! - this module: [`ObsConfig`] and [`ObsServer`] (bind, accept, graceful close);
 //! - [`routes`]: the axum [`router`] (`/metrics`, the dashboard, the JSON API, health,
 //!   readiness, the profile) and the token check;
+//! - [`control`]: the write routes (publish, send, restart, stop);
 //! - [`metrics`]: the `gorch_*` series, as Prometheus text or a `Collector`;
 //! - `process`: the process's own figures (CPU, RSS, threads; `process_*` metrics);
 //! - `profile`: CPU profiles in pprof's format;
@@ -21,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::orchestrator::Orchestrator;
 
+pub mod control;
 pub mod metrics;
 mod process;
 mod profile;
@@ -93,9 +95,19 @@ impl ObsServer {
         self.addr
     }
 
-    /// Marks the host ready for `/readyz`.
+    /// Marks start-up done for `/readyz` (see [`ObsState::set_ready`]).
     pub fn set_ready(&self, ready: bool) {
         self.state.set_ready(ready);
+    }
+
+    /// What the routes share (the message limit, the plugin board, ...).
+    pub fn state(&self) -> &ObsState {
+        &self.state
+    }
+
+    /// The plugin load status the server shows (see [`ObsState::plugins`]).
+    pub fn plugins(&self) -> &crate::plugin::PluginBoard {
+        self.state.plugins()
     }
 
     /// Stops accepting, closes the connections and waits for their tasks.

@@ -2,22 +2,60 @@
 //! `pprof` crate and encoded here without a protobuf compiler.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Why no profile was returned.
+#[derive(Debug)]
+pub(crate) enum ProfileError {
+    /// Another profile is being taken: the sampler is process-wide, one at a time.
+    Busy,
+    /// The sampler failed.
+    Failed(String),
+}
+
+/// Set while a profile is being taken (the sampler is process-wide).
+static PROFILING: AtomicBool = AtomicBool::new(false);
+
+/// The right to take the one profile of the process; released when dropped.
+struct ProfileSlot;
+
+impl ProfileSlot {
+    fn take() -> Option<ProfileSlot> {
+        PROFILING.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).ok()?;
+        Some(ProfileSlot)
+    }
+}
+
+impl Drop for ProfileSlot {
+    fn drop(&mut self) {
+        PROFILING.store(false, Ordering::Release);
+    }
+}
 
 /// Samples the whole process for `duration` at 100 Hz and returns `profile.proto` bytes.
-pub(crate) async fn cpu_profile(duration: Duration) -> Result<Vec<u8>, String> {
+/// One profile at a time: [`ProfileError::Busy`] while another is being taken. Dropping the
+/// future (the client went away) ends the sampling early and frees the slot.
+pub(crate) async fn cpu_profile(duration: Duration) -> Result<Vec<u8>, ProfileError> {
+    let slot = ProfileSlot::take().ok_or(ProfileError::Busy)?;
+    // Dropped with this future: the sampling thread stops waiting.
+    let (_stop, stopped) = std::sync::mpsc::channel::<()>();
     tokio::task::spawn_blocking(move || {
+        // Declared first, dropped last: the slot is free once the sampler has stopped and
+        // before the caller sees the result.
+        let _slot = slot;
+        let started = Instant::now();
         let guard = pprof::ProfilerGuardBuilder::default()
             .frequency(FREQUENCY)
             .blocklist(&["libc", "libgcc", "pthread", "vdso"])
             .build()
-            .map_err(|e| e.to_string())?;
-        std::thread::sleep(duration);
-        let report = guard.report().build().map_err(|e| e.to_string())?;
-        Ok(encode(&report, duration))
+            .map_err(|e| ProfileError::Failed(e.to_string()))?;
+        let _ = stopped.recv_timeout(duration);
+        let report = guard.report().build().map_err(|e| ProfileError::Failed(e.to_string()))?;
+        Ok(encode(&report, started.elapsed()))
     })
     .await
-    .map_err(|e| e.to_string())?
+    .map_err(|e| ProfileError::Failed(e.to_string()))?
 }
 
 const FREQUENCY: i32 = 100;

@@ -3,7 +3,7 @@
 //! token check in front of all but `/healthz`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use axum::Router;
@@ -15,9 +15,12 @@ use axum::routing::get;
 use prometheus::Registry;
 
 use super::ObsConfig;
-use crate::orchestrator::Orchestrator;
+use super::profile::ProfileError;
+use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, Orchestrator};
+use crate::plugin::{LoadState, PluginBoard, Reloader};
 
-/// Largest request body accepted (every route is a GET).
+/// Largest request body of the read routes (the write routes of `control` take messages
+/// up to the message limit instead).
 pub const BODY_LIMIT: usize = 16 * 1024;
 /// Longest CPU profile that can be asked for.
 pub const MAX_PROFILE_SECONDS: u64 = 60;
@@ -31,6 +34,9 @@ pub struct ObsState {
     registry: Arc<Registry>,
     ready: Arc<AtomicBool>,
     token: Option<Arc<str>>,
+    plugins: PluginBoard,
+    message_limit: Arc<AtomicU64>,
+    reloader: Arc<std::sync::OnceLock<Reloader>>,
 }
 
 impl ObsState {
@@ -41,12 +47,49 @@ impl ObsState {
             registry: Arc::new(super::process::registry()),
             ready: Arc::new(AtomicBool::new(false)),
             token: token.map(Arc::from),
+            plugins: PluginBoard::new(),
+            message_limit: Arc::new(AtomicU64::new(DEFAULT_MESSAGE_BYTES)),
+            reloader: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
-    /// Marks the host ready (`/readyz` answers 200 from now on).
+    /// Serves `POST /gorchestra/api/reload` with `reloader` (set once, after start-up).
+    pub fn set_reloader(&self, reloader: Reloader) {
+        let _ = self.reloader.set(reloader);
+    }
+
+    /// The reloader of the plugin directory, once set.
+    pub fn reloader(&self) -> Option<&Reloader> {
+        self.reloader.get()
+    }
+
+    /// The orchestrator the routes show and steer.
+    pub fn orch(&self) -> &Orchestrator {
+        &self.orch
+    }
+
+    /// The largest message the write routes accept (default
+    /// [`DEFAULT_MESSAGE_BYTES`]); the CLI sets the largest `limits.message-bytes` of the
+    /// plugins.
+    pub fn set_message_limit(&self, bytes: u64) {
+        self.message_limit.store(bytes, Relaxed);
+    }
+
+    /// See [`set_message_limit`](Self::set_message_limit).
+    pub fn message_limit(&self) -> u64 {
+        self.message_limit.load(Relaxed)
+    }
+
+    /// Marks start-up done (or, with `false`, the host going away): `/readyz` answers 200
+    /// from now on unless a plugin failed.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Relaxed);
+    }
+
+    /// The load status of the plugins, which `/readyz`, `/gorchestra/api/plugins` and the
+    /// dashboard show (empty for an embedder that loads no plugin directory).
+    pub fn plugins(&self) -> &PluginBoard {
+        &self.plugins
     }
 }
 
@@ -59,6 +102,7 @@ pub fn router(state: ObsState, config: &ObsConfig) -> Router {
         .route("/gorchestra/api/topics", get(topics))
         .route("/gorchestra/api/history", get(history))
         .route("/gorchestra/api/process", get(process))
+        .route("/gorchestra/api/plugins", get(plugins))
         .route("/readyz", get(readyz));
     if config.dashboard {
         r = r.route("/gorchestra", get(dashboard));
@@ -66,6 +110,9 @@ pub fn router(state: ObsState, config: &ObsConfig) -> Router {
     if config.pprof {
         r = r.route("/debug/pprof/profile", get(profile));
     }
+    // Steering is refused on a non-loopback address without a token (see `control`).
+    let open = config.addr.ip().is_loopback() || state.token.is_some();
+    r = r.merge(super::control::routes(state.clone(), open));
     // Routes added after the auth layer are not behind it.
     r.layer(middleware::from_fn_with_state(state.clone(), auth))
         .route("/healthz", get(|| async { "ok" }))
@@ -126,12 +173,32 @@ async fn process() -> impl IntoResponse {
     axum::Json(super::process::read())
 }
 
+async fn plugins(AxState(s): AxState<ObsState>) -> impl IntoResponse {
+    axum::Json(s.plugins.list())
+}
+
+/// 200 `ready` once start-up is done and no plugin of the directory failed; otherwise 503
+/// with the plugins still starting and the failed ones with their reasons (a deploy
+/// pipeline or a load balancer sees a broken host as not ready).
 async fn readyz(AxState(s): AxState<ObsState>) -> impl IntoResponse {
-    if s.ready.load(Relaxed) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    let starting = s.plugins.in_state(LoadState::Starting);
+    let failed = s.plugins.in_state(LoadState::Failed);
+    let up = s.ready.load(Relaxed);
+    if up && failed.is_empty() {
+        return (StatusCode::OK, "ready\n".to_string());
     }
+    let mut body = String::new();
+    if !up {
+        body.push_str("starting\n");
+    }
+    for p in &starting {
+        body.push_str(&format!("starting: {}\n", p.file));
+    }
+    for p in &failed {
+        let why = p.error.as_deref().unwrap_or("failed");
+        body.push_str(&format!("failed: {}: {}\n", p.file, why.replace('\n', " ")));
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 async fn dashboard() -> impl IntoResponse {
@@ -163,7 +230,12 @@ async fn profile(Query(q): Query<ProfileQuery>) -> Response {
             bytes,
         )
             .into_response(),
-        Err(e) => {
+        Err(ProfileError::Busy) => (
+            StatusCode::CONFLICT,
+            "a CPU profile is already being taken; try again when it finishes\n",
+        )
+            .into_response(),
+        Err(ProfileError::Failed(e)) => {
             (StatusCode::INTERNAL_SERVER_ERROR, format!("profile failed: {e}\n")).into_response()
         }
     }

@@ -1,5 +1,8 @@
 //! A plugin directory: every `NAME.wasm` with its optional `NAME.toml`, and `gorch.toml`
-//! (groups). Scanning reads manifests only; loading and starting is `plugin::start`.
+//! (groups). Scanning reads manifests only; loading and starting is `plugin::start`. Only
+//! regular files (or symlinks to them) are used: a FIFO, a device or a directory named like
+//! a plugin or a manifest is reported by name and skipped, never opened for reading, and a
+//! manifest is read only up to [`MAX_MANIFEST_BYTES`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -7,10 +10,15 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::manifest::{ManifestError, PluginManifest, parse_toml, read_toml};
+use crate::fsread;
 use crate::supervisor::{Intensity, Strategy};
+use crate::wasm::LoadError;
 
 /// The directory-wide configuration file: groups.
 pub const DIR_CONFIG: &str = "gorch.toml";
+
+/// Largest manifest (or `gorch.toml`) read: a manifest is a few lines of TOML.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
 /// A problem that keeps a plugin (or the groups) from being used. Each names the file, and
 /// the plugin or group it is about.
@@ -55,6 +63,22 @@ pub enum PluginError {
     /// The component could not be loaded (read, compiled, or fitted to the world).
     #[error("{0}")]
     Load(#[from] crate::wasm::LoadError),
+    /// The manifests of a directory ask for more routines in all than one host holds: none
+    /// is started (see [`PluginDir::check_instances`]).
+    #[error(
+        "{}: the manifests ask for {total} instances in all, more than {max} (MAX_INSTANCES: \
+         what one host's instance pool and memory are tested to hold); lower their \
+         `instances` or split the plugins across hosts",
+        dir.display()
+    )]
+    TooManyInstances {
+        /// The plugin directory.
+        dir: PathBuf,
+        /// The sum of the manifests' `instances`.
+        total: usize,
+        /// [`MAX_INSTANCES`](super::manifest::MAX_INSTANCES).
+        max: usize,
+    },
 }
 
 impl PluginError {
@@ -67,6 +91,7 @@ impl PluginError {
                 config
             }
             PluginError::Load(e) => e.path(),
+            PluginError::TooManyInstances { dir, .. } => dir,
         }
     }
 }
@@ -139,7 +164,21 @@ impl PluginDir {
         self.plugins.iter().map(|p| p.manifest.instances.max(1) as usize).sum()
     }
 
-    /// Finds every `*.wasm` in `dir` with its optional `NAME.toml`.
+    /// The sum of the plugins' `instances` ([`PluginDir::instances`]), or
+    /// [`PluginError::TooManyInstances`] (naming `dir`, the directory scanned) when it is
+    /// above [`MAX_INSTANCES`](super::manifest::MAX_INSTANCES): call it before starting any.
+    pub fn check_instances(&self, dir: &Path) -> Result<usize, PluginError> {
+        let total = self.instances();
+        let max = super::manifest::MAX_INSTANCES as usize;
+        if total > max {
+            return Err(PluginError::TooManyInstances { dir: dir.to_path_buf(), total, max });
+        }
+        Ok(total)
+    }
+
+    /// Finds every `*.wasm` in `dir` with its optional `NAME.toml`. A `NAME.wasm` that is
+    /// not a regular file is reported ([`LoadError::NotRegularFile`]) and skipped, and so is a
+    /// plugin whose manifest is not one; neither is opened.
     pub fn scan(dir: &Path) -> std::io::Result<PluginDir> {
         let mut out = PluginDir::default();
         let config_path = dir.join(DIR_CONFIG);
@@ -157,6 +196,16 @@ impl PluginDir {
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
             match ext {
                 Some("wasm") => {
+                    match std::fs::metadata(path) {
+                        Ok(m) if !m.is_file() => {
+                            let kind = fsread::kind(&m);
+                            out.errors.push(
+                                LoadError::NotRegularFile { path: path.clone(), kind }.into(),
+                            );
+                            continue;
+                        }
+                        _ => {} // a regular file, or an error that loading will report
+                    }
                     let toml = path.with_extension("toml");
                     let manifest = if toml.exists() {
                         match PluginManifest::from_file(&toml) {

@@ -12,7 +12,24 @@ use serde::{Deserialize, Deserializer};
 use crate::names::validate_routine_name;
 use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, DEFAULT_QUEUE_CAPACITY, SpawnOptions};
 use crate::supervisor::{Backoff, Intensity, RestartPolicy, Supervision};
-use crate::wasm::{DEFAULT_MEMORY_LIMIT, WasmOptions};
+use crate::wasm::{DEFAULT_MEMORY_LIMIT, EngineConfig, WasmOptions};
+
+/// The most `instances` one manifest, and all the manifests of a directory together, may ask
+/// for: the scale gorch-host is built and tested for (see `BENCHMARKS.md`). Beyond it the
+/// instance pool and the memory of one machine do not hold them: run more hosts.
+pub const MAX_INSTANCES: u32 = 100_000;
+/// The largest `queue-capacity`.
+pub const MAX_QUEUE_CAPACITY: usize = 1_000_000;
+/// The largest `limits.memory` and `limits.message-bytes`: 4 GiB, all a wasm32 guest can
+/// address.
+pub const MAX_WASM32_BYTES: u64 = 4 << 30;
+/// The shortest nonzero `idle-timeout`: two epoch ticks. A shorter watchdog times a routine
+/// out before it can beat (a `TIMED_OUT` loop).
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_millis(10);
+/// The longest `idle-timeout`: one year.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(31_557_600);
+/// The most characters of a value an error message quotes; longer values are cut with `…`.
+pub const MAX_ECHO_CHARS: usize = 80;
 
 /// A manifest that could not be read or is invalid: names the file, and the line and column
 /// where the problem is.
@@ -27,7 +44,8 @@ pub struct ManifestError {
     pub message: String,
 }
 
-/// A size in bytes: an integer, or a string such as `"64MiB"`, `"512KiB"`, `"1GB"`.
+/// A size in bytes: an integer, or a string such as `"64MiB"`, `"512KiB"`, `"1GB"`. Shown
+/// in the largest binary unit that divides it (`64MiB`, `1000B`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
@@ -35,10 +53,14 @@ pub struct ByteSize(pub u64);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SizeError {
     /// No number where one was expected.
-    #[error("invalid size {0:?}: expected e.g. \"64MiB\"")]
+    #[error("invalid size {}: expected e.g. \"64MiB\"", echo(.0))]
     Invalid(String),
     /// An unknown unit.
-    #[error("invalid size unit {unit:?} in {input:?}: use B, KiB, MiB, GiB, KB, MB or GB")]
+    #[error(
+        "invalid size unit {} in {}: use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB",
+        echo(.unit),
+        echo(.input)
+    )]
     Unit {
         /// The unit as written.
         unit: String,
@@ -46,7 +68,7 @@ pub enum SizeError {
         input: String,
     },
     /// More than `u64::MAX` bytes.
-    #[error("size {0:?} is too large")]
+    #[error("size {} is too large", echo(.0))]
     TooLarge(String),
 }
 
@@ -62,14 +84,28 @@ impl ByteSize {
             "KiB" => 1 << 10,
             "MiB" => 1 << 20,
             "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
             "KB" | "kB" => 1_000,
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
             other => {
                 return Err(SizeError::Unit { unit: other.to_string(), input: s.to_string() });
             }
         };
         n.checked_mul(mult).map(ByteSize).ok_or_else(|| SizeError::TooLarge(s.to_string()))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+            if n != 0 && n.trailing_zeros() >= shift {
+                return write!(f, "{}{unit}", n >> shift);
+            }
+        }
+        write!(f, "{n}B")
     }
 }
 
@@ -99,11 +135,14 @@ impl<'de> Deserialize<'de> for ByteSize {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct Limits {
-    /// Linear memory per instance (default 64MiB).
+    /// Linear memory per instance (default 64MiB; at most [`MAX_WASM32_BYTES`]).
+    #[serde(deserialize_with = "memory_size")]
     pub memory: ByteSize,
     /// Fuel (instructions) per run; 0 = unlimited (default).
     pub fuel: u64,
-    /// Largest message the plugin may send or publish (default 1MiB).
+    /// Largest message the plugin may send or publish (default 1MiB; at least 1 byte, at
+    /// most [`MAX_WASM32_BYTES`]).
+    #[serde(deserialize_with = "message_size")]
     pub message_bytes: ByteSize,
 }
 
@@ -121,10 +160,171 @@ impl Default for Limits {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct WasiGrants {
-    /// Environment variables the guest sees.
+    /// Environment variables the guest sees (names non-empty, without `=` or NUL; values
+    /// without NUL).
+    #[serde(deserialize_with = "env_vars")]
     pub env: BTreeMap<String, String>,
-    /// Arguments the guest sees.
+    /// Arguments the guest sees (without NUL).
+    #[serde(deserialize_with = "arg_list")]
     pub args: Vec<String>,
+}
+
+/// `s` quoted (as `{:?}` quotes), cut after [`MAX_ECHO_CHARS`] characters with `…` and how
+/// many more there were: a 10 MB value gives a short message.
+pub(crate) fn echo(s: &str) -> String {
+    match s.char_indices().nth(MAX_ECHO_CHARS) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => {
+            let more = s[cut..].chars().count();
+            format!("{:?}… ({more} more characters)", &s[..cut])
+        }
+    }
+}
+
+fn custom<E: serde::de::Error>(msg: impl fmt::Display) -> E {
+    E::custom(msg)
+}
+
+fn instances<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = u64::deserialize(d)?;
+    if v == 0 {
+        return Err(custom("must be at least 1"));
+    }
+    if v > u64::from(MAX_INSTANCES) {
+        return Err(custom(format!(
+            "instances must be at most {MAX_INSTANCES} (MAX_INSTANCES: what one host's \
+             instance pool and memory are tested to hold), got {v}; run the rest on another host"
+        )));
+    }
+    Ok(v as u32)
+}
+
+fn queue_capacity<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = usize::deserialize(d)?;
+    if v == 0 {
+        return Err(custom("must be at least 1"));
+    }
+    if v > MAX_QUEUE_CAPACITY {
+        return Err(custom(format!(
+            "queue-capacity must be at most {MAX_QUEUE_CAPACITY} (MAX_QUEUE_CAPACITY), got {v}"
+        )));
+    }
+    Ok(v)
+}
+
+fn idle_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let v: Duration = humantime_serde::deserialize(d)?;
+    let show = humantime::format_duration;
+    if !v.is_zero() && v < MIN_IDLE_TIMEOUT {
+        return Err(custom(format!(
+            "idle-timeout must be 0 (off) or at least {} (MIN_IDLE_TIMEOUT), got {}: a shorter \
+             watchdog times a routine out before it can beat",
+            show(MIN_IDLE_TIMEOUT),
+            show(v)
+        )));
+    }
+    if v > MAX_IDLE_TIMEOUT {
+        return Err(custom(format!(
+            "idle-timeout must be at most {} (MAX_IDLE_TIMEOUT), got {}",
+            show(MAX_IDLE_TIMEOUT),
+            show(v)
+        )));
+    }
+    Ok(v)
+}
+
+fn at_most_wasm32<E: serde::de::Error>(key: &str, v: ByteSize) -> Result<ByteSize, E> {
+    if v.0 > MAX_WASM32_BYTES {
+        return Err(custom(format!(
+            "{key} must be at most {} (the wasm32 maximum), got {v}",
+            ByteSize(MAX_WASM32_BYTES)
+        )));
+    }
+    Ok(v)
+}
+
+fn memory_size<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    at_most_wasm32("limits.memory", ByteSize::deserialize(d)?)
+}
+
+fn message_size<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    let v = ByteSize::deserialize(d)?;
+    if v.0 == 0 {
+        return Err(custom("limits.message-bytes must be at least 1"));
+    }
+    at_most_wasm32("limits.message-bytes", v)
+}
+
+/// An environment variable name: non-empty, no `=`, no NUL (the error points at it).
+struct EnvKey(String);
+
+impl<'de> Deserialize<'de> for EnvKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let k = String::deserialize(d)?;
+        if k.is_empty() {
+            return Err(custom("wasi.env: empty variable name"));
+        }
+        if k.contains('=') {
+            return Err(custom(format!("wasi.env: variable name {} contains '='", echo(&k))));
+        }
+        if k.contains('\0') {
+            return Err(custom(format!("wasi.env: variable name {} contains NUL", echo(&k))));
+        }
+        Ok(EnvKey(k))
+    }
+}
+
+/// The value of environment variable `.0`: no NUL (the error points at it).
+struct EnvValue<'a>(&'a str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for EnvValue<'_> {
+    type Value = String;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        let v = String::deserialize(d)?;
+        if v.contains('\0') {
+            return Err(custom(format!("wasi.env: the value of {} contains NUL", echo(self.0))));
+        }
+        Ok(v)
+    }
+}
+
+fn env_vars<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = BTreeMap<String, String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a table of environment variables")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(EnvKey(k)) = m.next_key()? {
+                let v = m.next_value_seed(EnvValue(&k))?;
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(V)
+}
+
+/// One `wasi.args` entry: no NUL (the error points at it).
+struct Arg(String);
+
+impl<'de> Deserialize<'de> for Arg {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let a = String::deserialize(d)?;
+        if a.contains('\0') {
+            return Err(custom(format!("wasi.args: argument {} contains NUL", echo(&a))));
+        }
+        Ok(Arg(a))
+    }
+}
+
+fn arg_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(Vec::<Arg>::deserialize(d)?.into_iter().map(|a| a.0).collect())
 }
 
 fn positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
@@ -135,18 +335,10 @@ fn positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     Ok(v)
 }
 
-fn positive_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    let v = usize::deserialize(d)?;
-    if v == 0 {
-        return Err(serde::de::Error::custom("must be at least 1"));
-    }
-    Ok(v)
-}
-
 fn routine_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let v = String::deserialize(d)?;
     validate_routine_name(&v)
-        .map_err(|r| serde::de::Error::custom(format!("invalid name {v:?}: {r}")))?;
+        .map_err(|r| serde::de::Error::custom(format!("invalid name {}: {r}", echo(&v))))?;
     Ok(Some(v))
 }
 
@@ -183,16 +375,18 @@ pub struct PluginManifest {
     /// Routine name; default: the file stem.
     #[serde(deserialize_with = "routine_name")]
     pub name: Option<String>,
-    /// Replicas (at least 1; default 1).
-    #[serde(deserialize_with = "positive_u32")]
+    /// Replicas (at least 1, at most [`MAX_INSTANCES`]; default 1).
+    #[serde(deserialize_with = "instances")]
     pub instances: u32,
     /// Restart policy (default `on-failure`: see [`Supervision::for_plugin`]).
     pub restart: RestartPolicy,
-    /// Idle watchdog; zero turns it off (the default).
-    #[serde(with = "humantime_serde")]
+    /// Idle watchdog; zero turns it off (the default); else between [`MIN_IDLE_TIMEOUT`]
+    /// and [`MAX_IDLE_TIMEOUT`].
+    #[serde(deserialize_with = "idle_timeout")]
     pub idle_timeout: Duration,
-    /// Mailbox capacity (at least 1; default [`DEFAULT_QUEUE_CAPACITY`]).
-    #[serde(deserialize_with = "positive_usize")]
+    /// Mailbox capacity (at least 1, at most [`MAX_QUEUE_CAPACITY`]; default
+    /// [`DEFAULT_QUEUE_CAPACITY`]).
+    #[serde(deserialize_with = "queue_capacity")]
     pub queue_capacity: usize,
     /// Delivery attempts of one message before it goes to `dead-letter` (at least 1;
     /// default [`DEFAULT_MAX_DELIVERIES`](crate::supervisor::policy::DEFAULT_MAX_DELIVERIES)).
@@ -266,6 +460,31 @@ impl PluginManifest {
         o
     }
 
+    /// Settings that are legal but useless with this engine, one sentence each (empty when
+    /// there are none); the caller logs them. Today: a `limits.memory` above the pooling
+    /// allocator's `memory_reservation` (a pooled memory cannot grow past it), and a
+    /// `limits.message-bytes` above `limits.memory` (no such message fits in the guest).
+    pub fn warnings(&self, engine: &EngineConfig) -> Vec<String> {
+        let mut w = Vec::new();
+        let memory = self.limits.memory;
+        if engine.pooling && memory.0 > engine.memory_reservation {
+            w.push(format!(
+                "limits.memory = {memory} cannot be reached: the engine's memory reservation \
+                 is {} (a pooled memory cannot grow past it); raise the reservation or lower \
+                 limits.memory",
+                ByteSize(engine.memory_reservation)
+            ));
+        }
+        if self.limits.message_bytes.0 > memory.0 {
+            w.push(format!(
+                "limits.message-bytes = {} is more than limits.memory = {memory}: no message \
+                 that large fits in the guest",
+                self.limits.message_bytes
+            ));
+        }
+        w
+    }
+
     /// The wasm options (limits and WASI grants).
     pub fn wasm_options(&self) -> WasmOptions {
         WasmOptions {
@@ -279,11 +498,12 @@ impl PluginManifest {
 
 /// Reads and parses a TOML file into `T`.
 pub(super) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ManifestError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ManifestError {
-        path: path.to_path_buf(),
-        location: None,
-        message: e.to_string(),
-    })?;
+    let error =
+        |message: String| ManifestError { path: path.to_path_buf(), location: None, message };
+    // Only a regular file, and only so much of it: a FIFO or `/dev/zero` is refused.
+    let bytes = crate::fsread::read_regular(path, super::dir::MAX_MANIFEST_BYTES)
+        .map_err(|e| error(e.to_string()))?;
+    let text = String::from_utf8(bytes).map_err(|_| error("not UTF-8 text".into()))?;
     parse_toml(path, &text)
 }
 
@@ -294,12 +514,85 @@ pub(super) fn parse_toml<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ManifestError> {
     toml::from_str(text).map_err(|e| {
         let location = e.span().map(|s| line_col(text, s.start));
-        ManifestError { path: path.to_path_buf(), location, message: e.message().to_string() }
+        ManifestError { path: path.to_path_buf(), location, message: shorten(e.message()) }
     })
 }
 
+/// The longest message a manifest error carries, in characters, after [`shorten_quoted`].
+const MAX_MESSAGE_CHARS: usize = 1000;
+
+/// `msg` with every quoted value (`"…"` with escapes, or `` `…` ``) longer than
+/// [`MAX_ECHO_CHARS`] cut (serde and toml quote values whole), and the whole capped at
+/// [`MAX_MESSAGE_CHARS`].
+fn shorten(msg: &str) -> String {
+    let mut s = shorten_quoted(msg);
+    if let Some((cut, _)) = s.char_indices().nth(MAX_MESSAGE_CHARS) {
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+fn shorten_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len().min(4 * MAX_MESSAGE_CHARS));
+    let mut chars = msg.chars();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '"' || c == '`' {
+            copy_quoted(&mut chars, c, &mut out);
+        }
+    }
+    out
+}
+
+/// Copies a quoted value from `chars` to `out`, up to and including its closing `quote`,
+/// keeping [`MAX_ECHO_CHARS`] characters of it. An escape (`\"`, `\u{202e}`) counts as one.
+fn copy_quoted(chars: &mut std::str::Chars<'_>, quote: char, out: &mut String) {
+    let (mut kept, mut dropped, mut closed) = (0usize, 0usize, false);
+    while let Some(t) = chars.next() {
+        if t == quote {
+            closed = true;
+            break;
+        }
+        let mut token = String::from(t);
+        if t == '\\' && quote == '"' {
+            escape_rest(chars, &mut token);
+        }
+        if kept < MAX_ECHO_CHARS {
+            out.push_str(&token);
+            kept += 1;
+        } else {
+            dropped += 1;
+        }
+    }
+    if closed {
+        out.push(quote);
+    }
+    if dropped > 0 {
+        out.push_str(&format!("… ({dropped} more characters)"));
+    }
+}
+
+/// The rest of an escape after its backslash: one character, or `u{…}`.
+fn escape_rest(chars: &mut std::str::Chars<'_>, token: &mut String) {
+    let Some(n) = chars.next() else { return };
+    token.push(n);
+    if n == 'u' {
+        for n in chars.by_ref() {
+            token.push(n);
+            if n == '}' {
+                break;
+            }
+        }
+    }
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
     (line, col)

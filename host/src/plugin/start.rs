@@ -1,26 +1,64 @@
-//! Starting a scanned plugin directory: load each component (compile or cache), spawn its
-//! routines with the manifest's settings, in groups where `gorch.toml` says so. A bad
-//! plugin is reported by file and skipped; the others start.
+//! Starting a scanned plugin directory: components are loaded (compiled, or read from the
+//! compile cache) concurrently, bounded by the cores, off the threads that run guests; each
+//! plugin's routines are spawned as soon as its component is ready (the members of a group
+//! once the whole group is, in start order). A bad plugin is reported by file on the
+//! [`PluginBoard`] and in the log, and skipped; the others start. Start-up can be cut short
+//! by a cancellation token (a signal during start-up).
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use super::dir::{PluginDir, PluginError};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::dir::{PluginDir, PluginError, PluginSpec};
+use super::status::PluginBoard;
 use crate::orchestrator::Orchestrator;
 use crate::supervisor::Group;
-use crate::wasm::{CacheStatus, WasmEngine};
+use crate::wasm::{CacheStatus, WasmComponent, WasmEngine};
 
-/// Loads every plugin `scanned` from `dir` and spawns its routines. A bad plugin is reported
-/// (by file, with the reason) and skipped; the others start. Returns how many routines
-/// started.
-pub fn start_plugins(
+/// What [`start_plugins`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StartReport {
+    /// Routines spawned.
+    pub routines: usize,
+    /// Plugins loaded and started.
+    pub started: usize,
+    /// Problems: plugins (or directory files) that failed; details are on the board.
+    pub failed: usize,
+    /// True if start-up was cancelled before every plugin was handled.
+    pub interrupted: bool,
+}
+
+/// The members of a group loaded so far (index in the scan, component), and how many are
+/// still loading.
+#[derive(Default)]
+struct GroupWait {
+    loaded: Vec<(usize, WasmComponent)>,
+    left: usize,
+}
+
+/// One finished load: the plugin's index in the scan, the component or the error, and how
+/// long it took.
+type Loaded = (usize, Result<WasmComponent, String>, Duration);
+
+/// Loads every plugin `scanned` from `dir` and spawns its routines, recording each plugin's
+/// progress on `board`. Stops early (without spawning more) when `cancel` fires.
+pub async fn start_plugins(
     orch: &Orchestrator,
     engine: &WasmEngine,
     dir: &Path,
     scanned: &PluginDir,
-) -> usize {
+    board: &PluginBoard,
+    cancel: &CancellationToken,
+) -> StartReport {
+    let mut report = StartReport::default();
     for e in &scanned.errors {
-        tracing::error!("skipping plugin: {e}");
+        report_scan_error(board, e);
+        report.failed += 1;
     }
     if scanned.plugins.is_empty() {
         tracing::warn!("no *.wasm components in {}", dir.display());
@@ -30,33 +68,65 @@ pub fn start_plugins(
         .iter()
         .map(|(name, g)| (name.as_str(), orch.group(name.clone(), g.strategy, g.intensity.clone())))
         .collect();
-    let mut started = 0;
-    let (mut loaded, mut reused) = (0, 0);
+    // Members of a group wait for the whole group.
+    let mut waiting: BTreeMap<&str, GroupWait> = BTreeMap::new();
     for spec in &scanned.plugins {
-        let component = match engine.load_file(&spec.wasm) {
-            Ok(c) => {
-                loaded += 1;
-                reused += usize::from(c.cache_status() == CacheStatus::Hit);
-                c
+        board.starting(&spec.stem, &spec.wasm.display().to_string());
+        if let Some(g) = scanned.group_of(spec) {
+            waiting.entry(g).or_default().left += 1;
+        }
+    }
+    let mut loads = spawn_loads(engine, scanned, cancel);
+    let (mut loaded, mut reused) = (0, 0);
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                report.interrupted = true;
+                break;
             }
-            Err(e) => {
-                tracing::error!("skipping plugin: {}", PluginError::from(e));
+            next = loads.join_next() => next,
+        };
+        let (i, result, took) = match next {
+            None => break,
+            Some(Ok(loaded)) => loaded,
+            Some(Err(e)) => {
+                tracing::error!("a plugin load task failed: {e}");
                 continue;
             }
         };
-        for name in spec.manifest.routine_names(&spec.stem) {
-            let mut opts = spec.manifest.spawn_options(name.clone());
-            if let Some(g) = scanned.group_of(spec).and_then(|g| groups.get(g)) {
-                opts = opts.group(g);
+        let spec = &scanned.plugins[i];
+        let file = spec.wasm.display().to_string();
+        let component = match result {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("plugin failed: {e}");
+                board.failed(&spec.stem, &file, e);
+                report.failed += 1;
+                if let Some(g) = scanned.group_of(spec) {
+                    let entry = waiting.get_mut(g).expect("counted above");
+                    entry.left -= 1;
+                    if entry.left == 0 {
+                        let members = std::mem::take(&mut entry.loaded);
+                        start_group(orch, scanned, &groups[g], members, board, &mut report);
+                    }
+                }
+                continue;
             }
-            match orch.spawn_wasm_as(
-                opts,
-                spec.stem.clone(),
-                &component,
-                spec.manifest.wasm_options(),
-            ) {
-                Ok(_) => started += 1,
-                Err(e) => tracing::error!("{}: cannot start {name}: {e}", spec.wasm.display()),
+        };
+        loaded += 1;
+        reused += usize::from(component.cache_status() == CacheStatus::Hit);
+        log_loaded(spec, &component, took, board);
+        match scanned.group_of(spec) {
+            None => start_one(orch, spec, &component, None, board, &mut report),
+            Some(g) => {
+                let entry = waiting.get_mut(g).expect("counted above");
+                entry.loaded.push((i, component));
+                entry.left -= 1;
+                if entry.left == 0 {
+                    let members = std::mem::take(&mut entry.loaded);
+                    start_group(orch, scanned, &groups[g], members, board, &mut report);
+                }
             }
         }
     }
@@ -66,5 +136,114 @@ pub fn start_plugins(
             cache.display()
         );
     }
-    started
+    report
+}
+
+/// Starts a load task per plugin: at most one per core compiles at a time, on the blocking
+/// pool, so guests keep running and the control plane stays responsive.
+fn spawn_loads(
+    engine: &WasmEngine,
+    scanned: &PluginDir,
+    cancel: &CancellationToken,
+) -> JoinSet<Loaded> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let permits = Arc::new(Semaphore::new(cores));
+    let mut loads = JoinSet::new();
+    for (i, spec) in scanned.plugins.iter().enumerate() {
+        let engine = engine.clone();
+        let path = spec.wasm.clone();
+        let permits = permits.clone();
+        let cancel = cancel.clone();
+        loads.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            if cancel.is_cancelled() {
+                return (
+                    i,
+                    Err(format!("{}: start-up interrupted", path.display())),
+                    Duration::ZERO,
+                );
+            }
+            let started = Instant::now();
+            let result = tokio::task::spawn_blocking(move || {
+                engine.load_file(&path).map_err(|e| PluginError::from(e).to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("loading panicked: {e}")));
+            (i, result, started.elapsed())
+        });
+    }
+    loads
+}
+
+fn report_scan_error(board: &PluginBoard, e: &PluginError) {
+    let path = e.path();
+    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    tracing::error!("plugin failed: {e}");
+    board.failed(&name, &path.display().to_string(), e.to_string());
+}
+
+fn log_loaded(spec: &PluginSpec, component: &WasmComponent, took: Duration, board: &PluginBoard) {
+    let size = std::fs::metadata(&spec.wasm).map(|m| m.len()).unwrap_or(0);
+    board.loaded(&spec.wasm.display().to_string(), size, took.as_secs_f64());
+    let how = match component.cache_status() {
+        CacheStatus::Hit => "from the compile cache",
+        _ => "compiled",
+    };
+    tracing::info!(
+        "loaded {} ({:.1} KiB, {how} in {} ms)",
+        spec.wasm.display(),
+        size as f64 / 1024.0,
+        took.as_millis()
+    );
+}
+
+/// Spawns the members of a group that loaded, in start order.
+fn start_group(
+    orch: &Orchestrator,
+    scanned: &PluginDir,
+    group: &Group,
+    mut members: Vec<(usize, WasmComponent)>,
+    board: &PluginBoard,
+    report: &mut StartReport,
+) {
+    members.sort_by_key(|(i, _)| *i);
+    for (i, component) in members {
+        let spec = &scanned.plugins[i];
+        start_one(orch, spec, &component, Some(group), board, report);
+    }
+}
+
+/// Spawns the routines of one loaded plugin and records the result on the board.
+fn start_one(
+    orch: &Orchestrator,
+    spec: &PluginSpec,
+    component: &WasmComponent,
+    group: Option<&Group>,
+    board: &PluginBoard,
+    report: &mut StartReport,
+) {
+    let file = spec.wasm.display().to_string();
+    let mut started = 0;
+    let mut errors = Vec::new();
+    for name in spec.manifest.routine_names(&spec.stem) {
+        let mut opts = spec.manifest.spawn_options(name.clone());
+        if let Some(g) = group {
+            opts = opts.group(g);
+        }
+        match orch.spawn_wasm_as(opts, spec.stem.clone(), component, spec.manifest.wasm_options()) {
+            Ok(_) => started += 1,
+            Err(e) => {
+                tracing::error!("{file}: cannot start {name}: {e}");
+                errors.push(format!("cannot start {name}: {e}"));
+            }
+        }
+    }
+    report.routines += started;
+    if errors.is_empty() {
+        board.running(&file, started);
+        report.started += 1;
+    } else {
+        board.failed(&spec.stem, &file, errors.join("; "));
+        report.failed += 1;
+    }
 }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::channel::{RecvError, SendError};
 use crate::delivery::{Message, Source};
+use crate::logguard::{Kind, escape};
 use crate::names::validate_routine_name;
 use crate::orchestrator::OrchInner;
 use crate::routine::shared::{RoutineShared, RunControl};
@@ -140,9 +141,10 @@ impl RoutineContext {
         self.took(r, || Source::Topic(topic.to_string(), ch.clone()))
     }
 
-    /// Writes a log line attributed to this routine.
+    /// Writes a log line attributed to this routine. Control characters in `message` are
+    /// escaped (it stays one line); during a restart storm the lines are summarized.
     pub fn log(&self, level: tracing::Level, message: &str) {
-        log_line(self.shared.name(), level, message);
+        log_line(&self.shared, level, message);
     }
 
     fn check_size(&self, len: usize) -> Result<(), CallError> {
@@ -183,7 +185,14 @@ impl RoutineContext {
 
 /// Emits one log line as a tracing event attributed to the routine (target `guest`): what
 /// [`RoutineContext::log`], the WIT `log` import and a guest's stdout and stderr write.
-pub(crate) fn log_line(routine: &str, level: tracing::Level, message: &str) {
+/// The text is escaped (a guest cannot forge a host line) and, while the routine is in a
+/// restart storm, summarized (see `logguard`).
+pub(crate) fn log_line(shared: &RoutineShared, level: tracing::Level, message: &str) {
+    if !shared.log_limiter().admit(Kind::Guest, shared.name()) {
+        return;
+    }
+    let routine = &*escape(shared.name());
+    let message = escape(message);
     match level {
         tracing::Level::TRACE => tracing::trace!(target: "guest", routine, "{message}"),
         tracing::Level::DEBUG => tracing::debug!(target: "guest", routine, "{message}"),

@@ -9,6 +9,7 @@ use crate::delivery::Message;
 use crate::routine::shared::RoutineShared;
 use crate::routine::snapshot::Snapshot;
 use crate::routine::state::{Health, State};
+use crate::wasm::{WasmComponent, WasmOptions, WasmWork};
 
 /// A handle to a spawned routine. Cheap to clone; does not keep the routine alive.
 #[derive(Clone)]
@@ -72,6 +73,40 @@ impl RoutineHandle {
     /// end.
     pub fn stop(&self) {
         self.shared.request_stop();
+    }
+    /// Restarts the routine now: the current run is stopped like [`stop`](Self::stop) does
+    /// (its in-flight message is redelivered), then a new run starts at once, with no
+    /// backoff and without counting against the restart intensity. A routine waiting in
+    /// `BACKOFF` starts at once.
+    pub fn restart(&self) {
+        self.shared.request_restart();
+    }
+    /// Replaces the routine's code with `component` (live upgrade) and waits until the new
+    /// version runs: the current run is stopped on request (`cancelled`, its grace period,
+    /// then the kill), and the new instance starts under the same name, with the same
+    /// mailbox; queued messages stay queued and the in-flight one is delivered again first.
+    /// Not a failure: no backoff, no intensity count. When both versions export
+    /// `gorch:worker/upgrade`, the old one's `save` is handed to the new one's `restore`; if
+    /// that fails, the old version is started again with its state and the error is
+    /// returned. The old version's last run is kept in the history.
+    pub async fn upgrade(
+        &self,
+        component: &WasmComponent,
+        wasm: WasmOptions,
+    ) -> Result<(), String> {
+        let seq = self.shared.request_upgrade(Arc::new(WasmWork::new(component, wasm)));
+        tokio::select! {
+            r = self.shared.upgrade().wait(seq) => r,
+            s = self.shared.wait() => Err(format!("the routine ended ({s}) before the upgrade")),
+        }
+    }
+    /// Live upgrades so far.
+    pub fn upgrades(&self) -> u64 {
+        self.shared.upgrades()
+    }
+    /// The version of the code it runs (see [`Snapshot::version`]).
+    pub fn version(&self) -> String {
+        self.shared.version()
     }
     /// Kills the routine now, without a grace period (no restart follows).
     pub fn kill(&self) {

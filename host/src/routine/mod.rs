@@ -7,7 +7,8 @@
 //!   stats table;
 //! - `handle`: [`RoutineHandle`], what a spawner keeps;
 //! - `context`: [`RoutineContext`], what a running routine uses to talk to the host;
-//! - `work`: the `Work` trait that native closures and wasm components implement.
+//! - `work`: the `Work` trait that native closures and wasm components implement;
+//! - `upgrade`: the state of live upgrades (pending code, state hand-over, rollback).
 //!
 //! The restart loop that runs a routine is in `supervisor::driver`; the delivery rule for
 //! the messages it receives is in `delivery`.
@@ -17,6 +18,7 @@ mod handle;
 pub(crate) mod shared;
 pub mod snapshot;
 pub mod state;
+pub(crate) mod upgrade;
 pub(crate) mod work;
 
 pub(crate) use context::log_line;

@@ -14,9 +14,12 @@ use tokio_util::sync::CancellationToken;
 use crate::channel::Channel;
 use crate::clock::{nanos, now_nanos};
 use crate::delivery::{InFlightSlot, Message};
+use crate::logguard::LogLimiter;
 use crate::orchestrator::SpawnOptions;
 use crate::routine::snapshot::Snapshot;
 use crate::routine::state::{Health, State};
+use crate::routine::upgrade::UpgradeSlot;
+use crate::routine::work::Work;
 use crate::supervisor::{GroupInner, Supervision};
 
 /// Stop signals of one run (one instance): a restart gets fresh ones.
@@ -30,6 +33,8 @@ pub(crate) struct RunControl {
     pub idle_timed_out: AtomicBool,
     /// The run was ended by its group, to restart with another member.
     pub group_restart: AtomicBool,
+    /// The run was ended by a restart request (`RoutineHandle::restart`, the HTTP route).
+    pub restart_requested: AtomicBool,
 }
 
 impl RunControl {
@@ -39,6 +44,7 @@ impl RunControl {
             killed: AtomicBool::new(false),
             idle_timed_out: AtomicBool::new(false),
             group_restart: AtomicBool::new(false),
+            restart_requested: AtomicBool::new(false),
         }
     }
 }
@@ -68,6 +74,8 @@ pub(crate) struct RoutineShared {
     /// The current run's stop signals (for the group to end it).
     current_run: Mutex<Option<Arc<RunControl>>>,
     in_flight: InFlightSlot,
+    /// Summarizes the lines a restart storm repeats.
+    log_limiter: LogLimiter,
     dead_letters: AtomicU64,
     /// Runs ended, by end state (in the order of [`State::TERMINAL`]).
     terminations: [AtomicU64; 4],
@@ -75,11 +83,16 @@ pub(crate) struct RoutineShared {
     stop: CancellationToken,
     /// Hard stop: skip what is left of the grace period.
     kill: CancellationToken,
+    /// Wakes a routine waiting in `BACKOFF` when a restart is requested.
+    restart_wake: tokio::sync::Notify,
+    /// Live upgrades: pending code, hand-over, version, count.
+    upgrade: UpgradeSlot,
+
     done: watch::Sender<Option<State>>,
 }
 
 impl RoutineShared {
-    pub fn new(id: u64, opts: &SpawnOptions, plugin: String) -> Self {
+    pub fn new(id: u64, opts: &SpawnOptions, plugin: String, version: String) -> Self {
         RoutineShared {
             id,
             name: opts.name.clone(),
@@ -102,10 +115,14 @@ impl RoutineShared {
             group: opts.group.as_ref().map(|g| g.inner.clone()),
             current_run: Mutex::new(None),
             in_flight: InFlightSlot::default(),
+            log_limiter: LogLimiter::default(),
             dead_letters: AtomicU64::new(0),
             terminations: Default::default(),
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
+            restart_wake: tokio::sync::Notify::new(),
+            upgrade: UpgradeSlot::new(version),
+
             done: watch::channel(None).0,
         }
     }
@@ -136,6 +153,10 @@ impl RoutineShared {
     }
     pub fn mailbox(&self) -> &Channel<Message> {
         &self.mailbox
+    }
+    /// The log rate limiter of this routine (restart storms).
+    pub fn log_limiter(&self) -> &LogLimiter {
+        &self.log_limiter
     }
     /// The message this routine is processing (see `delivery`).
     pub fn in_flight(&self) -> &InFlightSlot {
@@ -194,6 +215,10 @@ impl RoutineShared {
         self.started_at.store(now_nanos(), Relaxed);
         self.beat();
         self.set_state(State::Running);
+        if self.upgrade_pending() {
+            // Requested while this run was being set up: end it at once, the new code waits.
+            run.cancel.cancel();
+        }
         run
     }
 
@@ -209,6 +234,55 @@ impl RoutineShared {
             run.group_restart.store(true, Relaxed);
             run.cancel.cancel();
         }
+    }
+
+    /// Asks for a restart now: the current run is stopped (grace period, then kill) and a
+    /// new one starts at once; a routine waiting in `BACKOFF` starts at once. Neither a
+    /// backoff nor the intensity limit applies: it is not a failure.
+    pub fn request_restart(&self) {
+        if let Some(run) = self.current_run.lock().as_ref() {
+            run.restart_requested.store(true, Relaxed);
+            run.cancel.cancel();
+        }
+        // No stored permit: a request that finds no backoff must not cut a later one short.
+        self.restart_wake.notify_waiters();
+    }
+
+    /// Completes when a restart was requested (ends a backoff early).
+    pub async fn restart_requested_wait(&self) {
+        self.restart_wake.notified().await
+    }
+
+    /// Asks to replace the routine's code with `work`: the current run is stopped on
+    /// request (grace period, then kill; its in-flight message goes back to the head of the
+    /// mailbox), then `work` runs under the same name, with the same mailbox. Not a failure:
+    /// no backoff, no intensity count. A later request replaces an earlier pending one.
+    /// Returns the request's number (see [`UpgradeSlot::wait`]).
+    pub fn request_upgrade(&self, work: Arc<dyn Work>) -> u64 {
+        let seq = self.upgrade.request(work);
+        if let Some(run) = self.current_run.lock().as_ref() {
+            run.cancel.cancel();
+        }
+        self.restart_wake.notify_waiters();
+        seq
+    }
+
+    /// The live-upgrade state.
+    pub fn upgrade(&self) -> &UpgradeSlot {
+        &self.upgrade
+    }
+
+    /// True while an upgrade waits for the current run to end.
+    pub fn upgrade_pending(&self) -> bool {
+        self.upgrade.is_pending()
+    }
+
+    pub fn upgrades(&self) -> u64 {
+        self.upgrade.upgrades()
+    }
+
+    pub fn version(&self) -> String {
+        self.upgrade.version()
     }
 
     /// Asks the routine to stop for good (no restart follows).
@@ -338,6 +412,8 @@ impl RoutineShared {
             messages_in: self.messages_in.load(Relaxed),
             messages_out: self.messages_out.load(Relaxed),
             last_error: self.last_error(),
+            version: self.version(),
+            upgrades: self.upgrades(),
         }
     }
 

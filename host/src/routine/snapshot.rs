@@ -44,6 +44,13 @@ pub struct Snapshot {
     pub messages_out: u64,
     /// The last error, trap or stop reason.
     pub last_error: Option<String>,
+    /// The version of the code it runs: the first 12 hex digits of the component's SHA-256
+    /// (empty for native routines).
+    #[serde(default)]
+    pub version: String,
+    /// Live upgrades so far.
+    #[serde(default)]
+    pub upgrades: u64,
 }
 
 /// Writes the stats table of `snaps` (like gorchestra's `PrintStats`): what

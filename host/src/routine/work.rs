@@ -28,6 +28,15 @@ pub(crate) trait Work: Send + Sync + 'static {
     /// Whether the run can be interrupted in place (wasm: the epoch callback) so the driver
     /// should wait a little after the kill signal instead of dropping the future at once.
     fn interruptible(&self) -> bool;
+    /// The version of the code (a wasm component: the first 12 hex digits of its SHA-256);
+    /// empty for native closures.
+    fn version(&self) -> String {
+        String::new()
+    }
+    /// Whether it hands its state over across upgrades (`save` / `restore`).
+    fn stateful(&self) -> bool {
+        false
+    }
 }
 
 /// A native async closure, called once per run.

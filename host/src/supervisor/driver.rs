@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::{nanos, round_ms};
 use crate::delivery;
+use crate::logguard::{Kind, escape};
 use crate::orchestrator::OrchInner;
 use crate::routine::{Outcome, RoutineContext, RoutineShared, RunControl, State, Work};
 use crate::supervisor::group::GroupInner;
@@ -27,18 +28,36 @@ pub(crate) async fn drive(orch: Arc<OrchInner>, shared: Arc<RoutineShared>, work
     // Make sure the routine is finalized even if this task is aborted.
     let mut guard = FinishGuard { orch: orch.clone(), shared: shared.clone(), armed: true };
     let mut restarts = Restarts::default();
+    let mut work = work;
+    let mut last = State::Init;
     let state = loop {
+        // A live upgrade swaps the code between runs (also when it finds us in BACKOFF); a
+        // failed one (the new version's `restore` refused the state) swaps it back.
+        rollback(&shared, &mut work);
+        if shared.upgrade_pending() {
+            upgrade(&orch, &shared, last, &mut work);
+        }
         let run = shared.begin_run();
+        if !work.stateful() {
+            // Nothing to restore: an upgrade to this code has succeeded by starting it.
+            shared.upgrade().settle(Ok(()));
+        }
         let ctx = RoutineContext { shared: shared.clone(), orch: orch.clone(), run: run.clone() };
         // tokio's clock, so that paused-time tests see real backoff and windows.
         let started = tokio::time::Instant::now();
         let state = run_once(&shared, &run, ctx, &*work).await;
+        // A new version that ended before settling (it failed to start) is still the code.
+        if !shared.upgrade().rollback_pending() {
+            shared.upgrade().settle(Ok(()));
+        }
+        last = state;
         shared.count_termination(state);
         let clean = state == State::Stopped && !run.cancel.is_cancelled();
         delivery::settle(&orch, &shared, clean);
         let delay = match next_step(&shared, &run, state, started, &mut restarts) {
             Step::End(state) => break state,
             Step::Restart(delay) => delay,
+            Step::Upgrade => continue,
         };
         if !wait_backoff(&shared, delay).await {
             break State::Stopped;
@@ -59,6 +78,40 @@ struct Restarts {
 enum Step {
     End(State),
     Restart(Duration),
+    /// New code replaces the old at once (a live upgrade).
+    Upgrade,
+}
+
+/// Swaps in the upgrade's code; the old version's last run (which ended in `state`) goes
+/// to the history, marked.
+fn upgrade(orch: &OrchInner, shared: &RoutineShared, state: State, work: &mut Arc<dyn Work>) {
+    let old = shared.version();
+    let mut snap = shared.snapshot();
+    let Some(new) = shared.upgrade().swap_in(work) else { return };
+    snap.state = state;
+    snap.last_error = Some(format!("upgraded to version {}", new.version()));
+    orch.record_history(snap);
+    tracing::info!(
+        routine = %escape(shared.name()),
+        "upgrading from version {old} to {}",
+        new.version()
+    );
+    *work = new;
+}
+
+/// Undoes an upgrade whose new version refused the handed-over state: the old code runs
+/// again and restores that state; the error is the routine's last error.
+fn rollback(shared: &RoutineShared, work: &mut Arc<dyn Work>) {
+    let Some(s) = shared.upgrade().take_rollback() else { return };
+    let why = s.failed.unwrap_or_default();
+    let msg = format!(
+        "upgrade to version {} failed: {why}; version {} started again",
+        work.version(),
+        s.previous_version
+    );
+    tracing::warn!(routine = %escape(shared.name()), "{msg}");
+    shared.set_last_error(Some(msg));
+    *work = s.previous;
 }
 
 /// What follows a run that ended in `state`: the end of the routine, or a restart after a
@@ -79,8 +132,17 @@ fn next_step(
     if shared.stop_requested() {
         return Step::End(state);
     }
-    if by_group {
-        // Restarted along with another member: no backoff of its own.
+    if shared.upgrade().rollback_pending() {
+        // The new version refused the state: the old one comes back at once.
+        return Step::Upgrade;
+    }
+    if shared.upgrade_pending() {
+        // Whatever ended the run (the upgrade's stop request, or a crash meanwhile): the
+        // new version starts now, with no backoff and no intensity count.
+        return Step::Upgrade;
+    }
+    if by_group || run.restart_requested.load(Relaxed) {
+        // Restarted along with another member, or on request: no backoff, no intensity.
         return Step::Restart(Duration::ZERO);
     }
     let sup = shared.supervision();
@@ -113,11 +175,14 @@ fn next_step(
     }
     let delay = sup.backoff.delay(restarts.attempt, rand::random::<f64>());
     restarts.attempt = restarts.attempt.saturating_add(1);
-    tracing::info!(
-        routine = %shared.name(),
-        "{state}; restarting in {}",
-        humantime::format_duration(round_ms(delay))
-    );
+    // A restart storm logs the first restarts of each window, then one summary.
+    if shared.log_limiter().admit(Kind::Restart, shared.name()) {
+        tracing::info!(
+            routine = %escape(shared.name()),
+            "{state}; restarting in {}",
+            humantime::format_duration(round_ms(delay))
+        );
+    }
     Step::Restart(delay)
 }
 
@@ -136,6 +201,7 @@ async fn wait_backoff(shared: &RoutineShared, delay: Duration) -> bool {
         tokio::select! {
             biased;
             _ = shared.stop_requested_wait() => return false,
+            _ = shared.restart_requested_wait() => {}
             _ = tokio::time::sleep(delay) => {}
         }
     }
@@ -195,7 +261,9 @@ async fn run_once(
     if run.idle_timed_out.load(Relaxed) {
         return State::TimedOut;
     }
-    let requested = shared.stop_requested();
+    // Ended because the host asked (a stop, a requested restart, an upgrade): not a failure.
+    let requested =
+        shared.stop_requested() || run.restart_requested.load(Relaxed) || shared.upgrade_pending();
     match outcome {
         Outcome::Ok => State::Stopped,
         Outcome::Killed => {

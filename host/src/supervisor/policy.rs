@@ -53,16 +53,54 @@ impl Default for Backoff {
     }
 }
 
+/// The longest `backoff.initial`, `backoff.max`, `backoff.stable-after` and
+/// `intensity.within` a manifest may ask for: one day. Longer ones are mistakes (a restart
+/// a year later is no restart), and bounded values keep every computation with them exact.
+pub const MAX_POLICY_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Checks that the duration of `key` is at most [`MAX_POLICY_DURATION`].
+fn check_bound(key: &'static str, value: Duration) -> Result<(), PolicyError> {
+    if value > MAX_POLICY_DURATION {
+        return Err(PolicyError::TooLong { key, value, max: MAX_POLICY_DURATION });
+    }
+    Ok(())
+}
+
+/// A `humantime_serde` duration, bounded by [`MAX_POLICY_DURATION`]: the error points at
+/// the value.
+fn bounded<'de, D: serde::Deserializer<'de>>(
+    key: &'static str,
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    let v: Option<Duration> = humantime_serde::option::deserialize(d)?;
+    if let Some(v) = v {
+        check_bound(key, v).map_err(serde::de::Error::custom)?;
+    }
+    Ok(v)
+}
+
+macro_rules! bounded_field {
+    ($fn:ident, $key:literal) => {
+        fn $fn<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            bounded($key, d)
+        }
+    };
+}
+bounded_field!(bounded_initial, "backoff.initial");
+bounded_field!(bounded_max, "backoff.max");
+bounded_field!(bounded_stable_after, "backoff.stable-after");
+bounded_field!(bounded_within, "intensity.within");
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawBackoff {
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded_initial")]
     initial: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded_max")]
     max: Option<Duration>,
     multiplier: Option<f64>,
     jitter: Option<f64>,
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded_stable_after")]
     stable_after: Option<Duration>,
 }
 
@@ -83,8 +121,13 @@ impl TryFrom<RawBackoff> for Backoff {
 }
 
 impl Backoff {
-    /// Checks the settings: multiplier ≥ 1, jitter in [0, 1], max ≥ initial.
+    /// Checks the settings: multiplier ≥ 1, jitter in [0, 1], max ≥ initial, every
+    /// duration at most [`MAX_POLICY_DURATION`]. (Settings that fail it still never make
+    /// [`Backoff::delay`] panic: it saturates.)
     pub fn validate(&self) -> Result<(), PolicyError> {
+        check_bound("backoff.initial", self.initial)?;
+        check_bound("backoff.max", self.max)?;
+        check_bound("backoff.stable-after", self.stable_after)?;
         if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
             return Err(PolicyError::Multiplier(self.multiplier));
         }
@@ -118,7 +161,7 @@ impl Default for Intensity {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawIntensity {
     max_restarts: Option<u32>,
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded_within")]
     within: Option<Duration>,
 }
 
@@ -133,6 +176,7 @@ impl TryFrom<RawIntensity> for Intensity {
         if i.within.is_zero() {
             return Err(PolicyError::ZeroWindow);
         }
+        check_bound("intensity.within", i.within)?;
         Ok(i)
     }
 }
@@ -161,6 +205,20 @@ pub enum PolicyError {
     /// `intensity.within` of zero.
     #[error("intensity.within must not be zero")]
     ZeroWindow,
+    /// A duration above [`MAX_POLICY_DURATION`].
+    #[error(
+        "{key} must be at most {} (MAX_POLICY_DURATION), got {}",
+        humantime::format_duration(*.max),
+        humantime::format_duration(*.value)
+    )]
+    TooLong {
+        /// The manifest key.
+        key: &'static str,
+        /// Its value.
+        value: Duration,
+        /// The bound.
+        max: Duration,
+    },
 }
 
 /// A routine's supervision settings. `Default` never restarts (see [`RestartPolicy`]);
@@ -213,23 +271,37 @@ impl RestartPolicy {
 
 impl Backoff {
     /// The delay before restart number `attempt` (0-based), before jitter:
-    /// `initial × multiplier^attempt`, capped at `max`.
+    /// `initial × multiplier^attempt`, capped at `max`. Saturating: any settings, even
+    /// invalid ones (a NaN multiplier, `Duration::MAX`), give a delay and never panic.
     pub fn base_delay(&self, attempt: u32) -> Duration {
         let f = self.multiplier.powi(attempt.min(1024) as i32);
         let secs = self.initial.as_secs_f64() * f;
-        if !secs.is_finite() || secs >= self.max.as_secs_f64() {
+        if secs.is_nan() || secs >= self.max.as_secs_f64() {
             self.max
         } else {
-            Duration::from_secs_f64(secs)
+            secs_saturating(secs)
         }
     }
 
     /// The delay with jitter, `base × (1 + jitter × (2u − 1))` for `u` in [0, 1): within
-    /// `base × (1 ± jitter)`.
+    /// `base × (1 ± jitter)`. Saturating like [`Backoff::base_delay`]: an out-of-range
+    /// `jitter` or `u` cannot make it panic either.
     pub fn delay(&self, attempt: u32, u: f64) -> Duration {
-        let base = self.base_delay(attempt).as_secs_f64();
-        Duration::from_secs_f64((base * (1.0 + self.jitter * (2.0 * u - 1.0))).max(0.0))
+        let base = self.base_delay(attempt);
+        let factor = 1.0 + self.jitter * (2.0 * u - 1.0);
+        if factor.is_nan() {
+            return base;
+        }
+        secs_saturating(base.as_secs_f64() * factor)
     }
+}
+
+/// `secs` as a duration: negative and NaN give zero, too large gives `Duration::MAX`.
+fn secs_saturating(secs: f64) -> Duration {
+    if secs.is_nan() || secs <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
 }
 
 /// Counts restarts in a sliding window for the intensity limit.

@@ -11,31 +11,50 @@
 //!
 //! The cache is best effort: a directory that cannot be written only costs a recompile, with
 //! a warning in the log. Whoever can write the directory can make the host run code of their
-//! choosing, so it is created private (mode 0700) and a directory that others may write
-//! (group- or world-writable) is refused with a warning: components are then compiled.
+//! choosing, so it is created private (mode 0700), and a directory owned by another user or
+//! that others may write (group- or world-writable) is refused with a warning: components are
+//! then compiled. An entry is read only if it is a regular file owned by the current user and
+//! of a plausible size (else it is replaced); a FIFO or a device is never opened for reading.
+//! Temporary files left by a writer that was killed (named `.tmp*`) are removed when the
+//! cache is first used, once they are an hour old (a younger one may be another host's
+//! write in progress).
 
 use std::hash::Hasher;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Once};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
+use crate::fsread::{self, ReadError};
+
 const MAGIC: &[u8; 8] = b"GORCHCC1";
 const HEADER: usize = MAGIC.len() + 32;
+/// Name prefix of the temporary files entries are written to before the rename.
+const TMP_PREFIX: &str = ".tmp";
+/// Age past which a temporary file is a killed writer's leftover, not a write in progress.
+const STALE_TMP: Duration = Duration::from_secs(3600);
+/// Largest entry read for a component of `n` bytes: compiled code is a few times the size of
+/// the component (about 4x for the example guests), with room to spare.
+fn max_entry_bytes(n: usize) -> u64 {
+    (n as u64).saturating_mul(16).saturating_add(64 << 20)
+}
 
 /// Where a component came from when it was loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStatus {
-    /// Compiled; the engine has no cache, or its directory is writable by others (refused).
+    /// Compiled; the engine has no cache, or its directory is refused (owned by another
+    /// user, or writable by others).
     Off,
     /// Deserialized from a valid cache entry.
     Hit,
     /// Compiled, and stored for the next start (or not, if the directory is not writable).
     Miss,
-    /// The entry was unusable (corrupt, truncated, refused by wasmtime): compiled again and
-    /// replaced.
+    /// The entry was unusable (corrupt, truncated, refused by wasmtime, not a regular file,
+    /// owned by another user, too large): compiled again and replaced.
     Replaced,
 }
 
@@ -43,12 +62,14 @@ pub enum CacheStatus {
 #[derive(Debug, Clone)]
 pub struct CompileCache {
     dir: PathBuf,
+    /// Leftover temporary files are removed once, on first use.
+    swept: Arc<Once>,
 }
 
 impl CompileCache {
     /// A cache in `dir` (created on the first store).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        CompileCache { dir: dir.into() }
+        CompileCache { dir: dir.into(), swept: Arc::new(Once::new()) }
     }
 
     /// The per-user default: `$XDG_CACHE_HOME/gorch-host`, else `$HOME/.cache/gorch-host`.
@@ -82,7 +103,7 @@ impl CompileCache {
         bytes: &[u8],
         what: &Path,
     ) -> wasmtime::Result<(Component, CacheStatus)> {
-        if let Err(why) = self.private() {
+        if let Err(why) = self.trusted() {
             tracing::warn!(
                 "compile cache {} not used for {}: {why}",
                 self.dir.display(),
@@ -90,17 +111,19 @@ impl CompileCache {
             );
             return Ok((Component::new(engine, bytes)?, CacheStatus::Off));
         }
+        self.swept.call_once(|| self.sweep());
         let entry = self.entry_path(engine, bytes);
         let mut status = CacheStatus::Miss;
-        match std::fs::read(&entry) {
+        match read_entry(&entry, max_entry_bytes(bytes.len())) {
             Ok(file) => match verified(&file) {
                 Ok(artifact) => {
                     // SAFETY: `artifact` was produced by `Component::serialize` of an engine
                     // with this compatibility hash (the entry's name) and is intact (its
                     // SHA-256 matches the one written with it); wasmtime checks the version
                     // and settings again. Only a deliberate forgery by someone who can write
-                    // the cache directory could get past this, and `private()` refuses a
-                    // directory that anyone but its owner can write.
+                    // the cache directory could get past this, and `trusted()` refuses a
+                    // directory that is not the current user's or that others can write,
+                    // and `read_entry` an entry owned by anyone else.
                     #[allow(unsafe_code)]
                     match unsafe { Component::deserialize(engine, artifact) } {
                         Ok(c) => return Ok((c, CacheStatus::Hit)),
@@ -113,8 +136,14 @@ impl CompileCache {
                     status = CacheStatus::Replaced;
                 }
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!("compile cache: cannot read {}: {e}", entry.display()),
+            Err(EntryError::Missing) => {}
+            Err(EntryError::Unusable(why)) => {
+                self.discard(&entry, what, &why);
+                status = CacheStatus::Replaced;
+            }
+            Err(EntryError::Io(e)) => {
+                tracing::warn!("compile cache: cannot read {}: {e}", entry.display())
+            }
         }
         let component = Component::new(engine, bytes)?;
         match component.serialize() {
@@ -132,23 +161,59 @@ impl CompileCache {
         Ok((component, status))
     }
 
-    /// Whether only its owner can write the directory (true if it does not exist yet: it will
-    /// be created private).
-    fn private(&self) -> Result<(), String> {
+    /// Whether the directory belongs to the current user and only they can write it (true if
+    /// it does not exist yet: it will be created private).
+    fn trusted(&self) -> Result<(), String> {
         #[cfg(unix)]
         {
-            use std::os::unix::fs::PermissionsExt;
-            match std::fs::metadata(&self.dir) {
-                Ok(m) if m.permissions().mode() & 0o022 != 0 => {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(m) = std::fs::metadata(&self.dir) {
+                let me = euid();
+                if m.uid() != me {
                     return Err(format!(
-                        "it is writable by others (mode {:o}); make it private with chmod 700",
-                        m.permissions().mode() & 0o777
+                        "it is owned by another user (uid {}, not uid {me}); use a directory \
+                         of your own",
+                        m.uid()
                     ));
                 }
-                _ => {}
+                if m.mode() & 0o022 != 0 {
+                    return Err(format!(
+                        "it is writable by others (mode {:o}); make it private with chmod 700",
+                        m.mode() & 0o777
+                    ));
+                }
             }
         }
         Ok(())
+    }
+
+    /// Removes the temporary files of writers that were killed mid-write: ours, and old
+    /// enough that no live writer can still be using them.
+    fn sweep(&self) {
+        let Ok(files) = std::fs::read_dir(&self.dir) else { return };
+        for file in files.flatten() {
+            if !file.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                continue;
+            }
+            let Ok(m) = file.metadata() else { continue };
+            #[cfg(unix)]
+            if std::os::unix::fs::MetadataExt::uid(&m) != euid() {
+                continue;
+            }
+            let age = m.modified().ok().and_then(|t| t.elapsed().ok());
+            if m.is_file() && age.is_some_and(|a| a >= STALE_TMP) {
+                match std::fs::remove_file(file.path()) {
+                    Ok(()) => tracing::info!(
+                        "compile cache: removed {}, left by an interrupted write",
+                        file.path().display()
+                    ),
+                    Err(e) => tracing::warn!(
+                        "compile cache: cannot remove {}: {e}",
+                        file.path().display()
+                    ),
+                }
+            }
+        }
     }
 
     fn discard(&self, entry: &Path, what: &Path, why: &str) {
@@ -166,7 +231,9 @@ impl CompileCache {
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
         dir.create(&self.dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
+        // Created by someone else between the check and here: do not write into it.
+        self.trusted().map_err(std::io::Error::other)?;
+        let mut tmp = tempfile::Builder::new().prefix(TMP_PREFIX).tempfile_in(&self.dir)?;
         tmp.write_all(MAGIC)?;
         tmp.write_all(&Sha256::digest(artifact))?;
         tmp.write_all(artifact)?;
@@ -174,6 +241,45 @@ impl CompileCache {
         tmp.persist(entry).map_err(|e| e.error)?;
         Ok(())
     }
+}
+
+/// Why an entry was not read.
+enum EntryError {
+    /// There is none.
+    Missing,
+    /// There is one, but it must not be used (and is replaced).
+    Unusable(String),
+    /// It could not be read.
+    Io(std::io::Error),
+}
+
+/// The bytes of an entry file: a regular file, owned by the current user, at most `limit`
+/// bytes.
+fn read_entry(entry: &Path, limit: u64) -> Result<Vec<u8>, EntryError> {
+    let (file, meta) = fsread::open_regular(entry).map_err(|e| match e {
+        ReadError::Io(e) if e.kind() == std::io::ErrorKind::NotFound => EntryError::Missing,
+        ReadError::Io(e) => EntryError::Io(e),
+        e => EntryError::Unusable(e.to_string()),
+    })?;
+    #[cfg(unix)]
+    {
+        let (owner, me) = (std::os::unix::fs::MetadataExt::uid(&meta), euid());
+        if owner != me {
+            return Err(EntryError::Unusable(format!(
+                "owned by another user (uid {owner}, not uid {me})"
+            )));
+        }
+    }
+    fsread::read_limited(file, &meta, limit).map_err(|e| match e {
+        ReadError::Io(e) => EntryError::Io(e),
+        e => EntryError::Unusable(e.to_string()),
+    })
+}
+
+/// The effective user id of the process.
+#[cfg(unix)]
+fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
 }
 
 /// The artifact of an entry file, if its header and checksum hold.

@@ -12,6 +12,7 @@ use super::cache::CacheStatus;
 use super::engine::{EngineInner, WasmEngine};
 use super::host;
 use super::instance::HostState;
+use crate::fsread::{self, ReadError};
 
 /// Why a component could not be loaded. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,27 @@ pub enum LoadError {
         path: PathBuf,
         /// The I/O error.
         source: io::Error,
+    },
+    /// The path is not a regular file (a FIFO, a device, a directory...): not opened.
+    #[error("{path}: not a regular file ({kind})")]
+    NotRegularFile {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead: "a FIFO", "a character device", ...
+        kind: &'static str,
+    },
+    /// The file is larger than [`max_component_bytes`].
+    ///
+    /// [`max_component_bytes`]: super::EngineConfig::max_component_bytes
+    #[error(
+        "{path}: larger than the {} limit of a component file (raise it with `EngineConfig::max_component_bytes`)",
+        fsread::size(*limit)
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The limit, in bytes.
+        limit: u64,
     },
     /// The file is not WebAssembly at all.
     #[error("{path}: not a WebAssembly file (bad magic number)")]
@@ -61,6 +83,8 @@ impl LoadError {
     pub fn path(&self) -> &Path {
         match self {
             LoadError::Io { path, .. }
+            | LoadError::NotRegularFile { path, .. }
+            | LoadError::TooLarge { path, .. }
             | LoadError::NotWasm { path }
             | LoadError::CoreModule { path }
             | LoadError::Compile { path, .. }
@@ -71,11 +95,21 @@ impl LoadError {
 
 impl WasmEngine {
     /// Loads and compiles a component file and checks it against the `gorch:worker/worker`
-    /// world (or the WASI command world).
+    /// world (or the WASI command world). Only a regular file (or a symlink to one) is
+    /// read, and only up to [`max_component_bytes`]: a FIFO or a device is refused without
+    /// blocking or reading it.
+    ///
+    /// [`max_component_bytes`]: super::EngineConfig::max_component_bytes
     pub fn load_file(&self, path: impl AsRef<Path>) -> Result<WasmComponent, LoadError> {
         let path = path.as_ref();
-        let bytes =
-            std::fs::read(path).map_err(|source| LoadError::Io { path: path.into(), source })?;
+        let bytes = fsread::read_regular(path, self.inner.max_component_bytes).map_err(|e| {
+            let path = path.to_path_buf();
+            match e {
+                ReadError::NotRegular(kind) => LoadError::NotRegularFile { path, kind },
+                ReadError::TooLarge(limit) => LoadError::TooLarge { path, limit },
+                ReadError::Io(source) => LoadError::Io { path, source },
+            }
+        })?;
         self.load_bytes(path, &bytes)
     }
 
@@ -102,6 +136,7 @@ impl WasmEngine {
         let imports: Vec<String> = ty.imports(engine).map(|(n, e)| describe(n, &e.ty)).collect();
         let exports: Vec<String> = ty.exports(engine).map(|(n, e)| describe(n, &e.ty)).collect();
         let has_run = ty.get_export(engine, "run").is_some();
+        let stateful = has_run && ty.get_export(engine, host::UPGRADE_EXPORT).is_some();
         let has_cli_run = ty.exports(engine).any(|(n, _)| n.starts_with("wasi:cli/run@0.2"));
         let wrong = |message: String| LoadError::WrongWorld { path: path.clone(), message };
         let pre = self
@@ -131,9 +166,18 @@ impl WasmEngine {
                 imports,
                 exports,
                 cache,
+                version: version_of(bytes),
+                stateful,
             }),
         })
     }
+}
+
+/// The first 12 hex digits of the SHA-256 of a component's bytes: its version.
+fn version_of(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(bytes);
+    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
 fn describe(name: &str, item: &ComponentItem) -> String {
@@ -163,6 +207,9 @@ pub(super) struct ComponentInner {
     imports: Vec<String>,
     exports: Vec<String>,
     cache: CacheStatus,
+    version: String,
+    /// Exports `gorch:worker/upgrade` (world `stateful-worker`).
+    pub(super) stateful: bool,
 }
 
 /// A compiled, linked component, ready to instantiate any number of times.
@@ -197,5 +244,15 @@ impl WasmComponent {
     /// Whether it was compiled or came from the compile cache.
     pub fn cache_status(&self) -> CacheStatus {
         self.inner.cache
+    }
+    /// True when it exports `gorch:worker/upgrade` (world `stateful-worker`): its state is
+    /// handed over across live upgrades.
+    pub fn is_stateful(&self) -> bool {
+        self.inner.stateful
+    }
+    /// Its version: the first 12 hex digits of the SHA-256 of its bytes (what snapshots
+    /// and the dashboard show, and what a live upgrade compares).
+    pub fn version(&self) -> &str {
+        &self.inner.version
     }
 }

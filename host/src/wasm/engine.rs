@@ -23,6 +23,8 @@ pub const DEFAULT_MAX_WASM_STACK: usize = 512 << 10;
 pub const DEFAULT_MEMORY_RESERVATION: u64 = 4 << 30;
 /// Default number of concurrent instances the pooling allocator reserves room for.
 pub const DEFAULT_POOL_SIZE: u32 = 1000;
+/// Default size limit of a component file (256 MiB); see [`EngineConfig::max_component_bytes`].
+pub const DEFAULT_MAX_COMPONENT_BYTES: u64 = 256 << 20;
 /// Bytes of each pooled memory and table reset with memset instead of madvise when an
 /// instance ends.
 const POOL_KEEP_RESIDENT: usize = 64 << 10;
@@ -65,6 +67,11 @@ pub struct EngineConfig {
     /// Directory of the compiled-component cache (see [`CompileCache`]); `None` (the
     /// library's default) compiles every load. The CLI uses [`CompileCache::default_dir`].
     pub cache_dir: Option<PathBuf>,
+    /// Largest component file [`WasmEngine::load_file`] reads
+    /// ([`DEFAULT_MAX_COMPONENT_BYTES`]): a larger one is refused before it is read (and so
+    /// is one that grows past it while being read), so a huge or endless file cannot exhaust
+    /// memory. Only regular files are read at all (a FIFO or device is refused).
+    pub max_component_bytes: u64,
     /// Fuel metering (default true). Only for measuring its cost: without it
     /// `fuelConsumed` stays 0 and fuel limits do nothing.
     #[doc(hidden)]
@@ -84,6 +91,7 @@ impl Default for EngineConfig {
             max_wasm_stack: DEFAULT_MAX_WASM_STACK,
             memory_reservation: DEFAULT_MEMORY_RESERVATION,
             cache_dir: None,
+            max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
             fuel: true,
             epochs: true,
         }
@@ -95,6 +103,7 @@ pub(super) struct EngineInner {
     pub(super) linker: Linker<HostState>,
     pooling: bool,
     pub(super) cache: Option<CompileCache>,
+    pub(super) max_component_bytes: u64,
     ticker_stop: Arc<AtomicBool>,
     ticker: Option<JoinHandle<()>>,
 }
@@ -177,10 +186,16 @@ impl WasmEngine {
                 linker,
                 pooling,
                 cache: config.cache_dir.map(CompileCache::new),
+                max_component_bytes: config.max_component_bytes,
                 ticker_stop,
                 ticker: Some(ticker),
             }),
         })
+    }
+
+    /// The largest component file it loads (see [`EngineConfig::max_component_bytes`]).
+    pub fn max_component_bytes(&self) -> u64 {
+        self.inner.max_component_bytes
     }
 
     /// Whether the pooling allocator is in use.

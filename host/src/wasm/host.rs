@@ -25,7 +25,10 @@ mod bindings {
     });
 }
 
-pub(super) use bindings::WorkerPre;
+pub(super) use bindings::{Worker, WorkerPre};
+
+/// The optional export of the `stateful-worker` world.
+pub(super) const UPGRADE_EXPORT: &str = "gorch:worker/upgrade@0.1.0";
 use bindings::gorch::worker::{bus as wit_bus, mailbox as wit_mailbox, runtime, types};
 
 /// The linker every component is checked against: WASI 0.2 (the context of each store

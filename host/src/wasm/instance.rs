@@ -4,6 +4,7 @@
 //! `run`, and map the result (or the trap) to an outcome.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -13,7 +14,9 @@ use wasmtime::{CallHook, ResourceLimiter, Store, Trap, UpdateDeadline, WasmBackt
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::component::{ComponentInner, Kind, WasmComponent};
+use super::host;
 use super::stdio::GuestOutput;
+use crate::logguard::escape;
 use crate::routine::{Outcome, RoutineContext, RoutineShared, Work};
 
 /// Default linear memory limit per instance (64 MiB).
@@ -77,6 +80,12 @@ impl Work for WasmWork {
     }
     fn interruptible(&self) -> bool {
         true
+    }
+    fn version(&self) -> String {
+        self.component.version().to_string()
+    }
+    fn stateful(&self) -> bool {
+        self.component.is_stateful()
     }
 }
 
@@ -153,8 +162,11 @@ async fn run_instance(
     match result {
         Ok(Ok(Ok(()))) => Outcome::Ok,
         Ok(Ok(Err(msg))) => Outcome::Err(msg),
-        Err(msg) => Outcome::Err(msg),
-        Ok(Err(e)) => {
+        // A trap in a start function is a trap like any other (one line, PANICKED).
+        Err(e) if e.downcast_ref::<Trap>().is_none() || run.killed.load(Relaxed) => {
+            Outcome::Err(format!("cannot instantiate: {e:#}"))
+        }
+        Err(e) | Ok(Err(e)) => {
             if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
                 return if exit.0 == 0 {
                     Outcome::Ok
@@ -162,7 +174,7 @@ async fn run_instance(
                     Outcome::Err(format!("exited with status {}", exit.0))
                 };
             }
-            if run.killed.load(std::sync::atomic::Ordering::Relaxed) {
+            if run.killed.load(Relaxed) {
                 return Outcome::Killed;
             }
             Outcome::Panicked(trap_message(&e, &stderr_tail.lock()))
@@ -179,13 +191,11 @@ fn new_store(
     ctx: RoutineContext,
     stderr_tail: Arc<Mutex<String>>,
 ) -> (Store<HostState>, FuelBase) {
-    use std::sync::atomic::Ordering::Relaxed;
     let shared = ctx.shared.clone();
     let run = ctx.run.clone();
-    let routine = shared.name().to_string();
     let wasi = WasiCtxBuilder::new()
-        .stdout(GuestOutput::stdout(&routine))
-        .stderr(GuestOutput::stderr(&routine, stderr_tail))
+        .stdout(GuestOutput::stdout(&shared))
+        .stderr(GuestOutput::stderr(&shared, stderr_tail))
         .envs(&opts.env)
         .args(&opts.args)
         .allow_tcp(false)
@@ -240,21 +250,104 @@ fn new_store(
 async fn call(
     comp: &ComponentInner,
     store: &mut Store<HostState>,
-) -> Result<wasmtime::Result<Result<(), String>>, String> {
-    let cannot = |e: wasmtime::Error| format!("cannot instantiate: {e:#}");
+) -> Result<wasmtime::Result<Result<(), String>>, wasmtime::Error> {
     Ok(match &comp.kind {
-        Kind::Worker(pre) => {
-            pre.instantiate_async(&mut *store).await.map_err(cannot)?.call_run(store).await
-        }
+        Kind::Worker(pre) => return call_worker(pre, comp.stateful, store).await,
         Kind::Command(pre) => pre
             .instantiate_async(&mut *store)
-            .await
-            .map_err(cannot)?
+            .await?
             .wasi_cli_run()
             .call_run(store)
             .await
             .map(|r| r.map_err(|()| "command exited with an error".to_string())),
     })
+}
+
+/// A worker's run: instantiate, take over the state the previous version saved (`restore`,
+/// when it exports `gorch:worker/upgrade`), call `run`, and, when the run was ended for an
+/// upgrade to a version that takes state, hand this one's state over (`save`).
+async fn call_worker(
+    pre: &host::WorkerPre<HostState>,
+    stateful: bool,
+    store: &mut Store<HostState>,
+) -> Result<wasmtime::Result<Result<(), String>>, wasmtime::Error> {
+    let instance = pre.instance_pre().instantiate_async(&mut *store).await?;
+    let worker = host::Worker::new(&mut *store, &instance)?;
+    let fns = if stateful { Some(StateFns::find(&instance, &mut *store)?) } else { None };
+    let shared = store.data().ctx.shared.clone();
+    if let Some(state) = shared.upgrade().take_handover() {
+        match &fns {
+            Some(f) => match f.restore.call_async(&mut *store, (state,)).await {
+                Ok((Ok(()),)) => {}
+                Ok((Err(why),)) => {
+                    shared.upgrade().settle(Err(format!("restore refused the state: {why}")));
+                    return Ok(Ok(Err(format!("restore refused the saved state: {why}"))));
+                }
+                Err(trap) => {
+                    shared.upgrade().settle(Err(format!("restore trapped: {trap}")));
+                    return Ok(Err(trap));
+                }
+            },
+            None => tracing::info!(
+                routine = %escape(shared.name()),
+                "the saved state is dropped: this version does not export {}",
+                host::UPGRADE_EXPORT
+            ),
+        }
+    }
+    shared.upgrade().settle(Ok(()));
+    let result = worker.call_run(&mut *store).await;
+    if let (Ok(_), Some(f)) = (&result, &fns)
+        && shared.upgrade().pending_takes_state()
+    {
+        f.save(store, &shared).await;
+    }
+    Ok(result)
+}
+
+/// The functions of the `gorch:worker/upgrade` export.
+struct StateFns {
+    save: wasmtime::component::TypedFunc<(), (Vec<u8>,)>,
+    restore: wasmtime::component::TypedFunc<(Vec<u8>,), (Result<(), String>,)>,
+}
+
+impl StateFns {
+    fn find(
+        instance: &wasmtime::component::Instance,
+        store: &mut Store<HostState>,
+    ) -> wasmtime::Result<StateFns> {
+        let iface = instance
+            .get_export_index(&mut *store, None, host::UPGRADE_EXPORT)
+            .ok_or_else(|| wasmtime::format_err!("no {} export", host::UPGRADE_EXPORT))?;
+        let func = |store: &mut Store<HostState>, name: &str| {
+            instance
+                .get_export_index(&mut *store, Some(&iface), name)
+                .ok_or_else(|| wasmtime::format_err!("{} has no `{name}`", host::UPGRADE_EXPORT))
+        };
+        let save = func(store, "save")?;
+        let restore = func(store, "restore")?;
+        Ok(StateFns {
+            save: instance.get_typed_func(&mut *store, save)?,
+            restore: instance.get_typed_func(&mut *store, restore)?,
+        })
+    }
+
+    /// Calls `save` and keeps the state for the next version, if it fits the message limit.
+    async fn save(&self, store: &mut Store<HostState>, shared: &RoutineShared) {
+        let routine = escape(shared.name()).into_owned();
+        match self.save.call_async(&mut *store, ()).await {
+            Ok((state,)) if state.len() as u64 <= shared.message_bytes() => {
+                shared.upgrade().put_handover(state);
+            }
+            Ok((state,)) => tracing::warn!(
+                routine,
+                "saved state of {} bytes is over limits.message-bytes ({}): dropped",
+                state.len(),
+                shared.message_bytes()
+            ),
+            Err(e) => tracing::warn!(routine, "save failed, no state handed over: {e}"),
+        }
+    }
 }
 
 /// `wasm trap: ... (in guest_fn); panicked at src/lib.rs:9:20: the message`.

@@ -20,8 +20,8 @@ mod stdio;
 pub use cache::{CacheStatus, CompileCache};
 pub use component::{LoadError, WasmComponent};
 pub use engine::{
-    DEFAULT_EPOCH_TICK, DEFAULT_MAX_WASM_STACK, DEFAULT_MEMORY_RESERVATION, DEFAULT_POOL_SIZE,
-    EngineConfig, EngineError, WasmEngine,
+    DEFAULT_EPOCH_TICK, DEFAULT_MAX_COMPONENT_BYTES, DEFAULT_MAX_WASM_STACK,
+    DEFAULT_MEMORY_RESERVATION, DEFAULT_POOL_SIZE, EngineConfig, EngineError, WasmEngine,
 };
 pub(crate) use instance::WasmWork;
 pub use instance::{DEFAULT_MEMORY_LIMIT, FUEL_YIELD_INTERVAL, WasmOptions};

@@ -1,6 +1,6 @@
 //! A guest's stdout and stderr: complete lines go to the log, attributed to the routine
-//! (target `guest`); stderr's tail is also kept to explain a trap, since Rust guests print
-//! their panic message there.
+//! (target `guest`) and escaped (no control character reaches the log); stderr's tail is
+//! also kept to explain a trap, since Rust guests print their panic message there.
 
 use std::io;
 use std::pin::Pin;
@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
-use crate::routine::log_line;
+use crate::routine::{RoutineShared, log_line};
 
 /// How many bytes of a guest's stderr are kept to explain a trap.
 pub(super) const STDERR_TAIL: usize = 4096;
@@ -19,19 +19,19 @@ pub(super) const STDERR_TAIL: usize = 4096;
 /// A guest's stdout or stderr: complete lines go to the log; stderr is also kept (its
 /// tail) to explain a trap, since Rust guests print their panic message there.
 pub(super) struct GuestOutput {
-    routine: String,
+    routine: Arc<RoutineShared>,
     stderr: Option<Arc<Mutex<String>>>,
 }
 
 impl GuestOutput {
     /// Standard output: complete lines go to the log at INFO.
-    pub fn stdout(routine: &str) -> Self {
-        GuestOutput { routine: routine.to_string(), stderr: None }
+    pub fn stdout(routine: &Arc<RoutineShared>) -> Self {
+        GuestOutput { routine: routine.clone(), stderr: None }
     }
     /// Standard error: lines go to the log at WARN, and the last [`STDERR_TAIL`] bytes are
     /// kept in `tail` to explain a trap.
-    pub fn stderr(routine: &str, tail: Arc<Mutex<String>>) -> Self {
-        GuestOutput { routine: routine.to_string(), stderr: Some(tail) }
+    pub fn stderr(routine: &Arc<RoutineShared>, tail: Arc<Mutex<String>>) -> Self {
+        GuestOutput { routine: routine.clone(), stderr: Some(tail) }
     }
 }
 
@@ -51,14 +51,14 @@ impl StdoutStream for GuestOutput {
 }
 
 struct LineLogger {
-    routine: String,
+    routine: Arc<RoutineShared>,
     tail: Option<Arc<Mutex<String>>>,
     buf: Vec<u8>,
 }
 
 impl LineLogger {
-    fn new(routine: &str, tail: Option<Arc<Mutex<String>>>) -> Self {
-        LineLogger { routine: routine.to_string(), tail, buf: Vec::new() }
+    fn new(routine: &Arc<RoutineShared>, tail: Option<Arc<Mutex<String>>>) -> Self {
+        LineLogger { routine: routine.clone(), tail, buf: Vec::new() }
     }
 
     fn push(&mut self, bytes: &[u8]) {
@@ -85,9 +85,12 @@ impl LineLogger {
         }
     }
 
+    /// Logs one line: a CRLF ending is dropped; any other `\r` (which would move the
+    /// terminal's cursor back and let the guest overwrite the line's start) and every other
+    /// control character are escaped by `log_line`.
     fn emit(&self, line: &[u8]) {
         let text = String::from_utf8_lossy(line);
-        let text = text.trim_end_matches('\r');
+        let text = text.strip_suffix('\r').unwrap_or(&text);
         if text.trim().is_empty() {
             return;
         }

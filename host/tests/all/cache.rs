@@ -1,5 +1,7 @@
 //! The compiled-component cache: a second load is a hit, and a corrupt, truncated or
-//! foreign entry is detected, replaced and never loaded.
+//! foreign entry is detected, replaced and never loaded; an entry that is not a regular
+//! file, or a directory or entry of another user, is never read; leftovers of killed
+//! writers are cleaned up.
 
 use std::time::Duration;
 
@@ -128,6 +130,117 @@ fn the_cache_directory_is_private_and_a_shared_one_is_refused() {
     let c = cached_engine(&shared).load_file(gorch_artifacts::path("echo")).unwrap();
     assert_eq!(c.cache_status(), CacheStatus::Off);
     assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_special_entry_is_never_read() {
+    use crate::hostile_files::{mkfifo, within};
+    let dir = tempfile::tempdir().unwrap();
+    let path = gorch_artifacts::path("echo");
+    cached_engine(dir.path()).load_file(&path).unwrap();
+    let file = entry(dir.path());
+    let good = std::fs::read(&file).unwrap();
+    for what in ["symlink to /dev/zero", "FIFO"] {
+        std::fs::remove_file(&file).unwrap();
+        match what {
+            "FIFO" => mkfifo(&file),
+            _ => std::os::unix::fs::symlink("/dev/zero", &file).unwrap(),
+        }
+        let (d, p) = (dir.path().to_path_buf(), path.clone());
+        let c = within(what, move || cached_engine(&d).load_file(&p).unwrap());
+        assert_eq!(c.cache_status(), CacheStatus::Replaced, "{what}: compiled");
+        let m = std::fs::symlink_metadata(entry(dir.path())).unwrap();
+        assert!(m.is_file(), "{what}: replaced by a regular entry");
+        assert_eq!(std::fs::read(&file).unwrap(), good, "{what}");
+    }
+}
+
+/// Whether the tests run as root (and can hand files to another user).
+#[cfg(unix)]
+fn root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// `nobody`: another user.
+#[cfg(unix)]
+const OTHER: u32 = 65534;
+
+#[cfg(unix)]
+#[test]
+fn a_directory_of_another_user_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    if !root() {
+        // `/` belongs to root and is not writable by others: not ours, so refused.
+        let c = cached_engine(std::path::Path::new("/")).load_file(gorch_artifacts::path("echo"));
+        assert_eq!(c.unwrap().cache_status(), CacheStatus::Off);
+        eprintln!("not root: another user's cache directory with a planted entry not tested");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = gorch_artifacts::path("echo");
+    // A valid entry, then the directory is handed to another user (private to them, or
+    // readable by all): what is in it is theirs to choose, so it is neither read nor written.
+    let cache = dir.path().join("cache");
+    cached_engine(&cache).load_file(&path).unwrap();
+    let planted = entry(&cache);
+    for mode in [0o700, 0o755] {
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(&cache, Some(OTHER), Some(OTHER)).unwrap();
+        let c = cached_engine(&cache).load_file(&path).unwrap();
+        assert_eq!(c.cache_status(), CacheStatus::Off, "mode {mode:o}: not a hit");
+        assert_eq!(entry(&cache), planted, "nothing written");
+    }
+    // Given back, it is used again.
+    std::os::unix::fs::chown(&cache, Some(0), Some(0)).unwrap();
+    assert_eq!(cached_engine(&cache).load_file(&path).unwrap().cache_status(), CacheStatus::Hit);
+}
+
+#[cfg(unix)]
+#[test]
+fn an_entry_of_another_user_is_replaced() {
+    use std::os::unix::fs::MetadataExt;
+    if !root() {
+        eprintln!("not root: cannot hand an entry to another user; not tested");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = gorch_artifacts::path("echo");
+    cached_engine(dir.path()).load_file(&path).unwrap();
+    let file = entry(dir.path());
+    std::os::unix::fs::chown(&file, Some(OTHER), Some(OTHER)).unwrap();
+    let c = cached_engine(dir.path()).load_file(&path).unwrap();
+    assert_eq!(c.cache_status(), CacheStatus::Replaced, "not deserialized");
+    assert_eq!(std::fs::metadata(entry(dir.path())).unwrap().uid(), 0, "rewritten as ours");
+    assert_eq!(
+        cached_engine(dir.path()).load_file(&path).unwrap().cache_status(),
+        CacheStatus::Hit
+    );
+}
+
+#[test]
+fn stale_temporary_files_are_removed_and_fresh_ones_kept() {
+    use std::time::SystemTime;
+    let dir = tempfile::tempdir().unwrap();
+    let path = gorch_artifacts::path("echo");
+    cached_engine(dir.path()).load_file(&path).unwrap();
+    let file = entry(dir.path());
+    // A writer killed two hours ago, and one writing right now.
+    let (stale, fresh) = (dir.path().join(".tmpKILLED"), dir.path().join(".tmpWRITING"));
+    std::fs::write(&stale, b"half an entry").unwrap();
+    std::fs::write(&fresh, b"half an entry").unwrap();
+    let two_hours_ago = SystemTime::now() - Duration::from_secs(2 * 3600);
+    std::fs::File::options().write(true).open(&stale).unwrap().set_modified(two_hours_ago).unwrap();
+    // An old file that is not a temporary file is not touched.
+    let other = dir.path().join("README");
+    std::fs::write(&other, b"mine").unwrap();
+    std::fs::File::options().write(true).open(&other).unwrap().set_modified(two_hours_ago).unwrap();
+
+    let c = cached_engine(dir.path()).load_file(&path).unwrap();
+    assert_eq!(c.cache_status(), CacheStatus::Hit);
+    assert!(!stale.exists(), "the killed writer's file is removed");
+    assert!(fresh.exists(), "a write in progress is left alone");
+    assert!(other.exists() && file.exists());
 }
 
 fn sha256(b: &[u8]) -> Vec<u8> {

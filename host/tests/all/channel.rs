@@ -27,25 +27,28 @@ fn close_drains_then_reports_closed_and_hands_values_back() {
 
 #[test]
 fn cancellation_wakes_blocked_send_and_recv() {
+    // Causal only: each operation is polled until it waits (no sleep to get it there), is
+    // woken by the cancellation, and its wait is timed; how long it took is the machine's
+    // business.
     run(async {
         let ch: Channel<Vec<u8>> = Channel::new(1);
         let token = CancellationToken::new();
-        let (c1, c2) = (ch.clone(), token.clone());
-        let recv = tokio::spawn(async move { c1.recv_cancellable(&c2).await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut recv = Box::pin(ch.recv_cancellable(&token));
+        assert!(futures::poll!(recv.as_mut()).is_pending(), "waits on an empty channel");
         token.cancel();
-        assert_eq!(recv.await.unwrap(), Err(RecvError::Cancelled));
+        assert_eq!(recv.await, Err(RecvError::Cancelled));
 
+        // Room: no wait, nothing timed.
         ch.send(vec![0]).await.unwrap();
+        assert_eq!(ch.stats().blocked_send_ns, 0);
         let token = CancellationToken::new();
-        let (c1, c2) = (ch.clone(), token.clone());
-        let send = tokio::spawn(async move { c1.send_cancellable(vec![9], &c2).await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut send = Box::pin(ch.send_cancellable(vec![9], &token));
+        assert!(futures::poll!(send.as_mut()).is_pending(), "waits on a full channel");
         token.cancel();
-        assert_eq!(send.await.unwrap(), Err(SendError::Cancelled(vec![9])));
+        assert_eq!(send.await, Err(SendError::Cancelled(vec![9])));
         let s = ch.stats();
-        assert!(s.blocked_send_ns >= 15_000_000 && s.blocked_recv_ns >= 15_000_000, "{s:?}");
-        assert_eq!(ch.recv_timeout(Duration::from_millis(10)).await, Ok(vec![0]));
+        assert!(s.blocked_send_ns > 0 && s.blocked_recv_ns > 0, "{s:?}");
+        assert_eq!(ch.try_recv(), Ok(vec![0]));
         assert_eq!(ch.recv_timeout(Duration::from_millis(10)).await, Err(RecvError::Timeout));
     })
 }

@@ -65,7 +65,8 @@ fn run_starts_good_plugins_reports_bad_ones_and_stops_on_sigint() {
     assert!(exit.success(), "exit {exit:?}; log:\n{log}");
     assert!(log.contains("broken.wasm: not a WebAssembly file"), "{log}");
     assert!(log.contains("echo.toml:2:1: unknown field `bogus`"), "{log}");
-    assert!(log.contains("2 routine(s) running"), "{log}");
+    assert!(log.contains("2 routine(s) of 2 plugin(s) running"), "{log}");
+    assert!(log.contains("(2 failed: see /readyz)"), "{log}");
     let hello =
         log.lines().find(|l| l.contains("hello, world, from a plain WASI command")).unwrap();
     assert!(hello.contains("routine=\"hello-command\""), "{hello}");
@@ -95,4 +96,260 @@ fn check_validates_components_and_prints_imports_and_exports() {
     assert!(!res.status.success());
     let out = String::from_utf8_lossy(&res.stdout);
     assert!(out.contains("bad.wasm: is a core wasm module"), "{out}");
+}
+
+/// Runs the binary with `args`, collecting stderr lines on a channel.
+fn spawn_logged(
+    args: &[&std::ffi::OsStr],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Reads lines until one contains `needle` (the log so far is returned), failing after a
+/// minute without it.
+fn read_until(
+    child: &mut std::process::Child,
+    rx: &std::sync::mpsc::Receiver<String>,
+    needle: &str,
+) -> String {
+    let mut log = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) => {
+                log.push_str(&l);
+                log.push('\n');
+                if l.contains(needle) {
+                    return log;
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no {needle:?} within 60 s; log so far:\n{log}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_signal_during_start_up_stops_gracefully_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a-slow.wasm"), crate::startup::slow_component()).unwrap();
+    std::fs::copy(gorch_artifacts::path("echo"), dir.path().join("echo.wasm")).unwrap();
+    let (mut child, rx) = spawn_logged(&[
+        "run".as_ref(),
+        "--no-cache".as_ref(),
+        "--addr".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        dir.path().as_os_str(),
+    ]);
+    // echo is loaded (and started) while the slow plugin still compiles.
+    let mut log = read_until(&mut child, &rx, "echo.wasm (");
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    log.extend(rx.try_iter().map(|l| l + "\n"));
+    assert!(exit.success(), "exit {exit:?}; log:\n{log}");
+    assert!(log.contains("signal during start-up"), "{log}");
+    assert!(log.contains("stopped 1 routine(s)"), "{log}");
+}
+
+#[test]
+fn strict_exits_non_zero_naming_the_plugins_that_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(gorch_artifacts::path("echo"), dir.path().join("echo.wasm")).unwrap();
+    std::fs::write(dir.path().join("bad.wasm"), b"garbage").unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--strict", "--no-cache", "--addr", "127.0.0.1:0"])
+        .arg(dir.path())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--strict: 1 plugin(s) failed to load"), "{err}");
+    assert!(err.contains("bad.wasm: ") && err.contains("not a WebAssembly file"), "{err}");
+
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--strict", "--no-cache", "--addr", "127.0.0.1:0"])
+        .arg(empty.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--strict: no *.wasm components in"), "{err}");
+}
+
+/// Runs a client command of the binary; returns (success, stdout, stderr).
+fn client(args: &[&str], stdin: Option<&[u8]>) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("GORCH_TOKEN")
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(data) = stdin {
+        child.stdin.take().unwrap().write_all(data).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn publish_send_restart_stop_and_ps_act_on_a_running_host() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(gorch_artifacts::path("echo"), dir.path().join("echo.wasm")).unwrap();
+    let (mut child, rx) = spawn_logged(&[
+        "run".as_ref(),
+        "--no-cache".as_ref(),
+        "--addr".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        dir.path().as_os_str(),
+    ]);
+    let log = read_until(&mut child, &rx, "metrics: http://");
+    let port = log
+        .rsplit("metrics: http://127.0.0.1:")
+        .next()
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .to_string();
+    // Host names work as well as addresses.
+    let addr = format!("localhost:{port}");
+    let a = ["--addr", addr.as_str()];
+
+    let (ok, out, err) = client(&["send", "echo", "hello", a[0], a[1]], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("sent 5 byte(s) to \"echo\""), "{out}");
+    let (ok, out, err) = client(&["publish", "jobs", a[0], a[1]], Some(b"from stdin"));
+    assert!(ok, "{err}");
+    assert!(out.contains("published 10 byte(s) on \"jobs\" (queue length 1)"), "{out}");
+    let (ok, out, err) = client(&["restart", "echo", a[0], a[1]], None);
+    assert!(ok && out.contains("restart requested for \"echo\""), "{out}{err}");
+    let (ok, out, err) = client(&["ps", a[0], a[1]], None);
+    assert!(ok && out.contains("echo"), "{out}{err}");
+
+    let (ok, _, err) = client(&["stop", "nobody", a[0], a[1]], None);
+    assert!(!ok);
+    assert!(err.contains("HTTP 404 Not Found: no routine named \"nobody\""), "{err}");
+    let (ok, _, err) = client(&["publish", "bad topic", "x", a[0], a[1]], None);
+    assert!(!ok && err.contains("HTTP 400"), "{err}");
+    let (ok, _, err) = client(&["ps", "--addr", "127.0.0.1:1"], None);
+    assert!(!ok && err.contains("cannot reach a gorch-host at 127.0.0.1:1"), "{err}");
+
+    let (ok, out, err) = client(&["stop", "echo", a[0], a[1]], None);
+    assert!(ok && out.contains("stop requested for \"echo\""), "{out}{err}");
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    assert!(child.wait().unwrap().success());
+}
+
+/// GET `path` from the host on `port` (test helper: a plain HTTP/1.0 request).
+fn http_get(port: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+/// The version of routine `name` in the host's JSON API.
+fn version_of(port: &str, name: &str) -> String {
+    let snaps: Vec<gorch_host::Snapshot> =
+        serde_json::from_str(&http_get(port, "/gorchestra/api/routines")).unwrap();
+    snaps.into_iter().find(|s| s.name == name).map(|s| s.version).unwrap_or_default()
+}
+
+fn port_of(log: &str) -> String {
+    log.rsplit("metrics: http://127.0.0.1:").next().unwrap().split('/').next().unwrap().to_string()
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn watch_sighup_and_reload_upgrade_a_running_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let testkit = std::fs::read(gorch_artifacts::path("testkit")).unwrap();
+    let echo = std::fs::read(gorch_artifacts::path("echo")).unwrap();
+    std::fs::write(d.join("svc.wasm"), &testkit).unwrap();
+    std::fs::write(d.join("svc.toml"), "[wasi]\nenv = { MODE = \"echo\" }\n").unwrap();
+    let (mut child, rx) = spawn_logged(&[
+        "run".as_ref(),
+        "--watch".as_ref(),
+        "--no-cache".as_ref(),
+        "--addr".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        d.as_os_str(),
+    ]);
+    let port = port_of(&read_until(&mut child, &rx, "metrics: http://"));
+    let addr = format!("127.0.0.1:{port}");
+    let v1 = version_of(&port, "svc");
+    assert_eq!(v1.len(), 12);
+
+    // --watch: a new version written the way deploy tools do (temporary file + rename).
+    let tmp = d.join(".svc.wasm.part");
+    std::fs::write(&tmp, &echo).unwrap();
+    std::fs::rename(&tmp, d.join("svc.wasm")).unwrap();
+    wait_for("the upgrade by --watch", || version_of(&port, "svc") != v1);
+    let v2 = version_of(&port, "svc");
+
+    // `gorch-host reload`: nothing changed; then a broken plugin is named and refused.
+    let (ok, out, err) = client(&["reload", "--addr", &addr], None);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("unchanged") && out.contains("svc.wasm"), "{out}");
+    std::fs::write(d.join("bad.wasm"), b"garbage").unwrap();
+    let (ok, out, err) = client(&["reload", "--addr", &addr], None);
+    assert!(!ok, "{out}");
+    assert!(err.contains("1 plugin(s) failed to reload") && err.contains("bad.wasm"), "{err}");
+    std::fs::remove_file(d.join("bad.wasm")).unwrap();
+
+    // SIGHUP applies the directory too.
+    std::fs::write(&tmp, &testkit).unwrap();
+    std::fs::rename(&tmp, d.join("svc.wasm")).unwrap();
+    let status = Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    read_until(&mut child, &rx, "SIGHUP: applying the plugin directory");
+    wait_for("the upgrade back to v1", || version_of(&port, "svc") == v1);
+    assert_ne!(v1, v2);
+    let snaps = http_get(&port, "/gorchestra/api/routines");
+    assert!(snaps.contains("\"upgrades\":2"), "{snaps}");
+    let metrics = http_get(&port, "/metrics");
+    assert!(metrics.contains("gorch_routine_upgrades_total{name=\"svc\"} 2"), "{metrics}");
+
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    assert!(child.wait().unwrap().success());
 }

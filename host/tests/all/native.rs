@@ -130,6 +130,8 @@ fn snapshots_use_the_design_field_names_and_print_stats_prints_a_table() {
             "messagesIn",
             "messagesOut",
             "lastError",
+            "version",
+            "upgrades",
         ];
         want.sort();
         assert_eq!(keys, want);

@@ -11,6 +11,10 @@ use tower::ServiceExt;
 
 use crate::common::*;
 
+/// The CPU sampler is process-wide (one profile at a time): the tests that take one take
+/// turns.
+static PROFILES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn get(app: &axum::Router, path: &str, token: Option<&str>) -> (StatusCode, String) {
     let mut req = Request::get(path);
     if let Some(t) = token {
@@ -198,6 +202,7 @@ fn the_token_guards_every_route_but_healthz() {
 #[test]
 fn a_real_server_on_port_0_serves_ps_and_a_cpu_profile() {
     run(async {
+        let _turn = PROFILES.lock().await;
         let orch = Orchestrator::new();
         let cfg =
             ObsConfig { addr: "127.0.0.1:0".parse().unwrap(), pprof: true, ..Default::default() };
@@ -230,6 +235,43 @@ fn a_real_server_on_port_0_serves_ps_and_a_cpu_profile() {
         assert_eq!(body[0], 0x0a);
         assert!(body.windows(7).any(|w| w == b"samples"));
         server.shutdown().await;
+        shutdown(&orch).await;
+    })
+}
+
+#[test]
+fn one_cpu_profile_at_a_time_the_others_get_409() {
+    run(async {
+        let _turn = PROFILES.lock().await;
+        let orch = Orchestrator::new();
+        let app =
+            router(ObsState::new(&orch, None), &ObsConfig { pprof: true, ..Default::default() });
+        let profile = "/debug/pprof/profile?seconds=1";
+        // A long profile, polled once: from its first poll it holds the sampler.
+        let req = Request::get("/debug/pprof/profile?seconds=60").body(Body::empty()).unwrap();
+        let mut first = Box::pin(app.clone().oneshot(req));
+        assert!(futures::poll!(first.as_mut()).is_pending());
+
+        let (status, body) = get(&app, profile, None).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert_eq!(body, "a CPU profile is already being taken; try again when it finishes\n");
+
+        // The client goes away: the sampling stops and frees the slot (on the sampling
+        // thread, hence the polling; the deadline only matters if it never happens).
+        drop(first);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = get(&app, profile, None).await;
+            if status == StatusCode::OK {
+                break;
+            }
+            assert_eq!(status, StatusCode::CONFLICT, "{body}");
+            assert!(std::time::Instant::now() < deadline, "the slot was never freed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A finished profile has freed the slot before its answer came back.
+        let (status, body) = get(&app, profile, None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
         shutdown(&orch).await;
     })
 }

@@ -90,6 +90,12 @@ fn run() -> Result<(), String> {
             let woke = gorch::sleep(Duration::from_secs(3600));
             Err(format!("sleep returned {woke}"))
         }
+        // Takes one message, then spins without host calls: only the kill ends it.
+        "take-then-spin" => {
+            let _ = mailbox::recv();
+            #[allow(clippy::empty_loop)]
+            loop {}
+        }
         "beat-then-hang" => {
             gorch::beat();
             // Blocks in a host call without beating again.
@@ -214,6 +220,18 @@ fn run() -> Result<(), String> {
         "stdout" => {
             println!("line from stdout");
             eprintln!("line from stderr");
+            Ok(())
+        }
+        // Text that tries to pass for the host's own log lines: after a newline, after a
+        // lone carriage return, behind an ANSI escape, on stdout, stderr and `log`.
+        "forge" => {
+            let forged = "1999-12-31T23:59:59.999999Z ERROR gorch_host::cli: FORGED";
+            print!("out\n{forged}\n");
+            print!("out\r{forged}\n");
+            eprint!("err\r{forged}\r\n");
+            eprint!("err\x1b[2K\r{forged}\n");
+            gorch::error!("log\n{forged}");
+            gorch::error!("log\r{forged}");
             Ok(())
         }
         other => Err(format!("unknown MODE {other:?}")),

@@ -1,0 +1,178 @@
+//! The write routes: the outside world puts work in and steers routines.
+//!
+//! | route | does | answers |
+//! |---|---|---|
+//! | `POST /gorchestra/api/topics/{topic}` | publishes the body on `topic` | 202 `{"topic","queueLen"}`; 400 bad name; 413 too large; 503 + `Retry-After` when still full after a short wait |
+//! | `POST /gorchestra/api/routines/{name}/mailbox` | sends the body to the routine's mailbox | 202 `{"routine","queueLen"}`; 404; 413; 503 |
+//! | `POST /gorchestra/api/routines/{name}/restart` | restarts it now (a requested restart: no backoff, not counted against intensity) | 202; 404 |
+//! | `POST /gorchestra/api/routines/{name}/stop` | stops it on request (no restart follows) | 202; 404 |
+//! | `POST /gorchestra/api/reload` | applies the plugin directory's state (live upgrade) | 200 with the per-plugin report; 422 with the same report when a plugin failed; 404 without a plugin directory |
+//!
+//! They sit behind the token like every route; on a non-loopback address without a token
+//! they answer 403 (reading is one thing, steering another). A message may be as large as
+//! the largest `limits.message-bytes` of the plugins ([`ObsState::set_message_limit`]);
+//! the body limit follows it. Errors are JSON `{"error": "..."}` naming what was wrong.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Request, State as AxState};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::json;
+
+use super::routes::ObsState;
+use crate::bus::{BusError, DEFAULT_TOPIC_CAPACITY};
+use crate::delivery::Message;
+use crate::names::validate_routine_name;
+
+/// How long a publish or send waits for room before answering 503.
+pub const INGRESS_WAIT: Duration = Duration::from_millis(500);
+
+/// The write routes, guarded: `open` is false when the server listens on a non-loopback
+/// address without a token (every write is then refused with 403).
+pub(super) fn routes(state: ObsState, open: bool) -> Router<ObsState> {
+    Router::new()
+        .route("/gorchestra/api/topics/{topic}", post(publish))
+        .route("/gorchestra/api/routines/{name}/mailbox", post(send))
+        .route("/gorchestra/api/routines/{name}/restart", post(restart))
+        .route("/gorchestra/api/routines/{name}/stop", post(stop))
+        .route("/gorchestra/api/reload", post(reload))
+        // The limit is the plugins' largest message, known after start-up: checked below.
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(open, guard))
+        .with_state(state)
+}
+
+async fn guard(AxState(open): AxState<bool>, req: Request, next: Next) -> Response {
+    if !open {
+        return error(
+            StatusCode::FORBIDDEN,
+            "write routes are refused: this server listens on a non-loopback address \
+             without --token (start it with --token to allow them)",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// A refusal: the status and the reason, answered as JSON `{"error": ...}`.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    retry_after: bool,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(json!({ "error": self.message }))).into_response();
+        if self.retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError { status, message: message.into(), retry_after: false }
+}
+
+/// The request body, or 413 when it is over the message limit.
+async fn body(s: &ObsState, body: Body) -> Result<Vec<u8>, ApiError> {
+    let limit = s.message_limit();
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the message is larger than the limit of {limit} bytes"),
+        )
+    };
+    let bytes = axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .await
+        .map_err(|_| too_large())?;
+    Ok(bytes.to_vec())
+}
+
+/// 503 with `Retry-After`: the queue stayed full.
+fn full(what: String) -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: format!("{what} is full; retry later"),
+        retry_after: true,
+    }
+}
+
+async fn publish(
+    AxState(s): AxState<ObsState>,
+    Path(topic): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let ch = s.orch().bus().topic(&topic, DEFAULT_TOPIC_CAPACITY).map_err(|e| match e {
+        BusError::InvalidName { .. } => error(StatusCode::BAD_REQUEST, e.to_string()),
+        BusError::TooManyTopics { .. } => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    })?;
+    let payload = body(&s, req.into_body()).await?;
+    match tokio::time::timeout(INGRESS_WAIT, ch.send(Message::from(payload))).await {
+        Ok(Ok(())) => Ok(accepted(json!({ "topic": topic, "queueLen": ch.len() }))),
+        Ok(Err(_)) => {
+            Err(error(StatusCode::SERVICE_UNAVAILABLE, format!("topic {topic:?} is closed")))
+        }
+        Err(_) => Err(full(format!("topic {topic:?}"))),
+    }
+}
+
+/// The live routine `name`, or 400 (not a valid name) / 404.
+fn routine(s: &ObsState, name: &str) -> Result<crate::RoutineHandle, ApiError> {
+    if let Err(e) = validate_routine_name(name) {
+        return Err(error(StatusCode::BAD_REQUEST, format!("invalid routine name {name:?}: {e}")));
+    }
+    s.orch()
+        .get_by_name(name)
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no routine named {name:?}")))
+}
+
+async fn send(
+    AxState(s): AxState<ObsState>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let h = routine(&s, &name)?;
+    let payload = body(&s, req.into_body()).await?;
+    let mailbox = h.mailbox();
+    match tokio::time::timeout(INGRESS_WAIT, mailbox.send(Message::from(payload))).await {
+        Ok(Ok(())) => Ok(accepted(json!({ "routine": name, "queueLen": mailbox.len() }))),
+        Ok(Err(_)) => Err(error(StatusCode::NOT_FOUND, format!("routine {name:?} has ended"))),
+        Err(_) => Err(full(format!("the mailbox of {name:?}"))),
+    }
+}
+
+async fn restart(
+    AxState(s): AxState<ObsState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    routine(&s, &name)?.restart();
+    Ok(accepted(json!({ "routine": name, "action": "restart" })))
+}
+
+async fn stop(
+    AxState(s): AxState<ObsState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    routine(&s, &name)?.stop();
+    Ok(accepted(json!({ "routine": name, "action": "stop" })))
+}
+
+async fn reload(AxState(s): AxState<ObsState>) -> Result<Response, ApiError> {
+    let reloader = s.reloader().ok_or_else(|| {
+        error(StatusCode::NOT_FOUND, "this host runs no plugin directory: nothing to reload")
+    })?;
+    let report = reloader.apply().await;
+    let status = if report.failed > 0 { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK };
+    Ok((status, axum::Json(report)).into_response())
+}
+
+fn accepted(body: serde_json::Value) -> Response {
+    (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+}

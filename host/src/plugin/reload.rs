@@ -1,0 +1,440 @@
+//! Live reload of a plugin directory: what changed since the last apply is applied while
+//! everything else keeps running. A new `NAME.wasm` starts; a removed one stops on request;
+//! a changed `NAME.wasm` or `NAME.toml` (content hashes, not times) is compiled and checked
+//! first (a broken version is refused and the running one keeps running), then its
+//! instances are upgraded one at a time (`RoutineHandle::upgrade`: same name, same mailbox,
+//! every message kept); a changed `instances` adds or stops replicas; an unchanged plugin is
+//! left alone. A changed `gorch.toml`, or a changed supervision or mailbox setting (restart
+//! policy, backoff, intensity, `max-deliveries`, `queue-capacity`, `idle-timeout`), is
+//! reported as needing a restart of the host: the new code still runs, under the old
+//! settings. Reloads are serialized; a reload during shutdown is refused.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::dir::{DIR_CONFIG, MAX_MANIFEST_BYTES, PluginDir, PluginSpec};
+use super::manifest::PluginManifest;
+use super::status::PluginBoard;
+use crate::orchestrator::Orchestrator;
+use crate::wasm::{WasmComponent, WasmEngine};
+
+/// What a reload did to one plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReloadAction {
+    /// A new plugin: loaded and started.
+    Started,
+    /// New code or limits: every instance replaced, one at a time.
+    Upgraded,
+    /// Only `instances` changed: replicas added or stopped.
+    Scaled,
+    /// Its file is gone: its routines were stopped on request.
+    Stopped,
+    /// Nothing changed.
+    Unchanged,
+    /// The new version could not be loaded: the running one (if any) keeps running.
+    Failed,
+    /// A change that takes effect only when the host restarts (see the module doc).
+    NeedsRestart,
+}
+
+/// One line of a [`ReloadReport`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginChange {
+    /// The plugin (file stem), or `gorch.toml`.
+    pub plugin: String,
+    /// The file.
+    pub file: String,
+    /// What was done.
+    pub action: ReloadAction,
+    /// The version now running (first 12 hex digits of the component's SHA-256).
+    pub version: Option<String>,
+    /// Why it failed, or what needs a restart.
+    pub error: Option<String>,
+}
+
+/// What [`Reloader::apply`] did, plugin by plugin (sorted by file).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReloadReport {
+    /// One entry per plugin of the directory (and per plugin that left it).
+    pub plugins: Vec<PluginChange>,
+    /// How many entries failed.
+    pub failed: usize,
+}
+
+/// What is running from one plugin file.
+#[derive(Clone)]
+struct Applied {
+    wasm_hash: [u8; 32],
+    toml_hash: Option<[u8; 32]>,
+    manifest: PluginManifest,
+    routines: Vec<String>,
+    version: String,
+}
+
+/// Applies the state of a plugin directory to a running host (see the module doc).
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Reloader {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    orch: Orchestrator,
+    engine: WasmEngine,
+    dir: PathBuf,
+    board: PluginBoard,
+    /// What runs; the lock serializes reloads.
+    applied: tokio::sync::Mutex<Running>,
+}
+
+/// What runs from the directory: each plugin by stem, and the hash of `gorch.toml`.
+struct Running {
+    plugins: BTreeMap<String, Applied>,
+    config: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader").field("dir", &self.inner.dir).finish()
+    }
+}
+
+impl Reloader {
+    /// A reloader for `dir`, taking the files of `scanned` (hashed now, before they are
+    /// loaded) as the running state. Call [`forget_failed`](Self::forget_failed) once they
+    /// were started: a plugin that did not start is then new to the next reload.
+    pub fn new(
+        orch: &Orchestrator,
+        engine: &WasmEngine,
+        dir: &Path,
+        scanned: &PluginDir,
+        board: &PluginBoard,
+    ) -> Self {
+        let mut applied = BTreeMap::new();
+        for spec in &scanned.plugins {
+            let Ok((wasm_hash, toml_hash)) = hashes(spec, engine.max_component_bytes()) else {
+                continue;
+            };
+            let routines = spec.manifest.routine_names(&spec.stem);
+            let manifest = spec.manifest.clone();
+            let version = String::new();
+            applied.insert(
+                spec.stem.clone(),
+                Applied { wasm_hash, toml_hash, manifest, routines, version },
+            );
+        }
+        let config = file_hash(&dir.join(DIR_CONFIG));
+        Reloader {
+            inner: Arc::new(Inner {
+                orch: orch.clone(),
+                engine: engine.clone(),
+                dir: dir.to_path_buf(),
+                board: board.clone(),
+                applied: tokio::sync::Mutex::new(Running { plugins: applied, config }),
+            }),
+        }
+    }
+
+    /// After start-up: keeps the plugins whose routines run (with their version) and
+    /// forgets the others, so that the next reload tries them again.
+    pub async fn forget_failed(&self) {
+        let orch = &self.inner.orch;
+        let mut running = self.inner.applied.lock().await;
+        running.plugins.retain(|_, p| match p.routines.iter().find_map(|n| orch.get_by_name(n)) {
+            Some(h) => {
+                p.version = h.version();
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// The directory it reloads.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Re-scans the directory and applies what changed. Concurrent calls run one after
+    /// the other; during shutdown the reload is refused (one failed entry says so).
+    pub async fn apply(&self) -> ReloadReport {
+        let inner = &*self.inner;
+        let mut guard = inner.applied.lock().await;
+        let mut report = ReloadReport::default();
+        if inner.orch.is_shut_down() {
+            report.push(change(
+                DIR_CONFIG,
+                &inner.dir,
+                ReloadAction::Failed,
+                None,
+                Some("the host is shutting down: reload refused".into()),
+            ));
+            return report;
+        }
+        let scanned = match PluginDir::scan(&inner.dir) {
+            Ok(s) => s,
+            Err(e) => {
+                let why = format!("cannot read {}: {e}", inner.dir.display());
+                report.push(change(DIR_CONFIG, &inner.dir, ReloadAction::Failed, None, Some(why)));
+                return report;
+            }
+        };
+        let Running { plugins: applied, config } = &mut *guard;
+        let config_now = file_hash(&inner.dir.join(DIR_CONFIG));
+        if config_now != *config {
+            let why = "gorch.toml changed: groups are re-formed when the host restarts".into();
+            let path = inner.dir.join(DIR_CONFIG);
+            report.push(change(DIR_CONFIG, &path, ReloadAction::NeedsRestart, None, Some(why)));
+            *config = config_now;
+        }
+        for e in &scanned.errors {
+            let stem = e.path().file_stem().map(|s| s.to_string_lossy().into_owned());
+            let stem = stem.unwrap_or_default();
+            inner.board.failed(&stem, &e.path().display().to_string(), e.to_string());
+            report.push(change(&stem, e.path(), ReloadAction::Failed, None, Some(e.to_string())));
+        }
+        for spec in &scanned.plugins {
+            let c = inner.apply_one(spec, applied).await;
+            report.push(c);
+        }
+        let gone: Vec<String> = applied
+            .keys()
+            .filter(|stem| !scanned.plugins.iter().any(|p| &&p.stem == stem))
+            .cloned()
+            .collect();
+        for stem in gone {
+            let old = applied.remove(&stem).expect("listed above");
+            inner.stop_all(&old.routines).await;
+            let file = inner.dir.join(format!("{stem}.wasm"));
+            report.push(change(&stem, &file, ReloadAction::Stopped, Some(old.version), None));
+        }
+        report.plugins.sort_by(|a, b| a.file.cmp(&b.file));
+        for c in &report.plugins {
+            match c.action {
+                ReloadAction::Unchanged => {}
+                ReloadAction::Failed => {
+                    tracing::error!("reload: {}: {}", c.file, c.error.as_deref().unwrap_or(""))
+                }
+                a => tracing::info!("reload: {}: {a:?}", c.file),
+            }
+        }
+        report
+    }
+}
+
+impl ReloadReport {
+    fn push(&mut self, c: PluginChange) {
+        if c.action == ReloadAction::Failed {
+            self.failed += 1;
+        }
+        self.plugins.push(c);
+    }
+}
+
+fn change(
+    plugin: &str,
+    file: &Path,
+    action: ReloadAction,
+    version: Option<String>,
+    error: Option<String>,
+) -> PluginChange {
+    PluginChange {
+        plugin: plugin.to_string(),
+        file: file.display().to_string(),
+        action,
+        version,
+        error,
+    }
+}
+
+impl Inner {
+    /// Applies one plugin of the new scan against what runs.
+    async fn apply_one(
+        &self,
+        spec: &PluginSpec,
+        applied: &mut BTreeMap<String, Applied>,
+    ) -> PluginChange {
+        let fail =
+            |why: String| change(&spec.stem, &spec.wasm, ReloadAction::Failed, None, Some(why));
+        let (wasm_hash, toml_hash) = match hashes(spec, self.engine.max_component_bytes()) {
+            Ok(h) => h,
+            Err(e) => return fail(e),
+        };
+        let old = applied.get(&spec.stem).cloned();
+        if let Some(old) = &old
+            && old.wasm_hash == wasm_hash
+            && old.toml_hash == toml_hash
+        {
+            return change(
+                &spec.stem,
+                &spec.wasm,
+                ReloadAction::Unchanged,
+                Some(old.version.clone()),
+                None,
+            );
+        }
+        // Compile and check first, off the threads that run guests: a broken version is
+        // refused and the running one keeps running.
+        let component = match self.load(spec).await {
+            Ok(c) => c,
+            Err(e) => {
+                if old.is_none() {
+                    self.board.failed(&spec.stem, &spec.wasm.display().to_string(), e.clone());
+                }
+                return fail(e);
+            }
+        };
+        let names = spec.manifest.routine_names(&spec.stem);
+        let version = component.version().to_string();
+        let (action, note) = match &old {
+            None => {
+                self.spawn_all(spec, &component, &names);
+                (ReloadAction::Started, None)
+            }
+            Some(old) => {
+                let code_changed =
+                    old.wasm_hash != wasm_hash || limits_changed(&old.manifest, &spec.manifest);
+                if let Err(e) = self.roll(spec, &component, old, &names, code_changed).await {
+                    return fail(format!("upgrade refused: {e}"));
+                }
+                let note = settings_note(&old.manifest, &spec.manifest);
+                let action = if note.is_some() {
+                    ReloadAction::NeedsRestart
+                } else if code_changed {
+                    ReloadAction::Upgraded
+                } else {
+                    ReloadAction::Scaled
+                };
+                (action, note)
+            }
+        };
+        let running = names.iter().filter(|n| self.orch.get_by_name(n).is_some()).count();
+        let file = spec.wasm.display().to_string();
+        self.board.starting(&spec.stem, &file);
+        self.board.running(&file, running);
+        let manifest = spec.manifest.clone();
+        let entry =
+            Applied { wasm_hash, toml_hash, manifest, routines: names, version: version.clone() };
+        applied.insert(spec.stem.clone(), entry);
+        change(&spec.stem, &spec.wasm, action, Some(version), note)
+    }
+
+    async fn load(&self, spec: &PluginSpec) -> Result<WasmComponent, String> {
+        let engine = self.engine.clone();
+        let path = spec.wasm.clone();
+        tokio::task::spawn_blocking(move || engine.load_file(&path).map_err(|e| e.to_string()))
+            .await
+            .unwrap_or_else(|e| Err(format!("loading panicked: {e}")))
+    }
+
+    fn spawn_all(&self, spec: &PluginSpec, component: &WasmComponent, names: &[String]) {
+        for name in names {
+            let opts = spec.manifest.spawn_options(name.clone());
+            if let Err(e) = self.orch.spawn_wasm_as(
+                opts,
+                spec.stem.clone(),
+                component,
+                spec.manifest.wasm_options(),
+            ) {
+                tracing::error!("reload: {}: cannot start {name}: {e}", spec.wasm.display());
+            }
+        }
+    }
+
+    /// Rolling replacement: the instances that stay are upgraded one at a time (when the
+    /// code or the limits changed), new replicas start, surplus ones stop.
+    async fn roll(
+        &self,
+        spec: &PluginSpec,
+        component: &WasmComponent,
+        old: &Applied,
+        names: &[String],
+        code_changed: bool,
+    ) -> Result<(), String> {
+        let added: Vec<String> =
+            names.iter().filter(|n| !old.routines.contains(n)).cloned().collect();
+        let removed: Vec<String> =
+            old.routines.iter().filter(|n| !names.contains(n)).cloned().collect();
+        if code_changed {
+            for name in names.iter().filter(|n| old.routines.contains(n)) {
+                match self.orch.get_by_name(name) {
+                    Some(h) => {
+                        // One at a time; a refused state hand-over stops the roll-out (the
+                        // instances not yet upgraded keep the running version).
+                        h.upgrade(component, spec.manifest.wasm_options())
+                            .await
+                            .map_err(|e| format!("{name}: {e}"))?;
+                    }
+                    // It ended meanwhile (by its policy): start the new version.
+                    None => self.spawn_all(spec, component, std::slice::from_ref(name)),
+                }
+            }
+        }
+        self.spawn_all(spec, component, &added);
+        self.stop_all(&removed).await;
+        Ok(())
+    }
+
+    /// Stops these routines on request and waits for their end.
+    async fn stop_all(&self, names: &[String]) {
+        let handles: Vec<_> = names.iter().filter_map(|n| self.orch.get_by_name(n)).collect();
+        for h in &handles {
+            h.stop();
+        }
+        for h in &handles {
+            h.wait().await;
+        }
+    }
+}
+
+/// Whether the per-instance settings that an upgrade applies (limits, WASI grants) changed.
+fn limits_changed(old: &PluginManifest, new: &PluginManifest) -> bool {
+    old.limits != new.limits || old.wasi != new.wasi
+}
+
+/// The settings fixed when a routine is spawned that changed, if any: they need a restart.
+fn settings_note(old: &PluginManifest, new: &PluginManifest) -> Option<String> {
+    let mut changed = Vec::new();
+    if old.restart != new.restart {
+        changed.push("restart")
+    }
+    if old.backoff != new.backoff {
+        changed.push("backoff")
+    }
+    if old.intensity != new.intensity {
+        changed.push("intensity")
+    }
+    if old.max_deliveries != new.max_deliveries {
+        changed.push("max-deliveries")
+    }
+    if old.queue_capacity != new.queue_capacity {
+        changed.push("queue-capacity")
+    }
+    if old.idle_timeout != new.idle_timeout {
+        changed.push("idle-timeout")
+    }
+    if old.name != new.name {
+        changed.push("name")
+    }
+    (!changed.is_empty())
+        .then(|| format!("{} changed: takes effect when the host restarts", changed.join(", ")))
+}
+
+/// SHA-256 of the component and of its manifest (`None` when there is none).
+fn hashes(spec: &PluginSpec, limit: u64) -> Result<([u8; 32], Option<[u8; 32]>), String> {
+    let wasm = crate::fsread::read_regular(&spec.wasm, limit)
+        .map_err(|e| format!("{}: {e}", spec.wasm.display()))?;
+    let toml = spec.wasm.with_extension("toml");
+    Ok((Sha256::digest(&wasm).into(), file_hash(&toml)))
+}
+
+/// SHA-256 of a small file; `None` when it cannot be read (missing).
+fn file_hash(path: &Path) -> Option<[u8; 32]> {
+    let bytes = crate::fsread::read_regular(path, MAX_MANIFEST_BYTES).ok()?;
+    Some(Sha256::digest(&bytes).into())
+}

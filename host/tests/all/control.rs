@@ -1,0 +1,203 @@
+//! The write routes (publish, send, restart, stop) through `oneshot`, the 403 rule, and
+//! the CLI commands that use them against the real binary.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use gorch_host::obs::{ObsState, router};
+use gorch_host::{ObsConfig, Orchestrator, RestartPolicy, SpawnOptions, State};
+use tower::ServiceExt;
+
+use crate::common::*;
+
+async fn call(
+    app: &axum::Router,
+    method: Method,
+    path: &str,
+    body: impl Into<Body>,
+) -> (StatusCode, String, Option<String>) {
+    let req = Request::builder().method(method).uri(path).body(body.into()).unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let retry = resp.headers().get(header::RETRY_AFTER).map(|v| v.to_str().unwrap().to_string());
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned(), retry)
+}
+
+async fn post(app: &axum::Router, path: &str, body: impl Into<Body>) -> (StatusCode, String) {
+    let (s, b, _) = call(app, Method::POST, path, body).await;
+    (s, b)
+}
+
+#[test]
+fn publish_puts_the_body_on_the_topic_within_the_limits() {
+    run(async {
+        let orch = Orchestrator::new();
+        let state = ObsState::new(&orch, None);
+        state.set_message_limit(8);
+        let app = router(state, &ObsConfig::default());
+        let (status, body) = post(&app, "/gorchestra/api/topics/jobs", "hello").await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        assert_eq!(body, r#"{"queueLen":1,"topic":"jobs"}"#);
+        let jobs = orch.bus().get("jobs").unwrap();
+        assert_eq!(jobs.try_recv().unwrap().payload, b"hello");
+        // An empty message is a message.
+        assert_eq!(post(&app, "/gorchestra/api/topics/jobs", "").await.0, StatusCode::ACCEPTED);
+        assert_eq!(jobs.try_recv().unwrap().payload, b"");
+
+        let (status, body) = post(&app, "/gorchestra/api/topics/jobs", "123456789").await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+        assert!(body.contains("limit of 8 bytes"), "{body}");
+        assert!(jobs.is_empty(), "a refused message changes nothing");
+        // Whitespace is not allowed in a topic name; bad UTF-8 and long names neither.
+        let (status, body) = post(&app, "/gorchestra/api/topics/a%20b", "x").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains("invalid topic name"), "{body}");
+        assert_eq!(
+            post(&app, "/gorchestra/api/topics/%FF%FE", "x").await.0,
+            StatusCode::BAD_REQUEST
+        );
+        let long = format!("/gorchestra/api/topics/{}", "t".repeat(300));
+        assert_eq!(post(&app, &long, "x").await.0, StatusCode::BAD_REQUEST);
+        assert_eq!(orch.topics().len(), 1, "no topic was created by bad input");
+        // A wrong method.
+        let (status, _, _) = call(&app, Method::GET, "/gorchestra/api/topics/jobs", "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        shutdown(&orch).await;
+    });
+}
+
+#[test]
+fn a_full_topic_answers_503_with_retry_after() {
+    run(async {
+        let orch = Orchestrator::new();
+        let app = router(ObsState::new(&orch, None), &ObsConfig::default());
+        let t = orch.bus().topic("tiny", 1).unwrap();
+        assert_eq!(post(&app, "/gorchestra/api/topics/tiny", "1").await.0, StatusCode::ACCEPTED);
+        let (status, body, retry) =
+            call(&app, Method::POST, "/gorchestra/api/topics/tiny", "2").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(retry.as_deref(), Some("1"));
+        assert_eq!(t.len(), 1);
+        shutdown(&orch).await;
+    });
+}
+
+#[test]
+fn send_reaches_a_routine_and_restart_and_stop_steer_it() {
+    run(async {
+        let orch = Orchestrator::new();
+        let app = router(ObsState::new(&orch, None), &ObsConfig::default());
+        let opts = SpawnOptions::new("worker 1").restart(RestartPolicy::OnFailure);
+        let h = orch
+            .spawn(opts, |ctx| async move {
+                while let Some(m) = ctx.recv(None).await? {
+                    ctx.publish("out", m).await?;
+                }
+                Ok::<(), gorch_host::CallError>(())
+            })
+            .unwrap();
+        let (status, body) = post(&app, "/gorchestra/api/routines/worker%201/mailbox", "hi").await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let out = orch.bus().topic("out", 16).unwrap();
+        assert!(wait_until(Duration::from_secs(5), || out.len() == 1).await);
+
+        let (status, body) = post(&app, "/gorchestra/api/routines/nobody/mailbox", "hi").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(err["error"], "no routine named \"nobody\"");
+        assert_eq!(
+            post(&app, "/gorchestra/api/routines/nobody/restart", "").await.0,
+            StatusCode::NOT_FOUND
+        );
+
+        // A requested restart: a new run at once, counted, with no backoff.
+        let (status, body) = post(&app, "/gorchestra/api/routines/worker%201/restart", "").await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        assert!(
+            wait_until(Duration::from_secs(5), || h.restarts() == 1 && h.state() == State::Running)
+                .await
+        );
+        assert_eq!(
+            post(&app, "/gorchestra/api/routines/worker%201/mailbox", "again").await.0,
+            StatusCode::ACCEPTED
+        );
+        assert!(wait_until(Duration::from_secs(5), || out.len() == 2).await);
+
+        assert_eq!(
+            post(&app, "/gorchestra/api/routines/worker%201/stop", "").await.0,
+            StatusCode::ACCEPTED
+        );
+        assert_eq!(wait_end(&h, Duration::from_secs(5)).await, State::Stopped);
+        assert_eq!(h.restarts(), 1);
+        shutdown(&orch).await;
+    });
+}
+
+#[test]
+fn a_requested_restart_cuts_a_backoff_short_and_does_not_count_against_intensity() {
+    run(async {
+        let orch = Orchestrator::new();
+        let sup = gorch_host::Supervision {
+            restart: RestartPolicy::OnFailure,
+            backoff: gorch_host::Backoff {
+                initial: Duration::from_secs(3600),
+                max: Duration::from_secs(3600),
+                ..Default::default()
+            },
+            intensity: gorch_host::Intensity { max_restarts: 1, ..Default::default() },
+            ..Default::default()
+        };
+        let h = orch
+            .spawn(SpawnOptions::new("flaky").supervision(sup), |ctx| async move {
+                if ctx.restarts() == 0 {
+                    return Err("first run fails".to_string());
+                }
+                ctx.cancelled().await;
+                Ok(())
+            })
+            .unwrap();
+        assert!(wait_until(Duration::from_secs(5), || h.state() == State::Backoff).await);
+        h.restart();
+        assert!(wait_until(Duration::from_secs(5), || h.state() == State::Running).await);
+        // Requested restarts are not failures: more of them than the intensity allows.
+        for n in 2..5 {
+            h.restart();
+            assert!(
+                wait_until(Duration::from_secs(5), || h.restarts() == n
+                    && h.state() == State::Running)
+                .await
+            );
+        }
+        h.stop();
+        assert_eq!(wait_end(&h, Duration::from_secs(5)).await, State::Stopped);
+        shutdown(&orch).await;
+    });
+}
+
+#[test]
+fn write_routes_are_refused_on_a_public_address_without_a_token() {
+    run(async {
+        let orch = Orchestrator::new();
+        let config = ObsConfig { addr: "0.0.0.0:9090".parse().unwrap(), ..ObsConfig::default() };
+        let app = router(ObsState::new(&orch, None), &config);
+        let (status, body) = post(&app, "/gorchestra/api/topics/jobs", "x").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert!(body.contains("without --token"), "{body}");
+        assert!(orch.topics().is_empty());
+        // Reading stays open; with a token, writes are allowed (with the header).
+        assert_eq!(call(&app, Method::GET, "/gorchestra/api/topics", "").await.0, StatusCode::OK);
+        let app = router(ObsState::new(&orch, Some("s3cret".into())), &config);
+        let req = Request::post("/gorchestra/api/topics/jobs")
+            .header(header::AUTHORIZATION, "Bearer s3cret")
+            .body(Body::from("x"))
+            .unwrap();
+        assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::ACCEPTED);
+        assert_eq!(
+            post(&app, "/gorchestra/api/topics/jobs", "x").await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        shutdown(&orch).await;
+    });
+}

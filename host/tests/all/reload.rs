@@ -1,0 +1,134 @@
+//! Live reload of a plugin directory through the library: what changed is applied, what did
+//! not is left alone, a broken version is refused while the old one keeps serving.
+
+use std::path::Path;
+
+use gorch_host::plugin::{PluginBoard, ReloadAction, ReloadReport, Reloader, start_plugins};
+use gorch_host::{Orchestrator, PluginDir};
+use tokio_util::sync::CancellationToken;
+
+use crate::common::*;
+
+fn action(report: &ReloadReport, plugin: &str) -> ReloadAction {
+    report
+        .plugins
+        .iter()
+        .find(|c| c.plugin == plugin)
+        .unwrap_or_else(|| panic!("{plugin} not in {report:?}"))
+        .action
+}
+
+/// Replaces `path` the way deploy tools do: a temporary file renamed into place.
+fn replace(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp-new");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn started(orch: &Orchestrator, dir: &Path) -> Reloader {
+    let scanned = PluginDir::scan(dir).unwrap();
+    let board = PluginBoard::new();
+    let report =
+        start_plugins(orch, engine(), dir, &scanned, &board, &CancellationToken::new()).await;
+    assert_eq!(report.failed, 0, "{report:?}");
+    let reloader = Reloader::new(orch, engine(), dir, &scanned, &board);
+    reloader.forget_failed().await;
+    reloader
+}
+
+#[test]
+fn reload_applies_what_changed_and_leaves_the_rest_alone() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let testkit = std::fs::read(gorch_artifacts::path("testkit")).unwrap();
+        let echo = std::fs::read(gorch_artifacts::path("echo")).unwrap();
+        std::fs::write(d.join("svc.wasm"), &testkit).unwrap();
+        std::fs::write(d.join("svc.toml"), "instances = 2\n[wasi]\nenv = { MODE = \"echo\" }\n")
+            .unwrap();
+        std::fs::write(d.join("quiet.wasm"), &echo).unwrap();
+        let orch = Orchestrator::new();
+        let reloader = started(&orch, d).await;
+        let ids: Vec<u64> =
+            ["svc-1", "svc-2"].iter().map(|n| orch.get_by_name(n).unwrap().id()).collect();
+
+        let report = reloader.apply().await;
+        assert_eq!(report.failed, 0, "{report:?}");
+        assert_eq!(action(&report, "svc"), ReloadAction::Unchanged);
+        assert_eq!(action(&report, "quiet"), ReloadAction::Unchanged);
+
+        // New code for svc (rolled out instance by instance), a new plugin, a scaled one.
+        replace(&d.join("svc.wasm"), &echo);
+        std::fs::write(d.join("new.wasm"), &echo).unwrap();
+        std::fs::write(d.join("quiet.toml"), "instances = 2\n").unwrap();
+        let report = reloader.apply().await;
+        assert_eq!(report.failed, 0, "{report:?}");
+        assert_eq!(action(&report, "svc"), ReloadAction::Upgraded);
+        assert_eq!(action(&report, "new"), ReloadAction::Started);
+        assert_eq!(action(&report, "quiet"), ReloadAction::Scaled);
+        let echo_version = engine().load_bytes("echo.wasm", &echo).unwrap().version().to_string();
+        for (name, id) in ["svc-1", "svc-2"].iter().zip(&ids) {
+            let h = orch.get_by_name(name).unwrap();
+            assert_eq!(
+                (h.id(), h.upgrades(), h.restarts()),
+                (*id, 1, 0),
+                "{name} kept its identity"
+            );
+            assert_eq!(h.version(), echo_version);
+        }
+        assert!(orch.get_by_name("new").is_some());
+        assert!(orch.get_by_name("quiet").is_none() && orch.get_by_name("quiet-2").is_some());
+
+        // A broken version is refused; the running one keeps serving.
+        replace(&d.join("svc.wasm"), b"not wasm at all");
+        let report = reloader.apply().await;
+        assert_eq!(report.failed, 1);
+        assert_eq!(action(&report, "svc"), ReloadAction::Failed);
+        let err = report.plugins.iter().find(|c| c.plugin == "svc").unwrap().error.clone().unwrap();
+        assert!(err.contains("svc.wasm") && err.contains("not a WebAssembly file"), "{err}");
+        let svc = orch.get_by_name("svc-1").unwrap();
+        assert_eq!(
+            (svc.version(), svc.state()),
+            (echo_version.clone(), gorch_host::State::Running)
+        );
+
+        // A removed file stops its routines; a changed gorch.toml needs a restart.
+        std::fs::remove_file(d.join("new.wasm")).unwrap();
+        std::fs::write(d.join("gorch.toml"), "").unwrap();
+        let report = reloader.apply().await;
+        assert_eq!(action(&report, "new"), ReloadAction::Stopped);
+        assert_eq!(action(&report, "gorch.toml"), ReloadAction::NeedsRestart);
+        assert!(orch.get_by_name("new").is_none());
+        shutdown(&orch).await;
+    });
+}
+
+#[test]
+fn concurrent_reloads_run_one_after_the_other_and_the_newest_version_wins() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let echo = std::fs::read(gorch_artifacts::path("echo")).unwrap();
+        let testkit = std::fs::read(gorch_artifacts::path("testkit")).unwrap();
+        std::fs::write(d.join("svc.wasm"), &testkit).unwrap();
+        std::fs::write(d.join("svc.toml"), "[wasi]\nenv = { MODE = \"echo\" }\n").unwrap();
+        let orch = Orchestrator::new();
+        let reloader = started(&orch, d).await;
+        replace(&d.join("svc.wasm"), &echo);
+        let (a, b) = tokio::join!(reloader.apply(), reloader.apply());
+        let upgraded =
+            [&a, &b].iter().filter(|r| action(r, "svc") == ReloadAction::Upgraded).count();
+        assert_eq!(upgraded, 1, "one applies the change, the other finds nothing to do");
+        // Replaced twice quickly: the last version runs.
+        replace(&d.join("svc.wasm"), &testkit);
+        replace(&d.join("svc.wasm"), &echo);
+        replace(&d.join("svc.wasm"), &testkit);
+        reloader.apply().await;
+        let v = engine().load_bytes("t.wasm", &testkit).unwrap().version().to_string();
+        assert_eq!(orch.get_by_name("svc").unwrap().version(), v);
+        shutdown(&orch).await;
+        let report = reloader.apply().await;
+        assert_eq!(report.failed, 1);
+        assert!(report.plugins[0].error.as_deref().unwrap().contains("shutting down"));
+    });
+}
