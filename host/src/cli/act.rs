@@ -24,16 +24,9 @@ pub struct PublishCmd {
 impl PublishCmd {
     /// Publishes the message.
     pub async fn run(self) -> anyhow::Result<()> {
-        let body = data_or_stdin(self.data)?;
-        let len = body.len();
         let path = format!("/gorchestra/api/topics/{}", segment(&self.topic));
-        let answer = self.target.post(&path, body).await?;
-        println!(
-            "published {len} byte(s) on {:?} (queue length {})",
-            self.topic,
-            answer.get("queueLen").and_then(|v| v.as_u64()).unwrap_or(0)
-        );
-        Ok(())
+        let what = format!("published {{}} byte(s) on {:?}", self.topic);
+        deliver(&self.target, &path, self.data, &what).await
     }
 }
 
@@ -52,17 +45,26 @@ pub struct SendCmd {
 impl SendCmd {
     /// Sends the message to the routine's mailbox.
     pub async fn run(self) -> anyhow::Result<()> {
-        let body = data_or_stdin(self.data)?;
-        let len = body.len();
         let path = format!("/gorchestra/api/routines/{}/mailbox", segment(&self.name));
-        let answer = self.target.post(&path, body).await?;
-        println!(
-            "sent {len} byte(s) to {:?} (queue length {})",
-            self.name,
-            answer.get("queueLen").and_then(|v| v.as_u64()).unwrap_or(0)
-        );
-        Ok(())
+        let what = format!("sent {{}} byte(s) to {:?}", self.name);
+        deliver(&self.target, &path, self.data, &what).await
     }
+}
+
+/// Posts DATA (or standard input) to `path` and prints `what` (its `{}` is the size) with
+/// the queue length the host answered.
+async fn deliver(
+    target: &Target,
+    path: &str,
+    data: Option<String>,
+    what: &str,
+) -> anyhow::Result<()> {
+    let body = data_or_stdin(data)?;
+    let len = body.len();
+    let answer = target.post(path, body).await?;
+    let queue = answer.get("queueLen").and_then(|v| v.as_u64()).unwrap_or(0);
+    println!("{} (queue length {queue})", what.replacen("{}", &len.to_string(), 1));
+    Ok(())
 }
 
 /// `gorch-host restart NAME` and `gorch-host stop NAME`.

@@ -283,8 +283,10 @@ impl Inner {
         let component = match self.load(spec).await {
             Ok(c) => c,
             Err(e) => {
-                if old.is_none() {
-                    self.board.failed(&spec.stem, &spec.wasm.display().to_string(), e.clone());
+                let file = spec.wasm.display().to_string();
+                match old {
+                    None => self.board.failed(&spec.stem, &file, e.clone()),
+                    Some(_) => self.board.note(&file, format!("new version refused: {e}")),
                 }
                 return fail(e);
             }
@@ -300,7 +302,9 @@ impl Inner {
                 let code_changed =
                     old.wasm_hash != wasm_hash || limits_changed(&old.manifest, &spec.manifest);
                 if let Err(e) = self.roll(spec, &component, old, &names, code_changed).await {
-                    return fail(format!("upgrade refused: {e}"));
+                    let e = format!("upgrade refused: {e}");
+                    self.board.note(&spec.wasm.display().to_string(), e.clone());
+                    return fail(e);
                 }
                 let note = settings_note(&old.manifest, &spec.manifest);
                 let action = if note.is_some() {

@@ -77,12 +77,21 @@ impl PluginBoard {
         });
     }
 
-    /// Records that the plugin of `file` is running `routines` routines.
+    /// Records that the plugin of `file` is running `routines` routines (clearing an error
+    /// noted by an earlier reload).
     pub fn running(&self, file: &str, routines: usize) {
         self.update(file, |s| {
             s.status = LoadState::Running;
             s.routines = routines;
+            s.error = None;
         });
+    }
+
+    /// Notes an error about a plugin that keeps running (a refused upgrade: the running
+    /// version serves on), shown on the dashboard and in the JSON API, not a failure for
+    /// `/readyz`.
+    pub fn note(&self, file: &str, error: String) {
+        self.update(file, |s| s.error = Some(error));
     }
 
     /// Records that `plugin` (from `file`) failed, with the reason.

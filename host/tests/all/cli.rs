@@ -22,26 +22,14 @@ fn run_starts_good_plugins_reports_bad_ones_and_stops_on_sigint() {
     std::fs::write(dir.path().join("echo.toml"), "queue-capacity = 8\nbogus = true\n").unwrap();
 
     let cache = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "--shutdown-timeout", "2s", "--cache-dir"])
-        .arg(cache.path())
-        .arg(dir.path())
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, rx) = spawn_logged(&[
+        "run".as_ref(),
+        "--shutdown-timeout".as_ref(),
+        "2s".as_ref(),
+        "--cache-dir".as_ref(),
+        cache.path().as_os_str(),
+        dir.path().as_os_str(),
+    ]);
     let mut log = String::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !(log.contains("tick 1") && log.contains("from a plain WASI command")) {
@@ -60,8 +48,7 @@ fn run_starts_good_plugins_reports_bad_ones_and_stops_on_sigint() {
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let exit = child.wait().unwrap();
-    reader.join().unwrap();
-    log.extend(rx.try_iter().map(|l| l + "\n"));
+    log.extend(rx.iter().map(|l| l + "\n"));
     assert!(exit.success(), "exit {exit:?}; log:\n{log}");
     assert!(log.contains("broken.wasm: not a WebAssembly file"), "{log}");
     assert!(log.contains("echo.toml:2:1: unknown field `bogus`"), "{log}");
@@ -166,7 +153,7 @@ fn a_signal_during_start_up_stops_gracefully_and_exits_zero() {
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let exit = child.wait().unwrap();
-    log.extend(rx.try_iter().map(|l| l + "\n"));
+    log.extend(rx.iter().map(|l| l + "\n"));
     assert!(exit.success(), "exit {exit:?}; log:\n{log}");
     assert!(log.contains("signal during start-up"), "{log}");
     assert!(log.contains("stopped 1 routine(s)"), "{log}");

@@ -119,3 +119,17 @@ pub async fn shutdown(orch: &Orchestrator) {
     let r = orch.shutdown(Duration::from_secs(5)).await;
     assert!(r.unstoppable.is_empty(), "unstoppable: {:?}", r.unstoppable);
 }
+
+/// Restarts on failure after an hour of backoff: a failed routine stays in `BACKOFF` (for
+/// tests of what cuts a backoff short).
+pub fn hour_backoff() -> gorch_host::Supervision {
+    gorch_host::Supervision {
+        restart: gorch_host::RestartPolicy::OnFailure,
+        backoff: gorch_host::Backoff {
+            initial: Duration::from_secs(3600),
+            max: Duration::from_secs(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}

@@ -140,14 +140,8 @@ fn a_requested_restart_cuts_a_backoff_short_and_does_not_count_against_intensity
     run(async {
         let orch = Orchestrator::new();
         let sup = gorch_host::Supervision {
-            restart: RestartPolicy::OnFailure,
-            backoff: gorch_host::Backoff {
-                initial: Duration::from_secs(3600),
-                max: Duration::from_secs(3600),
-                ..Default::default()
-            },
             intensity: gorch_host::Intensity { max_restarts: 1, ..Default::default() },
-            ..Default::default()
+            ..hour_backoff()
         };
         let h = orch
             .spawn(SpawnOptions::new("flaky").supervision(sup), |ctx| async move {

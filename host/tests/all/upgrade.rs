@@ -111,16 +111,7 @@ fn an_upgrade_of_a_guest_that_ignores_cancellation_kills_it_and_keeps_its_messag
 fn an_upgrade_in_backoff_starts_the_new_version_at_once() {
     run(async {
         let orch = Orchestrator::new();
-        let sup = gorch_host::Supervision {
-            restart: RestartPolicy::OnFailure,
-            backoff: gorch_host::Backoff {
-                initial: Duration::from_secs(3600),
-                max: Duration::from_secs(3600),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let h = spawn_mode(&orch, SpawnOptions::new("down").supervision(sup), "err");
+        let h = spawn_mode(&orch, SpawnOptions::new("down").supervision(hour_backoff()), "err");
         assert!(wait_until(Duration::from_secs(10), || h.state() == State::Backoff).await);
         h.upgrade(echo_v2(), WasmOptions::default()).await.unwrap();
         assert_eq!(h.state(), State::Running);
