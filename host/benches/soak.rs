@@ -320,6 +320,9 @@ fn slope(points: &[(f64, f64)]) -> f64 {
     if den > 0.0 { num / den } else { 0.0 }
 }
 
+/// A series of the verdict: name, value of a sample, flat threshold, unit.
+type Series = (&'static str, fn(&Sample) -> f64, f64, &'static str);
+
 /// Prints the slope of each series over the second half of the run; true if all are flat.
 fn verdict(samples: &[Sample]) -> bool {
     let half = samples.last().unwrap().t / 2.0;
@@ -334,7 +337,7 @@ fn verdict(samples: &[Sample]) -> bool {
         println!("too few samples for a slope (use a longer run or a shorter --interval)");
         return true;
     }
-    let series: [(&str, fn(&Sample) -> f64, f64, &str); 3] = [
+    let series: [Series; 3] = [
         ("RSS", |s| s.rss_kb, RSS_FLAT_KB_PER_MIN, "KB/min"),
         ("fds", |s| s.fds, COUNT_FLAT_PER_MIN, "/min"),
         ("threads", |s| s.threads, COUNT_FLAT_PER_MIN, "/min"),

@@ -24,7 +24,7 @@ pub struct RunCmd {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
     /// Address of the observability server (metrics, dashboard, JSON API).
-    #[arg(long, default_value = DEFAULT_ADDR)]
+    #[arg(long, default_value = DEFAULT_ADDR, value_parser = parse_addr)]
     pub addr: SocketAddr,
     /// Do not serve the dashboard at /gorchestra.
     #[arg(long)]
@@ -284,4 +284,11 @@ fn watch_dir(dir: &Path, reload: mpsc::Sender<()>) -> anyhow::Result<notify::Rec
         .with_context(|| format!("cannot watch {}", dir.display()))?;
     tracing::info!("watching {} for changes", dir.display());
     Ok(watcher)
+}
+
+/// `HOST:PORT` with a name (`localhost:9090`) or an address (`127.0.0.1:9090`, `[::1]:9090`).
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let mut addrs = s.to_socket_addrs().map_err(|e| format!("{s}: {e} (expected HOST:PORT)"))?;
+    addrs.next().ok_or_else(|| format!("{s}: the name has no address"))
 }
