@@ -10,6 +10,7 @@
 
 pub mod dir;
 pub mod manifest;
+mod parse;
 pub mod reload;
 pub mod start;
 pub mod status;

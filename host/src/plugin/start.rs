@@ -63,80 +63,104 @@ pub async fn start_plugins(
     if scanned.plugins.is_empty() {
         tracing::warn!("no *.wasm components in {}", dir.display());
     }
-    let groups: BTreeMap<&str, Group> = scanned
-        .groups
-        .iter()
-        .map(|(name, g)| (name.as_str(), orch.group(name.clone(), g.strategy, g.intensity.clone())))
-        .collect();
-    // Members of a group wait for the whole group.
-    let mut waiting: BTreeMap<&str, GroupWait> = BTreeMap::new();
-    for spec in &scanned.plugins {
-        board.starting(&spec.stem, &spec.wasm.display().to_string());
-        if let Some(g) = scanned.group_of(spec) {
-            waiting.entry(g).or_default().left += 1;
-        }
-    }
+    let mut starter = Starter::new(orch, scanned, board, report);
     let mut loads = spawn_loads(engine, scanned, cancel);
-    let (mut loaded, mut reused) = (0, 0);
     loop {
         let next = tokio::select! {
             biased;
             _ = cancel.cancelled() => {
-                report.interrupted = true;
+                starter.report.interrupted = true;
                 break;
             }
             next = loads.join_next() => next,
         };
-        let (i, result, took) = match next {
+        match next {
             None => break,
-            Some(Ok(loaded)) => loaded,
-            Some(Err(e)) => {
-                tracing::error!("a plugin load task failed: {e}");
-                continue;
-            }
-        };
-        let spec = &scanned.plugins[i];
-        let file = spec.wasm.display().to_string();
-        let component = match result {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!("plugin failed: {e}");
-                board.failed(&spec.stem, &file, e);
-                report.failed += 1;
-                if let Some(g) = scanned.group_of(spec) {
-                    let entry = waiting.get_mut(g).expect("counted above");
-                    entry.left -= 1;
-                    if entry.left == 0 {
-                        let members = std::mem::take(&mut entry.loaded);
-                        start_group(orch, scanned, &groups[g], members, board, &mut report);
-                    }
-                }
-                continue;
-            }
-        };
-        loaded += 1;
-        reused += usize::from(component.cache_status() == CacheStatus::Hit);
-        log_loaded(spec, &component, took, board);
-        match scanned.group_of(spec) {
-            None => start_one(orch, spec, &component, None, board, &mut report),
-            Some(g) => {
-                let entry = waiting.get_mut(g).expect("counted above");
-                entry.loaded.push((i, component));
-                entry.left -= 1;
-                if entry.left == 0 {
-                    let members = std::mem::take(&mut entry.loaded);
-                    start_group(orch, scanned, &groups[g], members, board, &mut report);
-                }
-            }
+            Some(Ok((i, result, took))) => starter.handle(i, result, took),
+            Some(Err(e)) => tracing::error!("a plugin load task failed: {e}"),
         }
     }
     if let Some(cache) = engine.cache_dir() {
         tracing::info!(
-            "{reused} of {loaded} component(s) from the compile cache {}",
+            "{} of {} component(s) from the compile cache {}",
+            starter.reused,
+            starter.loaded,
             cache.display()
         );
     }
-    report
+    starter.report
+}
+
+/// Spawns what loads as it loads: a plugin at once, the members of a group once the whole
+/// group has loaded (in start order).
+struct Starter<'a> {
+    orch: &'a Orchestrator,
+    scanned: &'a PluginDir,
+    board: &'a PluginBoard,
+    groups: BTreeMap<&'a str, Group>,
+    waiting: BTreeMap<&'a str, GroupWait>,
+    report: StartReport,
+    loaded: usize,
+    reused: usize,
+}
+
+impl<'a> Starter<'a> {
+    fn new(
+        orch: &'a Orchestrator,
+        scanned: &'a PluginDir,
+        board: &'a PluginBoard,
+        report: StartReport,
+    ) -> Self {
+        let groups = scanned
+            .groups
+            .iter()
+            .map(|(n, g)| (n.as_str(), orch.group(n.clone(), g.strategy, g.intensity.clone())))
+            .collect();
+        let mut waiting: BTreeMap<&str, GroupWait> = BTreeMap::new();
+        for spec in &scanned.plugins {
+            board.starting(&spec.stem, &spec.wasm.display().to_string());
+            if let Some(g) = scanned.group_of(spec) {
+                waiting.entry(g).or_default().left += 1;
+            }
+        }
+        Starter { orch, scanned, board, groups, waiting, report, loaded: 0, reused: 0 }
+    }
+
+    /// Plugin `i` has loaded (or failed to) in `took`.
+    fn handle(&mut self, i: usize, result: Result<WasmComponent, String>, took: Duration) {
+        let spec = &self.scanned.plugins[i];
+        let component = match result {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("plugin failed: {e}");
+                self.board.failed(&spec.stem, &spec.wasm.display().to_string(), e);
+                self.report.failed += 1;
+                if let Some(g) = self.scanned.group_of(spec) {
+                    self.member_done(g, None);
+                }
+                return;
+            }
+        };
+        self.loaded += 1;
+        self.reused += usize::from(component.cache_status() == CacheStatus::Hit);
+        log_loaded(spec, &component, took, self.board);
+        match self.scanned.group_of(spec) {
+            None => start_one(self.orch, spec, &component, None, self.board, &mut self.report),
+            Some(g) => self.member_done(g, Some((i, component))),
+        }
+    }
+
+    /// A member of group `g` is done loading; the last one starts the group.
+    fn member_done(&mut self, g: &str, loaded: Option<(usize, WasmComponent)>) {
+        let entry = self.waiting.get_mut(g).expect("counted in new");
+        entry.loaded.extend(loaded);
+        entry.left -= 1;
+        if entry.left == 0 {
+            let members = std::mem::take(&mut entry.loaded);
+            let (orch, scanned, board) = (self.orch, self.scanned, self.board);
+            start_group(orch, scanned, &self.groups[g], members, board, &mut self.report);
+        }
+    }
 }
 
 /// Starts a load task per plugin: at most one per core compiles at a time, on the blocking
