@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::wasm::{CompileCache, DEFAULT_POOL_SIZE, EngineConfig};
+use crate::wasm::{CompileCache, DEFAULT_MEMORY_RESERVATION, DEFAULT_POOL_SIZE, EngineConfig};
 
 mod act;
 mod check;
@@ -116,7 +116,10 @@ pub struct EngineArgs {
 
 impl EngineArgs {
     /// The engine configuration these flags ask for, with room in the instance pool for
-    /// `instances` concurrent instances (at least the default).
+    /// `instances` concurrent instances (at least the default). Past what 4 GiB reservations
+    /// fit in the address space, each linear memory reserves less (down to 64 MiB, the size
+    /// measured with 100,000 workers): a large directory starts instead of exhausting the
+    /// address space.
     pub fn config(&self, instances: usize) -> EngineConfig {
         let cache_dir = if self.no_cache {
             None
@@ -124,6 +127,46 @@ impl EngineArgs {
             self.cache_dir.clone().or_else(CompileCache::default_dir)
         };
         let pool_size = u32::try_from(instances).unwrap_or(u32::MAX).max(DEFAULT_POOL_SIZE);
-        EngineConfig { cache_dir, pool_size, ..Default::default() }
+        let memory_reservation = reservation_for(pool_size);
+        if memory_reservation < DEFAULT_MEMORY_RESERVATION {
+            tracing::info!(
+                "{pool_size} instances: each linear memory reserves {} MiB of address space",
+                memory_reservation >> 20
+            );
+        }
+        EngineConfig { cache_dir, pool_size, memory_reservation, ..Default::default() }
+    }
+}
+
+/// Address space the pooled linear memories may take in all (half of x86-64's 128 TiB of
+/// user space, leaving the rest to stacks, tables, the heap and guard regions).
+const ADDRESS_BUDGET: u64 = 64 << 40;
+/// The smallest reservation per memory the CLI chooses (what 100,000 workers ran with).
+const MIN_RESERVATION: u64 = 64 << 20;
+
+/// The largest power-of-two reservation per memory, at most the default, that fits
+/// `instances` memories in [`ADDRESS_BUDGET`] (at least [`MIN_RESERVATION`]).
+fn reservation_for(instances: u32) -> u64 {
+    let per = ADDRESS_BUDGET / u64::from(instances.max(1)) / 2; // a component may have 2
+    let pow2 = if per == 0 { 0 } else { 1u64 << (63 - per.leading_zeros()) };
+    pow2.clamp(MIN_RESERVATION, DEFAULT_MEMORY_RESERVATION)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_directories_get_smaller_reservations_that_fit_the_address_space() {
+        assert_eq!(reservation_for(1000), DEFAULT_MEMORY_RESERVATION);
+        assert_eq!(reservation_for(20_000), 1 << 30);
+        assert_eq!(reservation_for(100_000), 256 << 20);
+        assert_eq!(reservation_for(u32::MAX), MIN_RESERVATION);
+        for n in [1, 7, 1000, 8191, 20_000, 65_536, 100_000] {
+            assert!(
+                u64::from(n) * 2 * reservation_for(n)
+                    <= ADDRESS_BUDGET.max(2 * MIN_RESERVATION * u64::from(n))
+            );
+        }
     }
 }

@@ -141,6 +141,7 @@ impl RunCmd {
     /// logs each manifest's warnings against it.
     fn engine_for(&self, scanned: &PluginDir) -> anyhow::Result<WasmEngine> {
         let instances = scanned.check_instances(&self.dir)?;
+        warn_capacity(instances);
         let config = self.engine.config(instances);
         for spec in &scanned.plugins {
             for w in spec.manifest.warnings(&config) {
@@ -291,4 +292,36 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     use std::net::ToSocketAddrs;
     let mut addrs = s.to_socket_addrs().map_err(|e| format!("{s}: {e} (expected HOST:PORT)"))?;
     addrs.next().ok_or_else(|| format!("{s}: the name has no address"))
+}
+
+/// Warns when the machine is set up for fewer workers than the directory asks for: each
+/// live wasm worker takes about 4 kernel memory mappings (Linux's `vm.max_map_count`) and
+/// about 80 KB of memory when idle.
+fn warn_capacity(instances: usize) {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let maps = read("/proc/sys/vm/max_map_count").and_then(|s| s.trim().parse::<usize>().ok());
+    let need = instances.saturating_mul(4).saturating_add(10_000);
+    if let Some(max) = maps
+        && need > max
+    {
+        tracing::warn!(
+            "{instances} instances need about {need} memory mappings but vm.max_map_count is \
+             {max}: raise it (sysctl -w vm.max_map_count={}) or spawns will fail",
+            need.next_power_of_two()
+        );
+    }
+    let available = read("/proc/meminfo").and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?.to_string();
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    });
+    let want_kb = (instances as u64).saturating_mul(80);
+    if let Some(kb) = available
+        && want_kb > kb
+    {
+        tracing::warn!(
+            "{instances} idle instances take about {} MiB, more than the {} MiB available",
+            want_kb >> 10,
+            kb >> 10
+        );
+    }
 }
