@@ -110,6 +110,18 @@ fn spawn_logged(
     (child, rx)
 }
 
+/// `gorch-host run --no-cache --addr 127.0.0.1:0 EXTRA... DIR`, logging to a channel.
+fn run_host(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut args: Vec<&std::ffi::OsStr> =
+        ["run", "--no-cache", "--addr", "127.0.0.1:0"].iter().map(|a| a.as_ref()).collect();
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    args.push(dir.as_os_str());
+    spawn_logged(&args)
+}
+
 /// Reads lines until one contains `needle` (the log so far is returned), failing after a
 /// minute without it.
 fn read_until(
@@ -141,13 +153,7 @@ fn a_signal_during_start_up_stops_gracefully_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("a-slow.wasm"), crate::startup::slow_component()).unwrap();
     std::fs::copy(gorch_artifacts::path("echo"), dir.path().join("echo.wasm")).unwrap();
-    let (mut child, rx) = spawn_logged(&[
-        "run".as_ref(),
-        "--no-cache".as_ref(),
-        "--addr".as_ref(),
-        "127.0.0.1:0".as_ref(),
-        dir.path().as_os_str(),
-    ]);
+    let (mut child, rx) = run_host(dir.path(), &[]);
     // echo is loaded (and started) while the slow plugin still compiles.
     let mut log = read_until(&mut child, &rx, "echo.wasm (");
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
@@ -212,13 +218,7 @@ fn client(args: &[&str], stdin: Option<&[u8]>) -> (bool, String, String) {
 fn publish_send_restart_stop_and_ps_act_on_a_running_host() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(gorch_artifacts::path("echo"), dir.path().join("echo.wasm")).unwrap();
-    let (mut child, rx) = spawn_logged(&[
-        "run".as_ref(),
-        "--no-cache".as_ref(),
-        "--addr".as_ref(),
-        "127.0.0.1:0".as_ref(),
-        dir.path().as_os_str(),
-    ]);
+    let (mut child, rx) = run_host(dir.path(), &[]);
     let log = read_until(&mut child, &rx, "metrics: http://");
     let port = log
         .rsplit("metrics: http://127.0.0.1:")
@@ -293,14 +293,7 @@ fn watch_sighup_and_reload_upgrade_a_running_host() {
     let echo = std::fs::read(gorch_artifacts::path("echo")).unwrap();
     std::fs::write(d.join("svc.wasm"), &testkit).unwrap();
     std::fs::write(d.join("svc.toml"), "[wasi]\nenv = { MODE = \"echo\" }\n").unwrap();
-    let (mut child, rx) = spawn_logged(&[
-        "run".as_ref(),
-        "--watch".as_ref(),
-        "--no-cache".as_ref(),
-        "--addr".as_ref(),
-        "127.0.0.1:0".as_ref(),
-        d.as_os_str(),
-    ]);
+    let (mut child, rx) = run_host(d, &["--watch"]);
     let port = port_of(&read_until(&mut child, &rx, "metrics: http://"));
     let addr = format!("127.0.0.1:{port}");
     let v1 = version_of(&port, "svc");
