@@ -99,6 +99,9 @@ fn data_or_stdin(data: Option<String>) -> anyhow::Result<Vec<u8>> {
     }
 }
 
+/// How long `reload` waits for the host's report.
+const RELOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// `gorch-host reload`.
 #[derive(Debug, clap::Args)]
 pub struct ReloadCmd {
@@ -111,22 +114,28 @@ impl ReloadCmd {
     /// Asks the host to apply its plugin directory; prints the report, and fails naming
     /// every plugin that failed.
     pub async fn run(self) -> anyhow::Result<()> {
-        let (status, body) =
-            self.target.request(Method::POST, "/gorchestra/api/reload", Vec::new()).await?;
+        // Rolling out a plugin with many instances takes a grace period per instance.
+        let (status, body) = self
+            .target
+            .request_within(Method::POST, "/gorchestra/api/reload", Vec::new(), RELOAD_TIMEOUT)
+            .await?;
         let report: ReloadReport = match serde_json::from_slice(&body) {
             Ok(r) if status.is_success() || status == StatusCode::UNPROCESSABLE_ENTITY => r,
             _ => anyhow::bail!("{}", super::client::refusal(status, &body)),
         };
         let mut failed = Vec::new();
         for c in &report.plugins {
-            let action = serde_json::to_value(c.action).unwrap_or_default();
-            let action = action.as_str().unwrap_or("");
             let version =
                 c.version.as_deref().map(|v| format!(" (version {v})")).unwrap_or_default();
-            let note = c.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
-            println!("{:<14} {}{version}{note}", action, c.file);
+            // Errors usually name the file already.
+            let line = match c.error.as_deref() {
+                Some(e) if e.starts_with(&c.file) => e.to_string(),
+                Some(e) => format!("{}: {e}", c.file),
+                None => c.file.clone(),
+            };
+            println!("{:<14} {line}{version}", c.action.as_str());
             if c.action == ReloadAction::Failed {
-                failed.push(format!("{}: {}", c.file, c.error.as_deref().unwrap_or("failed")));
+                failed.push(line);
             }
         }
         if !failed.is_empty() {

@@ -38,10 +38,21 @@ impl Target {
         path: &str,
         body: Vec<u8>,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
+        self.request_within(method, path, body, REQUEST_TIMEOUT).await
+    }
+
+    /// [`request`](Self::request) with another time limit.
+    pub async fn request_within(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        limit: Duration,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
         let fut = self.request_inner(method, path, body);
-        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+        tokio::time::timeout(limit, fut)
             .await
-            .with_context(|| format!("no answer from {} within {REQUEST_TIMEOUT:?}", self.addr))?
+            .with_context(|| format!("no answer from {} within {limit:?}", self.addr))?
     }
 
     async fn request_inner(

@@ -33,7 +33,7 @@ pub struct RunCmd {
     #[arg(long)]
     pub pprof: bool,
     /// Require `Authorization: Bearer TOKEN` on every route but /healthz.
-    #[arg(long, env = "GORCH_TOKEN")]
+    #[arg(long, env = "GORCH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Watch DIR and apply each change live (new, changed and removed plugins; see
     /// `gorch-host reload`). SIGHUP applies the directory on request, with or without it.
@@ -82,7 +82,7 @@ impl RunCmd {
         let reloader = Reloader::new(&orch, &engine, &self.dir, &scanned, &board);
         let _watch = if self.watch { Some(watch_dir(&self.dir, reload_tx)?) } else { None };
         let started = start_plugins(&orch, &engine, &self.dir, &scanned, &board, stop).await;
-        reloader.forget_failed().await;
+        reloader.adopt(&started).await;
         server.state().set_reloader(reloader.clone());
         if started.interrupted {
             tracing::info!("signal during start-up: stopping what has started");

@@ -27,7 +27,7 @@ use serde_json::json;
 use super::routes::ObsState;
 use crate::bus::{BusError, DEFAULT_TOPIC_CAPACITY};
 use crate::delivery::Message;
-use crate::names::validate_routine_name;
+use crate::names::{validate_routine_name, validate_topic_name};
 
 /// How long a publish or send waits for room before answering 503.
 pub const INGRESS_WAIT: Duration = Duration::from_millis(500);
@@ -109,11 +109,15 @@ async fn publish(
     Path(topic): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
+    validate_topic_name(&topic).map_err(|e| {
+        error(StatusCode::BAD_REQUEST, format!("invalid topic name {topic:?}: {e}"))
+    })?;
+    // The body first: a refused message must not leave a new topic behind.
+    let payload = body(&s, req.into_body()).await?;
     let ch = s.orch().bus().topic(&topic, DEFAULT_TOPIC_CAPACITY).map_err(|e| match e {
         BusError::InvalidName { .. } => error(StatusCode::BAD_REQUEST, e.to_string()),
         BusError::TooManyTopics { .. } => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     })?;
-    let payload = body(&s, req.into_body()).await?;
     match tokio::time::timeout(INGRESS_WAIT, ch.send(Message::from(payload))).await {
         Ok(Ok(())) => Ok(accepted(json!({ "topic": topic, "queueLen": ch.len() }))),
         Ok(Err(_)) => {
@@ -165,10 +169,21 @@ async fn stop(
 }
 
 async fn reload(AxState(s): AxState<ObsState>) -> Result<Response, ApiError> {
-    let reloader = s.reloader().ok_or_else(|| {
-        error(StatusCode::NOT_FOUND, "this host runs no plugin directory: nothing to reload")
-    })?;
-    let report = reloader.apply().await;
+    let Some(reloader) = s.reloader().cloned() else {
+        return Err(if s.is_ready() {
+            error(StatusCode::NOT_FOUND, "this host runs no plugin directory: nothing to reload")
+        } else {
+            ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "the host is still starting; retry when /readyz answers".into(),
+                retry_after: true,
+            }
+        });
+    };
+    // In its own task: a client that goes away does not cut a roll-out short.
+    let report = tokio::spawn(async move { reloader.apply().await })
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("reload failed: {e}")))?;
     let status = if report.failed > 0 { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK };
     Ok((status, axum::Json(report)).into_response())
 }

@@ -58,6 +58,11 @@ impl ObsState {
         let _ = self.reloader.set(reloader);
     }
 
+    /// True once start-up is done (see [`set_ready`](Self::set_ready)).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Relaxed)
+    }
+
     /// The reloader of the plugin directory, once set.
     pub fn reloader(&self) -> Option<&Reloader> {
         self.reloader.get()
@@ -195,8 +200,13 @@ async fn readyz(AxState(s): AxState<ObsState>) -> impl IntoResponse {
         body.push_str(&format!("starting: {}\n", p.file));
     }
     for p in &failed {
-        let why = p.error.as_deref().unwrap_or("failed");
-        body.push_str(&format!("failed: {}: {}\n", p.file, why.replace('\n', " ")));
+        let why = p.error.as_deref().unwrap_or("failed").replace('\n', " ");
+        // Errors usually start with the file already.
+        if why.starts_with(&p.file) {
+            body.push_str(&format!("failed: {why}\n"));
+        } else {
+            body.push_str(&format!("failed: {}: {why}\n", p.file));
+        }
     }
     (StatusCode::SERVICE_UNAVAILABLE, body)
 }

@@ -16,9 +16,10 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::dir::{DIR_CONFIG, MAX_MANIFEST_BYTES, PluginDir, PluginSpec};
-use super::manifest::PluginManifest;
+use super::manifest::{MAX_INSTANCES, PluginManifest};
 use super::status::PluginBoard;
 use crate::orchestrator::Orchestrator;
+use crate::supervisor::Group;
 use crate::wasm::{WasmComponent, WasmEngine};
 
 /// What a reload did to one plugin.
@@ -89,6 +90,8 @@ struct Inner {
     engine: WasmEngine,
     dir: PathBuf,
     board: PluginBoard,
+    /// The groups formed at start-up: new members join them.
+    groups: parking_lot::Mutex<BTreeMap<String, Group>>,
     /// What runs; the lock serializes reloads.
     applied: tokio::sync::Mutex<Running>,
 }
@@ -136,14 +139,17 @@ impl Reloader {
                 engine: engine.clone(),
                 dir: dir.to_path_buf(),
                 board: board.clone(),
+                groups: parking_lot::Mutex::new(BTreeMap::new()),
                 applied: tokio::sync::Mutex::new(Running { plugins: applied, config }),
             }),
         }
     }
 
-    /// After start-up: keeps the plugins whose routines run (with their version) and
-    /// forgets the others, so that the next reload tries them again.
-    pub async fn forget_failed(&self) {
+    /// After start-up (`started` is what [`start_plugins`](super::start_plugins) did): keeps
+    /// the plugins whose routines run (with their version) and forgets the others, so that
+    /// the next reload tries them again; new members of a group join its group.
+    pub async fn adopt(&self, started: &super::StartReport) {
+        *self.inner.groups.lock() = started.groups.clone();
         let orch = &self.inner.orch;
         let mut running = self.inner.applied.lock().await;
         running.plugins.retain(|_, p| match p.routines.iter().find_map(|n| orch.get_by_name(n)) {
@@ -192,26 +198,43 @@ impl Reloader {
             report.push(change(DIR_CONFIG, &path, ReloadAction::NeedsRestart, None, Some(why)));
             *config = config_now;
         }
-        for e in &scanned.errors {
-            let stem = e.path().file_stem().map(|s| s.to_string_lossy().into_owned());
-            let stem = stem.unwrap_or_default();
-            inner.board.failed(&stem, &e.path().display().to_string(), e.to_string());
-            report.push(change(&stem, e.path(), ReloadAction::Failed, None, Some(e.to_string())));
+        if let Err(why) = inner.check_room(&scanned) {
+            report.push(change(DIR_CONFIG, &inner.dir, ReloadAction::Failed, None, Some(why)));
+            return report;
+        }
+        // A plugin whose files are broken now is reported; if it runs, it keeps running.
+        let broken: Vec<String> = scanned.errors.iter().map(|e| stem_of(e.path())).collect();
+        for (e, stem) in scanned.errors.iter().zip(&broken) {
+            let file = e.path().display().to_string();
+            let mut why = e.to_string();
+            if applied.contains_key(stem) {
+                why.push_str("; the running version keeps running");
+                inner.board.note(stem, why.clone());
+            } else {
+                inner.board.failed(stem, &file, why.clone());
+            }
+            report.push(change(stem, e.path(), ReloadAction::Failed, None, Some(why)));
         }
         for spec in &scanned.plugins {
-            let c = inner.apply_one(spec, applied).await;
+            let c = inner.apply_one(spec, &scanned, applied).await;
             report.push(c);
         }
-        let gone: Vec<String> = applied
-            .keys()
-            .filter(|stem| !scanned.plugins.iter().any(|p| &&p.stem == stem))
-            .cloned()
-            .collect();
+        let present = |stem: &String| {
+            scanned.plugins.iter().any(|p| &p.stem == stem) || broken.contains(stem)
+        };
+        let gone: Vec<String> = applied.keys().filter(|s| !present(s)).cloned().collect();
         for stem in gone {
             let old = applied.remove(&stem).expect("listed above");
             inner.stop_all(&old.routines).await;
+            inner.board.remove(&stem);
             let file = inner.dir.join(format!("{stem}.wasm"));
             report.push(change(&stem, &file, ReloadAction::Stopped, Some(old.version), None));
+        }
+        // What is neither in the directory nor running leaves the board (and /readyz).
+        for p in inner.board.list() {
+            if !present(&p.plugin) && !applied.contains_key(&p.plugin) {
+                inner.board.remove(&p.plugin);
+            }
         }
         report.plugins.sort_by(|a, b| a.file.cmp(&b.file));
         for c in &report.plugins {
@@ -220,11 +243,30 @@ impl Reloader {
                 ReloadAction::Failed => {
                     tracing::error!("reload: {}: {}", c.file, c.error.as_deref().unwrap_or(""))
                 }
-                a => tracing::info!("reload: {}: {a:?}", c.file),
+                _ => tracing::info!("reload: {}: {}", c.file, c.action.as_str()),
             }
         }
         report
     }
+}
+
+impl ReloadAction {
+    /// The report's name: `started`, `upgraded`, `needs-restart`, ...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadAction::Started => "started",
+            ReloadAction::Upgraded => "upgraded",
+            ReloadAction::Scaled => "scaled",
+            ReloadAction::Stopped => "stopped",
+            ReloadAction::Unchanged => "unchanged",
+            ReloadAction::Failed => "failed",
+            ReloadAction::NeedsRestart => "needs-restart",
+        }
+    }
+}
+
+fn stem_of(path: &Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 impl ReloadReport {
@@ -253,98 +295,125 @@ fn change(
 }
 
 impl Inner {
+    /// Refuses a directory that asks for more instances than this host has room for.
+    fn check_room(&self, scanned: &PluginDir) -> Result<(), String> {
+        let total = scanned.instances();
+        let max = MAX_INSTANCES as usize;
+        let room = self.engine.pool_size().map_or(max, |n| (n as usize).min(max));
+        if total > room {
+            return Err(format!(
+                "the directory asks for {total} instances, more than the {room} this host has \
+                 room for: restart the host to size its instance pool for them (at most {max})"
+            ));
+        }
+        Ok(())
+    }
+
     /// Applies one plugin of the new scan against what runs.
     async fn apply_one(
         &self,
         spec: &PluginSpec,
+        scanned: &PluginDir,
         applied: &mut BTreeMap<String, Applied>,
     ) -> PluginChange {
-        let fail =
-            |why: String| change(&spec.stem, &spec.wasm, ReloadAction::Failed, None, Some(why));
-        let (wasm_hash, toml_hash) = match hashes(spec, self.engine.max_component_bytes()) {
-            Ok(h) => h,
-            Err(e) => return fail(e),
-        };
-        let old = applied.get(&spec.stem).cloned();
-        if let Some(old) = &old
-            && old.wasm_hash == wasm_hash
-            && old.toml_hash == toml_hash
+        let stem = spec.stem.as_str();
+        let fail = |why: String| change(stem, &spec.wasm, ReloadAction::Failed, None, Some(why));
+        let bytes = match crate::fsread::read_regular(&spec.wasm, self.engine.max_component_bytes())
         {
-            return change(
-                &spec.stem,
-                &spec.wasm,
-                ReloadAction::Unchanged,
-                Some(old.version.clone()),
-                None,
-            );
+            Ok(b) => b,
+            Err(e) => return fail(format!("{}: {e}", spec.wasm.display())),
+        };
+        let wasm_hash: [u8; 32] = Sha256::digest(&bytes).into();
+        let toml_hash = file_hash(&spec.wasm.with_extension("toml"));
+        let old = applied.get(stem).cloned();
+        if let Some(old) = &old {
+            if old.wasm_hash == wasm_hash && old.toml_hash == toml_hash {
+                let v = Some(old.version.clone());
+                return change(stem, &spec.wasm, ReloadAction::Unchanged, v, None);
+            }
+            if let Some(why) = renames(&old.manifest, &spec.manifest) {
+                let v = Some(old.version.clone());
+                return change(stem, &spec.wasm, ReloadAction::NeedsRestart, v, Some(why));
+            }
         }
         // Compile and check first, off the threads that run guests: a broken version is
         // refused and the running one keeps running.
-        let component = match self.load(spec).await {
+        let started = std::time::Instant::now();
+        let size = bytes.len() as u64;
+        let component = match self.load(spec, bytes).await {
             Ok(c) => c,
             Err(e) => {
-                let file = spec.wasm.display().to_string();
                 match old {
-                    None => self.board.failed(&spec.stem, &file, e.clone()),
-                    Some(_) => self.board.note(&file, format!("new version refused: {e}")),
+                    None => self.board.failed(stem, &spec.wasm.display().to_string(), e.clone()),
+                    Some(_) => self.board.note(stem, format!("new version refused: {e}")),
                 }
                 return fail(e);
             }
         };
-        let names = spec.manifest.routine_names(&spec.stem);
+        let took = started.elapsed().as_secs_f64();
+        let names = spec.manifest.routine_names(stem);
         let version = component.version().to_string();
         let (action, note) = match &old {
             None => {
-                self.spawn_all(spec, &component, &names);
+                self.spawn_all(spec, scanned, &component, &names);
                 (ReloadAction::Started, None)
             }
             Some(old) => {
                 let code_changed =
                     old.wasm_hash != wasm_hash || limits_changed(&old.manifest, &spec.manifest);
-                if let Err(e) = self.roll(spec, &component, old, &names, code_changed).await {
+                let rolled = self.roll(spec, scanned, &component, old, &names, code_changed).await;
+                if let Err(e) = rolled {
                     let e = format!("upgrade refused: {e}");
-                    self.board.note(&spec.wasm.display().to_string(), e.clone());
+                    self.board.note(stem, e.clone());
                     return fail(e);
                 }
                 let note = settings_note(&old.manifest, &spec.manifest);
-                let action = if note.is_some() {
-                    ReloadAction::NeedsRestart
-                } else if code_changed {
-                    ReloadAction::Upgraded
-                } else {
-                    ReloadAction::Scaled
+                let action = match (&note, code_changed) {
+                    (Some(_), _) => ReloadAction::NeedsRestart,
+                    (None, true) => ReloadAction::Upgraded,
+                    (None, false) => ReloadAction::Scaled,
                 };
                 (action, note)
             }
         };
         let running = names.iter().filter(|n| self.orch.get_by_name(n).is_some()).count();
-        let file = spec.wasm.display().to_string();
-        self.board.starting(&spec.stem, &file);
-        self.board.running(&file, running);
+        self.board.starting(stem, &spec.wasm.display().to_string());
+        self.board.loaded(stem, size, took);
+        self.board.running(stem, running);
         let manifest = spec.manifest.clone();
         let entry =
             Applied { wasm_hash, toml_hash, manifest, routines: names, version: version.clone() };
-        applied.insert(spec.stem.clone(), entry);
-        change(&spec.stem, &spec.wasm, action, Some(version), note)
+        applied.insert(stem.to_string(), entry);
+        change(stem, &spec.wasm, action, Some(version), note)
     }
 
-    async fn load(&self, spec: &PluginSpec) -> Result<WasmComponent, String> {
+    /// Compiles and checks `bytes` (the file as hashed) on the blocking pool.
+    async fn load(&self, spec: &PluginSpec, bytes: Vec<u8>) -> Result<WasmComponent, String> {
         let engine = self.engine.clone();
         let path = spec.wasm.clone();
-        tokio::task::spawn_blocking(move || engine.load_file(&path).map_err(|e| e.to_string()))
-            .await
-            .unwrap_or_else(|e| Err(format!("loading panicked: {e}")))
+        tokio::task::spawn_blocking(move || {
+            engine.load_bytes(&path, &bytes).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("loading panicked: {e}")))
     }
 
-    fn spawn_all(&self, spec: &PluginSpec, component: &WasmComponent, names: &[String]) {
+    /// Spawns `names` of `spec`, in its group if `gorch.toml` puts it in one.
+    fn spawn_all(
+        &self,
+        spec: &PluginSpec,
+        scanned: &PluginDir,
+        component: &WasmComponent,
+        names: &[String],
+    ) {
+        let group = scanned.group_of(spec).and_then(|g| self.groups.lock().get(g).cloned());
         for name in names {
-            let opts = spec.manifest.spawn_options(name.clone());
-            if let Err(e) = self.orch.spawn_wasm_as(
-                opts,
-                spec.stem.clone(),
-                component,
-                spec.manifest.wasm_options(),
-            ) {
+            let mut opts = spec.manifest.spawn_options(name.clone());
+            if let Some(g) = &group {
+                opts = opts.group(g);
+            }
+            let wasm = spec.manifest.wasm_options();
+            if let Err(e) = self.orch.spawn_wasm_as(opts, spec.stem.clone(), component, wasm) {
                 tracing::error!("reload: {}: cannot start {name}: {e}", spec.wasm.display());
             }
         }
@@ -355,6 +424,7 @@ impl Inner {
     async fn roll(
         &self,
         spec: &PluginSpec,
+        scanned: &PluginDir,
         component: &WasmComponent,
         old: &Applied,
         names: &[String],
@@ -375,11 +445,11 @@ impl Inner {
                             .map_err(|e| format!("{name}: {e}"))?;
                     }
                     // It ended meanwhile (by its policy): start the new version.
-                    None => self.spawn_all(spec, component, std::slice::from_ref(name)),
+                    None => self.spawn_all(spec, scanned, component, std::slice::from_ref(name)),
                 }
             }
         }
-        self.spawn_all(spec, component, &added);
+        self.spawn_all(spec, scanned, component, &added);
         self.stop_all(&removed).await;
         Ok(())
     }
@@ -422,11 +492,24 @@ fn settings_note(old: &PluginManifest, new: &PluginManifest) -> Option<String> {
     if old.idle_timeout != new.idle_timeout {
         changed.push("idle-timeout")
     }
-    if old.name != new.name {
-        changed.push("name")
-    }
     (!changed.is_empty())
         .then(|| format!("{} changed: takes effect when the host restarts", changed.join(", ")))
+}
+
+/// Why a changed manifest would rename the routines (and so lose their mailboxes), if it
+/// would: a new `name`, or `instances` going from 1 to more or back (`echo` / `echo-1`..).
+/// Such a change is not applied; it takes effect when the host restarts.
+fn renames(old: &PluginManifest, new: &PluginManifest) -> Option<String> {
+    let why = if old.name != new.name {
+        "name changed"
+    } else if (old.instances > 1) != (new.instances > 1) {
+        "instances changed between 1 and more (the routines are named `NAME` or `NAME-1`..)"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{why}: that renames the routines, so nothing was applied; it takes effect when the host restarts"
+    ))
 }
 
 /// SHA-256 of the component and of its manifest (`None` when there is none).

@@ -21,7 +21,7 @@ use crate::supervisor::Group;
 use crate::wasm::{CacheStatus, WasmComponent, WasmEngine};
 
 /// What [`start_plugins`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct StartReport {
     /// Routines spawned.
     pub routines: usize,
@@ -31,6 +31,8 @@ pub struct StartReport {
     pub failed: usize,
     /// True if start-up was cancelled before every plugin was handled.
     pub interrupted: bool,
+    /// The groups of `gorch.toml`, by name (a reload adds new members to them).
+    pub groups: BTreeMap<String, Group>,
 }
 
 /// The members of a group loaded so far (index in the scan, component), and how many are
@@ -88,7 +90,9 @@ pub async fn start_plugins(
             cache.display()
         );
     }
-    starter.report
+    let mut report = starter.report;
+    report.groups = starter.groups.into_iter().map(|(n, g)| (n.to_string(), g)).collect();
+    report
 }
 
 /// Spawns what loads as it loads: a plugin at once, the members of a group once the whole
@@ -208,7 +212,7 @@ fn report_scan_error(board: &PluginBoard, e: &PluginError) {
 
 fn log_loaded(spec: &PluginSpec, component: &WasmComponent, took: Duration, board: &PluginBoard) {
     let size = std::fs::metadata(&spec.wasm).map(|m| m.len()).unwrap_or(0);
-    board.loaded(&spec.wasm.display().to_string(), size, took.as_secs_f64());
+    board.loaded(&spec.stem, size, took.as_secs_f64());
     let how = match component.cache_status() {
         CacheStatus::Hit => "from the compile cache",
         _ => "compiled",
@@ -264,7 +268,7 @@ fn start_one(
     }
     report.routines += started;
     if errors.is_empty() {
-        board.running(&file, started);
+        board.running(&spec.stem, started);
         report.started += 1;
     } else {
         board.failed(&spec.stem, &file, errors.join("; "));

@@ -41,7 +41,8 @@ pub struct PluginStatus {
     pub load_seconds: Option<f64>,
 }
 
-/// The status of every plugin of the directory. Cheap to clone (clones share the board).
+/// The status of every plugin of the directory, by plugin (file stem). Cheap to clone
+/// (clones share the board).
 #[derive(Debug, Clone, Default)]
 pub struct PluginBoard {
     inner: Arc<RwLock<BTreeMap<String, PluginStatus>>>,
@@ -56,7 +57,7 @@ impl PluginBoard {
     /// Records `plugin` (from `file`) as starting.
     pub fn starting(&self, plugin: &str, file: &str) {
         self.inner.write().insert(
-            file.to_string(),
+            plugin.to_string(),
             PluginStatus {
                 plugin: plugin.to_string(),
                 file: file.to_string(),
@@ -69,18 +70,18 @@ impl PluginBoard {
         );
     }
 
-    /// Records that the component of `file` (`bytes` long) loaded in `seconds`.
-    pub fn loaded(&self, file: &str, bytes: u64, seconds: f64) {
-        self.update(file, |s| {
+    /// Records that the component of `plugin` (`bytes` long) loaded in `seconds`.
+    pub fn loaded(&self, plugin: &str, bytes: u64, seconds: f64) {
+        self.update(plugin, |s| {
             s.bytes = Some(bytes);
             s.load_seconds = Some(seconds);
         });
     }
 
-    /// Records that the plugin of `file` is running `routines` routines (clearing an error
-    /// noted by an earlier reload).
-    pub fn running(&self, file: &str, routines: usize) {
-        self.update(file, |s| {
+    /// Records that `plugin` is running `routines` routines (clearing an error noted by an
+    /// earlier reload).
+    pub fn running(&self, plugin: &str, routines: usize) {
+        self.update(plugin, |s| {
             s.status = LoadState::Running;
             s.routines = routines;
             s.error = None;
@@ -90,14 +91,19 @@ impl PluginBoard {
     /// Notes an error about a plugin that keeps running (a refused upgrade: the running
     /// version serves on), shown on the dashboard and in the JSON API, not a failure for
     /// `/readyz`.
-    pub fn note(&self, file: &str, error: String) {
-        self.update(file, |s| s.error = Some(error));
+    pub fn note(&self, plugin: &str, error: String) {
+        self.update(plugin, |s| s.error = Some(error));
+    }
+
+    /// Forgets `plugin` (its files left the directory).
+    pub fn remove(&self, plugin: &str) {
+        self.inner.write().remove(plugin);
     }
 
     /// Records that `plugin` (from `file`) failed, with the reason.
     pub fn failed(&self, plugin: &str, file: &str, error: String) {
         let mut board = self.inner.write();
-        let s = board.entry(file.to_string()).or_insert_with(|| PluginStatus {
+        let s = board.entry(plugin.to_string()).or_insert_with(|| PluginStatus {
             plugin: plugin.to_string(),
             file: file.to_string(),
             status: LoadState::Failed,
@@ -107,16 +113,17 @@ impl PluginBoard {
             load_seconds: None,
         });
         s.status = LoadState::Failed;
+        s.file = file.to_string();
         s.error = Some(error);
     }
 
-    fn update(&self, file: &str, f: impl FnOnce(&mut PluginStatus)) {
-        if let Some(s) = self.inner.write().get_mut(file) {
+    fn update(&self, plugin: &str, f: impl FnOnce(&mut PluginStatus)) {
+        if let Some(s) = self.inner.write().get_mut(plugin) {
             f(s);
         }
     }
 
-    /// Every entry, by file.
+    /// Every entry, by plugin.
     pub fn list(&self) -> Vec<PluginStatus> {
         self.inner.read().values().cloned().collect()
     }

@@ -248,9 +248,17 @@ impl RoutineShared {
         self.restart_wake.notify_waiters();
     }
 
-    /// Completes when a restart was requested (ends a backoff early).
+    /// Completes when a restart or an upgrade was requested (ends a backoff early), also
+    /// when it was requested just before the wait began.
     pub async fn restart_requested_wait(&self) {
-        self.restart_wake.notified().await
+        let woken = self.restart_wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let asked = self.upgrade_pending()
+            || self.current_run.lock().as_ref().is_some_and(|r| r.restart_requested.load(Relaxed));
+        if !asked {
+            woken.await
+        }
     }
 
     /// Asks to replace the routine's code with `work`: the current run is stopped on

@@ -224,6 +224,8 @@ async fn wait_turn(g: &GroupInner, shared: &RoutineShared) -> bool {
         }
         tokio::select! {
             _ = shared.stop_requested_wait() => return false,
+            // An upgrade or a requested restart does not wait for the other members.
+            _ = shared.restart_requested_wait() => return true,
             _ = changed => {}
         }
     }

@@ -102,6 +102,7 @@ pub(super) struct EngineInner {
     pub(super) engine: Engine,
     pub(super) linker: Linker<HostState>,
     pooling: bool,
+    pool_size: u32,
     pub(super) cache: Option<CompileCache>,
     pub(super) max_component_bytes: u64,
     ticker_stop: Arc<AtomicBool>,
@@ -185,6 +186,7 @@ impl WasmEngine {
                 engine,
                 linker,
                 pooling,
+                pool_size: config.pool_size,
                 cache: config.cache_dir.map(CompileCache::new),
                 max_component_bytes: config.max_component_bytes,
                 ticker_stop,
@@ -196,6 +198,12 @@ impl WasmEngine {
     /// The largest component file it loads (see [`EngineConfig::max_component_bytes`]).
     pub fn max_component_bytes(&self) -> u64 {
         self.inner.max_component_bytes
+    }
+
+    /// How many concurrent instances the pooling allocator has room for (`None` without
+    /// it: on-demand allocation has no fixed room).
+    pub fn pool_size(&self) -> Option<u32> {
+        self.inner.pooling.then_some(self.inner.pool_size)
     }
 
     /// Whether the pooling allocator is in use.

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use gorch_host::plugin::{PluginBoard, ReloadAction, ReloadReport, Reloader, start_plugins};
+use gorch_host::plugin::{
+    LoadState, PluginBoard, ReloadAction, ReloadReport, Reloader, start_plugins,
+};
 use gorch_host::{Orchestrator, PluginDir};
 use tokio_util::sync::CancellationToken;
 
@@ -26,13 +28,16 @@ fn replace(path: &Path, bytes: &[u8]) {
 }
 
 async fn started(orch: &Orchestrator, dir: &Path) -> Reloader {
+    started_with(orch, dir, &PluginBoard::new()).await
+}
+
+async fn started_with(orch: &Orchestrator, dir: &Path, board: &PluginBoard) -> Reloader {
     let scanned = PluginDir::scan(dir).unwrap();
-    let board = PluginBoard::new();
     let report =
-        start_plugins(orch, engine(), dir, &scanned, &board, &CancellationToken::new()).await;
+        start_plugins(orch, engine(), dir, &scanned, board, &CancellationToken::new()).await;
     assert_eq!(report.failed, 0, "{report:?}");
-    let reloader = Reloader::new(orch, engine(), dir, &scanned, &board);
-    reloader.forget_failed().await;
+    let reloader = Reloader::new(orch, engine(), dir, &scanned, board);
+    reloader.adopt(&report).await;
     reloader
 }
 
@@ -47,6 +52,7 @@ fn reload_applies_what_changed_and_leaves_the_rest_alone() {
         std::fs::write(d.join("svc.toml"), "instances = 2\n[wasi]\nenv = { MODE = \"echo\" }\n")
             .unwrap();
         std::fs::write(d.join("quiet.wasm"), &echo).unwrap();
+        std::fs::write(d.join("quiet.toml"), "instances = 2\n").unwrap();
         let orch = Orchestrator::new();
         let reloader = started(&orch, d).await;
         let ids: Vec<u64> =
@@ -60,7 +66,7 @@ fn reload_applies_what_changed_and_leaves_the_rest_alone() {
         // New code for svc (rolled out instance by instance), a new plugin, a scaled one.
         replace(&d.join("svc.wasm"), &echo);
         std::fs::write(d.join("new.wasm"), &echo).unwrap();
-        std::fs::write(d.join("quiet.toml"), "instances = 2\n").unwrap();
+        std::fs::write(d.join("quiet.toml"), "instances = 3\n").unwrap();
         let report = reloader.apply().await;
         assert_eq!(report.failed, 0, "{report:?}");
         assert_eq!(action(&report, "svc"), ReloadAction::Upgraded);
@@ -77,7 +83,7 @@ fn reload_applies_what_changed_and_leaves_the_rest_alone() {
             assert_eq!(h.version(), echo_version);
         }
         assert!(orch.get_by_name("new").is_some());
-        assert!(orch.get_by_name("quiet").is_none() && orch.get_by_name("quiet-2").is_some());
+        assert!(orch.get_by_name("quiet-3").is_some());
 
         // A broken version is refused; the running one keeps serving.
         replace(&d.join("svc.wasm"), b"not wasm at all");
@@ -130,5 +136,70 @@ fn concurrent_reloads_run_one_after_the_other_and_the_newest_version_wins() {
         let report = reloader.apply().await;
         assert_eq!(report.failed, 1);
         assert!(report.plugins[0].error.as_deref().unwrap().contains("shutting down"));
+    });
+}
+
+#[test]
+fn a_broken_manifest_or_a_renaming_change_leaves_the_running_plugin_alone() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::copy(gorch_artifacts::path("echo"), d.join("svc.wasm")).unwrap();
+        std::fs::write(d.join("svc.toml"), "queue-capacity = 64\n").unwrap();
+        let orch = Orchestrator::new();
+        let board = PluginBoard::new();
+        let reloader = started_with(&orch, d, &board).await;
+        let svc = orch.get_by_name("svc").unwrap();
+        svc.mailbox().try_send("queued".into()).unwrap_or(());
+
+        // A typo: reported, and svc keeps running (with its mailbox).
+        std::fs::write(d.join("svc.toml"), "queue-capacity = 64\nbogus = 1\n").unwrap();
+        let report = reloader.apply().await;
+        assert_eq!(action(&report, "svc"), ReloadAction::Failed);
+        let err = report.plugins[0].error.clone().unwrap();
+        assert!(err.contains("unknown field") && err.contains("keeps running"), "{err}");
+        assert_eq!(orch.get_by_name("svc").unwrap().id(), svc.id());
+        let on_board = board.list();
+        assert_eq!(on_board.len(), 1, "{on_board:?}");
+        assert_eq!(on_board[0].status, LoadState::Running, "not a failure for /readyz");
+
+        // instances 1 -> 2 would rename svc to svc-1, svc-2 (and lose its mailbox).
+        std::fs::write(d.join("svc.toml"), "queue-capacity = 64\ninstances = 2\n").unwrap();
+        let report = reloader.apply().await;
+        assert_eq!(action(&report, "svc"), ReloadAction::NeedsRestart);
+        assert_eq!(orch.get_by_name("svc").unwrap().id(), svc.id());
+        assert!(orch.get_by_name("svc-1").is_none());
+
+        // Back to what runs: nothing to do, and the board forgets the error.
+        std::fs::write(d.join("svc.toml"), "queue-capacity = 64\n").unwrap();
+        assert_eq!(action(&reloader.apply().await, "svc"), ReloadAction::Unchanged);
+
+        // A broken file that comes and goes leaves the board with it.
+        std::fs::write(d.join("bad.wasm"), b"garbage").unwrap();
+        assert_eq!(action(&reloader.apply().await, "bad"), ReloadAction::Failed);
+        assert!(board.in_state(LoadState::Failed).len() == 1);
+        std::fs::remove_file(d.join("bad.wasm")).unwrap();
+        reloader.apply().await;
+        assert!(board.in_state(LoadState::Failed).is_empty(), "{:?}", board.list());
+        shutdown(&orch).await;
+    });
+}
+
+#[test]
+fn a_reload_past_the_hosts_room_is_refused() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::copy(gorch_artifacts::path("echo"), d.join("svc.wasm")).unwrap();
+        std::fs::write(d.join("svc.toml"), "instances = 2\n").unwrap();
+        let orch = Orchestrator::new();
+        let reloader = started(&orch, d).await;
+        // The test engine's pool has room for 200 instances.
+        std::fs::write(d.join("svc.toml"), "instances = 500\n").unwrap();
+        let report = reloader.apply().await;
+        assert_eq!(report.failed, 1, "{report:?}");
+        assert!(report.plugins[0].error.as_deref().unwrap().contains("the 200 this host has room for"), "{report:?}");
+        assert!(orch.get_by_name("svc-3").is_none());
+        shutdown(&orch).await;
     });
 }
