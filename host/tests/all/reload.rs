@@ -198,7 +198,10 @@ fn a_reload_past_the_hosts_room_is_refused() {
         std::fs::write(d.join("svc.toml"), "instances = 500\n").unwrap();
         let report = reloader.apply().await;
         assert_eq!(report.failed, 1, "{report:?}");
-        assert!(report.plugins[0].error.as_deref().unwrap().contains("the 200 this host has room for"), "{report:?}");
+        assert!(
+            report.plugins[0].error.as_deref().unwrap().contains("the 200 this host has room for"),
+            "{report:?}"
+        );
         assert!(orch.get_by_name("svc-3").is_none());
         shutdown(&orch).await;
     });
