@@ -24,6 +24,8 @@ pub struct PublishCmd {
 impl PublishCmd {
     /// Publishes the message.
     pub async fn run(self) -> anyhow::Result<()> {
+        crate::names::validate_topic_name(&self.topic)
+            .map_err(|e| anyhow::anyhow!("invalid topic name {:?}: {e}", self.topic))?;
         let path = format!("/gorchestra/api/topics/{}", segment(&self.topic));
         let what = format!("published {{}} byte(s) on {:?}", self.topic);
         deliver(&self.target, &path, self.data, &what).await
@@ -45,6 +47,8 @@ pub struct SendCmd {
 impl SendCmd {
     /// Sends the message to the routine's mailbox.
     pub async fn run(self) -> anyhow::Result<()> {
+        crate::names::validate_routine_name(&self.name)
+            .map_err(|e| anyhow::anyhow!("invalid routine name {:?}: {e}", self.name))?;
         let path = format!("/gorchestra/api/routines/{}/mailbox", segment(&self.name));
         let what = format!("sent {{}} byte(s) to {:?}", self.name);
         deliver(&self.target, &path, self.data, &what).await

@@ -61,6 +61,9 @@ impl Target {
         path: &str,
         body: Vec<u8>,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
+        if !self.addr.contains(':') || self.addr.contains("://") {
+            bail!("--addr {:?}: expected HOST:PORT, such as 127.0.0.1:9090", self.addr);
+        }
         let stream =
             tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&self.addr))
                 .await

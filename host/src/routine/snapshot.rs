@@ -58,7 +58,7 @@ pub struct Snapshot {
 pub fn write_stats_table(w: &mut dyn io::Write, snaps: &[Snapshot]) -> io::Result<()> {
     writeln!(
         w,
-        "{:>5}  {:<20} {:<12} {:<9} {:<12} {:>4} {:>9} {:>8} {:>9} {:>12} {:>9} {:>9} {:>8} {:>8}  LAST ERROR",
+        "{:>5}  {:<20} {:<12} {:<9} {:<12} {:>4} {:>9} {:>8} {:>9} {:>12} {:>9} {:>9} {:>8} {:>8}  {:<12} {:>3}  LAST ERROR",
         "ID",
         "NAME",
         "PLUGIN",
@@ -72,12 +72,14 @@ pub fn write_stats_table(w: &mut dyn io::Write, snaps: &[Snapshot]) -> io::Resul
         "MEM",
         "QUEUE",
         "IN",
-        "OUT"
+        "OUT",
+        "VERSION",
+        "UPG"
     )?;
     for s in snaps {
         writeln!(
             w,
-            "{:>5}  {:<20} {:<12} {:<9} {:<12} {:>4} {:>8.1}s {:>7.1}s {:>8.3}s {:>12} {:>9} {:>9} {:>8} {:>8}  {}",
+            "{:>5}  {:<20} {:<12} {:<9} {:<12} {:>4} {:>8.1}s {:>7.1}s {:>8.3}s {:>12} {:>9} {:>9} {:>8} {:>8}  {:<12} {:>3}  {}",
             s.id,
             truncate(&s.name, 20),
             truncate(&s.plugin, 12),
@@ -92,6 +94,8 @@ pub fn write_stats_table(w: &mut dyn io::Write, snaps: &[Snapshot]) -> io::Resul
             format!("{}/{}", s.queue_len, s.queue_cap),
             s.messages_in,
             s.messages_out,
+            if s.version.is_empty() { "-" } else { &s.version },
+            s.upgrades,
             s.last_error
                 .as_deref()
                 .map(|e| truncate(e.lines().next().unwrap_or(""), 60))

@@ -245,7 +245,9 @@ fn publish_send_restart_stop_and_ps_act_on_a_running_host() {
     assert!(!ok);
     assert!(err.contains("HTTP 404 Not Found: no routine named \"nobody\""), "{err}");
     let (ok, _, err) = client(&["publish", "bad topic", "x", a[0], a[1]], None);
-    assert!(!ok && err.contains("HTTP 400"), "{err}");
+    assert!(!ok && err.contains("invalid topic name \"bad topic\""), "{err}");
+    let (ok, _, err) = client(&["ps", "--addr", "127.0.0.1"], None);
+    assert!(!ok && err.contains("expected HOST:PORT"), "{err}");
     let (ok, _, err) = client(&["ps", "--addr", "127.0.0.1:1"], None);
     assert!(!ok && err.contains("cannot reach a gorch-host at 127.0.0.1:1"), "{err}");
 
