@@ -85,10 +85,33 @@ fn check_validates_components_and_prints_imports_and_exports() {
     assert!(out.contains("bad.wasm: is a core wasm module"), "{out}");
 }
 
+/// A host process that is killed when the test ends, also when it fails half-way.
+struct Host(std::process::Child);
+
+impl std::ops::Deref for Host {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Host {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Runs the binary with `args`, collecting stderr lines on a channel.
-fn spawn_logged(
-    args: &[&std::ffi::OsStr],
-) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+fn spawn_logged(args: &[&std::ffi::OsStr]) -> (Host, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "info")
@@ -107,14 +130,11 @@ fn spawn_logged(
             }
         }
     });
-    (child, rx)
+    (Host(child), rx)
 }
 
 /// `gorch-host run --no-cache --addr 127.0.0.1:0 EXTRA... DIR`, logging to a channel.
-fn run_host(
-    dir: &std::path::Path,
-    extra: &[&str],
-) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+fn run_host(dir: &std::path::Path, extra: &[&str]) -> (Host, std::sync::mpsc::Receiver<String>) {
     let mut args: Vec<&std::ffi::OsStr> =
         ["run", "--no-cache", "--addr", "127.0.0.1:0"].iter().map(|a| a.as_ref()).collect();
     args.extend(extra.iter().map(std::ffi::OsStr::new));
