@@ -7,6 +7,7 @@ use anyhow::Context;
 use hyper::{Method, StatusCode};
 
 use super::client::{Target, segment};
+use crate::plugin::status::about_file;
 use crate::plugin::{ReloadAction, ReloadReport};
 
 /// `gorch-host publish TOPIC [DATA]`.
@@ -131,10 +132,8 @@ impl ReloadCmd {
         for c in &report.plugins {
             let version =
                 c.version.as_deref().map(|v| format!(" (version {v})")).unwrap_or_default();
-            // Errors usually name the file already.
             let line = match c.error.as_deref() {
-                Some(e) if e.starts_with(&c.file) => e.to_string(),
-                Some(e) => format!("{}: {e}", c.file),
+                Some(e) => about_file(&c.file, e),
                 None => c.file.clone(),
             };
             println!("{:<14} {line}{version}", c.action.as_str());

@@ -72,7 +72,7 @@ impl RunCmd {
         let scanned = PluginDir::scan(&self.dir)
             .with_context(|| format!("cannot read plugin directory {}", self.dir.display()))?;
         let engine = self.engine_for(&scanned)?;
-        let board = server.plugins().clone();
+        let board = server.state().plugins().clone();
         // Ingress takes messages as large as the largest any plugin may send.
         let limit = scanned.plugins.iter().map(|p| p.manifest.limits.message_bytes.0).max();
         server.state().set_message_limit(limit.unwrap_or(DEFAULT_MESSAGE_BYTES));

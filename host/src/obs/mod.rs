@@ -105,11 +105,6 @@ impl ObsServer {
         &self.state
     }
 
-    /// The plugin load status the server shows (see [`ObsState::plugins`]).
-    pub fn plugins(&self) -> &crate::plugin::PluginBoard {
-        self.state.plugins()
-    }
-
     /// Stops accepting, closes the connections and waits for their tasks.
     pub async fn shutdown(self) {
         self.cancel.cancel();

@@ -17,6 +17,7 @@ use prometheus::Registry;
 use super::ObsConfig;
 use super::profile::ProfileError;
 use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, Orchestrator};
+use crate::plugin::status::about_file;
 use crate::plugin::{LoadState, PluginBoard, Reloader};
 
 /// Largest request body of the read routes (the write routes of `control` take messages
@@ -201,12 +202,7 @@ async fn readyz(AxState(s): AxState<ObsState>) -> impl IntoResponse {
     }
     for p in &failed {
         let why = p.error.as_deref().unwrap_or("failed").replace('\n', " ");
-        // Errors usually start with the file already.
-        if why.starts_with(&p.file) {
-            body.push_str(&format!("failed: {why}\n"));
-        } else {
-            body.push_str(&format!("failed: {}: {why}\n", p.file));
-        }
+        body.push_str(&format!("failed: {}\n", about_file(&p.file, &why)));
     }
     (StatusCode::SERVICE_UNAVAILABLE, body)
 }

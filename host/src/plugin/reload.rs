@@ -69,10 +69,13 @@ pub struct ReloadReport {
 }
 
 /// What is running from one plugin file.
+/// The SHA-256 of a small file (a manifest, `gorch.toml`), `None` when there is none.
+type FileHash = Option<[u8; 32]>;
+
 #[derive(Clone)]
 struct Applied {
     wasm_hash: [u8; 32],
-    toml_hash: Option<[u8; 32]>,
+    toml_hash: FileHash,
     manifest: PluginManifest,
     routines: Vec<String>,
     version: String,
@@ -99,7 +102,7 @@ struct Inner {
 /// What runs from the directory: each plugin by stem, and the hash of `gorch.toml`.
 struct Running {
     plugins: BTreeMap<String, Applied>,
-    config: Option<[u8; 32]>,
+    config: FileHash,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -121,7 +124,8 @@ impl Reloader {
     ) -> Self {
         let mut applied = BTreeMap::new();
         for spec in &scanned.plugins {
-            let Ok((wasm_hash, toml_hash)) = hashes(spec, engine.max_component_bytes()) else {
+            let Ok((_, wasm_hash, toml_hash)) = read_hashed(spec, engine.max_component_bytes())
+            else {
                 continue;
             };
             let routines = spec.manifest.routine_names(&spec.stem);
@@ -241,7 +245,8 @@ impl Reloader {
             match c.action {
                 ReloadAction::Unchanged => {}
                 ReloadAction::Failed => {
-                    tracing::error!("reload: {}: {}", c.file, c.error.as_deref().unwrap_or(""))
+                    let why = c.error.as_deref().unwrap_or("failed");
+                    tracing::error!("reload: {}", super::status::about_file(&c.file, why))
                 }
                 _ => tracing::info!("reload: {}: {}", c.file, c.action.as_str()),
             }
@@ -318,13 +323,11 @@ impl Inner {
     ) -> PluginChange {
         let stem = spec.stem.as_str();
         let fail = |why: String| change(stem, &spec.wasm, ReloadAction::Failed, None, Some(why));
-        let bytes = match crate::fsread::read_regular(&spec.wasm, self.engine.max_component_bytes())
-        {
-            Ok(b) => b,
-            Err(e) => return fail(format!("{}: {e}", spec.wasm.display())),
-        };
-        let wasm_hash: [u8; 32] = Sha256::digest(&bytes).into();
-        let toml_hash = file_hash(&spec.wasm.with_extension("toml"));
+        let (bytes, wasm_hash, toml_hash) =
+            match read_hashed(spec, self.engine.max_component_bytes()) {
+                Ok(h) => h,
+                Err(e) => return fail(e),
+            };
         let old = applied.get(stem).cloned();
         if let Some(old) = &old {
             if old.wasm_hash == wasm_hash && old.toml_hash == toml_hash {
@@ -407,16 +410,7 @@ impl Inner {
         names: &[String],
     ) {
         let group = scanned.group_of(spec).and_then(|g| self.groups.lock().get(g).cloned());
-        for name in names {
-            let mut opts = spec.manifest.spawn_options(name.clone());
-            if let Some(g) = &group {
-                opts = opts.group(g);
-            }
-            let wasm = spec.manifest.wasm_options();
-            if let Err(e) = self.orch.spawn_wasm_as(opts, spec.stem.clone(), component, wasm) {
-                tracing::error!("reload: {}: cannot start {name}: {e}", spec.wasm.display());
-            }
-        }
+        super::start::spawn_routines(&self.orch, spec, component, names, group.as_ref());
     }
 
     /// Rolling replacement: the instances that stay are upgraded one at a time (when the
@@ -512,16 +506,17 @@ fn renames(old: &PluginManifest, new: &PluginManifest) -> Option<String> {
     ))
 }
 
-/// SHA-256 of the component and of its manifest (`None` when there is none).
-fn hashes(spec: &PluginSpec, limit: u64) -> Result<([u8; 32], Option<[u8; 32]>), String> {
+/// The component's bytes (what is then loaded), their SHA-256, and the SHA-256 of the
+/// manifest (`None` when there is none).
+fn read_hashed(spec: &PluginSpec, limit: u64) -> Result<(Vec<u8>, [u8; 32], FileHash), String> {
     let wasm = crate::fsread::read_regular(&spec.wasm, limit)
         .map_err(|e| format!("{}: {e}", spec.wasm.display()))?;
-    let toml = spec.wasm.with_extension("toml");
-    Ok((Sha256::digest(&wasm).into(), file_hash(&toml)))
+    let hash = Sha256::digest(&wasm).into();
+    Ok((wasm, hash, file_hash(&spec.wasm.with_extension("toml"))))
 }
 
 /// SHA-256 of a small file; `None` when it cannot be read (missing).
-fn file_hash(path: &Path) -> Option<[u8; 32]> {
+fn file_hash(path: &Path) -> FileHash {
     let bytes = crate::fsread::read_regular(path, MAX_MANIFEST_BYTES).ok()?;
     Some(Sha256::digest(&bytes).into())
 }

@@ -251,21 +251,8 @@ fn start_one(
     report: &mut StartReport,
 ) {
     let file = spec.wasm.display().to_string();
-    let mut started = 0;
-    let mut errors = Vec::new();
-    for name in spec.manifest.routine_names(&spec.stem) {
-        let mut opts = spec.manifest.spawn_options(name.clone());
-        if let Some(g) = group {
-            opts = opts.group(g);
-        }
-        match orch.spawn_wasm_as(opts, spec.stem.clone(), component, spec.manifest.wasm_options()) {
-            Ok(_) => started += 1,
-            Err(e) => {
-                tracing::error!("{file}: cannot start {name}: {e}");
-                errors.push(format!("cannot start {name}: {e}"));
-            }
-        }
-    }
+    let names = spec.manifest.routine_names(&spec.stem);
+    let (started, errors) = spawn_routines(orch, spec, component, &names, group);
     report.routines += started;
     if errors.is_empty() {
         board.running(&spec.stem, started);
@@ -274,4 +261,31 @@ fn start_one(
         board.failed(&spec.stem, &file, errors.join("; "));
         report.failed += 1;
     }
+}
+
+/// Spawns the routines `names` of `spec` (in `group`, if any): how many started, and why
+/// the others did not (each also logged).
+pub(super) fn spawn_routines(
+    orch: &Orchestrator,
+    spec: &PluginSpec,
+    component: &WasmComponent,
+    names: &[String],
+    group: Option<&Group>,
+) -> (usize, Vec<String>) {
+    let mut started = 0;
+    let mut errors = Vec::new();
+    for name in names {
+        let mut opts = spec.manifest.spawn_options(name.clone());
+        if let Some(g) = group {
+            opts = opts.group(g);
+        }
+        match orch.spawn_wasm_as(opts, spec.stem.clone(), component, spec.manifest.wasm_options()) {
+            Ok(_) => started += 1,
+            Err(e) => {
+                tracing::error!("{}: cannot start {name}: {e}", spec.wasm.display());
+                errors.push(format!("cannot start {name}: {e}"));
+            }
+        }
+    }
+    (started, errors)
 }

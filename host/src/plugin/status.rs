@@ -41,6 +41,26 @@ pub struct PluginStatus {
     pub load_seconds: Option<f64>,
 }
 
+impl PluginStatus {
+    fn new(plugin: &str, file: &str, status: LoadState) -> Self {
+        PluginStatus {
+            plugin: plugin.to_string(),
+            file: file.to_string(),
+            status,
+            routines: 0,
+            error: None,
+            bytes: None,
+            load_seconds: None,
+        }
+    }
+}
+
+/// `error` as a line about `file`: errors usually name their file already; the others get
+/// it in front.
+pub fn about_file(file: &str, error: &str) -> String {
+    if error.starts_with(file) { error.to_string() } else { format!("{file}: {error}") }
+}
+
 /// The status of every plugin of the directory, by plugin (file stem). Cheap to clone
 /// (clones share the board).
 #[derive(Debug, Clone, Default)]
@@ -56,18 +76,9 @@ impl PluginBoard {
 
     /// Records `plugin` (from `file`) as starting.
     pub fn starting(&self, plugin: &str, file: &str) {
-        self.inner.write().insert(
-            plugin.to_string(),
-            PluginStatus {
-                plugin: plugin.to_string(),
-                file: file.to_string(),
-                status: LoadState::Starting,
-                routines: 0,
-                error: None,
-                bytes: None,
-                load_seconds: None,
-            },
-        );
+        self.inner
+            .write()
+            .insert(plugin.to_string(), PluginStatus::new(plugin, file, LoadState::Starting));
     }
 
     /// Records that the component of `plugin` (`bytes` long) loaded in `seconds`.
@@ -103,15 +114,9 @@ impl PluginBoard {
     /// Records that `plugin` (from `file`) failed, with the reason.
     pub fn failed(&self, plugin: &str, file: &str, error: String) {
         let mut board = self.inner.write();
-        let s = board.entry(plugin.to_string()).or_insert_with(|| PluginStatus {
-            plugin: plugin.to_string(),
-            file: file.to_string(),
-            status: LoadState::Failed,
-            routines: 0,
-            error: None,
-            bytes: None,
-            load_seconds: None,
-        });
+        let s = board
+            .entry(plugin.to_string())
+            .or_insert_with(|| PluginStatus::new(plugin, file, LoadState::Failed));
         s.status = LoadState::Failed;
         s.file = file.to_string();
         s.error = Some(error);

@@ -188,6 +188,10 @@ impl RoutineContext {
 /// The text is escaped (a guest cannot forge a host line) and, while the routine is in a
 /// restart storm, summarized (see `logguard`).
 pub(crate) fn log_line(shared: &RoutineShared, level: tracing::Level, message: &str) {
+    // A level nobody records costs neither the rate limiter nor the escaping.
+    if tracing::level_filters::LevelFilter::current() < level {
+        return;
+    }
     if !shared.log_limiter().admit(Kind::Guest, shared.name()) {
         return;
     }

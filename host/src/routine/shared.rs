@@ -228,22 +228,24 @@ impl RoutineShared {
         self.memory_bytes.store(0, Relaxed);
     }
 
-    /// Ends the current run so that the routine restarts with its group.
-    pub fn restart_by_group(&self) {
+    /// Ends the current run (a stop request to it alone), marking why with `why`.
+    fn end_current_run(&self, why: impl FnOnce(&RunControl)) {
         if let Some(run) = self.current_run.lock().as_ref() {
-            run.group_restart.store(true, Relaxed);
+            why(run);
             run.cancel.cancel();
         }
+    }
+
+    /// Ends the current run so that the routine restarts with its group.
+    pub fn restart_by_group(&self) {
+        self.end_current_run(|run| run.group_restart.store(true, Relaxed));
     }
 
     /// Asks for a restart now: the current run is stopped (grace period, then kill) and a
     /// new one starts at once; a routine waiting in `BACKOFF` starts at once. Neither a
     /// backoff nor the intensity limit applies: it is not a failure.
     pub fn request_restart(&self) {
-        if let Some(run) = self.current_run.lock().as_ref() {
-            run.restart_requested.store(true, Relaxed);
-            run.cancel.cancel();
-        }
+        self.end_current_run(|run| run.restart_requested.store(true, Relaxed));
         // No stored permit: a request that finds no backoff must not cut a later one short.
         self.restart_wake.notify_waiters();
     }
@@ -268,9 +270,7 @@ impl RoutineShared {
     /// Returns the request's number (see [`UpgradeSlot::wait`]).
     pub fn request_upgrade(&self, work: Arc<dyn Work>) -> u64 {
         let seq = self.upgrade.request(work);
-        if let Some(run) = self.current_run.lock().as_ref() {
-            run.cancel.cancel();
-        }
+        self.end_current_run(|_| {});
         self.restart_wake.notify_waiters();
         seq
     }

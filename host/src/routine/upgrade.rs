@@ -80,10 +80,11 @@ impl UpgradeSlot {
     }
 
     /// The new version is running (its `restore` succeeded, or there was nothing to
-    /// restore): the upgrade counts. With `Err`, `restore` failed: the driver goes back.
+    /// restore): the upgrade counts. With `Err`, `restore` failed: the driver goes back
+    /// (and a later `Ok` for the same upgrade changes nothing).
     pub fn settle(&self, result: Result<(), String>) {
         let mut settling = self.settling.lock();
-        let Some(s) = settling.as_mut() else { return };
+        let Some(s) = settling.as_mut().filter(|s| s.failed.is_none()) else { return };
         match result {
             Ok(()) => {
                 let seq = s.seq;

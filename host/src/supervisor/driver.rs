@@ -47,9 +47,7 @@ pub(crate) async fn drive(orch: Arc<OrchInner>, shared: Arc<RoutineShared>, work
         let started = tokio::time::Instant::now();
         let state = run_once(&shared, &run, ctx, &*work).await;
         // A new version that ended before settling (it failed to start) is still the code.
-        if !shared.upgrade().rollback_pending() {
-            shared.upgrade().settle(Ok(()));
-        }
+        shared.upgrade().settle(Ok(()));
         last = state;
         shared.count_termination(state);
         let clean = state == State::Stopped && !run.cancel.is_cancelled();
@@ -132,13 +130,10 @@ fn next_step(
     if shared.stop_requested() {
         return Step::End(state);
     }
-    if shared.upgrade().rollback_pending() {
-        // The new version refused the state: the old one comes back at once.
-        return Step::Upgrade;
-    }
-    if shared.upgrade_pending() {
+    if shared.upgrade_pending() || shared.upgrade().rollback_pending() {
         // Whatever ended the run (the upgrade's stop request, or a crash meanwhile): the
-        // new version starts now, with no backoff and no intensity count.
+        // new version (or, when it refused the state, the old one again) starts now, with
+        // no backoff and no intensity count.
         return Step::Upgrade;
     }
     if by_group || run.restart_requested.load(Relaxed) {
