@@ -11,6 +11,7 @@
 use parking_lot::Mutex;
 
 use crate::channel::{Channel, Sizer};
+use crate::cluster::RemoteMsg;
 use crate::orchestrator::OrchInner;
 use crate::routine::RoutineShared;
 
@@ -62,13 +63,15 @@ impl Sizer for Message {
 pub(crate) enum Source {
     Mailbox,
     Topic(String, Channel<Message>),
+    /// A cluster-wide topic: JetStream keeps the message until it is acked.
+    Cluster(String, RemoteMsg),
 }
 
 impl Source {
     fn describe(&self) -> String {
         match self {
             Source::Mailbox => "mailbox".to_string(),
-            Source::Topic(t, _) => format!("topic:{t}"),
+            Source::Topic(t, _) | Source::Cluster(t, _) => format!("topic:{t}"),
         }
     }
 }
@@ -85,7 +88,10 @@ pub(crate) struct InFlightSlot(Mutex<Option<InFlight>>);
 impl InFlightSlot {
     /// The previous message was processed: it is no longer in flight.
     pub fn ack(&self) {
-        *self.0.lock() = None;
+        let previous = self.0.lock().take();
+        if let Some(InFlight { source: Source::Cluster(_, remote), .. }) = previous {
+            remote.ack();
+        }
     }
 
     /// `msg` was just taken from `source`: counts the delivery, keeps a copy in flight and
@@ -104,15 +110,22 @@ impl InFlightSlot {
 pub(crate) fn settle(orch: &OrchInner, shared: &RoutineShared, clean: bool) {
     let Some(InFlight { msg, source }) = shared.in_flight().0.lock().take() else { return };
     if clean {
+        if let Source::Cluster(_, remote) = source {
+            remote.ack();
+        }
         return;
     }
     if msg.deliveries >= shared.supervision().max_deliveries {
-        dead_letter(orch, shared, msg, &source);
+        dead_letter(orch, shared, msg, source);
         return;
     }
-    let back = match &source {
+    let back = match source {
         Source::Mailbox => shared.mailbox().push_front(msg),
         Source::Topic(_, ch) => ch.push_front(msg),
+        Source::Cluster(_, remote) => {
+            remote.nak();
+            Ok(())
+        }
     };
     if back.is_err() {
         tracing::warn!(routine = %shared.name(), "in-flight message dropped: its queue is closed");
@@ -129,22 +142,50 @@ struct DeadLetter<'a> {
     payload: &'a [u8],
 }
 
-fn dead_letter(orch: &OrchInner, shared: &RoutineShared, msg: Message, source: &Source) {
-    let letter = DeadLetter {
-        routine: shared.name(),
-        error: shared.last_error(),
-        source: source.describe(),
-        deliveries: msg.deliveries,
-        payload: &msg.payload,
-    };
-    let json = serde_json::to_vec(&letter).unwrap_or_default();
+/// The JSON of a dead letter.
+pub(crate) fn dead_letter_json(
+    routine: &str,
+    error: Option<String>,
+    source: &str,
+    deliveries: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let letter = DeadLetter { routine, error, source: source.to_string(), deliveries, payload };
+    serde_json::to_vec(&letter).unwrap_or_default()
+}
+
+fn dead_letter(orch: &OrchInner, shared: &RoutineShared, msg: Message, source: Source) {
+    let described = source.describe();
+    let json = dead_letter_json(
+        shared.name(),
+        shared.last_error(),
+        &described,
+        msg.deliveries,
+        &msg.payload,
+    );
     shared.count_dead_letter();
     tracing::warn!(
         routine = %shared.name(),
-        "message from {} failed {} deliveries: sent to {DEAD_LETTER_TOPIC}",
-        letter.source,
+        "message from {described} failed {} deliveries: sent to {DEAD_LETTER_TOPIC}",
         msg.deliveries
     );
+    if let Source::Cluster(_, remote) = source {
+        remote.dead_letter(json);
+        return;
+    }
+    if let Some(cluster) = orch.cluster() {
+        // A mailbox message of a clustered node: to the cluster-wide dead-letter topic.
+        let c = cluster.clone();
+        cluster.spawn(async move {
+            let never = tokio_util::sync::CancellationToken::new();
+            if let Err(e) =
+                crate::cluster::topics::publish(&c, DEAD_LETTER_TOPIC, json, &never).await
+            {
+                tracing::error!("a dead letter could not be published: {e}");
+            }
+        });
+        return;
+    }
     match orch.topic(DEAD_LETTER_TOPIC) {
         Ok(ch) => {
             if ch.try_send(Message::from(json)).is_err() {

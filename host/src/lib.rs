@@ -39,6 +39,7 @@ pub mod bus;
 mod channel;
 pub mod cli;
 mod clock;
+pub mod cluster;
 pub mod delivery;
 mod fsread;
 mod logguard;
@@ -52,6 +53,7 @@ pub mod wasm;
 
 pub use bus::{Bus, BusError, TopicStats};
 pub use channel::{Channel, ChannelStats, RecvError, SendError, Sizer};
+pub use cluster::{Cluster, ClusterConfig, ClusterError};
 pub use delivery::Message;
 pub use obs::{ObsConfig, ObsServer};
 pub use orchestrator::{Orchestrator, ShutdownReport, SpawnError, SpawnOptions};

@@ -6,15 +6,17 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt::{self, Display};
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bus::{Bus, BusError, DEFAULT_TOPIC_CAPACITY, TopicStats};
-use crate::channel::Channel;
+use crate::channel::{Channel, SendError};
+use crate::cluster::{Cluster, ClusterCore, split_address};
 use crate::delivery::Message;
 use crate::logguard::escape;
 use crate::names::{NameError, validate_routine_name};
@@ -45,6 +47,18 @@ pub enum SpawnError {
     /// A live routine already has this name.
     #[error("a routine named {0:?} is already running")]
     NameTaken(String),
+    /// A live routine of this name runs on another node of the cluster, and this one or
+    /// that one is cluster-unique.
+    #[error(
+        "a routine named {name:?} already runs on node {node:?} of the cluster (names are \
+         cluster-unique unless the plugin sets cluster-unique = false)"
+    )]
+    NameTakenInCluster {
+        /// The name.
+        name: String,
+        /// The node that runs it.
+        node: String,
+    },
     /// The name is not valid.
     #[error("invalid routine name {name:?}: {reason}")]
     InvalidName {
@@ -74,6 +88,9 @@ pub struct SpawnOptions {
     pub supervision: Supervision,
     /// The group the routine belongs to, if any.
     pub group: Option<Group>,
+    /// In a cluster: whether the name must be unique across nodes (default true). With
+    /// false, several nodes may run it and a plain-name send reaches one of them.
+    pub cluster_unique: bool,
 }
 
 impl SpawnOptions {
@@ -87,7 +104,13 @@ impl SpawnOptions {
             message_bytes: DEFAULT_MESSAGE_BYTES,
             supervision: Supervision::default(),
             group: None,
+            cluster_unique: true,
         }
+    }
+    /// Lets several nodes of a cluster run this name (see [`cluster_unique`](Self::cluster_unique)).
+    pub fn cluster_unique(mut self, unique: bool) -> Self {
+        self.cluster_unique = unique;
+        self
     }
     /// Sets the mailbox capacity.
     pub fn queue_capacity(mut self, cap: usize) -> Self {
@@ -148,11 +171,85 @@ pub(crate) struct OrchInner {
     shutting_down: AtomicBool,
     shutdown_report: tokio::sync::OnceCell<ShutdownReport>,
     bus: Bus<Message>,
+    /// Set once by [`Cluster::join`](crate::cluster::Cluster::join): topics and sends span
+    /// the cluster from then on.
+    cluster: OnceLock<Arc<ClusterCore>>,
 }
 
 impl OrchInner {
     pub(crate) fn mailbox_of(&self, name: &str) -> Option<Channel<Message>> {
         self.by_name.read().get(name).map(|r| r.mailbox().clone())
+    }
+
+    pub(crate) fn cluster(&self) -> Option<&Arc<ClusterCore>> {
+        self.cluster.get()
+    }
+
+    /// Delivers `payload` to the mailbox of `to` (`name`, or `node/name` in a cluster),
+    /// waiting while it is full: on this node, or on the node the cluster registry names.
+    pub(crate) async fn send(
+        &self,
+        to: &str,
+        payload: Vec<u8>,
+        cancel: &CancellationToken,
+    ) -> Result<(), CallError> {
+        let cluster = self.cluster();
+        let (node, name) = match cluster {
+            Some(_) => split_address(to),
+            None => (None, to),
+        };
+        let here = |c: &Arc<ClusterCore>| node.is_none_or(|n| n == c.node);
+        if cluster.is_none_or(here) {
+            let Some(target) = self.mailbox_of(name) else {
+                if validate_routine_name(name).is_err() {
+                    return Err(CallError::InvalidName(to.to_string()));
+                }
+                // Not here: another node may run it.
+                if let (Some(c), None) = (cluster, node)
+                    && let Some(other) = pick(&c.registry.holders(name))
+                {
+                    return crate::cluster::rpc::send(c, &other, name, payload, cancel).await;
+                }
+                return Err(CallError::NoSuchRoutine(to.to_string()));
+            };
+            return match target.send_cancellable(Message::from(payload), cancel).await {
+                Ok(()) => Ok(()),
+                Err(SendError::Cancelled(_)) => Err(CallError::Cancelled),
+                Err(SendError::Closed(_) | SendError::Full(_)) => Err(CallError::Closed),
+            };
+        }
+        let (Some(c), Some(node)) = (cluster, node) else { unreachable!("handled above") };
+        if validate_routine_name(name).is_err() || validate_routine_name(node).is_err() {
+            return Err(CallError::InvalidName(to.to_string()));
+        }
+        crate::cluster::rpc::send(c, node, name, payload, cancel).await
+    }
+
+    /// Publishes `payload` on `topic` (created on first use), waiting while it is full: the
+    /// local bus, or in a cluster the topic's JetStream stream.
+    pub(crate) async fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        cancel: &CancellationToken,
+    ) -> Result<(), CallError> {
+        if let Some(c) = self.cluster() {
+            return crate::cluster::topics::publish(c, topic, payload, cancel).await;
+        }
+        let ch = self.topic(topic)?;
+        match ch.send_cancellable(Message::from(payload), cancel).await {
+            Ok(()) => Ok(()),
+            Err(SendError::Cancelled(_)) => Err(CallError::Cancelled),
+            Err(SendError::Closed(_) | SendError::Full(_)) => Err(CallError::Closed),
+        }
+    }
+
+    /// Messages queued on `topic` (in a cluster: as last refreshed from its stream).
+    pub(crate) fn topic_len(&self, topic: &str) -> usize {
+        match self.cluster() {
+            Some(c) => c.topics.stats().iter().find(|t| t.name == topic).map_or(0, |t| t.len),
+            None => self.bus.get(topic).map_or(0, |ch| ch.len()),
+        }
     }
 
     pub(crate) fn topic(&self, name: &str) -> Result<Channel<Message>, CallError> {
@@ -181,6 +278,9 @@ impl OrchInner {
             let mut by_name = self.by_name.write();
             if by_name.get(shared.name()).is_some_and(|r| Arc::ptr_eq(r, shared)) {
                 by_name.remove(shared.name());
+                if let Some(c) = self.cluster() {
+                    c.registry.unregister(shared.name());
+                }
             }
         }
         shared.set_state(state);
@@ -256,13 +356,42 @@ impl Orchestrator {
                 shutting_down: AtomicBool::new(false),
                 shutdown_report: tokio::sync::OnceCell::new(),
                 bus,
+                cluster: OnceLock::new(),
             }),
         }
     }
 
-    /// The bus shared by this orchestrator's routines.
+    /// The bus shared by this orchestrator's routines (without a cluster; in a cluster the
+    /// topics are JetStream streams and this bus stays empty).
     pub fn bus(&self) -> &Bus<Message> {
         &self.inner.bus
+    }
+
+    /// The cluster this orchestrator joined, if any.
+    pub fn cluster(&self) -> Option<Cluster> {
+        self.inner.cluster.get().map(|c| Cluster::from_core(c.clone()))
+    }
+
+    pub(crate) fn from_inner(inner: Arc<OrchInner>) -> Self {
+        Orchestrator { inner }
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<OrchInner> {
+        &self.inner
+    }
+
+    pub(crate) fn downgrade(&self) -> Weak<OrchInner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    /// Attaches `core`; false if a cluster is attached already.
+    pub(crate) fn attach_cluster(&self, core: Arc<ClusterCore>) -> bool {
+        self.inner.cluster.set(core).is_ok()
+    }
+
+    /// The number of live routines.
+    pub fn routine_count(&self) -> usize {
+        self.inner.routines.read().len()
     }
 
     /// Spawns a native routine. `f` is called for each run with the routine's context; an
@@ -316,6 +445,12 @@ impl Orchestrator {
         }
         validate_routine_name(&opts.name)
             .map_err(|reason| SpawnError::InvalidName { name: opts.name.clone(), reason })?;
+        let cluster = self.inner.cluster();
+        if let Some(node) =
+            cluster.and_then(|c| c.registry.conflict(&opts.name, opts.cluster_unique))
+        {
+            return Err(SpawnError::NameTakenInCluster { name: opts.name, node });
+        }
         let shared = {
             let mut by_name = self.inner.by_name.write();
             if by_name.contains_key(&opts.name) {
@@ -330,6 +465,9 @@ impl Orchestrator {
             self.inner.routines.write().insert(id, shared.clone());
             shared
         };
+        if let Some(c) = cluster {
+            c.registry.register(&opts.name, opts.cluster_unique);
+        }
         let orch = self.inner.clone();
         self.inner.tracker.spawn(drive(orch, shared.clone(), work));
         Ok(RoutineHandle::new(shared))
@@ -380,9 +518,12 @@ impl Orchestrator {
         self.inner.history.lock().iter().cloned().collect()
     }
 
-    /// Stats of every bus topic.
+    /// Stats of every bus topic (in a cluster: of every cluster topic, from its stream).
     pub fn topics(&self) -> Vec<TopicStats> {
-        self.inner.bus.topics()
+        match self.inner.cluster() {
+            Some(c) => c.topics.stats(),
+            None => self.inner.bus.topics(),
+        }
     }
 
     /// Asks every live routine to stop (each gets its grace period, then is killed).
@@ -410,6 +551,12 @@ impl Orchestrator {
     pub fn print_stats(&self, w: &mut dyn io::Write) -> io::Result<()> {
         write_stats_table(w, &self.snapshots())
     }
+}
+
+/// One of `nodes`, at random (spreads sends to a name several nodes run).
+fn pick(nodes: &[String]) -> Option<String> {
+    use rand::seq::IndexedRandom;
+    nodes.choose(&mut rand::rng()).cloned()
 }
 
 async fn shutdown_inner(inner: Arc<OrchInner>, timeout: Duration) -> ShutdownReport {

@@ -10,8 +10,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::EngineArgs;
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::obs::{DEFAULT_ADDR, ObsConfig, ObsServer};
 use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, Orchestrator};
+use crate::plugin::ClusterSection;
 use crate::plugin::{LoadState, PluginBoard, PluginDir, Reloader, StartReport, start_plugins};
 use crate::wasm::WasmEngine;
 
@@ -46,6 +48,62 @@ pub struct RunCmd {
     /// Engine flags (compile cache).
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// Cluster flags.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Joining a cluster (see the README, "Running several hosts").
+#[derive(Debug, clap::Args)]
+pub struct ClusterArgs {
+    /// Join a cluster through this NATS server (JetStream on; `nats://` or `tls://`, several
+    /// comma-separated): topics span the nodes, sends reach routines on other nodes. Also
+    /// `[cluster] nats` in gorch.toml; the flag wins.
+    #[arg(long, env = "GORCH_NATS", value_name = "URL")]
+    pub nats: Option<String>,
+    /// This node's name, unique in the cluster [default: [cluster] node, else the host name].
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// A NATS credentials file (also `[cluster] creds`).
+    #[arg(long, value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+    /// Bound on reaching NATS at start (then exit non-zero).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub nats_timeout: Duration,
+}
+
+impl ClusterArgs {
+    /// The cluster to join, from these flags and `[cluster]` of gorch.toml (flags win);
+    /// `None` without a NATS URL.
+    pub fn config(&self, file: Option<&ClusterSection>, addr: SocketAddr) -> Option<ClusterConfig> {
+        let url = self.nats.clone().or_else(|| file.and_then(|f| f.nats.clone()))?;
+        let node = self
+            .node
+            .clone()
+            .or_else(|| file.and_then(|f| f.node.clone()))
+            .unwrap_or_else(host_name);
+        let mut c = ClusterConfig::new(url, node);
+        c.creds = self.nats_creds.clone().or_else(|| file.and_then(|f| f.creds.clone()));
+        c.connect_timeout = self.nats_timeout;
+        if let Some(w) = file.and_then(|f| f.ack_wait) {
+            c.ack_wait = w;
+        }
+        c.http_addr = Some(addr.to_string());
+        Some(c)
+    }
+}
+
+/// This machine's host name (the default node name).
+fn host_name() -> String {
+    #[cfg(unix)]
+    {
+        let uname = rustix::system::uname();
+        let name = uname.nodename().to_string_lossy().into_owned();
+        if !name.is_empty() {
+            return name;
+        }
+    }
+    "node".to_string()
 }
 
 impl RunCmd {
@@ -79,6 +137,13 @@ impl RunCmd {
         // Live upgrade (SIGHUP, `reload`, the route, `--watch`): the reloader takes the files
         // as scanned, and the watcher runs from now on, so no change made during start-up is
         // missed (requests queue until start-up is done).
+        let cluster = match self.cluster.config(scanned.cluster.as_ref(), server.local_addr()) {
+            None => None,
+            Some(config) => tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                joined = Cluster::join(&orch, config) => Some(joined?),
+            },
+        };
         let reloader = Reloader::new(&orch, &engine, &self.dir, &scanned, &board);
         let _watch = if self.watch { Some(watch_dir(&self.dir, reload_tx)?) } else { None };
         let started = start_plugins(&orch, &engine, &self.dir, &scanned, &board, stop).await;
@@ -102,6 +167,9 @@ impl RunCmd {
         );
         server.set_ready(false);
         let report = orch.shutdown(self.shutdown_timeout).await;
+        if let Some(c) = &cluster {
+            c.leave().await;
+        }
         server.shutdown().await;
         if !report.killed.is_empty() {
             tracing::warn!("killed after the grace period: {}", report.killed.join(", "));

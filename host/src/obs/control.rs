@@ -25,9 +25,8 @@ use axum::routing::post;
 use serde_json::json;
 
 use super::routes::ObsState;
-use crate::bus::{BusError, DEFAULT_TOPIC_CAPACITY};
-use crate::delivery::Message;
 use crate::names::validate_routine_name;
+use crate::routine::CallError;
 
 /// How long a publish or send waits for room before answering 503.
 pub const INGRESS_WAIT: Duration = Duration::from_millis(500);
@@ -111,20 +110,28 @@ async fn publish(
 ) -> Result<Response, ApiError> {
     // The body first: a refused message must not leave a new topic behind.
     let payload = body(&s, req.into_body()).await?;
-    let ch = s.orch().bus().topic(&topic, DEFAULT_TOPIC_CAPACITY).map_err(|e| match e {
-        BusError::InvalidName { .. } => error(StatusCode::BAD_REQUEST, e.to_string()),
-        BusError::TooManyTopics { .. } => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    })?;
-    match tokio::time::timeout(INGRESS_WAIT, ch.send(Message::from(payload))).await {
-        Ok(Ok(())) => Ok(accepted(json!({ "topic": topic, "queueLen": ch.len() }))),
-        Ok(Err(_)) => {
-            Err(error(StatusCode::SERVICE_UNAVAILABLE, format!("topic {topic:?} is closed")))
-        }
+    let orch = s.orch().inner();
+    let never = tokio_util::sync::CancellationToken::new();
+    match tokio::time::timeout(INGRESS_WAIT, orch.publish(&topic, payload, &never)).await {
+        Ok(Ok(())) => Ok(accepted(json!({ "topic": topic, "queueLen": orch.topic_len(&topic) }))),
+        Ok(Err(e)) => Err(refused(&format!("topic {topic:?}"), e)),
         Err(_) => Err(full(format!("topic {topic:?}"))),
     }
 }
 
-/// The live routine `name`, or 400 (not a valid name) / 404.
+/// A refused publish or send, as the HTTP status that says why.
+fn refused(what: &str, e: CallError) -> ApiError {
+    match e {
+        CallError::InvalidName(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        CallError::NoSuchRoutine(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+        CallError::TooLarge(_) => error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+        CallError::Limit(_) | CallError::Cancelled => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        CallError::Closed => error(StatusCode::SERVICE_UNAVAILABLE, format!("{what} is closed")),
+    }
+}
+
 fn routine(s: &ObsState, name: &str) -> Result<crate::RoutineHandle, ApiError> {
     if let Err(e) = validate_routine_name(name) {
         return Err(error(StatusCode::BAD_REQUEST, format!("invalid routine name {name:?}: {e}")));
@@ -139,12 +146,20 @@ async fn send(
     Path(name): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let h = routine(&s, &name)?;
+    // In a cluster the routine may run on another node (or be addressed as `node/name`).
+    let local = if s.orch().cluster().is_some() { None } else { Some(routine(&s, &name)?) };
     let payload = body(&s, req.into_body()).await?;
-    let mailbox = h.mailbox();
-    match tokio::time::timeout(INGRESS_WAIT, mailbox.send(Message::from(payload))).await {
-        Ok(Ok(())) => Ok(accepted(json!({ "routine": name, "queueLen": mailbox.len() }))),
-        Ok(Err(_)) => Err(error(StatusCode::NOT_FOUND, format!("routine {name:?} has ended"))),
+    let never = tokio_util::sync::CancellationToken::new();
+    let orch = s.orch().inner();
+    match tokio::time::timeout(INGRESS_WAIT, orch.send(&name, payload, &never)).await {
+        Ok(Ok(())) => {
+            let len = local.or_else(|| s.orch().get_by_name(&name)).map(|h| h.mailbox().len());
+            Ok(accepted(json!({ "routine": name, "queueLen": len })))
+        }
+        Ok(Err(CallError::Closed)) => {
+            Err(error(StatusCode::NOT_FOUND, format!("routine {name:?} has ended")))
+        }
+        Ok(Err(e)) => Err(refused(&format!("routine {name:?}"), e)),
         Err(_) => Err(full(format!("the mailbox of {name:?}"))),
     }
 }

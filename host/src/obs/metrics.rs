@@ -48,6 +48,7 @@ enum Series {
     TopicBlockedRecv,
     DeadLetters,
     Upgrades,
+    ClusterNodes,
 }
 
 /// What describes a metric family: name, help, label names (alphabetical), counter or gauge.
@@ -59,7 +60,7 @@ struct Spec {
 }
 
 impl Series {
-    const ALL: [Series; 22] = [
+    const ALL: [Series; 23] = [
         Series::Routines,
         Series::RoutineInfo,
         Series::RoutineUp,
@@ -82,11 +83,13 @@ impl Series {
         Series::TopicBlockedRecv,
         Series::DeadLetters,
         Series::Upgrades,
+        Series::ClusterNodes,
     ];
 
     fn spec(self) -> Spec {
         const NAME: &[&str] = &["name"];
         const TOPIC: &[&str] = &["topic"];
+        const NONE: &[&str] = &[];
         let (name, help, labels, counter) = match self {
             Series::Routines => {
                 ("gorch_routines", "Live routines by state.", &["state"][..], false)
@@ -179,6 +182,12 @@ impl Series {
             Series::Upgrades => {
                 ("gorch_routine_upgrades_total", "Live upgrades of the routine's code.", NAME, true)
             }
+            Series::ClusterNodes => (
+                "gorch_cluster_nodes",
+                "Live nodes of the cluster, this one included (only with --nats).",
+                NONE,
+                false,
+            ),
         };
         Spec { name, help, labels, counter }
     }
@@ -308,6 +317,9 @@ fn visit(orch: &Orchestrator, mut sink: impl FnMut(Series, &[&str], f64)) {
         f(Series::TopicBlockedPublish, &[topic], t.blocked_publish_seconds);
         f(Series::TopicBlockedRecv, &[topic], t.blocked_recv_seconds);
     }
+    if let Some(c) = orch.cluster() {
+        f(Series::ClusterNodes, &[], c.view().nodes.len() as f64);
+    }
 }
 
 /// Writes the `gorch_*` metrics of `orch` to `out` in the Prometheus text exposition format
@@ -320,17 +332,20 @@ pub fn write_text(orch: &Orchestrator, out: &mut String) {
         let spec = m.spec();
         let body = &mut bodies[m as usize];
         body.push_str(spec.name);
-        body.push('{');
-        for (k, (name, value)) in spec.labels.iter().zip(values).enumerate() {
-            if k > 0 {
-                body.push(',');
+        if !spec.labels.is_empty() {
+            body.push('{');
+            for (k, (name, value)) in spec.labels.iter().zip(values).enumerate() {
+                if k > 0 {
+                    body.push(',');
+                }
+                body.push_str(name);
+                body.push_str("=\"");
+                escape_label_value(body, value);
+                body.push('"');
             }
-            body.push_str(name);
-            body.push_str("=\"");
-            escape_label_value(body, value);
-            body.push('"');
+            body.push('}');
         }
-        body.push_str("} ");
+        body.push(' ');
         let _ = writeln!(body, "{v}");
     });
     for (m, body) in Series::ALL.into_iter().zip(&bodies) {

@@ -109,6 +109,7 @@ pub fn router(state: ObsState, config: &ObsConfig) -> Router {
         .route("/gorchestra/api/history", get(history))
         .route("/gorchestra/api/process", get(process))
         .route("/gorchestra/api/plugins", get(plugins))
+        .route("/gorchestra/api/cluster", get(cluster))
         .route("/readyz", get(readyz));
     if config.dashboard {
         r = r.route("/gorchestra", get(dashboard));
@@ -190,12 +191,17 @@ async fn readyz(AxState(s): AxState<ObsState>) -> impl IntoResponse {
     let starting = s.plugins.in_state(LoadState::Starting);
     let failed = s.plugins.in_state(LoadState::Failed);
     let up = s.ready.load(Relaxed);
-    if up && failed.is_empty() {
+    let cluster = s.orch.cluster();
+    let linked = cluster.as_ref().is_none_or(|c| c.is_connected());
+    if up && failed.is_empty() && linked {
         return (StatusCode::OK, "ready\n".to_string());
     }
     let mut body = String::new();
     if !up {
         body.push_str("starting\n");
+    }
+    if let Some(c) = cluster.filter(|_| !linked) {
+        body.push_str(&format!("not connected to NATS at {} (reconnecting)\n", c.url()));
     }
     for p in &starting {
         body.push_str(&format!("starting: {}\n", p.file));
@@ -205,6 +211,31 @@ async fn readyz(AxState(s): AxState<ObsState>) -> impl IntoResponse {
         body.push_str(&format!("failed: {}\n", about_file(&p.file, &why)));
     }
     (StatusCode::SERVICE_UNAVAILABLE, body)
+}
+
+#[derive(serde::Deserialize)]
+struct ClusterQuery {
+    #[serde(default)]
+    routines: bool,
+}
+
+/// `GET /gorchestra/api/cluster`: the live nodes; with `?routines=true` each node's routine
+/// snapshots too (fetched from each node through NATS). 404 without a cluster.
+async fn cluster(AxState(s): AxState<ObsState>, Query(q): Query<ClusterQuery>) -> Response {
+    let Some(c) = s.orch.cluster() else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(serde_json::json!({
+                "error": "this host is not in a cluster (start it with --nats URL)"
+            })),
+        )
+            .into_response();
+    };
+    if q.routines {
+        axum::Json(c.view_with_routines().await).into_response()
+    } else {
+        axum::Json(c.view()).into_response()
+    }
 }
 
 async fn dashboard() -> impl IntoResponse {

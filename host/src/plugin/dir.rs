@@ -1,11 +1,12 @@
 //! A plugin directory: every `NAME.wasm` with its optional `NAME.toml`, and `gorch.toml`
-//! (groups). Scanning reads manifests only; loading and starting is `plugin::start`. Only
+//! (groups, cluster). Scanning reads manifests only; loading and starting is `plugin::start`. Only
 //! regular files (or symlinks to them) are used: a FIFO, a device or a directory named like
 //! a plugin or a manifest is reported by name and skipped, never opened for reading, and a
 //! manifest is read only up to [`MAX_MANIFEST_BYTES`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -115,6 +116,8 @@ pub struct PluginDir {
     pub plugins: Vec<PluginSpec>,
     /// The groups of `gorch.toml` (empty without one, or when it is invalid).
     pub groups: BTreeMap<String, GroupConfig>,
+    /// The `[cluster]` table of `gorch.toml`, if any.
+    pub cluster: Option<ClusterSection>,
     /// Problems that keep a plugin from being tried, each naming its file.
     pub errors: Vec<PluginError>,
 }
@@ -128,6 +131,11 @@ pub struct PluginDir {
 /// [groups.pipeline.intensity]        # the group's restart limit (default 5 within 10s)
 /// max-restarts = 5
 /// within = "10s"
+///
+/// [cluster]                          # join a cluster (the --nats / --node flags win)
+/// nats = "nats://127.0.0.1:4222"
+/// node = "a"                         # default: the host name
+/// ack-wait = "10s"                   # redelivery after a consumer's host died
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -135,6 +143,24 @@ pub struct DirConfig {
     /// Groups by name.
     #[serde(default)]
     pub groups: BTreeMap<String, GroupConfig>,
+    /// The `[cluster]` table.
+    #[serde(default)]
+    pub cluster: Option<ClusterSection>,
+}
+
+/// The `[cluster]` table of `gorch.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClusterSection {
+    /// NATS URL.
+    pub nats: Option<String>,
+    /// This node's name.
+    pub node: Option<String>,
+    /// A NATS credentials file.
+    pub creds: Option<PathBuf>,
+    /// JetStream ack wait of the topic consumers.
+    #[serde(default, with = "humantime_serde")]
+    pub ack_wait: Option<Duration>,
 }
 
 /// One `[groups.NAME]` table.
@@ -184,7 +210,10 @@ impl PluginDir {
         let config_path = dir.join(DIR_CONFIG);
         if config_path.exists() {
             match read_toml::<DirConfig>(&config_path) {
-                Ok(c) => out.groups = c.groups,
+                Ok(c) => {
+                    out.groups = c.groups;
+                    out.cluster = c.cluster;
+                }
                 Err(e) => out.errors.push(PluginError::DirConfig(e)),
             }
         }

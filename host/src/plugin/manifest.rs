@@ -354,6 +354,7 @@ fn routine_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Er
 /// idle-timeout = "0s"         # 0 = watchdog off
 /// queue-capacity = 128        # mailbox
 /// max-deliveries = 3
+/// cluster-unique = true       # with --nats: false lets several nodes run these names
 /// [backoff]
 /// initial = "200ms"
 /// max = "5s"
@@ -402,6 +403,9 @@ pub struct PluginManifest {
     pub limits: Limits,
     /// WASI grants.
     pub wasi: WasiGrants,
+    /// In a cluster (`--nats`): whether the routine names must be unique across nodes
+    /// (default true; false lets several nodes run them, a plain-name send reaching one).
+    pub cluster_unique: bool,
 }
 
 impl Default for PluginManifest {
@@ -420,6 +424,7 @@ impl Default for PluginManifest {
             intensity: sup.intensity,
             limits: Limits::default(),
             wasi: WasiGrants::default(),
+            cluster_unique: true,
         }
     }
 }
@@ -448,6 +453,7 @@ impl PluginManifest {
     /// Spawn options of one routine of this plugin.
     pub fn spawn_options(&self, name: String) -> SpawnOptions {
         let mut o = SpawnOptions::new(name)
+            .cluster_unique(self.cluster_unique)
             .queue_capacity(self.queue_capacity)
             .message_bytes(self.limits.message_bytes.0)
             .supervision(Supervision {

@@ -15,7 +15,9 @@ pub mod reload;
 pub mod start;
 pub mod status;
 
-pub use dir::{DIR_CONFIG, DirConfig, GroupConfig, PluginDir, PluginError, PluginSpec};
+pub use dir::{
+    ClusterSection, DIR_CONFIG, DirConfig, GroupConfig, PluginDir, PluginError, PluginSpec,
+};
 pub use manifest::{ByteSize, Limits, ManifestError, PluginManifest, SizeError, WasiGrants};
 pub use reload::{PluginChange, ReloadAction, ReloadReport, Reloader};
 pub use start::{StartReport, start_plugins};

@@ -9,10 +9,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::channel::{RecvError, SendError};
+use crate::channel::RecvError;
 use crate::delivery::{Message, Source};
 use crate::logguard::{Kind, escape};
-use crate::names::validate_routine_name;
 use crate::orchestrator::OrchInner;
 use crate::routine::shared::{RoutineShared, RunControl};
 
@@ -109,23 +108,16 @@ impl RoutineContext {
     }
 
     /// Delivers `payload` to the mailbox of the routine named `to`, waiting while it is full.
+    /// In a cluster, `to` may run on another node, and `node/name` names one node's routine.
     pub async fn send(&self, to: &str, payload: Vec<u8>) -> Result<(), CallError> {
         self.check_size(payload.len())?;
-        let target = self.orch.mailbox_of(to).ok_or_else(|| {
-            if validate_routine_name(to).is_err() {
-                CallError::InvalidName(to.to_string())
-            } else {
-                CallError::NoSuchRoutine(to.to_string())
-            }
-        })?;
-        self.sent(target.send_cancellable(Message::from(payload), &self.run.cancel).await)
+        self.sent(self.orch.send(to, payload, &self.run.cancel).await)
     }
 
     /// Publishes `payload` on `topic` (created on first use), waiting while it is full.
     pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), CallError> {
         self.check_size(payload.len())?;
-        let ch = self.orch.topic(topic)?;
-        self.sent(ch.send_cancellable(Message::from(payload), &self.run.cancel).await)
+        self.sent(self.orch.publish(topic, payload, &self.run.cancel).await)
     }
 
     /// Next message on `topic` (created on first use); `Ok(None)` means the wait timed out.
@@ -135,6 +127,16 @@ impl RoutineContext {
         topic: &str,
         timeout: Option<Duration>,
     ) -> Result<Option<Vec<u8>>, CallError> {
+        if let Some(cluster) = self.orch.cluster() {
+            self.shared.in_flight().ack();
+            let max = self.shared.supervision().max_deliveries;
+            let r = crate::cluster::topics::recv(cluster, topic, timeout, &self.run.cancel, max);
+            let Some(d) = r.await? else { return Ok(None) };
+            self.shared.count_in();
+            let msg = Message { payload: d.payload, deliveries: d.deliveries - 1 };
+            let source = Source::Cluster(topic.to_string(), d.handle);
+            return Ok(Some(self.shared.in_flight().deliver(msg, source)));
+        }
         let ch = self.orch.topic(topic)?;
         self.shared.in_flight().ack();
         let r = ch.recv_until(Some(&self.run.cancel), timeout).await;
@@ -171,15 +173,11 @@ impl RoutineContext {
         }
     }
 
-    fn sent(&self, r: Result<(), SendError<Message>>) -> Result<(), CallError> {
-        match r {
-            Ok(()) => {
-                self.shared.count_out();
-                Ok(())
-            }
-            Err(SendError::Cancelled(_)) => Err(CallError::Cancelled),
-            Err(SendError::Closed(_) | SendError::Full(_)) => Err(CallError::Closed),
+    fn sent(&self, r: Result<(), CallError>) -> Result<(), CallError> {
+        if r.is_ok() {
+            self.shared.count_out();
         }
+        r
     }
 }
 

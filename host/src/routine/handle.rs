@@ -74,6 +74,12 @@ impl RoutineHandle {
     pub fn stop(&self) {
         self.shared.request_stop();
     }
+    /// Stops the routine for good with `reason` as its last error (a cluster-unique name
+    /// lost to another node).
+    pub(crate) fn fail_and_stop(&self, reason: String) {
+        self.shared.set_last_error(Some(reason));
+        self.shared.request_stop();
+    }
     /// Restarts the routine now: the current run is stopped like [`stop`](Self::stop) does
     /// (its in-flight message is redelivered), then a new run starts at once, with no
     /// backoff and without counting against the restart intensity. A routine waiting in

@@ -4,6 +4,7 @@
 mod cache;
 mod channel;
 mod cli;
+mod cluster;
 mod common;
 mod control;
 mod corpus;

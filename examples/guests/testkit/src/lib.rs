@@ -96,6 +96,18 @@ fn run() -> Result<(), String> {
             #[allow(clippy::empty_loop)]
             loop {}
         }
+        // Takes one message from TOPIC and keeps it (in flight, never acknowledged) until
+        // stopped: a consumer whose host may die with the message.
+        "take-and-hold" => {
+            let topic = std::env::var("TOPIC").unwrap_or_else(|_| "work".into());
+            bus::recv(&topic).map_err(|e| e.to_string())?;
+            while !gorch::cancelled() {
+                gorch::beat();
+                gorch::sleep(Duration::from_millis(200));
+            }
+            // Not processed: an error puts the message back (redelivered elsewhere).
+            Err("stopped while holding a message".into())
+        }
         "beat-then-hang" => {
             gorch::beat();
             // Blocks in a host call without beating again.

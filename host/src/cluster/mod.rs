@@ -1,0 +1,450 @@
+//! Several hosts as one, over NATS JetStream (`gorch-host run --nats URL --node NAME`).
+//!
+//! - [`topics`]: every bus topic is a JetStream stream (work-queue retention, file storage)
+//!   with one durable pull consumer that the consumers of all nodes share (competing
+//!   consumers); the at-least-once rule of [`crate::delivery`] maps onto ack / nak / term.
+//! - [`registry`]: which node runs which routine, in the key-value bucket `gorch-routines`;
+//!   each node's lease is its entry in `gorch-nodes` (renewed every [`HEARTBEAT`], expired
+//!   [`LEASE`] after its last renewal); routine entries count only while their node's lease
+//!   lives.
+//! - [`rpc`]: a mailbox send to a routine of another node, and a node's snapshots (for
+//!   `ps --cluster`), through NATS request/reply on `gorch.rpc.<node>.*`.
+//!
+//! Without a cluster nothing here runs: the orchestrator keeps its in-memory bus and
+//! mailboxes. With one, a send or publish is never silently dropped: it succeeds, waits
+//! (backpressure), or fails with a [`CallError`] the caller sees.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Orchestrator;
+use crate::names::{NameError, validate_routine_name};
+use crate::orchestrator::OrchInner;
+use crate::routine::CallError;
+
+pub(crate) mod registry;
+pub(crate) mod rpc;
+pub(crate) mod topics;
+
+pub(crate) use topics::RemoteMsg;
+
+/// How often a node renews its lease.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A node whose lease was not renewed for this long is gone: its routines no longer count
+/// and its name may be taken again.
+pub const LEASE: Duration = Duration::from_secs(5);
+/// Default bound on connecting to NATS at start.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default JetStream ack wait: a message taken by a consumer whose host dies is redelivered
+/// (to any node) this long after its last sign of life. While its consumer works on it, the
+/// host extends it (progress acks every third of it), so slow work is not redelivered.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(10);
+/// Bound on a mailbox send to another node (then `closed`).
+pub const REMOTE_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to join a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// NATS server URL(s), comma-separated (`nats://`, `tls://`).
+    pub url: String,
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    /// A NATS credentials file (`--nats-creds`).
+    pub creds: Option<PathBuf>,
+    /// Bound on the first connection.
+    pub connect_timeout: Duration,
+    /// JetStream ack wait of the topic consumers this node creates (see [`DEFAULT_ACK_WAIT`]).
+    pub ack_wait: Duration,
+    /// This node's HTTP address, shown to the other nodes.
+    pub http_addr: Option<String>,
+}
+
+impl ClusterConfig {
+    /// A configuration with the defaults above.
+    pub fn new(url: impl Into<String>, node: impl Into<String>) -> Self {
+        ClusterConfig {
+            url: url.into(),
+            node: node.into(),
+            creds: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            ack_wait: DEFAULT_ACK_WAIT,
+            http_addr: None,
+        }
+    }
+}
+
+/// Why a node could not join.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The node name is not valid (the rules of routine names).
+    #[error("invalid node name {name:?}: {reason}")]
+    InvalidNode {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: NameError,
+    },
+    /// NATS could not be reached within the connect timeout.
+    #[error("cannot reach NATS at {url} within {timeout:?}: {reason}")]
+    Unreachable {
+        /// The URL as given.
+        url: String,
+        /// The bound.
+        timeout: Duration,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Another live node has this name.
+    #[error(
+        "node name {node:?} is taken: a node of that name is live in the cluster (its lease \
+         was renewed {seconds:.1}s ago; a node that died releases it within {lease}s). Choose \
+         another --node"
+    )]
+    NodeTaken {
+        /// The name.
+        node: String,
+        /// Seconds since the other node renewed its lease.
+        seconds: f64,
+        /// [`LEASE`] in seconds.
+        lease: u64,
+    },
+    /// The orchestrator is already in a cluster.
+    #[error("this orchestrator already joined a cluster")]
+    AlreadyJoined,
+    /// A JetStream call failed while joining.
+    #[error("NATS JetStream at {url}: {reason} (is the server started with -js?)")]
+    JetStream {
+        /// The URL.
+        url: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// One node as this node sees it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    /// Its name.
+    pub node: String,
+    /// Its HTTP address (empty when it serves none).
+    pub addr: String,
+    /// Its live routines.
+    pub routines: usize,
+    /// Seconds since its lease was last renewed (0 for this node).
+    pub last_seen_seconds: f64,
+}
+
+/// `GET /gorchestra/api/cluster`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ClusterView {
+    /// This node.
+    pub node: String,
+    /// Every live node, this one included, sorted by name.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// `GET /gorchestra/api/cluster?routines=true`: [`ClusterView`] with each node's routines.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ClusterRoutines {
+    /// This node.
+    pub node: String,
+    /// Every live node with its routines, sorted by name.
+    pub nodes: Vec<NodeRoutines>,
+}
+
+/// One node and its routine snapshots.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NodeRoutines {
+    /// The node.
+    #[serde(flatten)]
+    pub info: NodeInfo,
+    /// Its routines' snapshots.
+    #[serde(rename = "snapshots")]
+    pub routines: Vec<crate::routine::Snapshot>,
+    /// Why they could not be fetched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What a node shares with the others; each node keeps its own handle.
+pub(crate) struct ClusterCore {
+    pub(crate) node: String,
+    pub(crate) node_token: String,
+    pub(crate) url: String,
+    pub(crate) ack_wait: Duration,
+    pub(crate) http_addr: String,
+    pub(crate) client: async_nats::Client,
+    pub(crate) js: jetstream::Context,
+    pub(crate) orch: Weak<OrchInner>,
+    pub(crate) registry: registry::Registry,
+    pub(crate) topics: topics::Topics,
+    /// Background work (watchers, heartbeat, services, acks of settled messages).
+    pub(crate) tasks: TaskTracker,
+    pub(crate) stop: CancellationToken,
+    joined: Instant,
+}
+
+impl ClusterCore {
+    /// True while the NATS connection is up.
+    pub(crate) fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    pub(crate) fn orch(&self) -> Option<Orchestrator> {
+        self.orch.upgrade().map(Orchestrator::from_inner)
+    }
+
+    /// Runs `f` in the background until the node leaves (acks and naks of settled messages,
+    /// dead letters: work that must not hold up the routine).
+    pub(crate) fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(f);
+    }
+
+    pub(crate) fn view(&self) -> ClusterView {
+        let local = self.orch().map(|o| o.routine_count()).unwrap_or(0);
+        let mut nodes = self.registry.live_nodes();
+        nodes.retain(|n| n.node != self.node);
+        nodes.push(NodeInfo {
+            node: self.node.clone(),
+            addr: self.http_addr.clone(),
+            routines: local,
+            last_seen_seconds: 0.0,
+        });
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        ClusterView { node: self.node.clone(), nodes }
+    }
+}
+
+/// A node's membership in a cluster: made by [`Cluster::join`], ended by
+/// [`Cluster::leave`] (after the orchestrator's shutdown, so settled messages are acked).
+#[derive(Clone)]
+pub struct Cluster {
+    core: Arc<ClusterCore>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("node", &self.core.node).finish()
+    }
+}
+
+impl Cluster {
+    pub(crate) fn from_core(core: Arc<ClusterCore>) -> Self {
+        Cluster { core }
+    }
+
+    /// Connects to NATS, claims the node name, loads the registry and attaches the cluster
+    /// to `orch`: from then on its topics are cluster-wide and its sends reach routines on
+    /// other nodes. Call it before spawning routines.
+    pub async fn join(orch: &Orchestrator, config: ClusterConfig) -> Result<Cluster, ClusterError> {
+        validate_routine_name(&config.node)
+            .map_err(|reason| ClusterError::InvalidNode { name: config.node.clone(), reason })?;
+        let client = connect(&config).await?;
+        let js = jetstream::new(client.clone());
+        let js_err = |reason: String| ClusterError::JetStream { url: config.url.clone(), reason };
+        let node_token = token(&config.node);
+        let registry =
+            registry::Registry::open(&js, &config.node, &node_token).await.map_err(js_err)?;
+        registry.claim_node(&config.node, &node_token).await?;
+        let core = Arc::new(ClusterCore {
+            node: config.node.clone(),
+            node_token,
+            url: config.url.clone(),
+            ack_wait: config.ack_wait,
+            http_addr: config.http_addr.clone().unwrap_or_default(),
+            client,
+            js,
+            orch: orch.downgrade(),
+            registry,
+            topics: topics::Topics::default(),
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            joined: Instant::now(),
+        });
+        if !orch.attach_cluster(core.clone()) {
+            core.registry.release_node(&core.node_token).await;
+            return Err(ClusterError::AlreadyJoined);
+        }
+        registry::start(&core).await.map_err(js_err)?;
+        rpc::serve(&core).await.map_err(js_err)?;
+        topics::start_stats(&core);
+        tracing::info!(node = %core.node, "joined the cluster at {}", core.url);
+        Ok(Cluster { core })
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.core.node
+    }
+
+    /// True while the NATS connection is up (`/readyz` is 503 otherwise).
+    pub fn is_connected(&self) -> bool {
+        self.core.connected()
+    }
+
+    /// The live nodes as this node sees them.
+    pub fn view(&self) -> ClusterView {
+        self.core.view()
+    }
+
+    /// The other live nodes that run a routine named `name` (from the registry).
+    pub fn nodes_running(&self, name: &str) -> Vec<String> {
+        self.core.registry.holders(name)
+    }
+
+    /// The NATS URL.
+    pub fn url(&self) -> &str {
+        &self.core.url
+    }
+
+    /// [`view`](Self::view) with each node's routine snapshots, fetched through NATS
+    /// request/reply (a node that does not answer within 2 s gets an `error` instead).
+    pub async fn view_with_routines(&self) -> ClusterRoutines {
+        let view = self.view();
+        let fetches = view.nodes.into_iter().map(|info| async move {
+            let r = rpc::snapshots(&self.core, &info.node).await;
+            let (routines, error) = match r {
+                Ok(s) => (s, None),
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            NodeRoutines { info, routines, error }
+        });
+        ClusterRoutines { node: view.node, nodes: futures::future::join_all(fetches).await }
+    }
+
+    /// Time since this node joined.
+    pub fn uptime(&self) -> Duration {
+        self.core.joined.elapsed()
+    }
+
+    /// Leaves the cluster: removes this node's registry entries and lease, waits for the
+    /// acks of settled messages, and closes the connection. Call it after the
+    /// orchestrator's shutdown.
+    pub async fn leave(&self) {
+        self.core.registry.leave(&self.core).await;
+        self.core.tasks.close();
+        // Acks and naks of the last settled messages, bounded.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            // Background loops end with `stop`; the one-shot ack tasks end by themselves.
+            self.core.stop.cancel();
+            self.core.tasks.wait().await;
+        })
+        .await;
+        let _ = self.core.client.flush().await;
+        let _ = self.core.client.drain().await;
+        tracing::info!(node = %self.core.node, "left the cluster");
+    }
+}
+
+async fn connect(config: &ClusterConfig) -> Result<async_nats::Client, ClusterError> {
+    let unreachable = |reason: String| ClusterError::Unreachable {
+        url: config.url.clone(),
+        timeout: config.connect_timeout,
+        reason,
+    };
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(format!("gorch-host {}", config.node))
+        .connection_timeout(config.connect_timeout)
+        // Publishes made while disconnected wait in this bounded buffer, then block.
+        .client_capacity(4096)
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("lost the NATS connection; reconnecting (local work goes on)")
+                }
+                async_nats::Event::Connected => tracing::info!("NATS connection back"),
+                other => tracing::debug!("NATS: {other}"),
+            }
+        });
+    if let Some(creds) = &config.creds {
+        opts = opts
+            .credentials_file(creds)
+            .await
+            .map_err(|e| unreachable(format!("credentials file {}: {e}", creds.display())))?;
+    }
+    match tokio::time::timeout(config.connect_timeout, opts.connect(config.url.as_str())).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(unreachable(e.to_string())),
+        Err(_) => Err(unreachable("timed out".into())),
+    }
+}
+
+/// `name` as one NATS subject token, stream-name part and key-value key part: ASCII letters,
+/// digits and `-` stay, every other byte is `_` and two hex digits. Long names are hashed.
+pub(crate) fn token(name: &str) -> String {
+    let mut t = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            t.push(b as char);
+        } else {
+            t.push_str(&format!("_{b:02x}"));
+        }
+    }
+    if t.len() > 160 {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(name.as_bytes());
+        t = format!("_h{}", digest.iter().take(20).map(|b| format!("{b:02x}")).collect::<String>());
+    }
+    t
+}
+
+/// The reverse of [`token`] (hashed tokens have no reverse).
+pub(crate) fn untoken(t: &str) -> Option<String> {
+    let bytes = t.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'_' {
+            let hex = t.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A send target: `node/name` or a plain name.
+pub(crate) fn split_address(to: &str) -> (Option<&str>, &str) {
+    match to.split_once('/') {
+        Some((node, name)) => (Some(node), name),
+        None => (None, to),
+    }
+}
+
+/// Maps a transport failure to what a routine sees.
+pub(crate) fn closed(what: impl std::fmt::Display) -> CallError {
+    tracing::debug!("cluster call failed: {what}");
+    CallError::Closed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_subject_safe_and_reversible() {
+        for name in ["jobs", "a.b", "x y", "é/ü", "a_b", "*>", "dead-letter"] {
+            let t = token(name);
+            assert!(t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{t}");
+            assert_eq!(untoken(&t).as_deref(), Some(name));
+        }
+        assert_ne!(token("a.b"), token("a_b"));
+        let long = "x".repeat(200);
+        assert!(token(&long).len() < 50);
+    }
+
+    #[test]
+    fn addresses_split_on_the_first_slash() {
+        assert_eq!(split_address("b/echo"), (Some("b"), "echo"));
+        assert_eq!(split_address("echo"), (None, "echo"));
+    }
+}

@@ -1,0 +1,479 @@
+//! Which node runs which routine, and which nodes are alive.
+//!
+//! Two JetStream key-value buckets:
+//! - `gorch-nodes`: one entry per node (key: the node's token), renewed every
+//!   [`HEARTBEAT`] with its HTTP address and routine count; the bucket's `max_age` is
+//!   [`LEASE`], so a node that dies loses its entry (its *lease*) within [`LEASE`], and a
+//!   node that stops deletes it. A node is live while its entry was renewed within [`LEASE`].
+//! - `gorch-routines`: `r=<name>=<node>` for each routine a node runs (held only while that
+//!   node's lease lives; removed when the routine ends or the node stops), and `u=<name>` the
+//!   claim of a `cluster-unique` name (compare-and-set, taken over from a dead node).
+//!
+//! Every node watches both buckets and keeps a view in memory, so looking a name up costs
+//! no round trip.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::mpsc;
+
+use super::{ClusterCore, ClusterError, HEARTBEAT, LEASE, NodeInfo, token};
+
+const NODES_BUCKET: &str = "gorch-nodes";
+const ROUTINES_BUCKET: &str = "gorch-routines";
+
+/// A node's lease entry.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NodeRecord {
+    node: String,
+    addr: String,
+    routines: usize,
+    /// Milliseconds since the Unix epoch when written (the age shown on a name clash).
+    at: u64,
+}
+
+/// A routine's registry entry.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RoutineRecord {
+    name: String,
+    node: String,
+    unique: bool,
+}
+
+struct Seen {
+    record: NodeRecord,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct View {
+    /// Node name -> its last lease renewal.
+    nodes: HashMap<String, Seen>,
+    /// Node key -> node name (to apply deletes).
+    node_keys: HashMap<String, String>,
+    /// Routine name -> node -> cluster-unique.
+    names: HashMap<String, HashMap<String, bool>>,
+    /// Routine key -> (name, node).
+    routine_keys: HashMap<String, (String, String)>,
+}
+
+impl View {
+    fn live(&self, node: &str) -> bool {
+        self.nodes.get(node).is_some_and(|s| s.at.elapsed() < LEASE)
+    }
+}
+
+enum Event {
+    Register { name: String, unique: bool },
+    Unregister { name: String },
+}
+
+pub(crate) struct Registry {
+    nodes: kv::Store,
+    routines: kv::Store,
+    node: String,
+    view: RwLock<View>,
+    events: mpsc::UnboundedSender<Event>,
+    queue: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
+    /// Routine keys this node wrote (removed when it leaves).
+    mine: Mutex<HashSet<String>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Gets or creates a key-value bucket. The stream is created here with the settings
+/// `create_key_value` would use: async-nats 0.51's `create_key_value` first reads the
+/// account info, whose reply from nats-server 2.9 (Debian's) it cannot parse.
+async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, String> {
+    if let Ok(store) = js.get_key_value(&config.bucket).await {
+        return Ok(store);
+    }
+    let stream = jetstream::stream::Config {
+        name: format!("KV_{}", config.bucket),
+        description: Some(config.description.clone()),
+        subjects: vec![format!("$KV.{}.>", config.bucket)],
+        max_messages_per_subject: config.history.max(1),
+        max_age: config.max_age,
+        storage: config.storage,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: 1,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    // Another node may create it meanwhile: then the get below finds it.
+    let created = js.create_stream(stream).await;
+    js.get_key_value(&config.bucket).await.map_err(|e| match created {
+        Err(c) => format!("cannot create the key-value bucket {}: {c}", config.bucket),
+        Ok(_) => format!("cannot open the key-value bucket {}: {e}", config.bucket),
+    })
+}
+
+impl Registry {
+    pub(crate) async fn open(
+        js: &jetstream::Context,
+        node: &str,
+        _node_token: &str,
+    ) -> Result<Registry, String> {
+        let nodes = bucket(
+            js,
+            kv::Config {
+                bucket: NODES_BUCKET.into(),
+                description: "gorch-host node leases".into(),
+                history: 1,
+                max_age: LEASE,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let routines = bucket(
+            js,
+            kv::Config {
+                bucket: ROUTINES_BUCKET.into(),
+                description: "gorch-host routine registry".into(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let (events, queue) = mpsc::unbounded_channel();
+        Ok(Registry {
+            nodes,
+            routines,
+            node: node.to_string(),
+            view: RwLock::default(),
+            events,
+            queue: Mutex::new(Some(queue)),
+            mine: Mutex::default(),
+        })
+    }
+
+    fn record(&self, addr: &str, routines: usize) -> bytes::Bytes {
+        let r = NodeRecord { node: self.node.clone(), addr: addr.into(), routines, at: now_ms() };
+        serde_json::to_vec(&r).unwrap_or_default().into()
+    }
+
+    /// Takes the lease of `node`, refused while another live node holds it.
+    pub(crate) async fn claim_node(&self, node: &str, key: &str) -> Result<(), ClusterError> {
+        match self.nodes.create(key, self.record("", 0)).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let at = match self.nodes.get(key).await {
+                    Ok(Some(v)) => serde_json::from_slice::<NodeRecord>(&v).map(|r| r.at).ok(),
+                    _ => None,
+                };
+                let seconds = at.map(|at| now_ms().saturating_sub(at) as f64 / 1000.0);
+                Err(ClusterError::NodeTaken {
+                    node: node.to_string(),
+                    seconds: seconds.unwrap_or(0.0),
+                    lease: LEASE.as_secs(),
+                })
+            }
+            Err(e) => Err(ClusterError::JetStream {
+                url: String::new(),
+                reason: format!("cannot take the lease of node {node:?}: {e}"),
+            }),
+        }
+    }
+
+    /// Gives the lease back (a clean stop).
+    pub(crate) async fn release_node(&self, key: &str) {
+        if let Err(e) = self.nodes.delete(key).await {
+            tracing::warn!("cannot release this node's lease: {e}");
+        }
+    }
+
+    /// The other live node running `name` that forbids this node to run it too (`unique`:
+    /// this one is cluster-unique), if any.
+    pub(crate) fn conflict(&self, name: &str, unique: bool) -> Option<String> {
+        let view = self.view.read();
+        let holders = view.names.get(name)?;
+        holders
+            .iter()
+            .filter(|(node, _)| **node != self.node && view.live(node))
+            .find(|(_, other_unique)| unique || **other_unique)
+            .map(|(node, _)| node.clone())
+    }
+
+    /// Live nodes other than this one that run `name`.
+    pub(crate) fn holders(&self, name: &str) -> Vec<String> {
+        let view = self.view.read();
+        let mut v: Vec<String> = view
+            .names
+            .get(name)
+            .map(|h| {
+                h.keys().filter(|n| **n != self.node && view.live(n)).cloned().collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// True when `node` holds a live lease.
+    pub(crate) fn is_live(&self, node: &str) -> bool {
+        self.view.read().live(node)
+    }
+
+    pub(crate) fn live_nodes(&self) -> Vec<NodeInfo> {
+        let view = self.view.read();
+        view.nodes
+            .values()
+            .filter(|s| s.at.elapsed() < LEASE)
+            .map(|s| NodeInfo {
+                node: s.record.node.clone(),
+                addr: s.record.addr.clone(),
+                routines: s.record.routines,
+                last_seen_seconds: s.at.elapsed().as_secs_f64(),
+            })
+            .collect()
+    }
+
+    pub(crate) fn register(&self, name: &str, unique: bool) {
+        let _ = self.events.send(Event::Register { name: name.to_string(), unique });
+    }
+
+    pub(crate) fn unregister(&self, name: &str) {
+        let _ = self.events.send(Event::Unregister { name: name.to_string() });
+    }
+
+    fn routine_key(&self, name: &str) -> String {
+        format!("r={}={}", token(name), token(&self.node))
+    }
+
+    async fn apply(&self, core: &ClusterCore, event: Event) {
+        match event {
+            Event::Register { name, unique } => {
+                let key = self.routine_key(&name);
+                let rec = RoutineRecord { name: name.clone(), node: self.node.clone(), unique };
+                let value: bytes::Bytes = serde_json::to_vec(&rec).unwrap_or_default().into();
+                if let Err(e) = self.routines.put(&key, value).await {
+                    tracing::warn!(routine = %name, "cannot register in the cluster: {e}");
+                }
+                self.mine.lock().insert(key);
+                if unique {
+                    self.claim_unique(core, &name).await;
+                }
+            }
+            Event::Unregister { name } => {
+                let key = self.routine_key(&name);
+                self.mine.lock().remove(&key);
+                let _ = self.routines.delete(&key).await;
+                let claim = format!("u={}", token(&name));
+                if let Ok(Some(owner)) = self.routines.get(&claim).await
+                    && owner.as_ref() == self.node.as_bytes()
+                {
+                    let _ = self.routines.delete(&claim).await;
+                }
+            }
+        }
+    }
+
+    /// Claims a cluster-unique name (compare-and-set): taken over from this node's previous
+    /// life or a dead node; lost to a live node (two nodes started it in the same instant),
+    /// the routine here is stopped with the reason.
+    async fn claim_unique(&self, core: &ClusterCore, name: &str) {
+        let key = format!("u={}", token(name));
+        let me = bytes::Bytes::from(self.node.clone().into_bytes());
+        if self.routines.create(&key, me.clone()).await.is_ok() {
+            return;
+        }
+        let Ok(Some(entry)) = self.routines.entry(key.clone()).await else { return };
+        let owner = String::from_utf8_lossy(&entry.value).into_owned();
+        let takeable =
+            entry.operation != kv::Operation::Put || owner == self.node || !self.is_live(&owner);
+        if takeable && self.routines.update(&key, me, entry.revision).await.is_ok() {
+            return;
+        }
+        let reason = format!(
+            "routine {name:?} also runs on node {owner:?}: it is cluster-unique (mark its plugin \
+             cluster-unique = false to run it on several nodes)"
+        );
+        tracing::error!("{reason}");
+        if let Some(h) = core.orch().and_then(|o| o.get_by_name(name)) {
+            h.fail_and_stop(reason);
+        }
+    }
+
+    /// Removes every entry of this node and its lease (a clean stop).
+    pub(crate) async fn leave(&self, core: &ClusterCore) {
+        let names: Vec<String> = {
+            let view = self.view.read();
+            view.routine_keys
+                .values()
+                .filter(|(_, node)| *node == self.node)
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        for name in names {
+            self.apply(core, Event::Unregister { name }).await;
+        }
+        let mine: Vec<String> = self.mine.lock().drain().collect();
+        for key in mine {
+            let _ = self.routines.delete(&key).await;
+        }
+        self.release_node(&core.node_token).await;
+    }
+
+    fn seen_node(&self, entry: &kv::Entry) {
+        let mut view = self.view.write();
+        match entry.operation {
+            kv::Operation::Put => {
+                if let Ok(record) = serde_json::from_slice::<NodeRecord>(&entry.value) {
+                    view.node_keys.insert(entry.key.clone(), record.node.clone());
+                    let node = record.node.clone();
+                    view.nodes.insert(node, Seen { record, at: Instant::now() });
+                }
+            }
+            _ => {
+                if let Some(node) = view.node_keys.remove(&entry.key) {
+                    view.nodes.remove(&node);
+                }
+            }
+        }
+    }
+
+    fn seen_routine(&self, entry: &kv::Entry) {
+        if !entry.key.starts_with("r=") {
+            return;
+        }
+        let mut view = self.view.write();
+        match entry.operation {
+            kv::Operation::Put => {
+                if let Ok(r) = serde_json::from_slice::<RoutineRecord>(&entry.value) {
+                    view.routine_keys.insert(entry.key.clone(), (r.name.clone(), r.node.clone()));
+                    view.names.entry(r.name).or_default().insert(r.node, r.unique);
+                }
+            }
+            _ => {
+                if let Some((name, node)) = view.routine_keys.remove(&entry.key) {
+                    if let Some(h) = view.names.get_mut(&name) {
+                        h.remove(&node);
+                        if h.is_empty() {
+                            view.names.remove(&name);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Starts the watchers (and waits until they have loaded the buckets), removes what a
+/// previous life of this node left behind, then starts the heartbeat and the registration
+/// queue.
+pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
+    let reg = &core.registry;
+    let (nodes_synced, routines_synced) = tokio::join!(
+        watch(core, &reg.nodes, |c, e| c.registry.seen_node(e)),
+        watch(core, &reg.routines, |c, e| c.registry.seen_routine(e)),
+    );
+    let (nodes_synced, routines_synced) = (nodes_synced?, routines_synced?);
+    let load = async {
+        let _ = nodes_synced.await;
+        let _ = routines_synced.await;
+    };
+    if tokio::time::timeout(Duration::from_secs(10), load).await.is_err() {
+        return Err("timed out loading the registry".into());
+    }
+    let stale: Vec<String> = {
+        let view = reg.view.read();
+        view.routine_keys
+            .iter()
+            .filter(|(_, (_, node))| *node == reg.node)
+            .map(|(k, _)| k.clone())
+            .collect()
+    };
+    for key in stale {
+        let _ = reg.routines.delete(&key).await;
+    }
+    let hb = core.clone();
+    core.tasks.spawn(async move {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = hb.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let count = hb.orch().map(|o| o.routine_count()).unwrap_or(0);
+            let record = hb.registry.record(&hb.http_addr, count);
+            if let Err(e) = hb.registry.nodes.put(&hb.node_token, record).await {
+                tracing::debug!("lease renewal failed: {e}");
+            }
+        }
+    });
+    let queue = reg.queue.lock().take();
+    if let Some(mut queue) = queue {
+        let q = core.clone();
+        core.tasks.spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    _ = q.stop.cancelled() => break,
+                    e = queue.recv() => match e { Some(e) => e, None => break },
+                };
+                q.registry.apply(&q, event).await;
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Watches every key of `store` with `seen`, starting from each key's current value (in
+/// async-nats 0.51 `watch_all` sees only later changes); the receiver completes once the
+/// entries that existed at the start have been seen.
+async fn watch(
+    core: &Arc<ClusterCore>,
+    store: &kv::Store,
+    seen: fn(&ClusterCore, &kv::Entry),
+) -> Result<tokio::sync::oneshot::Receiver<()>, String> {
+    let (synced_tx, synced) = tokio::sync::oneshot::channel();
+    let existing = store.status().await.map_err(|e| e.to_string())?.values();
+    let mut entries = store.watch_with_history(">").await.map_err(|e| e.to_string())?;
+    let mut synced_tx = Some(synced_tx);
+    if existing == 0
+        && let Some(tx) = synced_tx.take()
+    {
+        let _ = tx.send(());
+    }
+    let core = core.clone();
+    let store = store.clone();
+    core.tasks.clone().spawn(async move {
+        loop {
+            let entry = tokio::select! {
+                _ = core.stop.cancelled() => break,
+                e = entries.next() => e,
+            };
+            match entry {
+                Some(Ok(entry)) => {
+                    seen(&core, &entry);
+                    if (entry.delta == 0 || entry.seen_current)
+                        && let Some(tx) = synced_tx.take()
+                    {
+                        let _ = tx.send(());
+                    }
+                }
+                Some(Err(e)) => tracing::debug!("registry watch: {e}"),
+                // The watch ended (connection trouble): watch again, from the current state.
+                None => loop {
+                    tokio::select! {
+                        _ = core.stop.cancelled() => return,
+                        _ = tokio::time::sleep(HEARTBEAT) => {}
+                    }
+                    if let Ok(w) = store.watch_with_history(">").await {
+                        entries = w;
+                        break;
+                    }
+                },
+            }
+        }
+    });
+    Ok(synced)
+}

@@ -1,0 +1,351 @@
+//! Cluster-wide topics: each topic is the JetStream stream `GORCH_T_<topic>` (subject
+//! `gorch.topic.<topic>`, work-queue retention, file storage, at most
+//! [`DEFAULT_TOPIC_CAPACITY`] messages, new ones refused when full) with one durable pull
+//! consumer, `gorch`, shared by the consumers of every node: each message goes to one
+//! consumer.
+//!
+//! The delivery rule of [`crate::delivery`] maps onto JetStream: a message taken stays
+//! unacknowledged (in flight) until its consumer asks for the next one or returns (ack); a
+//! crash naks it (redelivered at once, to any node); after `max-deliveries` it goes to the
+//! cluster-wide `dead-letter` topic and is terminated. While a consumer works on a message
+//! the host sends progress acks; if the host dies they stop and JetStream redelivers the
+//! message after the consumer's ack wait. Publishing waits for the stream's acknowledgement
+//! (the message is stored before `publish` returns), retries with the same message id across
+//! a lost connection (JetStream drops the duplicate), and waits while the topic is full.
+//!
+//! There is no same-node shortcut: a message handed to a local consumer without going
+//! through the stream would be lost with this host.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{self, AckPolicy, pull};
+use async_nats::jetstream::message::{AckKind, Acker};
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use futures::StreamExt;
+use parking_lot::{Mutex, RwLock};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::{ClusterCore, closed, token, untoken};
+use crate::bus::{DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY, TopicStats};
+use crate::names::validate_topic_name;
+use crate::routine::CallError;
+
+const STREAM_PREFIX: &str = "GORCH_T_";
+const CONSUMER: &str = "gorch";
+/// Longest wait of one pull request (a receive without timeout pulls again after it).
+const PULL_MAX: Duration = Duration::from_secs(5);
+/// How often the topic figures of `/gorchestra/api/topics` and `/metrics` are refreshed.
+const STATS_EVERY: Duration = Duration::from_secs(1);
+
+pub(crate) struct Topic {
+    subject: String,
+    consumer: consumer::Consumer<pull::Config>,
+    blocked_publish_ns: AtomicU64,
+    blocked_recv_ns: AtomicU64,
+}
+
+#[derive(Default)]
+pub(crate) struct Topics {
+    handles: Mutex<HashMap<String, Arc<Topic>>>,
+    stats: RwLock<Vec<TopicStats>>,
+    seq: AtomicU64,
+}
+
+impl Topics {
+    /// The figures of every cluster topic (refreshed every second from the streams), with
+    /// this node's blocked times.
+    pub(crate) fn stats(&self) -> Vec<TopicStats> {
+        self.stats.read().clone()
+    }
+}
+
+/// A message taken from a cluster topic, in flight until acked, naked or terminated.
+pub(crate) struct RemoteDelivery {
+    pub(crate) payload: Vec<u8>,
+    pub(crate) deliveries: u32,
+    pub(crate) handle: RemoteMsg,
+}
+
+/// The acknowledgement handle of an in-flight cluster message. Dropping it without a
+/// verdict leaves the message to JetStream's ack wait.
+pub(crate) struct RemoteMsg {
+    acker: Arc<Acker>,
+    core: Arc<ClusterCore>,
+    _progress: DropGuard,
+}
+
+impl RemoteMsg {
+    fn verdict(self, kind: AckKind) {
+        let RemoteMsg { acker, core, _progress } = self;
+        drop(_progress);
+        core.clone().spawn(async move {
+            if let Err(e) = acker.ack_with(kind).await {
+                tracing::debug!("ack of a cluster message failed (it will be redelivered): {e}");
+            }
+        });
+    }
+    /// Processed: removed from the stream.
+    pub(crate) fn ack(self) {
+        self.verdict(AckKind::Ack);
+    }
+    /// Not processed: redelivered now, to any node.
+    pub(crate) fn nak(self) {
+        self.verdict(AckKind::Nak(None));
+    }
+    /// Publishes `letter` on the cluster's `dead-letter` topic, then terminates the message
+    /// (never redelivered).
+    pub(crate) fn dead_letter(self, letter: Vec<u8>) {
+        let RemoteMsg { acker, core, _progress } = self;
+        drop(_progress);
+        let c = core.clone();
+        core.spawn(async move {
+            let never = CancellationToken::new();
+            let published = tokio::time::timeout(
+                Duration::from_secs(30),
+                publish(&c, crate::delivery::DEAD_LETTER_TOPIC, letter, &never),
+            )
+            .await;
+            // Terminate only what reached dead-letter; otherwise let it be redelivered.
+            let kind =
+                if matches!(published, Ok(Ok(()))) { AckKind::Term } else { AckKind::Nak(None) };
+            let _ = acker.ack_with(kind).await;
+        });
+    }
+}
+
+fn stream_name(topic: &str) -> String {
+    format!("{STREAM_PREFIX}{}", token(topic))
+}
+
+/// The stream and consumer of `topic`, created on first use (by whichever node comes first:
+/// its capacity and ack wait hold for the cluster).
+async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> {
+    if let Some(t) = core.topics.handles.lock().get(name) {
+        return Ok(t.clone());
+    }
+    validate_topic_name(name).map_err(|_| CallError::InvalidName(name.to_string()))?;
+    if core.topics.handles.lock().len() >= DEFAULT_MAX_TOPICS {
+        return Err(CallError::Limit(format!("at most {DEFAULT_MAX_TOPICS} topics")));
+    }
+    let subject = format!("gorch.topic.{}", token(name));
+    let config = stream::Config {
+        name: stream_name(name),
+        description: Some(name.to_string()),
+        subjects: vec![subject.clone()],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        max_messages: DEFAULT_TOPIC_CAPACITY as i64,
+        discard: DiscardPolicy::New,
+        ..Default::default()
+    };
+    let stream = core.js.get_or_create_stream(config).await.map_err(closed)?;
+    let consumer = stream
+        .get_or_create_consumer(
+            CONSUMER,
+            pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: core.ack_wait,
+                max_ack_pending: 65_536,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(closed)?;
+    let t = Arc::new(Topic {
+        subject,
+        consumer,
+        blocked_publish_ns: AtomicU64::new(0),
+        blocked_recv_ns: AtomicU64::new(0),
+    });
+    Ok(core.topics.handles.lock().entry(name.to_string()).or_insert(t).clone())
+}
+
+fn is_full(e: &impl std::fmt::Display) -> bool {
+    let s = e.to_string();
+    s.contains("maximum messages") || s.contains("maximum bytes")
+}
+
+/// Publishes on the cluster topic `name`: returns once JetStream has stored the message;
+/// waits (with growing pauses) while the topic is full or NATS is unreachable.
+pub(crate) async fn publish(
+    core: &ClusterCore,
+    name: &str,
+    payload: Vec<u8>,
+    cancel: &CancellationToken,
+) -> Result<(), CallError> {
+    let max = core.client.server_info().max_payload;
+    if payload.len() + 256 > max {
+        return Err(CallError::TooLarge(max.saturating_sub(256) as u64));
+    }
+    let t = topic(core, name).await?;
+    let id = format!("{}.{}", core.node_token, core.topics.seq.fetch_add(1, Relaxed));
+    let payload = bytes::Bytes::from(payload);
+    let mut pause = Duration::from_millis(2);
+    let mut blocked: Option<Instant> = None;
+    let result = loop {
+        let message = async_nats::jetstream::message::PublishMessage::build()
+            .payload(payload.clone())
+            .message_id(&id);
+        let attempt = async {
+            match core.js.send_publish(t.subject.clone(), message).await {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let r = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break Err(CallError::Cancelled),
+            r = attempt => r,
+        };
+        match r {
+            Ok(()) => break Ok(()),
+            Err(e) => {
+                if !is_full(&e) {
+                    tracing::debug!(topic = name, "publish to NATS failed, retrying: {e}");
+                }
+                blocked.get_or_insert_with(Instant::now);
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break Err(CallError::Cancelled),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_millis(250));
+            }
+        }
+    };
+    if let Some(b) = blocked {
+        t.blocked_publish_ns.fetch_add(b.elapsed().as_nanos() as u64, Relaxed);
+    }
+    result
+}
+
+/// Takes the next message of the cluster topic `name` (`Ok(None)`: `timeout` passed). A
+/// message already delivered more than `max_deliveries` times (its consumer's host died
+/// with it) goes to `dead-letter` here, and the next one is taken.
+pub(crate) async fn recv(
+    core: &Arc<ClusterCore>,
+    name: &str,
+    timeout: Option<Duration>,
+    cancel: &CancellationToken,
+    max_deliveries: u32,
+) -> Result<Option<RemoteDelivery>, CallError> {
+    let t = topic(core, name).await?;
+    let start = Instant::now();
+    let deadline = timeout.map(|d| start + d);
+    let mut first = true;
+    let result = loop {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        // A zero timeout still asks once (a try-receive).
+        if !first && left == Some(Duration::ZERO) {
+            break Ok(None);
+        }
+        first = false;
+        let expires = left.unwrap_or(PULL_MAX).clamp(Duration::from_millis(1), PULL_MAX);
+        let pulled = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break Err(CallError::Cancelled),
+            m = pull_one(&t, expires) => m,
+        };
+        let Some(msg) = pulled else {
+            if !core.connected() {
+                // Pull requests fail at once while disconnected: pace the retries.
+                tokio::select! {
+                    _ = cancel.cancelled() => break Err(CallError::Cancelled),
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+            continue;
+        };
+        let deliveries = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+        let (msg, acker) = msg.split();
+        let handle = remote_msg(core, acker);
+        if deliveries > max_deliveries {
+            let letter = crate::delivery::dead_letter_json(
+                "",
+                Some("its host died while processing it".into()),
+                &format!("topic:{name}"),
+                deliveries - 1,
+                &msg.payload,
+            );
+            handle.dead_letter(letter);
+            continue;
+        }
+        break Ok(Some(RemoteDelivery { payload: msg.payload.to_vec(), deliveries, handle }));
+    };
+    t.blocked_recv_ns.fetch_add(start.elapsed().as_nanos() as u64, Relaxed);
+    result
+}
+
+async fn pull_one(t: &Topic, expires: Duration) -> Option<async_nats::jetstream::Message> {
+    let mut batch = t.consumer.batch().max_messages(1).expires(expires).messages().await.ok()?;
+    match batch.next().await {
+        Some(Ok(m)) => Some(m),
+        Some(Err(e)) => {
+            tracing::trace!("pull: {e}");
+            None
+        }
+        None => None,
+    }
+}
+
+/// The handle of a message just taken; progress acks keep it ours while it is in flight.
+fn remote_msg(core: &Arc<ClusterCore>, acker: Acker) -> RemoteMsg {
+    let acker = Arc::new(acker);
+    let done = CancellationToken::new();
+    let (a, d, every) = (acker.clone(), done.clone(), core.ack_wait / 3);
+    core.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = d.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let _ = a.ack_with(AckKind::Progress).await;
+        }
+    });
+    RemoteMsg { acker, core: core.clone(), _progress: done.drop_guard() }
+}
+
+/// Refreshes the topic figures every [`STATS_EVERY`] while the node is in the cluster.
+pub(crate) fn start_stats(core: &Arc<ClusterCore>) {
+    let c = core.clone();
+    core.tasks.spawn(async move {
+        loop {
+            refresh_stats(&c).await;
+            tokio::select! {
+                _ = c.stop.cancelled() => break,
+                _ = tokio::time::sleep(STATS_EVERY) => {}
+            }
+        }
+    });
+}
+
+async fn refresh_stats(core: &ClusterCore) {
+    let mut streams = core.js.streams();
+    let mut out = Vec::new();
+    while let Some(info) = streams.next().await {
+        let Ok(info) = info else { return };
+        let Some(tok) = info.config.name.strip_prefix(STREAM_PREFIX) else { continue };
+        let name = info.config.description.clone().or_else(|| untoken(tok)).unwrap_or_default();
+        let local = core.topics.handles.lock().get(&name).cloned();
+        let ns = |f: fn(&Topic) -> &AtomicU64| {
+            local.as_ref().map(|t| f(t).load(Relaxed) as f64 / 1e9).unwrap_or(0.0)
+        };
+        let s = &info.state;
+        out.push(TopicStats {
+            len: s.messages as usize,
+            cap: info.config.max_messages.max(0) as usize,
+            bytes: s.bytes as usize,
+            published: s.last_sequence,
+            received: s.last_sequence.saturating_sub(s.messages),
+            blocked_publish_seconds: ns(|t| &t.blocked_publish_ns),
+            blocked_recv_seconds: ns(|t| &t.blocked_recv_ns),
+            name,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    *core.topics.stats.write() = out;
+}

@@ -1,0 +1,411 @@
+//! Several hosts as one over a real `nats-server -js` (each test starts its own, on a free
+//! port with its own store directory): competing consumers across nodes, a node killed
+//! mid-stream, cross-node sends, node-name and routine-name clashes, unreachable NATS, NATS
+//! restarted under load, and the cluster view through the real binary.
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gorch_host::{CallError, Cluster, ClusterConfig, ClusterError, Orchestrator, SpawnOptions};
+use parking_lot::Mutex;
+
+use crate::cli::{BIN, http_get, port_of, read_until, run_host};
+use crate::common::{run, shutdown, wait_until};
+
+const INSTALL: &str = "nats-server not found: install it with `apt-get install -y nats-server` \
+                       (Debian's package; .ci/run installs it)";
+
+/// A `nats-server -js` of its own, killed when dropped.
+struct Nats {
+    child: Child,
+    port: u16,
+    store: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Nats {
+    fn start() -> Nats {
+        let store = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Self::spawn(port, store.path());
+        Nats { child, port, store }
+    }
+
+    fn spawn(port: u16, store: &std::path::Path) -> Child {
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{INSTALL} ({e})"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server and starts it again on the same port and store.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(self.port, self.store.path());
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(nats: &Nats, node: &str) -> ClusterConfig {
+    let mut c = ClusterConfig::new(nats.url(), node);
+    c.ack_wait = Duration::from_secs(2);
+    c
+}
+
+async fn node(nats: &Nats, name: &str) -> (Orchestrator, Cluster) {
+    let orch = Orchestrator::new();
+    let cluster = Cluster::join(&orch, config(nats, name)).await.expect("join");
+    (orch, cluster)
+}
+
+async fn leave(orch: &Orchestrator, cluster: &Cluster) {
+    shutdown(orch).await;
+    cluster.leave().await;
+}
+
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// A routine that takes every message of `topic` into `seen`.
+fn collector(orch: &Orchestrator, name: &str, topic: &'static str, seen: &Seen) {
+    let seen = seen.clone();
+    orch.spawn(SpawnOptions::new(name), move |ctx| {
+        let seen = seen.clone();
+        async move {
+            loop {
+                match ctx.bus_recv(topic, None).await {
+                    Ok(Some(m)) => seen.lock().push(String::from_utf8_lossy(&m).into_owned()),
+                    Ok(None) => {}
+                    Err(CallError::Cancelled) => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+                // Some work, so that the consumers of both nodes take turns.
+                ctx.sleep(Duration::from_millis(1)).await;
+            }
+        }
+    })
+    .unwrap();
+}
+
+/// A routine that publishes `n` numbered messages on `topic`.
+fn publisher(orch: &Orchestrator, topic: &'static str, n: usize) {
+    orch.spawn(SpawnOptions::new("publisher"), move |ctx| async move {
+        for i in 0..n {
+            ctx.publish(topic, format!("m{i}").into_bytes()).await?;
+        }
+        Ok::<(), CallError>(())
+    })
+    .unwrap();
+}
+
+fn all(n: usize) -> BTreeSet<String> {
+    (0..n).map(|i| format!("m{i}")).collect()
+}
+
+fn distinct(seen: &[&Seen]) -> BTreeSet<String> {
+    seen.iter().flat_map(|s| s.lock().clone()).collect()
+}
+
+#[test]
+fn a_topic_is_shared_by_competing_consumers_on_every_node() {
+    let nats = Nats::start();
+    run(async {
+        let (a, ca) = node(&nats, "a").await;
+        let (b, cb) = node(&nats, "b").await;
+        let (sa, sb): (Seen, Seen) = Default::default();
+        collector(&a, "worker-a", "jobs", &sa);
+        collector(&b, "worker-b", "jobs", &sb);
+        publisher(&a, "jobs", 200);
+        let done =
+            wait_until(Duration::from_secs(60), || sa.lock().len() + sb.lock().len() >= 200).await;
+        assert!(done, "a took {}, b took {}", sa.lock().len(), sb.lock().len());
+        assert_eq!(distinct(&[&sa, &sb]), all(200));
+        // Each message went to one consumer (no crash, so no redelivery).
+        assert_eq!(sa.lock().len() + sb.lock().len(), 200);
+        assert!(!sa.lock().is_empty() && !sb.lock().is_empty(), "both nodes consumed");
+        // The topic's figures are the stream's, seen from either node.
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                b.topics().iter().any(|t| t.name == "jobs" && t.published == 200 && t.len == 0)
+            })
+            .await,
+            "{:?}",
+            b.topics()
+        );
+        assert_eq!(ca.view().nodes.len(), 2);
+        leave(&a, &ca).await;
+        leave(&b, &cb).await;
+    });
+}
+
+#[test]
+fn sends_reach_routines_on_other_nodes_and_fail_clearly_elsewhere() {
+    let nats = Nats::start();
+    run(async {
+        let (a, ca) = node(&nats, "a").await;
+        let (b, cb) = node(&nats, "b").await;
+        let inbox: Seen = Default::default();
+        let got = inbox.clone();
+        b.spawn(SpawnOptions::new("inbox"), move |ctx| {
+            let got = got.clone();
+            async move {
+                while let Ok(Some(m)) = ctx.recv(None).await {
+                    got.lock().push(String::from_utf8_lossy(&m).into_owned());
+                }
+                Ok::<(), CallError>(())
+            }
+        })
+        .unwrap();
+        assert!(wait_until(Duration::from_secs(10), || ca.nodes_running("inbox") == ["b"]).await);
+        let results: Arc<Mutex<Vec<Result<(), CallError>>>> = Default::default();
+        let r = results.clone();
+        let h = a
+            .spawn(SpawnOptions::new("sender"), move |ctx| {
+                let r = r.clone();
+                async move {
+                    let mut out = Vec::new();
+                    out.push(ctx.send("inbox", b"plain".to_vec()).await);
+                    out.push(ctx.send("b/inbox", b"explicit".to_vec()).await);
+                    out.push(ctx.send("nowhere", b"x".to_vec()).await);
+                    out.push(ctx.send("b/nowhere", b"x".to_vec()).await);
+                    out.push(ctx.send("gone/inbox", b"x".to_vec()).await);
+                    *r.lock() = out;
+                    Ok::<(), CallError>(())
+                }
+            })
+            .unwrap();
+        crate::common::wait_end(&h, Duration::from_secs(30)).await;
+        let results = results.lock().clone();
+        assert_eq!(results[0], Ok(()));
+        assert_eq!(results[1], Ok(()));
+        assert_eq!(results[2], Err(CallError::NoSuchRoutine("nowhere".into())));
+        assert_eq!(results[3], Err(CallError::NoSuchRoutine("b/nowhere".into())));
+        assert_eq!(results[4], Err(CallError::Closed));
+        assert!(wait_until(Duration::from_secs(10), || inbox.lock().len() == 2).await);
+        assert_eq!(*inbox.lock(), ["plain", "explicit"]);
+        leave(&a, &ca).await;
+        leave(&b, &cb).await;
+    });
+}
+
+#[test]
+fn names_clash_across_nodes_unless_the_plugin_allows_it() {
+    let nats = Nats::start();
+    run(async {
+        let (a, ca) = node(&nats, "a").await;
+        let (b, cb) = node(&nats, "b").await;
+        // A node name is taken while its node lives.
+        let dup = Cluster::join(&Orchestrator::new(), config(&nats, "a")).await.unwrap_err();
+        assert!(matches!(dup, ClusterError::NodeTaken { .. }), "{dup}");
+        assert!(dup.to_string().contains("node name \"a\" is taken"), "{dup}");
+
+        let idle = |ctx: gorch_host::RoutineContext| async move {
+            ctx.cancelled().await;
+            Ok::<(), CallError>(())
+        };
+        a.spawn(SpawnOptions::new("solo"), idle).unwrap();
+        assert!(wait_until(Duration::from_secs(10), || cb.nodes_running("solo") == ["a"]).await);
+        let e = b.spawn(SpawnOptions::new("solo"), idle).unwrap_err();
+        assert!(e.to_string().contains("already runs on node \"a\""), "{e}");
+
+        // cluster-unique = false: both run it, and a third node's send reaches one of them.
+        let shared = |o: &Orchestrator, seen: &Seen| {
+            let seen = seen.clone();
+            o.spawn(SpawnOptions::new("shared").cluster_unique(false), move |ctx| {
+                let seen = seen.clone();
+                async move {
+                    while let Ok(Some(m)) = ctx.recv(None).await {
+                        seen.lock().push(String::from_utf8_lossy(&m).into_owned());
+                    }
+                    Ok::<(), CallError>(())
+                }
+            })
+            .unwrap();
+        };
+        let (sa, sb): (Seen, Seen) = Default::default();
+        shared(&a, &sa);
+        shared(&b, &sb);
+        let (c, cc) = node(&nats, "c").await;
+        assert!(
+            wait_until(Duration::from_secs(10), || cc.nodes_running("shared") == ["a", "b"]).await
+        );
+        let h = c
+            .spawn(SpawnOptions::new("sender"), |ctx| async move {
+                for i in 0..20 {
+                    ctx.send("shared", format!("m{i}").into_bytes()).await?;
+                }
+                Ok::<(), CallError>(())
+            })
+            .unwrap();
+        crate::common::wait_end(&h, Duration::from_secs(30)).await;
+        assert!(wait_until(Duration::from_secs(10), || distinct(&[&sa, &sb]) == all(20)).await);
+        leave(&c, &cc).await;
+        leave(&a, &ca).await;
+        leave(&b, &cb).await;
+        // Once a left, its name is free again.
+        let (a2, ca2) = node(&nats, "a").await;
+        leave(&a2, &ca2).await;
+    });
+}
+
+#[test]
+fn unreachable_nats_is_an_error_naming_the_url() {
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    run(async {
+        let mut c = ClusterConfig::new(url.clone(), "a");
+        c.connect_timeout = Duration::from_secs(1);
+        let e = Cluster::join(&Orchestrator::new(), c).await.unwrap_err();
+        assert!(matches!(e, ClusterError::Unreachable { .. }), "{e}");
+        assert!(e.to_string().contains(&url), "{e}");
+    });
+    // The binary exits non-zero, naming the URL.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--no-cache", "--addr", "127.0.0.1:0", "--nats", &url])
+        .args(["--nats-timeout", "1s"])
+        .arg(dir.path())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("cannot reach NATS at {url}")), "{err}");
+}
+
+#[test]
+fn nothing_is_lost_when_nats_restarts_under_load() {
+    let mut nats = Nats::start();
+    let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
+    let (a, ca) = rt.block_on(node(&nats, "a"));
+    let seen: Seen = Default::default();
+    let _guard = rt.enter();
+    collector(&a, "worker", "load", &seen);
+    publisher(&a, "load", 300);
+    let progress = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while seen.lock().len() < n {
+            assert!(Instant::now() < deadline, "stuck at {} of {n}", seen.lock().len());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    progress(50);
+    nats.restart();
+    progress(300);
+    rt.block_on(async {
+        // Duplicates are allowed (at least once); losses are not.
+        assert!(wait_until(Duration::from_secs(60), || distinct(&[&seen]) == all(300)).await);
+        leave(&a, &ca).await;
+        // The JetStream context's acker task ends with the last handle of the cluster.
+        drop((a, ca));
+        crate::common::assert_no_leaked_tasks().await;
+    });
+}
+
+/// A plugin directory with the testkit guest as `holder` (3 instances, each taking one
+/// message of `work` and keeping it), joining the cluster through `gorch.toml`.
+fn holder_dir(nats: &Nats, node: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(gorch_artifacts::path("testkit"), dir.path().join("holder.wasm")).unwrap();
+    std::fs::write(
+        dir.path().join("holder.toml"),
+        "instances = 3\n[wasi]\nenv = { MODE = \"take-and-hold\", TOPIC = \"work\" }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("gorch.toml"),
+        format!("[cluster]\nnats = \"{}\"\nnode = \"{node}\"\nack-wait = \"2s\"\n", nats.url()),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn a_killed_node_s_messages_finish_on_another_node() {
+    let nats = Nats::start();
+    let dir = holder_dir(&nats, "b");
+    let (mut host, rx) = run_host(dir.path(), &[]);
+    let log = read_until(&mut host, &rx, "metrics: http://");
+    let port = port_of(&log);
+    let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
+    let (a, ca) = rt.block_on(node(&nats, "a"));
+    let _guard = rt.enter();
+    publisher(&a, "work", 20);
+
+    // The binary's three holders each take one message and keep it.
+    let taken = || {
+        let snaps: Vec<gorch_host::Snapshot> =
+            serde_json::from_str(&http_get(&port, "/gorchestra/api/routines")).unwrap();
+        snaps.iter().filter(|s| s.messages_in == 1).count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while taken() < 3 {
+        assert!(Instant::now() < deadline, "the holders did not take their messages");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The cluster as the binary sees it, `ps --cluster` through one address, and the gauge.
+    let view: serde_json::Value =
+        serde_json::from_str(&http_get(&port, "/gorchestra/api/cluster")).unwrap();
+    assert_eq!(view["node"], "b");
+    assert_eq!(view["nodes"][0]["node"], "a");
+    assert_eq!(view["nodes"][1]["node"], "b");
+    assert_eq!(view["nodes"][1]["routines"], 3);
+    let addr = format!("127.0.0.1:{port}");
+    let ps = Command::new(BIN).args(["ps", "--cluster", "--addr", &addr]).output().unwrap();
+    let table = String::from_utf8_lossy(&ps.stdout);
+    assert!(ps.status.success(), "{table}");
+    assert!(table.contains("NODE a") && table.contains("NODE b"), "{table}");
+    assert!(table.contains("holder-1") && table.contains("holder-3"), "{table}");
+    // The stream's figures, refreshed every second.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = http_get(&port, "/metrics");
+        assert!(metrics.contains("gorch_cluster_nodes 2"), "{metrics}");
+        if metrics.contains("gorch_topic_length{topic=\"work\"} 20") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The host dies with three messages in flight: they finish on node a.
+    host.0.kill().unwrap();
+    host.0.wait().unwrap();
+    let seen: Seen = Default::default();
+    collector(&a, "rescuer", "work", &seen);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while distinct(&[&seen]) != all(20) {
+        assert!(Instant::now() < deadline, "only {:?}", distinct(&[&seen]));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    rt.block_on(async {
+        // b's lease expires: a sees one node again.
+        assert!(wait_until(Duration::from_secs(20), || ca.view().nodes.len() == 1).await);
+        leave(&a, &ca).await;
+        drop((a, ca));
+        crate::common::assert_no_leaked_tasks().await;
+    });
+}
