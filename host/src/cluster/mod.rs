@@ -249,9 +249,8 @@ impl Cluster {
         let js = jetstream::new(client.clone());
         let js_err = |reason: String| ClusterError::JetStream { url: config.url.clone(), reason };
         let node_token = token(&config.node);
-        let registry =
-            registry::Registry::open(&js, &config.node, &node_token).await.map_err(js_err)?;
-        registry.claim_node(&config.node, &node_token).await?;
+        let registry = registry::Registry::open(&js, &config.node).await.map_err(js_err)?;
+        registry.claim_node(&config.url, &config.node, &node_token).await?;
         let core = Arc::new(ClusterCore {
             node: config.node.clone(),
             node_token,
@@ -271,8 +270,15 @@ impl Cluster {
             core.registry.release_node(&core.node_token).await;
             return Err(ClusterError::AlreadyJoined);
         }
-        registry::start(&core).await.map_err(js_err)?;
-        rpc::serve(&core).await.map_err(js_err)?;
+        let started = async {
+            registry::start(&core).await?;
+            rpc::serve(&core).await
+        };
+        if let Err(e) = started.await {
+            core.stop.cancel();
+            core.registry.release_node(&core.node_token).await;
+            return Err(js_err(e));
+        }
         topics::start_stats(&core);
         tracing::info!(node = %core.node, "joined the cluster at {}", core.url);
         Ok(Cluster { core })

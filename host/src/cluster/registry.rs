@@ -117,11 +117,7 @@ async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store
 }
 
 impl Registry {
-    pub(crate) async fn open(
-        js: &jetstream::Context,
-        node: &str,
-        _node_token: &str,
-    ) -> Result<Registry, String> {
+    pub(crate) async fn open(js: &jetstream::Context, node: &str) -> Result<Registry, String> {
         let nodes = bucket(
             js,
             kv::Config {
@@ -163,7 +159,12 @@ impl Registry {
     }
 
     /// Takes the lease of `node`, refused while another live node holds it.
-    pub(crate) async fn claim_node(&self, node: &str, key: &str) -> Result<(), ClusterError> {
+    pub(crate) async fn claim_node(
+        &self,
+        url: &str,
+        node: &str,
+        key: &str,
+    ) -> Result<(), ClusterError> {
         match self.nodes.create(key, self.record("", 0)).await {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -179,7 +180,7 @@ impl Registry {
                 })
             }
             Err(e) => Err(ClusterError::JetStream {
-                url: String::new(),
+                url: url.to_string(),
                 reason: format!("cannot take the lease of node {node:?}: {e}"),
             }),
         }
@@ -354,12 +355,12 @@ impl Registry {
                 }
             }
             _ => {
-                if let Some((name, node)) = view.routine_keys.remove(&entry.key) {
-                    if let Some(h) = view.names.get_mut(&name) {
-                        h.remove(&node);
-                        if h.is_empty() {
-                            view.names.remove(&name);
-                        }
+                if let Some((name, node)) = view.routine_keys.remove(&entry.key)
+                    && let Some(h) = view.names.get_mut(&name)
+                {
+                    h.remove(&node);
+                    if h.is_empty() {
+                        view.names.remove(&name);
                     }
                 }
             }

@@ -37,7 +37,12 @@ impl Nats {
     }
 
     fn spawn(port: u16, store: &std::path::Path) -> Child {
-        let child = Command::new("nats-server")
+        // Debian installs it in /usr/sbin, not always on a user's PATH.
+        let bin = ["nats-server", "/usr/sbin/nats-server"]
+            .into_iter()
+            .find(|b| Command::new(b).arg("--version").output().is_ok())
+            .unwrap_or_else(|| panic!("{INSTALL}"));
+        let child = Command::new(bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(store)
             .stdout(Stdio::null())
