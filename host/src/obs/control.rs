@@ -25,7 +25,7 @@ use axum::routing::post;
 use serde_json::json;
 
 use super::routes::ObsState;
-use crate::names::validate_routine_name;
+use crate::names::{validate_routine_name, validate_topic_name};
 use crate::routine::CallError;
 
 /// How long a publish or send waits for room before answering 503.
@@ -108,7 +108,13 @@ async fn publish(
     Path(topic): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    // The body first: a refused message must not leave a new topic behind.
+    if let Err(reason) = validate_topic_name(&topic) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid topic name {topic:?}: {reason}"),
+        ));
+    }
+    // The body before the topic: a refused message must not leave a new topic behind.
     let payload = body(&s, req.into_body()).await?;
     let orch = s.orch().inner();
     let never = tokio_util::sync::CancellationToken::new();
