@@ -61,10 +61,14 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// Kills the server and starts it again on the same port and store.
-    fn restart(&mut self) {
+    /// Kills the server (its store stays).
+    fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and store.
+    fn start_again(&mut self) {
         self.child = Self::spawn(self.port, self.store.path());
     }
 }
@@ -162,6 +166,51 @@ fn a_topic_is_shared_by_competing_consumers_on_every_node() {
             b.topics()
         );
         assert_eq!(ca.view().nodes.len(), 2);
+        leave(&a, &ca).await;
+        leave(&b, &cb).await;
+    });
+}
+
+#[test]
+fn a_message_that_keeps_crashing_its_consumer_goes_to_the_cluster_dead_letter_topic() {
+    let nats = Nats::start();
+    run(async {
+        let (a, ca) = node(&nats, "a").await;
+        let (b, cb) = node(&nats, "b").await;
+        let sup =
+            gorch_host::Supervision { max_deliveries: 2, ..gorch_host::Supervision::for_plugin() };
+        let done: Seen = Default::default();
+        let d = done.clone();
+        a.spawn(SpawnOptions::new("crashy").supervision(sup), move |ctx| {
+            let d = d.clone();
+            async move {
+                loop {
+                    let Some(m) = ctx.bus_recv("tasks", None).await? else { continue };
+                    if m == b"poison" {
+                        return Err(CallError::Limit("poisoned".into()));
+                    }
+                    d.lock().push(String::from_utf8_lossy(&m).into_owned());
+                }
+            }
+        })
+        .unwrap();
+        let letters: Seen = Default::default();
+        collector(&b, "letters", "dead-letter", &letters);
+        b.spawn(SpawnOptions::new("publisher"), |ctx| async move {
+            for m in ["ok1", "poison", "ok2"] {
+                ctx.publish("tasks", m.as_bytes().to_vec()).await?;
+            }
+            Ok::<(), CallError>(())
+        })
+        .unwrap();
+        assert!(wait_until(Duration::from_secs(30), || !letters.lock().is_empty()).await);
+        let letter: serde_json::Value = serde_json::from_str(&letters.lock()[0]).unwrap();
+        assert_eq!(letter["routine"], "crashy");
+        assert_eq!(letter["source"], "topic:tasks");
+        assert_eq!(letter["deliveries"], 2);
+        assert!(wait_until(Duration::from_secs(30), || done.lock().len() == 2).await);
+        assert_eq!(*done.lock(), ["ok1", "ok2"]);
+        assert_eq!(a.get_by_name("crashy").unwrap().snapshot().restarts, 2);
         leave(&a, &ca).await;
         leave(&b, &cb).await;
     });
@@ -317,9 +366,32 @@ fn nothing_is_lost_when_nats_restarts_under_load() {
             std::thread::sleep(Duration::from_millis(5));
         }
     };
+    let state = gorch_host::obs::ObsState::new(&a, None);
+    state.set_ready(true);
+    let app = gorch_host::obs::router(state, &gorch_host::ObsConfig::default());
+    let readyz = || rt.block_on(crate::obs::get(&app, "/readyz", None));
+    assert_eq!(readyz().0, 200);
     progress(50);
-    nats.restart();
+    nats.kill();
+    // Not ready while NATS is away (local work goes on), ready again once it is back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = readyz();
+        if status == 503 {
+            assert!(body.contains(&format!("not connected to NATS at {}", nats.url())), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready without NATS");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nats.start_again();
     progress(300);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while readyz().0 != 200 {
+        assert!(Instant::now() < deadline, "not ready after NATS came back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(app);
     rt.block_on(async {
         // Duplicates are allowed (at least once); losses are not.
         assert!(wait_until(Duration::from_secs(60), || distinct(&[&seen]) == all(300)).await);

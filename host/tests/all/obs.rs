@@ -15,7 +15,11 @@ use crate::common::*;
 /// turns.
 static PROFILES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn get(app: &axum::Router, path: &str, token: Option<&str>) -> (StatusCode, String) {
+pub(crate) async fn get(
+    app: &axum::Router,
+    path: &str,
+    token: Option<&str>,
+) -> (StatusCode, String) {
     let mut req = Request::get(path);
     if let Some(t) = token {
         req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
