@@ -41,6 +41,10 @@ pub struct RunCmd {
     /// `gorch-host reload`). SIGHUP applies the directory on request, with or without it.
     #[arg(long)]
     pub watch: bool,
+    /// Up to this many live routines /metrics has per-routine series; beyond, per-plugin
+    /// series only (bounded label cardinality; gorch_metrics_routine_series says which).
+    #[arg(long, default_value_t = crate::obs::metrics::DEFAULT_ROUTINE_LIMIT, value_name = "N")]
+    pub metrics_routine_limit: usize,
     /// Exit non-zero at start if any plugin of the directory fails to load (or it has none):
     /// for deploy pipelines. Without it a bad plugin is reported (log, /readyz) and skipped.
     #[arg(long)]
@@ -191,6 +195,7 @@ impl RunCmd {
             dashboard: !self.no_dashboard,
             pprof: self.pprof,
             token: self.token.clone(),
+            metrics_routine_limit: self.metrics_routine_limit,
         };
         let server = ObsServer::start(orch, &config)
             .with_context(|| format!("cannot listen on {}", self.addr))?;

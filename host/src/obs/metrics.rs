@@ -18,6 +18,7 @@ use crate::routine::State;
 pub struct GorchCollector {
     orch: Orchestrator,
     descs: Vec<Desc>,
+    routine_limit: usize,
 }
 
 /// Every `gorch_*` metric. The declaration order is the exposition order; [`Series::spec`]
@@ -48,6 +49,16 @@ enum Series {
     TopicBlockedRecv,
     DeadLetters,
     Upgrades,
+    PluginRoutines,
+    PluginRestarts,
+    PluginBusy,
+    PluginFuel,
+    PluginMemory,
+    PluginQueueLength,
+    PluginMessagesIn,
+    PluginMessagesOut,
+    PluginDeadLetters,
+    RoutineSeries,
     ClusterNodes,
 }
 
@@ -60,7 +71,7 @@ struct Spec {
 }
 
 impl Series {
-    const ALL: [Series; 23] = [
+    const ALL: [Series; 33] = [
         Series::Routines,
         Series::RoutineInfo,
         Series::RoutineUp,
@@ -83,6 +94,16 @@ impl Series {
         Series::TopicBlockedRecv,
         Series::DeadLetters,
         Series::Upgrades,
+        Series::PluginRoutines,
+        Series::PluginRestarts,
+        Series::PluginBusy,
+        Series::PluginFuel,
+        Series::PluginMemory,
+        Series::PluginQueueLength,
+        Series::PluginMessagesIn,
+        Series::PluginMessagesOut,
+        Series::PluginDeadLetters,
+        Series::RoutineSeries,
         Series::ClusterNodes,
     ];
 
@@ -90,6 +111,7 @@ impl Series {
         const NAME: &[&str] = &["name"];
         const TOPIC: &[&str] = &["topic"];
         const NONE: &[&str] = &[];
+        const PLUGIN: &[&str] = &["plugin"];
         let (name, help, labels, counter) = match self {
             Series::Routines => {
                 ("gorch_routines", "Live routines by state.", &["state"][..], false)
@@ -182,6 +204,63 @@ impl Series {
             Series::Upgrades => {
                 ("gorch_routine_upgrades_total", "Live upgrades of the routine's code.", NAME, true)
             }
+            Series::PluginRoutines => {
+                ("gorch_plugin_routines", "Live routines of the plugin.", PLUGIN, false)
+            }
+            Series::PluginRestarts => (
+                "gorch_plugin_restarts_total",
+                "Restarts of the plugin's live routines.",
+                PLUGIN,
+                true,
+            ),
+            Series::PluginBusy => (
+                "gorch_plugin_busy_seconds_total",
+                "CPU time of the plugin's live routines.",
+                PLUGIN,
+                true,
+            ),
+            Series::PluginFuel => (
+                "gorch_plugin_fuel_consumed_total",
+                "Fuel used by the plugin's live routines.",
+                PLUGIN,
+                true,
+            ),
+            Series::PluginMemory => (
+                "gorch_plugin_memory_bytes",
+                "Linear memory of the plugin's live routines.",
+                PLUGIN,
+                false,
+            ),
+            Series::PluginQueueLength => (
+                "gorch_plugin_queue_length",
+                "Messages queued in the mailboxes of the plugin's routines.",
+                PLUGIN,
+                false,
+            ),
+            Series::PluginMessagesIn => (
+                "gorch_plugin_messages_received_total",
+                "Messages received by the plugin's live routines.",
+                PLUGIN,
+                true,
+            ),
+            Series::PluginMessagesOut => (
+                "gorch_plugin_messages_sent_total",
+                "Messages sent or published by the plugin's live routines.",
+                PLUGIN,
+                true,
+            ),
+            Series::PluginDeadLetters => (
+                "gorch_plugin_dead_letters_total",
+                "Dead letters of the plugin's live routines.",
+                PLUGIN,
+                true,
+            ),
+            Series::RoutineSeries => (
+                "gorch_metrics_routine_series",
+                "1 while per-routine series are exported, 0 past --metrics-routine-limit.",
+                NONE,
+                false,
+            ),
             Series::ClusterNodes => (
                 "gorch_cluster_nodes",
                 "Live nodes of the cluster, this one included (only with --nats).",
@@ -256,7 +335,14 @@ impl GorchCollector {
                 .expect("valid metric")
             })
             .collect();
-        GorchCollector { orch, descs: all }
+        GorchCollector { orch, descs: all, routine_limit: DEFAULT_ROUTINE_LIMIT }
+    }
+
+    /// Per-routine series only while at most `limit` routines live (default
+    /// [`DEFAULT_ROUTINE_LIMIT`]); per-plugin series always.
+    pub fn with_routine_limit(mut self, limit: usize) -> Self {
+        self.routine_limit = limit;
+        self
     }
 }
 
@@ -267,25 +353,100 @@ impl Collector for GorchCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let mut m: Vec<Family> = Series::ALL.into_iter().map(Family::new).collect();
-        visit(&self.orch, |metric, labels, v| m[metric as usize].set(labels, v));
+        visit(&self.orch, self.routine_limit, |metric, labels, v| {
+            m[metric as usize].set(labels, v)
+        });
         m.into_iter().map(|f| f.mf).filter(|mf| !mf.get_metric().is_empty()).collect()
     }
 }
 
+/// Default of `--metrics-routine-limit`: up to this many live routines, `/metrics` has
+/// per-routine series; beyond, per-plugin series only (Prometheus' advice: keep label
+/// cardinality bounded). 100,000 routines would otherwise make a scrape of ~85 MB.
+pub const DEFAULT_ROUTINE_LIMIT: usize = 1000;
+
+/// Per-plugin sums over the live routines.
+#[derive(Default)]
+struct PluginSums {
+    routines: u64,
+    restarts: u64,
+    busy_ns: u64,
+    fuel: u64,
+    memory: u64,
+    queue: u64,
+    messages_in: u64,
+    messages_out: u64,
+    dead_letters: u64,
+}
+
 /// Every series of the `gorch_*` metrics: `sink(metric, label values in the order of its
-/// spec, value)`. The collector and the text writer are two sinks for it.
-fn visit(orch: &Orchestrator, mut sink: impl FnMut(Series, &[&str], f64)) {
+/// spec, value)`. The collector and the text writer are two sinks for it. Per-routine
+/// series only while at most `routine_limit` routines live; per-plugin sums always.
+fn visit(orch: &Orchestrator, routine_limit: usize, mut sink: impl FnMut(Series, &[&str], f64)) {
     // A counter never goes negative, whatever the float arithmetic did.
     let mut f = |m: Series, labels: &[&str], v: f64| {
         sink(m, labels, if m.spec().counter { v.max(0.0) } else { v })
     };
     let routines = orch.shared_list();
-    for s in State::ALL {
-        let n = routines.iter().filter(|r| r.state() == s).count();
+    let mut states = [0u64; State::ALL.len()];
+    let mut plugins: std::collections::BTreeMap<&str, PluginSums> = Default::default();
+    let totals: Vec<_> = routines.iter().map(|r| r.totals()).collect();
+    for t in &totals {
+        if let Some(k) = State::ALL.iter().position(|s| *s == t.state) {
+            states[k] += 1;
+        }
+        let p = plugins.entry(t.plugin).or_default();
+        p.routines += 1;
+        p.restarts += t.restarts;
+        p.busy_ns += t.busy_ns;
+        p.fuel += t.fuel;
+        p.memory += t.memory_bytes;
+        p.queue += t.queue_len as u64;
+        p.messages_in += t.messages_in;
+        p.messages_out += t.messages_out;
+        p.dead_letters += t.dead_letters;
+    }
+    for (s, n) in State::ALL.iter().zip(states) {
         f(Series::Routines, &[s.as_str()], n as f64);
     }
+    for (plugin, p) in &plugins {
+        let l = &[*plugin][..];
+        f(Series::PluginRoutines, l, p.routines as f64);
+        f(Series::PluginRestarts, l, p.restarts as f64);
+        f(Series::PluginBusy, l, p.busy_ns as f64 / 1e9);
+        f(Series::PluginFuel, l, p.fuel as f64);
+        f(Series::PluginMemory, l, p.memory as f64);
+        f(Series::PluginQueueLength, l, p.queue as f64);
+        f(Series::PluginMessagesIn, l, p.messages_in as f64);
+        f(Series::PluginMessagesOut, l, p.messages_out as f64);
+        f(Series::PluginDeadLetters, l, p.dead_letters as f64);
+    }
+    let per_routine = routines.len() <= routine_limit;
+    f(Series::RoutineSeries, &[], if per_routine { 1.0 } else { 0.0 });
+    if per_routine {
+        visit_routines(&routines, &mut f);
+    }
+    for t in orch.topics() {
+        let topic = t.name.as_str();
+        f(Series::TopicLength, &[topic], t.len as f64);
+        f(Series::TopicCapacity, &[topic], t.cap as f64);
+        f(Series::TopicBytes, &[topic], t.bytes as f64);
+        f(Series::TopicPublished, &[topic], t.published as f64);
+        f(Series::TopicReceived, &[topic], t.received as f64);
+        f(Series::TopicBlockedPublish, &[topic], t.blocked_publish_seconds);
+        f(Series::TopicBlockedRecv, &[topic], t.blocked_recv_seconds);
+    }
+    if let Some(c) = orch.cluster() {
+        f(Series::ClusterNodes, &[], c.view().nodes.len() as f64);
+    }
+}
+
+fn visit_routines(
+    routines: &[std::sync::Arc<crate::routine::RoutineShared>],
+    f: &mut impl FnMut(Series, &[&str], f64),
+) {
     let mut id = String::new();
-    for r in &routines {
+    for r in routines {
         let snap = r.snapshot();
         let name = snap.name.as_str();
         id.clear();
@@ -307,19 +468,6 @@ fn visit(orch: &Orchestrator, mut sink: impl FnMut(Series, &[&str], f64)) {
         f(Series::DeadLetters, &[name], r.dead_letters() as f64);
         f(Series::Upgrades, &[name], snap.upgrades as f64);
     }
-    for t in orch.topics() {
-        let topic = t.name.as_str();
-        f(Series::TopicLength, &[topic], t.len as f64);
-        f(Series::TopicCapacity, &[topic], t.cap as f64);
-        f(Series::TopicBytes, &[topic], t.bytes as f64);
-        f(Series::TopicPublished, &[topic], t.published as f64);
-        f(Series::TopicReceived, &[topic], t.received as f64);
-        f(Series::TopicBlockedPublish, &[topic], t.blocked_publish_seconds);
-        f(Series::TopicBlockedRecv, &[topic], t.blocked_recv_seconds);
-    }
-    if let Some(c) = orch.cluster() {
-        f(Series::ClusterNodes, &[], c.view().nodes.len() as f64);
-    }
 }
 
 /// Writes the `gorch_*` metrics of `orch` to `out` in the Prometheus text exposition format
@@ -327,8 +475,13 @@ fn visit(orch: &Orchestrator, mut sink: impl FnMut(Series, &[&str], f64)) {
 /// than building and encoding protobuf structs: `/metrics` with 1,000 routines is scraped
 /// often). Families without series are left out.
 pub fn write_text(orch: &Orchestrator, out: &mut String) {
+    write_text_with(orch, DEFAULT_ROUTINE_LIMIT, out)
+}
+
+/// [`write_text`] with per-routine series only while at most `routine_limit` routines live.
+pub fn write_text_with(orch: &Orchestrator, routine_limit: usize, out: &mut String) {
     let mut bodies: Vec<String> = vec![String::new(); Series::ALL.len()];
-    visit(orch, |m, values, v| {
+    visit(orch, routine_limit, |m, values, v| {
         let spec = m.spec();
         let body = &mut bodies[m as usize];
         body.push_str(spec.name);
@@ -394,9 +547,9 @@ pub fn render(registry: &Registry) -> String {
 
 /// What `/metrics` serves: the `gorch_*` metrics of `orch` ([`write_text`]) followed by
 /// `extra` (the `process_*` metrics, and whatever an embedder registered there).
-pub fn render_with(orch: &Orchestrator, extra: &Registry) -> String {
+pub fn render_with(orch: &Orchestrator, extra: &Registry, routine_limit: usize) -> String {
     let mut out = String::with_capacity(64 * 1024);
-    write_text(orch, &mut out);
+    write_text_with(orch, routine_limit, &mut out);
     out.push_str(&render(extra));
     out
 }

@@ -47,6 +47,9 @@ pub struct ObsConfig {
     pub pprof: bool,
     /// Require `Authorization: Bearer <token>` on every route but `/healthz`.
     pub token: Option<String>,
+    /// Up to this many live routines `/metrics` has per-routine series; beyond, per-plugin
+    /// series only (default [`metrics::DEFAULT_ROUTINE_LIMIT`]).
+    pub metrics_routine_limit: usize,
 }
 
 impl Default for ObsConfig {
@@ -56,6 +59,7 @@ impl Default for ObsConfig {
             dashboard: true,
             pprof: false,
             token: None,
+            metrics_routine_limit: metrics::DEFAULT_ROUTINE_LIMIT,
         }
     }
 }
@@ -83,6 +87,7 @@ impl ObsServer {
         let addr = std_listener.local_addr()?;
         let listener = tokio::net::TcpListener::from_std(std_listener)?;
         let state = ObsState::new(orch, config.token.clone());
+        state.set_metrics_routine_limit(config.metrics_routine_limit);
         let app = router(state.clone(), config);
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();

@@ -3,7 +3,7 @@
 //! token check in front of all but `/healthz`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use axum::Router;
@@ -38,6 +38,9 @@ pub struct ObsState {
     plugins: PluginBoard,
     message_limit: Arc<AtomicU64>,
     reloader: Arc<std::sync::OnceLock<Reloader>>,
+    routine_limit: Arc<AtomicUsize>,
+    /// Whether the last scrape was past the routine limit (logged when it changes).
+    over_limit: Arc<AtomicBool>,
 }
 
 impl ObsState {
@@ -51,7 +54,15 @@ impl ObsState {
             plugins: PluginBoard::new(),
             message_limit: Arc::new(AtomicU64::new(DEFAULT_MESSAGE_BYTES)),
             reloader: Arc::new(std::sync::OnceLock::new()),
+            routine_limit: Arc::new(AtomicUsize::new(super::metrics::DEFAULT_ROUTINE_LIMIT)),
+            over_limit: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Up to `limit` live routines `/metrics` has per-routine series; beyond, per-plugin
+    /// series only (`--metrics-routine-limit`).
+    pub fn set_metrics_routine_limit(&self, limit: usize) {
+        self.routine_limit.store(limit, Relaxed);
     }
 
     /// Serves `POST /gorchestra/api/reload` with `reloader` (set once, after start-up).
@@ -157,10 +168,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn metrics(AxState(s): AxState<ObsState>) -> impl IntoResponse {
     // Thousands of routines take milliseconds to render: off the workers that run guests.
-    let body =
-        tokio::task::spawn_blocking(move || super::metrics::render_with(&s.orch, &s.registry))
-            .await
-            .unwrap_or_default();
+    let limit = s.routine_limit.load(Relaxed);
+    let over = s.orch.routine_count() > limit;
+    if s.over_limit.swap(over, Relaxed) != over {
+        if over {
+            tracing::warn!(
+                "{} routines are more than --metrics-routine-limit {limit}: /metrics has \
+                 per-plugin series only (gorch_metrics_routine_series 0)",
+                s.orch.routine_count()
+            );
+        } else {
+            tracing::info!("at most {limit} routines again: /metrics has per-routine series");
+        }
+    }
+    let body = tokio::task::spawn_blocking(move || {
+        super::metrics::render_with(&s.orch, &s.registry, limit)
+    })
+    .await
+    .unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }
 

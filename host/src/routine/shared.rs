@@ -425,8 +425,38 @@ impl RoutineShared {
         }
     }
 
+    /// The figures `/metrics` adds up per plugin, read without building a snapshot.
+    pub fn totals(&self) -> Totals<'_> {
+        Totals {
+            plugin: &self.plugin,
+            state: self.state(),
+            restarts: self.restarts(),
+            busy_ns: self.busy_ns.load(Relaxed),
+            fuel: self.fuel(),
+            memory_bytes: self.memory_bytes.load(Relaxed),
+            queue_len: self.mailbox.len(),
+            messages_in: self.messages_in.load(Relaxed),
+            messages_out: self.messages_out.load(Relaxed),
+            dead_letters: self.dead_letters(),
+        }
+    }
+
     /// The busy-time counter, for the driver's timed polls.
     pub fn busy_counter(&self) -> &AtomicU64 {
         &self.busy_ns
     }
+}
+
+/// A routine's counters, as [`RoutineShared::totals`] reads them.
+pub struct Totals<'a> {
+    pub plugin: &'a str,
+    pub state: State,
+    pub restarts: u64,
+    pub busy_ns: u64,
+    pub fuel: u64,
+    pub memory_bytes: u64,
+    pub queue_len: usize,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub dead_letters: u64,
 }

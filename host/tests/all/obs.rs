@@ -35,6 +35,47 @@ fn value(metrics: &str, series: &str) -> Option<f64> {
 }
 
 #[test]
+fn metrics_keep_per_plugin_sums_and_drop_per_routine_series_past_the_limit() {
+    run(async {
+        let orch = Orchestrator::new();
+        let state = ObsState::new(&orch, None);
+        let app = router(state.clone(), &ObsConfig::default());
+        let mut handles = Vec::new();
+        for i in 0..5 {
+            let h = orch
+                .spawn(SpawnOptions::new(format!("w{i}")), |ctx| async move {
+                    ctx.add_busy(Duration::from_secs(1));
+                    ctx.publish("out", b"x".to_vec()).await?;
+                    ctx.cancelled().await;
+                    Ok::<(), gorch_host::CallError>(())
+                })
+                .unwrap();
+            handles.push(h);
+        }
+        let sent = || handles.iter().all(|h| h.snapshot().messages_out == 1);
+        assert!(wait_until(Duration::from_secs(5), sent).await);
+        let (_, m) = get(&app, "/metrics", None).await;
+        assert_eq!(value(&m, "gorch_metrics_routine_series"), Some(1.0));
+        assert_eq!(value(&m, r#"gorch_routine_up{name="w3"}"#), Some(1.0));
+        assert_eq!(value(&m, r#"gorch_plugin_routines{plugin=""}"#), Some(5.0));
+
+        state.set_metrics_routine_limit(4);
+        let (_, m) = get(&app, "/metrics", None).await;
+        assert_eq!(value(&m, "gorch_metrics_routine_series"), Some(0.0));
+        assert!(!m.contains("gorch_routine_up{"), "{m}");
+        assert!(!m.contains("gorch_routine_info{"), "{m}");
+        // The totals per plugin stay.
+        assert_eq!(value(&m, r#"gorch_plugin_routines{plugin=""}"#), Some(5.0));
+        // add_busy's 5 s plus the polls' own (timed) time.
+        let busy = value(&m, r#"gorch_plugin_busy_seconds_total{plugin=""}"#).unwrap();
+        assert!((5.0..6.0).contains(&busy), "{busy}");
+        assert_eq!(value(&m, r#"gorch_plugin_messages_sent_total{plugin=""}"#), Some(5.0));
+        assert_eq!(value(&m, r#"gorch_routines{state="RUNNING"}"#), Some(5.0));
+        shutdown(&orch).await;
+    });
+}
+
+#[test]
 fn metrics_have_the_design_names_and_the_counters_values() {
     run(async {
         let orch = Orchestrator::new();
