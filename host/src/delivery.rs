@@ -7,6 +7,9 @@
 //! head of the queue it came from, so the restarted instance (or, for a topic, any consumer)
 //! receives it again first. A message delivered `max-deliveries` times goes to the
 //! [`DEAD_LETTER_TOPIC`] instead, as JSON naming the routine, the error and the source.
+//! On a cluster topic the same rule is carried out by JetStream (`cluster::topics`): the
+//! next receive or a clean return acks, another end naks (redelivery to any node), and a
+//! dead letter goes to the cluster-wide topic before the message is terminated.
 
 use parking_lot::Mutex;
 
