@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_gorch-host");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_gorch-host");
 
 #[test]
 fn run_starts_good_plugins_reports_bad_ones_and_stops_on_sigint() {
@@ -86,7 +86,7 @@ fn check_validates_components_and_prints_imports_and_exports() {
 }
 
 /// A host process that is killed when the test ends, also when it fails half-way.
-struct Host(std::process::Child);
+pub(crate) struct Host(std::process::Child);
 
 impl std::ops::Deref for Host {
     type Target = std::process::Child;
@@ -111,7 +111,7 @@ impl Drop for Host {
 }
 
 /// Runs the binary with `args`, collecting stderr lines on a channel.
-fn spawn_logged(args: &[&std::ffi::OsStr]) -> (Host, std::sync::mpsc::Receiver<String>) {
+pub(crate) fn spawn_logged(args: &[&std::ffi::OsStr]) -> (Host, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "info")
@@ -134,7 +134,10 @@ fn spawn_logged(args: &[&std::ffi::OsStr]) -> (Host, std::sync::mpsc::Receiver<S
 }
 
 /// `gorch-host run --no-cache --addr 127.0.0.1:0 EXTRA... DIR`, logging to a channel.
-fn run_host(dir: &std::path::Path, extra: &[&str]) -> (Host, std::sync::mpsc::Receiver<String>) {
+pub(crate) fn run_host(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (Host, std::sync::mpsc::Receiver<String>) {
     let mut args: Vec<&std::ffi::OsStr> =
         ["run", "--no-cache", "--addr", "127.0.0.1:0"].iter().map(|a| a.as_ref()).collect();
     args.extend(extra.iter().map(std::ffi::OsStr::new));
@@ -144,7 +147,7 @@ fn run_host(dir: &std::path::Path, extra: &[&str]) -> (Host, std::sync::mpsc::Re
 
 /// Reads lines until one contains `needle` (the log so far is returned), failing after a
 /// minute without it.
-fn read_until(
+pub(crate) fn read_until(
     child: &mut std::process::Child,
     rx: &std::sync::mpsc::Receiver<String>,
     needle: &str,
@@ -295,7 +298,7 @@ fn version_of(port: &str, name: &str) -> String {
     snaps.into_iter().find(|s| s.name == name).map(|s| s.version).unwrap_or_default()
 }
 
-fn port_of(log: &str) -> String {
+pub(crate) fn port_of(log: &str) -> String {
     log.rsplit("metrics: http://127.0.0.1:").next().unwrap().split('/').next().unwrap().to_string()
 }
 
