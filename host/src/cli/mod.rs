@@ -1,5 +1,6 @@
 //! The `gorch-host` command line: [`main`] (what the binary calls), and one clap struct per
-//! subcommand, each in its own file with a `run()`: [`RunCmd`], [`CheckCmd`], [`PsCmd`].
+//! subcommand, each in its own file with a `run()`: [`RunCmd`], [`CheckCmd`], [`PsCmd`],
+//! [`CompletionsCmd`].
 //! Errors here are `anyhow` (printed with their cause chain); the library's are typed.
 
 use std::path::PathBuf;
@@ -11,12 +12,14 @@ use crate::wasm::{CompileCache, DEFAULT_MEMORY_RESERVATION, DEFAULT_POOL_SIZE, E
 mod act;
 mod check;
 mod client;
+mod completions;
 mod ps;
 mod run;
 
 pub use act::{PublishCmd, ReloadCmd, RoutineCmd, SendCmd};
 pub use check::CheckCmd;
 pub use client::Target;
+pub use completions::CompletionsCmd;
 pub use ps::PsCmd;
 pub use run::RunCmd;
 
@@ -48,6 +51,19 @@ pub enum Command {
     Stop(RoutineCmd),
     /// Apply the plugin directory of a running host now (live upgrade; like SIGHUP).
     Reload(ReloadCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions(CompletionsCmd),
+}
+
+/// How `run` writes its log lines (`--log-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event (colours only on a terminal, never with NO_COLOR).
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `message` and the event's
+    /// fields, such as `routine` and `plugin` on guest lines): for log shippers.
+    Json,
 }
 
 /// The `gorch-host` program: parses `args` (the first is the program name), sets up logging
@@ -59,17 +75,11 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let cli = Cli::parse_from(args);
-    // Colours only on a terminal, and never with NO_COLOR (https://no-color.org).
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    tracing_subscriber::fmt()
-        .with_ansi(ansi)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let format = match &cli.command {
+        Command::Run(r) => r.log_format,
+        _ => LogFormat::Text,
+    };
+    init_logging(format);
     let result = crate::runtime_builder().build().map_err(anyhow::Error::from).and_then(|rt| {
         let result = rt.block_on(cli.run());
         // A compile still running on the blocking pool (start-up cut short by a signal) must
@@ -80,8 +90,42 @@ where
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match format {
+                // Every line a JSON object, the last one too.
+                LogFormat::Json => tracing::error!("{e:#}"),
+                LogFormat::Text => eprintln!("error: {e:#}"),
+            }
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sets up the global subscriber: `RUST_LOG` (default `info`) to stderr, as text or JSON.
+fn init_logging(format: LogFormat) {
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    match format {
+        LogFormat::Text => {
+            // Colours only on a terminal, and never with NO_COLOR (https://no-color.org).
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            tracing_subscriber::fmt()
+                .with_ansi(ansi)
+                .with_env_filter(filter())
+                .with_writer(std::io::stderr)
+                .init();
+        }
+        LogFormat::Json => {
+            // The event's fields at the top level, next to `message`: `routine`, `plugin`.
+            tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_ansi(false)
+                .with_env_filter(filter())
+                .with_writer(std::io::stderr)
+                .init();
         }
     }
 }
@@ -98,6 +142,7 @@ impl Cli {
             Command::Restart(c) => c.run("restart").await,
             Command::Stop(c) => c.run("stop").await,
             Command::Reload(c) => c.run().await,
+            Command::Completions(c) => c.run(),
         }
     }
 }

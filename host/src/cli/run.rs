@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::EngineArgs;
+use super::{EngineArgs, LogFormat};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::obs::{DEFAULT_ADDR, ObsConfig, ObsServer};
 use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, Orchestrator};
@@ -49,6 +49,10 @@ pub struct RunCmd {
     /// for deploy pipelines. Without it a bad plugin is reported (log, /readyz) and skipped.
     #[arg(long)]
     pub strict: bool,
+    /// Log line format: `text`, or `json` (one object per line; guest lines carry `routine`
+    /// and `plugin` fields).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
+    pub log_format: LogFormat,
     /// Engine flags (compile cache).
     #[command(flatten)]
     pub engine: EngineArgs,

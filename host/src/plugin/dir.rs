@@ -37,7 +37,7 @@ pub enum PluginError {
         stem: String,
     },
     /// `gorch.toml` could not be read or is invalid: groups are ignored.
-    #[error("{0} (groups ignored)")]
+    #[error("{0} (groups ignored; every plugin starts on its own)")]
     DirConfig(ManifestError),
     /// A group names a plugin that is not in the directory: groups are ignored.
     #[error("{}: group {group}: no plugin named {member:?} in this directory (groups ignored)", config.display())]
@@ -94,6 +94,16 @@ impl PluginError {
             PluginError::Load(e) => e.path(),
             PluginError::TooManyInstances { dir, .. } => dir,
         }
+    }
+
+    /// Whether the problem is in the directory's `gorch.toml` (the groups), not in a plugin.
+    pub fn is_dir_config(&self) -> bool {
+        matches!(
+            self,
+            PluginError::DirConfig(_)
+                | PluginError::UnknownMember { .. }
+                | PluginError::TwoGroups { .. }
+        )
     }
 }
 

@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::dir::{PluginDir, PluginError, PluginSpec};
+use super::dir::{DIR_CONFIG, PluginDir, PluginError, PluginSpec};
 use super::status::PluginBoard;
 use crate::orchestrator::Orchestrator;
 use crate::supervisor::Group;
@@ -106,6 +106,8 @@ struct Starter<'a> {
     report: StartReport,
     loaded: usize,
     reused: usize,
+    /// Plugins whose load finished (loaded or failed).
+    handled: usize,
 }
 
 impl<'a> Starter<'a> {
@@ -127,12 +129,13 @@ impl<'a> Starter<'a> {
                 waiting.entry(g).or_default().left += 1;
             }
         }
-        Starter { orch, scanned, board, groups, waiting, report, loaded: 0, reused: 0 }
+        Starter { orch, scanned, board, groups, waiting, report, loaded: 0, reused: 0, handled: 0 }
     }
 
     /// Plugin `i` has loaded (or failed to) in `took`.
     fn handle(&mut self, i: usize, result: Result<WasmComponent, String>, took: Duration) {
         let spec = &self.scanned.plugins[i];
+        self.handled += 1;
         let component = match result {
             Ok(c) => c,
             Err(e) => {
@@ -147,7 +150,7 @@ impl<'a> Starter<'a> {
         };
         self.loaded += 1;
         self.reused += usize::from(component.cache_status() == CacheStatus::Hit);
-        log_loaded(spec, &component, took, self.board);
+        log_loaded(spec, &component, took, self.board, (self.handled, self.scanned.plugins.len()));
         match self.scanned.group_of(spec) {
             None => start_one(self.orch, spec, &component, None, self.board, &mut self.report),
             Some(g) => self.member_done(g, Some((i, component))),
@@ -176,6 +179,9 @@ fn spawn_loads(
 ) -> JoinSet<Loaded> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let permits = Arc::new(Semaphore::new(cores));
+    // On a terminal, say when each compile begins too: a large component (a Python guest is
+    // about 18 MB) takes tens of seconds on a small machine. Logs keep one line per plugin.
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut loads = JoinSet::new();
     for (i, spec) in scanned.plugins.iter().enumerate() {
         let engine = engine.clone();
@@ -190,6 +196,10 @@ fn spawn_loads(
                     Err(format!("{}: start-up interrupted", path.display())),
                     Duration::ZERO,
                 );
+            }
+            if progress {
+                let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+                tracing::info!("loading {} ({})...", path.display(), kib(size));
             }
             let started = Instant::now();
             let result = tokio::task::spawn_blocking(move || {
@@ -206,11 +216,24 @@ fn spawn_loads(
 fn report_scan_error(board: &PluginBoard, e: &PluginError) {
     let path = e.path();
     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    tracing::error!("plugin failed: {e}");
+    if e.is_dir_config() {
+        // Not a plugin: every plugin still starts, on its own.
+        tracing::error!("invalid {DIR_CONFIG} in the plugin directory: {e}");
+    } else {
+        tracing::error!("plugin failed: {e}");
+    }
     board.failed(&name, &path.display().to_string(), e.to_string());
 }
 
-fn log_loaded(spec: &PluginSpec, component: &WasmComponent, took: Duration, board: &PluginBoard) {
+/// The one line per plugin: size, compiled or cached, time, and how many of the `total`
+/// plugins are done.
+fn log_loaded(
+    spec: &PluginSpec,
+    component: &WasmComponent,
+    took: Duration,
+    board: &PluginBoard,
+    (done, total): (usize, usize),
+) {
     let size = std::fs::metadata(&spec.wasm).map(|m| m.len()).unwrap_or(0);
     board.loaded(&spec.stem, size, took.as_secs_f64());
     let how = match component.cache_status() {
@@ -218,11 +241,16 @@ fn log_loaded(spec: &PluginSpec, component: &WasmComponent, took: Duration, boar
         _ => "compiled",
     };
     tracing::info!(
-        "loaded {} ({:.1} KiB, {how} in {} ms)",
+        "loaded {} ({}, {how} in {} ms) [{done}/{total}]",
         spec.wasm.display(),
-        size as f64 / 1024.0,
+        kib(size),
         took.as_millis()
     );
+}
+
+/// A file size for the start-up lines: `12.3 KiB`.
+fn kib(bytes: u64) -> String {
+    format!("{:.1} KiB", bytes as f64 / 1024.0)
 }
 
 /// Spawns the members of a group that loaded, in start order.

@@ -193,13 +193,16 @@ pub(crate) fn log_line(shared: &RoutineShared, level: tracing::Level, message: &
     if !shared.log_limiter().admit(Kind::Guest, shared.name()) {
         return;
     }
+    // Structured fields in every format: `routine=".." plugin=".."` in text, top-level
+    // `"routine"` and `"plugin"` keys with `--log-format json`.
     let routine = &*escape(shared.name());
+    let plugin = &*escape(shared.plugin());
     let message = escape(message);
     match level {
-        tracing::Level::TRACE => tracing::trace!(target: "guest", routine, "{message}"),
-        tracing::Level::DEBUG => tracing::debug!(target: "guest", routine, "{message}"),
-        tracing::Level::INFO => tracing::info!(target: "guest", routine, "{message}"),
-        tracing::Level::WARN => tracing::warn!(target: "guest", routine, "{message}"),
-        _ => tracing::error!(target: "guest", routine, "{message}"),
+        tracing::Level::TRACE => tracing::trace!(target: "guest", routine, plugin, "{message}"),
+        tracing::Level::DEBUG => tracing::debug!(target: "guest", routine, plugin, "{message}"),
+        tracing::Level::INFO => tracing::info!(target: "guest", routine, plugin, "{message}"),
+        tracing::Level::WARN => tracing::warn!(target: "guest", routine, plugin, "{message}"),
+        _ => tracing::error!(target: "guest", routine, plugin, "{message}"),
     }
 }

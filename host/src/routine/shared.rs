@@ -135,6 +135,10 @@ impl RoutineShared {
     pub fn name(&self) -> &str {
         &self.name
     }
+    /// The plugin the routine runs (the file stem; empty for a native routine).
+    pub fn plugin(&self) -> &str {
+        &self.plugin
+    }
     pub fn supervision(&self) -> &Supervision {
         &self.supervision
     }

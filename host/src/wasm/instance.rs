@@ -177,6 +177,7 @@ async fn run_instance(
             if run.killed.load(Relaxed) {
                 return Outcome::Killed;
             }
+            log_backtrace(&shared, &e);
             Outcome::Panicked(trap_message(&e, &stderr_tail.lock()))
         }
     }
@@ -351,6 +352,29 @@ impl StateFns {
 }
 
 /// `wasm trap: ... (in guest_fn); panicked at src/lib.rs:9:20: the message`.
+/// Logs the guest's wasm backtrace of a trap at DEBUG, on one line (frames from the
+/// innermost, names demangled and escaped: they come from the guest's name section).
+fn log_backtrace(shared: &RoutineShared, e: &wasmtime::Error) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let Some(bt) = e.downcast_ref::<WasmBacktrace>() else { return };
+    let frames: Vec<String> = bt
+        .frames()
+        .iter()
+        .map(|f| match f.func_name() {
+            Some(n) => format!("{:#}", rustc_demangle::demangle(n)),
+            None => format!("<func {}>", f.func_index()),
+        })
+        .collect();
+    tracing::debug!(
+        routine = &*escape(shared.name()),
+        plugin = &*escape(shared.plugin()),
+        "wasm backtrace: {}",
+        escape(&frames.join(" <- "))
+    );
+}
+
 fn trap_message(e: &wasmtime::Error, stderr: &str) -> String {
     let mut msg = match e.downcast_ref::<Trap>() {
         Some(t) => t.to_string(),

@@ -16,6 +16,14 @@ use crate::routine::{RoutineShared, log_line};
 /// How many bytes of a guest's stderr are kept to explain a trap.
 pub(super) const STDERR_TAIL: usize = 4096;
 
+/// How the line Rust's panic hook adds after a panic message starts.
+const RUST_BACKTRACE_NOTE: &str = "note: run with `RUST_BACKTRACE=1`";
+
+/// What the host logs instead: where the guest's backtrace is.
+const GUEST_BACKTRACE_NOTE: &str = "note: the guest's wasm backtrace is logged at \
+     debug level (RUST_LOG=info,gorch_host=debug); the routine's lastError names the guest \
+     function that trapped";
+
 /// A guest's stdout or stderr: complete lines go to the log; stderr is also kept (its
 /// tail) to explain a trap, since Rust guests print their panic message there.
 pub(super) struct GuestOutput {
@@ -95,6 +103,13 @@ impl LineLogger {
             return;
         }
         let level = if self.tail.is_some() { tracing::Level::WARN } else { tracing::Level::INFO };
+        // Rust's panic hook ends with how to see a backtrace, which means nothing for a guest
+        // (its environment is the manifest's): say how the host shows it instead.
+        let text = if self.tail.is_some() && text.starts_with(RUST_BACKTRACE_NOTE) {
+            GUEST_BACKTRACE_NOTE
+        } else {
+            text
+        };
         log_line(&self.routine, level, text);
     }
 }

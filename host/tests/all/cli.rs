@@ -111,7 +111,7 @@ impl Drop for Host {
 }
 
 /// Runs the binary with `args`, collecting stderr lines on a channel.
-fn spawn_logged(args: &[&std::ffi::OsStr]) -> (Host, std::sync::mpsc::Receiver<String>) {
+pub(crate) fn spawn_logged(args: &[&std::ffi::OsStr]) -> (Host, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "info")

@@ -129,7 +129,10 @@ fn special_manifests_are_reported_not_read() {
     assert_eq!(
         errors,
         [
-            format!("{}: not a regular file (a FIFO) (groups ignored)", config.display()),
+            format!(
+                "{}: not a regular file (a FIFO) (groups ignored; every plugin starts on its own)",
+                config.display()
+            ),
             format!("{}: not a regular file (a FIFO)", v.display()),
             format!("{}: not a regular file (a character device)", z.display()),
         ]
