@@ -174,7 +174,10 @@ fn special_files(_dir: &Path, _bad: &mut Vec<Bad>) {}
 async fn ask(orch: &Orchestrator, routine: &str, topic: &str, payload: String) {
     let out = orch.bus().topic(topic, 64).unwrap();
     let h = orch.get_by_name(routine).unwrap_or_else(|| panic!("{routine} is gone"));
-    assert_eq!(h.state(), State::Running, "{routine}: {:?}", h.snapshot());
+    // Spawned is not yet running on a loaded machine: wait (bounded) for its first run.
+    let running =
+        crate::common::wait_until(Duration::from_secs(10), || h.state() == State::Running);
+    assert!(running.await, "{routine}: {:?}", h.snapshot());
     tokio::time::timeout(Duration::from_secs(10), h.mailbox().send(Message::new(payload.clone())))
         .await
         .unwrap_or_else(|_| panic!("{routine}: mailbox full"))
