@@ -11,12 +11,14 @@ use crate::wasm::{CompileCache, DEFAULT_MEMORY_RESERVATION, DEFAULT_POOL_SIZE, E
 mod act;
 mod check;
 mod client;
+mod new;
 mod ps;
 mod run;
 
 pub use act::{PublishCmd, ReloadCmd, RoutineCmd, SendCmd};
 pub use check::CheckCmd;
 pub use client::Target;
+pub use new::{Lang, NewCmd};
 pub use ps::PsCmd;
 pub use run::RunCmd;
 
@@ -48,6 +50,8 @@ pub enum Command {
     Stop(RoutineCmd),
     /// Apply the plugin directory of a running host now (live upgrade; like SIGHUP).
     Reload(ReloadCmd),
+    /// Write a ready-to-build guest project (Rust, Python or JavaScript) and its manifest.
+    New(NewCmd),
 }
 
 /// The `gorch-host` program: parses `args` (the first is the program name), sets up logging
@@ -98,6 +102,7 @@ impl Cli {
             Command::Restart(c) => c.run("restart").await,
             Command::Stop(c) => c.run("stop").await,
             Command::Reload(c) => c.run().await,
+            Command::New(c) => c.run(),
         }
     }
 }
