@@ -10,7 +10,8 @@
 //! - memory: 20 idle instances (blocked in a mailbox receive): resident memory of the
 //!   process per instance, and the linear memory each reports;
 //! - messaging: a native routine floods the worker's mailbox, another drains its topic;
-//!   messages per second through the worker (64-byte payloads).
+//!   messages per second through the worker (64-byte payloads) and the wasm fuel (about
+//!   instructions) each message took; a native routine on the same path is the ceiling.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -78,19 +79,57 @@ fn main() {
         let cached_engine = engine(cache.path());
         let (cached, component) = rt.block_on(start(&cached_engine, g));
         let (rss, linear) = rt.block_on(idle_memory(&component));
-        let rate = rt.block_on(messaging(&component, g));
+        let (rate, fuel) = rt.block_on(messaging(&component, g));
         let size = std::fs::metadata(&g.path).unwrap().len();
         println!(
-            "| {} | {:.1} MB | {:.2} s | {:.1} ms | {:.1} MB | {:.1} MB | {:.1} k msg/s |",
+            "| {} | {:.2} MB | {:.2} s | {:.1} ms | {:.0} KB | {:.0} KB | {:.1} k msg/s | {fuel} |",
             g.lang,
             size as f64 / 1e6,
             first.as_secs_f64(),
             cached.as_secs_f64() * 1e3,
-            rss as f64 / 1e6,
-            linear as f64 / 1e6,
+            rss as f64 / 1e3,
+            linear as f64 / 1e3,
             rate / 1e3
         );
     }
+    let native = rt.block_on(messaging_native(200_000));
+    println!(
+        "| native routine (the host's ceiling) | — | — | — | — | — | {:.1} k msg/s | — |",
+        native / 1e3
+    );
+}
+
+/// The same path with a native routine as the worker: what the host itself allows.
+async fn messaging_native(count: u64) -> f64 {
+    let orch = Orchestrator::new();
+    orch.bus().topic("echo-native", 1024).unwrap();
+    orch.spawn(SpawnOptions::new("w").queue_capacity(1024), |ctx| async move {
+        while let Some(m) = ctx.recv(None).await? {
+            ctx.publish("echo-native", m).await?;
+        }
+        Ok::<(), CallError>(())
+    })
+    .unwrap();
+    let t = Instant::now();
+    let drain = orch
+        .spawn(SpawnOptions::new("drain"), move |ctx| async move {
+            for _ in 0..count {
+                ctx.bus_recv("echo-native", None).await?;
+            }
+            Ok::<(), CallError>(())
+        })
+        .unwrap();
+    orch.spawn(SpawnOptions::new("flood"), move |ctx| async move {
+        for _ in 0..count {
+            ctx.send("w", vec![7u8; 64]).await?;
+        }
+        Ok::<(), CallError>(())
+    })
+    .unwrap();
+    drain.wait().await;
+    let rate = count as f64 / t.elapsed().as_secs_f64();
+    orch.shutdown(Duration::from_secs(5)).await;
+    rate
 }
 
 /// Load (compile or from the cache), spawn, one message echoed: the time it took.
@@ -140,12 +179,12 @@ async fn idle_memory(component: &WasmComponent) -> (u64, u64) {
 
 /// Messages per second from a native flooder through the worker's mailbox to a native
 /// drainer of its topic (64-byte payloads).
-async fn messaging(component: &WasmComponent, g: &Guest) -> f64 {
+async fn messaging(component: &WasmComponent, g: &Guest) -> (f64, u64) {
     let orch = Orchestrator::new();
     orch.bus().topic(g.topic, 1024).unwrap();
     let m = PluginManifest::default();
     let opts = m.spawn_options("w".into()).queue_capacity(1024);
-    orch.spawn_wasm(opts, component, m.wasm_options()).unwrap();
+    let worker = orch.spawn_wasm(opts, component, m.wasm_options()).unwrap();
     let (count, topic) = (g.messages, g.topic);
     let t = Instant::now();
     let drain = orch

@@ -73,13 +73,10 @@ const JS_LOCK: &str = include_str!("../../../examples/guests-js/package-lock.jso
 /// The example's package name, replaced by the project's in package.json and its lock.
 const JS_EXAMPLE_NAME: &str = "\"name\": \"gorch-guests-js\"";
 
-/// Linear memory the generated manifest shows for each language: the Python and
-/// JavaScript interpreters need more than the default.
-fn memory_for(lang: Lang) -> String {
-    match lang {
-        Lang::Rust => format!("{}MiB", DEFAULT_MEMORY_LIMIT >> 20),
-        Lang::Python | Lang::Js => format!("{}MiB", DEFAULT_MEMORY_LIMIT >> 20),
-    }
+/// The default `limits.memory` as the manifest writes it ("64MiB"): the Python and
+/// JavaScript interpreters fit in it too.
+fn default_memory() -> String {
+    format!("{}MiB", DEFAULT_MEMORY_LIMIT >> 20)
 }
 
 impl NewCmd {
@@ -113,7 +110,7 @@ impl NewCmd {
             t.replace("{{name}}", name)
                 .replace("{{crate}}", &crate_name)
                 .replace("{{sdk_dependency}}", &sdk)
-                .replace("{{memory}}", &memory_for(self.lang))
+                .replace("{{memory}}", &default_memory())
         };
         let mut files = vec![
             (format!("plugins/{name}.toml"), fill(MANIFEST), false),
