@@ -61,9 +61,9 @@ fn main() {
     }
     let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
     println!(
-        "| worker | component | first start (compile + store) | cached start | RSS per idle instance | linear memory per instance | mailbox → worker → topic |"
+        "| worker | component | first start (compile + store) | cached start | RSS per idle instance | linear memory per instance | mailbox → worker → topic | fuel per message |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for g in &guests {
         let cache = tempfile::tempdir().unwrap();
         let engine = |cache: &Path| {
@@ -204,6 +204,7 @@ async fn messaging(component: &WasmComponent, g: &Guest) -> (f64, u64) {
     .unwrap();
     drain.wait().await;
     let rate = count as f64 / t.elapsed().as_secs_f64();
+    let fuel = worker.snapshot().fuel_consumed / count;
     orch.shutdown(Duration::from_secs(5)).await;
-    rate
+    (rate, fuel)
 }
