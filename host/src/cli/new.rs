@@ -123,8 +123,9 @@ impl NewCmd {
                 files.push(("build.sh".into(), fill(RUST_BUILD), true));
                 (
                     "src/lib.rs",
-                    "cargo build --release --target wasm32-wasip2, copied",
-                    "\n`build.sh` needs rustup's `wasm32-wasip2` target once: `rustup target add \
+                    "`cargo build --release --target wasm32-wasip2`, then a copy (cargo names \
+                     the file after the crate, with `-` as `_`)",
+                    "\n`build.sh` needs rustup's `wasm32-wasip2` target once: `rustup target add\n\
                      wasm32-wasip2`. The SDK's API: `cargo doc --open` (`gorch_guest_sdk`).\n",
                 )
             }
@@ -138,10 +139,10 @@ impl NewCmd {
                 }
                 (
                     "app.py",
-                    "componentize-py (installed into .venv by the script)",
-                    "\n`build.sh` needs python3 with venv (Debian: `apt-get install python3-venv`). \
-                     The `gorch` package mirrors the Rust SDK: `beat`, `name`, `info`, \
-                     `mailbox.recv`/`recv_timeout`/`send`/`recv_json`, `bus.publish`/`recv`/\
+                    "componentize-py, which the script installs into `.venv`",
+                    "\n`build.sh` needs python3 with venv (Debian: `apt-get install python3-venv`).\n\
+                     The `gorch` package mirrors the Rust SDK: `beat`, `name`, `info`,\n\
+                     `mailbox.recv`/`recv_timeout`/`send`/`recv_json`, `bus.publish`/`recv`/\n\
                      `publish_json`, and the `gorch.Cancelled` exception.\n",
                 )
             }
@@ -162,10 +163,10 @@ impl NewCmd {
                 ));
                 (
                     "app.js",
-                    "componentize-js (installed by npm ci by the script)",
-                    "\n`build.sh` needs node and npm (Debian: `apt-get install nodejs npm`). \
-                     `gorch.js` mirrors the Rust SDK in camelCase: `beat`, `name`, `info`, \
-                     `mailbox.recv`/`recvTimeout`/`send`/`recvJson`, `bus.publish`/`recv`/\
+                    "componentize-js, which the script installs with `npm ci`",
+                    "\n`build.sh` needs node and npm (Debian: `apt-get install nodejs npm`).\n\
+                     `gorch.js` mirrors the Rust SDK in camelCase: `beat`, `name`, `info`,\n\
+                     `mailbox.recv`/`recvTimeout`/`send`/`recvJson`, `bus.publish`/`recv`/\n\
                      `publishJson`, and the `Cancelled` error.\n",
                 )
             }
