@@ -18,8 +18,14 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
     let guests = root.join("examples/guests");
-    for p in ["examples/guests", "examples/plugins", "guest-sdk/src", "guest-sdk/Cargo.toml", "wit"]
-    {
+    for p in [
+        "examples/guests",
+        "examples/plugins",
+        "guest-sdk/src",
+        "guest-sdk/wit",
+        "guest-sdk/Cargo.toml",
+        "wit",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
     assert!(guests.exists(), "{} is missing", guests.display());

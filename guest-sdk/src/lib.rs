@@ -1,5 +1,8 @@
 //! Write [gorch-host](https://example.invalid/gorch-host) workers in Rust.
 //!
+//! The crate carries the WIT contract it implements (`wit/worker.wit`, package
+//! `gorch:worker@0.1.0`), so it builds from a git or registry checkout alone.
+//!
 //! A worker is a `cdylib` crate built for `wasm32-wasip2`. It has one entry point, a `run`
 //! function, exported with [`worker!`]. Inside, it talks to the host through this crate:
 //! heartbeats and accounting ([`beat`], [`add_busy`]), identity ([`id`], [`name`],
@@ -31,7 +34,8 @@
 //! crate-type = ["cdylib"]
 //!
 //! [dependencies]
-//! gorch-guest-sdk = "0.1"
+//! # from a clone of the repository (the crates.io name once published: "0.1")
+//! gorch-guest-sdk = { git = "https://example.invalid/gorch-host" }
 //! ```
 //!
 //! Build it with `cargo build --release --target wasm32-wasip2`; the `.wasm` file in
@@ -48,15 +52,42 @@ extern crate self as gorch_guest_sdk;
 use std::fmt;
 use std::time::Duration;
 
+/// The `serde` this crate's JSON helpers use, re-exported so that a worker needs no
+/// dependency of its own. Derive through it with `#[serde(crate = ...)]`:
+///
+/// ```no_run
+/// use gorch_guest_sdk::serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// #[serde(crate = "gorch_guest_sdk::serde")]
+/// struct Job {
+///     id: u64,
+///     text: String,
+/// }
+///
+/// fn run() -> Result<(), gorch_guest_sdk::Error> {
+///     let job: Job = gorch_guest_sdk::mailbox::recv_json()?;
+///     gorch_guest_sdk::bus::publish_json("done", &job)
+/// }
+/// gorch_guest_sdk::worker!(run);
+/// ```
+#[cfg(feature = "json")]
+pub use serde;
+/// The `serde_json` this crate's JSON helpers use (for `serde_json::Value`, `json!`, ...).
+#[cfg(feature = "json")]
+pub use serde_json;
+
 #[doc(hidden)]
 pub mod __private {
     pub use wit_bindgen;
 
-    /// Raw bindings generated from `wit/worker.wit`.
+    /// Raw bindings generated from `wit/worker.wit` (inside this crate, so that it builds
+    /// from a git or registry checkout; the repository's root `wit/` is a copy, checked by a
+    /// test).
     #[allow(missing_docs, unsafe_code, clippy::all)]
     pub mod bindings {
         wit_bindgen::generate!({
-            path: "../wit",
+            path: "wit",
             world: "worker",
             pub_export_macro: true,
             export_macro_name: "__export_worker",
@@ -70,7 +101,7 @@ pub mod __private {
     #[allow(missing_docs, unsafe_code, clippy::all)]
     pub mod stateful {
         wit_bindgen::generate!({
-            path: "../wit",
+            path: "wit",
             world: "stateful-worker",
             pub_export_macro: true,
             export_macro_name: "__export_stateful_worker",
@@ -336,9 +367,22 @@ pub mod mailbox {
     /// Receives a message and decodes it from JSON.
     #[cfg(feature = "json")]
     pub fn recv_json<T: serde::de::DeserializeOwned>() -> Result<T> {
-        let bytes = recv()?;
-        serde_json::from_slice(&bytes).map_err(|e| Error::Codec(e.to_string()))
+        decode(&recv()?)
     }
+
+    /// Waits up to `timeout` for the next message and decodes it from JSON; `Ok(None)` if
+    /// none came in time.
+    #[cfg(feature = "json")]
+    pub fn recv_timeout_json<T: serde::de::DeserializeOwned>(
+        timeout: Duration,
+    ) -> Result<Option<T>> {
+        recv_timeout(timeout)?.map(|bytes| decode(&bytes)).transpose()
+    }
+}
+
+#[cfg(feature = "json")]
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Codec(e.to_string()))
 }
 
 /// Named topics shared by all routines, created on first use. A topic is a queue: each
@@ -375,7 +419,16 @@ pub mod bus {
     /// Receives a message from `topic` and decodes it from JSON.
     #[cfg(feature = "json")]
     pub fn recv_json<T: serde::de::DeserializeOwned>(topic: &str) -> Result<T> {
-        let bytes = recv(topic)?;
-        serde_json::from_slice(&bytes).map_err(|e| Error::Codec(e.to_string()))
+        decode(&recv(topic)?)
+    }
+
+    /// Waits up to `timeout` for the next message on `topic` and decodes it from JSON;
+    /// `Ok(None)` if none came in time.
+    #[cfg(feature = "json")]
+    pub fn recv_timeout_json<T: serde::de::DeserializeOwned>(
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Option<T>> {
+        recv_timeout(topic, timeout)?.map(|bytes| decode(&bytes)).transpose()
     }
 }

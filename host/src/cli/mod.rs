@@ -13,6 +13,7 @@ mod act;
 mod check;
 mod client;
 mod completions;
+mod new;
 mod ps;
 mod run;
 
@@ -20,6 +21,7 @@ pub use act::{PublishCmd, ReloadCmd, RoutineCmd, SendCmd};
 pub use check::CheckCmd;
 pub use client::Target;
 pub use completions::CompletionsCmd;
+pub use new::{Lang, NewCmd};
 pub use ps::PsCmd;
 pub use run::RunCmd;
 
@@ -53,6 +55,8 @@ pub enum Command {
     Reload(ReloadCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions(CompletionsCmd),
+    /// Write a ready-to-build guest project (Rust, Python or JavaScript) and its manifest.
+    New(NewCmd),
 }
 
 /// How `run` writes its log lines (`--log-format`).
@@ -143,6 +147,7 @@ impl Cli {
             Command::Stop(c) => c.run("stop").await,
             Command::Reload(c) => c.run().await,
             Command::Completions(c) => c.run(),
+            Command::New(c) => c.run(),
         }
     }
 }

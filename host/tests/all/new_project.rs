@@ -1,0 +1,199 @@
+//! `gorch-host new`: the real binary writes each language's project, the project's own
+//! `build.sh` builds it (Rust: against this repository's `guest-sdk` through
+//! `--sdk-path`, offline; Python and JavaScript: with the tools the example build scripts
+//! installed), and the host runs `plugins/NAME.wasm` with `plugins/NAME.toml` until the
+//! worker has beaten, logged and published.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use gorch_host::{Message, Orchestrator, PluginManifest, State};
+
+use crate::common::*;
+use crate::polyglot::{Lang, build_example, load, repo_root, run_logged};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gorch-host");
+
+/// Runs `gorch-host new` with `args` in `dir`.
+fn new(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN).arg("new").args(args).current_dir(dir).output().expect("run gorch-host")
+}
+
+/// Generates project `name` in a fresh temporary directory; returns both.
+fn generate(name: &str, lang: &str, extra: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = vec![name, "--lang", lang, "--dir", "projects"];
+    args.extend_from_slice(extra);
+    let out = new(tmp.path(), &args);
+    assert!(
+        out.status.success(),
+        "gorch-host new failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tmp.path().join("projects").join(name);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("./build.sh"));
+    (tmp, dir)
+}
+
+/// Runs the project's `build.sh` with `env`; panics with its output if it fails.
+fn build(dir: &Path, env: &[(&str, &Path)], args: &[&str]) {
+    let mut cmd = Command::new(dir.join("build.sh"));
+    cmd.args(args).current_dir(dir);
+    // What cargo set for this test binary is not for the project's own build.
+    for k in ["RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"] {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run build.sh");
+    assert!(
+        out.status.success(),
+        "{}/build.sh failed:\n{}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `plugins/NAME.wasm` as `gorch-host run` would (manifest from `plugins/NAME.toml`):
+/// it must beat, log and publish JSON on `greetings` for a mailbox message.
+fn run_project(dir: &Path, name: &str) {
+    let manifest = PluginManifest::from_file(&dir.join(format!("plugins/{name}.toml"))).unwrap();
+    let component = load(&dir.join(format!("plugins/{name}.wasm")));
+    let ((), log) = run_logged(async {
+        let orch = Orchestrator::new();
+        let greetings = orch.bus().topic("greetings", 16).unwrap();
+        let routine = manifest.routine_names(name).remove(0);
+        let h = orch
+            .spawn_wasm(
+                manifest.spawn_options(routine.clone()),
+                &component,
+                manifest.wasm_options(),
+            )
+            .unwrap();
+        h.mailbox().send(Message::new(b"hello".to_vec())).await.unwrap();
+        let m = greetings.recv_timeout(Duration::from_secs(120)).await.expect("no greeting");
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(v, serde_json::json!({"from": routine, "text": "hello", "count": 1}));
+        let beat = wait_until(Duration::from_secs(120), || {
+            let s = h.snapshot();
+            s.uptime_seconds - s.idle_seconds > 0.2
+        })
+        .await;
+        assert!(beat, "no beat from the guest: {:?}", h.snapshot());
+        h.stop();
+        assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Stopped);
+        assert_eq!(last_error(&orch, &routine), "");
+        shutdown(&orch).await;
+    });
+    assert!(log.contains(&format!("{name} starting (restarts: 0)")), "{log}");
+    assert!(log.contains("message 1: hello"), "{log}");
+}
+
+#[test]
+fn a_new_rust_project_builds_offline_against_the_sdk_and_runs() {
+    let sdk = repo_root().join("guest-sdk");
+    let (_tmp, dir) = generate("job-producer", "rust", &["--sdk-path", sdk.to_str().unwrap()]);
+    let cargo_toml = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+    assert!(cargo_toml.contains("gorch-guest-sdk = { path = "), "{cargo_toml}");
+    // A target directory kept between runs: the SDK and its dependencies build once.
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("new-project-target");
+    build(&dir, &[("CARGO_TARGET_DIR", &target)], &["--offline"]);
+    // cargo's job_producer.wasm is copied to the plugin name the manifest expects.
+    run_project(&dir, "job-producer");
+}
+
+#[test]
+fn a_new_python_project_builds_and_runs() {
+    build_example(Lang::Python); // installs componentize-py under target/
+    let (_tmp, dir) = generate("py-hello", "python", &[]);
+    build(&dir, &[("COMPONENTIZE_PY", &Lang::Python.tool())], &[]);
+    run_project(&dir, "py-hello");
+}
+
+#[test]
+fn a_new_javascript_project_builds_and_runs() {
+    build_example(Lang::Js); // installs componentize-js under examples/guests-js
+    let (_tmp, dir) = generate("js-hello", "js", &[]);
+    build(&dir, &[("COMPONENTIZE_JS", &Lang::Js.tool())], &[]);
+    run_project(&dir, "js-hello");
+}
+
+#[test]
+fn the_default_dependency_is_the_git_repository() {
+    let (_tmp, dir) = generate("hello", "rust", &[]);
+    let cargo_toml = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+    assert!(cargo_toml.contains("gorch-guest-sdk = { git = \"https://"), "{cargo_toml}");
+    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    for cmd in ["./build.sh", "gorch-host check plugins/hello.wasm", "gorch-host run plugins/"] {
+        assert!(readme.contains(cmd), "README lacks {cmd:?}:\n{readme}");
+    }
+}
+
+#[test]
+fn the_manifest_lists_every_key_commented_with_its_default() {
+    for lang in ["rust", "python", "js"] {
+        let (_tmp, dir) = generate("keys", lang, &[]);
+        let path = dir.join("plugins/keys.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        // As generated: every line a comment, so the manifest is the defaults.
+        assert_eq!(PluginManifest::from_str(&path, &text).unwrap(), PluginManifest::default());
+        // Uncommented, every key parses and shows the default.
+        let uncommented: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with('[') || l.contains(" = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let all = PluginManifest::from_str(&path, &uncommented)
+            .unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        let expected = PluginManifest { name: Some("keys".into()), ..Default::default() };
+        assert_eq!(all, expected, "{uncommented}");
+        for key in [
+            "name",
+            "instances",
+            "restart",
+            "idle-timeout",
+            "queue-capacity",
+            "max-deliveries",
+            "[backoff]",
+            "initial",
+            "max",
+            "multiplier",
+            "jitter",
+            "stable-after",
+            "[intensity]",
+            "max-restarts",
+            "within",
+            "[limits]",
+            "memory",
+            "fuel",
+            "message-bytes",
+            "[wasi]",
+            "env",
+            "args",
+        ] {
+            let line = if key.starts_with('[') { key.to_string() } else { format!("{key} = ") };
+            assert!(uncommented.lines().any(|l| l.starts_with(&line)), "{key} missing");
+        }
+    }
+}
+
+#[test]
+fn new_refuses_bad_names_and_existing_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    for bad in ["9lives", "has space", "a/b", "x\u{202e}y", ""] {
+        let out = new(tmp.path(), &[bad]);
+        assert!(!out.status.success(), "{bad:?} accepted");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("invalid name"), "{bad:?}");
+    }
+    std::fs::create_dir(tmp.path().join("taken")).unwrap();
+    std::fs::write(tmp.path().join("taken/keep.txt"), "mine").unwrap();
+    let out = new(tmp.path(), &["taken", "--lang", "python"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    assert_eq!(std::fs::read_to_string(tmp.path().join("taken/keep.txt")).unwrap(), "mine");
+    assert_eq!(std::fs::read_dir(tmp.path().join("taken")).unwrap().count(), 1);
+}
