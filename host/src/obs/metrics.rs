@@ -58,7 +58,7 @@ enum Series {
     PluginMessagesIn,
     PluginMessagesOut,
     PluginDeadLetters,
-    RoutineSeries,
+    PerRoutine,
     ClusterNodes,
 }
 
@@ -103,7 +103,7 @@ impl Series {
         Series::PluginMessagesIn,
         Series::PluginMessagesOut,
         Series::PluginDeadLetters,
-        Series::RoutineSeries,
+        Series::PerRoutine,
         Series::ClusterNodes,
     ];
 
@@ -255,7 +255,7 @@ impl Series {
                 PLUGIN,
                 true,
             ),
-            Series::RoutineSeries => (
+            Series::PerRoutine => (
                 "gorch_metrics_routine_series",
                 "1 while per-routine series are exported, 0 past --metrics-routine-limit.",
                 NONE,
@@ -422,7 +422,7 @@ fn visit(orch: &Orchestrator, routine_limit: usize, mut sink: impl FnMut(Series,
         f(Series::PluginDeadLetters, l, p.dead_letters as f64);
     }
     let per_routine = routines.len() <= routine_limit;
-    f(Series::RoutineSeries, &[], if per_routine { 1.0 } else { 0.0 });
+    f(Series::PerRoutine, &[], if per_routine { 1.0 } else { 0.0 });
     if per_routine {
         visit_routines(&routines, &mut f);
     }
