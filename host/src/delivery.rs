@@ -180,12 +180,7 @@ fn dead_letter(orch: &OrchInner, shared: &RoutineShared, msg: Message, source: S
         // A mailbox message of a clustered node: to the cluster-wide dead-letter topic.
         let c = cluster.clone();
         cluster.spawn(async move {
-            let never = tokio_util::sync::CancellationToken::new();
-            if let Err(e) =
-                crate::cluster::topics::publish(&c, DEAD_LETTER_TOPIC, json, &never).await
-            {
-                tracing::error!("a dead letter could not be published: {e}");
-            }
+            crate::cluster::topics::publish_dead_letter(&c, json).await;
         });
         return;
     }

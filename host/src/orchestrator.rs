@@ -212,11 +212,7 @@ impl OrchInner {
                 }
                 return Err(CallError::NoSuchRoutine(to.to_string()));
             };
-            return match target.send_cancellable(Message::from(payload), cancel).await {
-                Ok(()) => Ok(()),
-                Err(SendError::Cancelled(_)) => Err(CallError::Cancelled),
-                Err(SendError::Closed(_) | SendError::Full(_)) => Err(CallError::Closed),
-            };
+            return queued(target.send_cancellable(Message::from(payload), cancel).await);
         }
         let (Some(c), Some(node)) = (cluster, node) else { unreachable!("handled above") };
         if validate_routine_name(name).is_err() || validate_routine_name(node).is_err() {
@@ -237,11 +233,7 @@ impl OrchInner {
             return crate::cluster::topics::publish(c, topic, payload, cancel).await;
         }
         let ch = self.topic(topic)?;
-        match ch.send_cancellable(Message::from(payload), cancel).await {
-            Ok(()) => Ok(()),
-            Err(SendError::Cancelled(_)) => Err(CallError::Cancelled),
-            Err(SendError::Closed(_) | SendError::Full(_)) => Err(CallError::Closed),
-        }
+        queued(ch.send_cancellable(Message::from(payload), cancel).await)
     }
 
     /// Messages queued on `topic` (in a cluster: as last refreshed from its stream).
@@ -550,6 +542,15 @@ impl Orchestrator {
     /// Writes a table of all live routines (like gorchestra's `PrintStats`).
     pub fn print_stats(&self, w: &mut dyn io::Write) -> io::Result<()> {
         write_stats_table(w, &self.snapshots())
+    }
+}
+
+/// What a routine sees of a send to a local mailbox or topic.
+fn queued(r: Result<(), SendError<Message>>) -> Result<(), CallError> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(SendError::Cancelled(_)) => Err(CallError::Cancelled),
+        Err(SendError::Closed(_) | SendError::Full(_)) => Err(CallError::Closed),
     }
 }
 

@@ -16,7 +16,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
@@ -187,7 +187,6 @@ pub(crate) struct ClusterCore {
     /// Background work (watchers, heartbeat, services, acks of settled messages).
     pub(crate) tasks: TaskTracker,
     pub(crate) stop: CancellationToken,
-    joined: Instant,
 }
 
 impl ClusterCore {
@@ -264,7 +263,6 @@ impl Cluster {
             topics: topics::Topics::default(),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
-            joined: Instant::now(),
         });
         if !orch.attach_cluster(core.clone()) {
             core.registry.release_node(&core.node_token).await;
@@ -322,11 +320,6 @@ impl Cluster {
             NodeRoutines { info, routines, error }
         });
         ClusterRoutines { node: view.node, nodes: futures::future::join_all(fetches).await }
-    }
-
-    /// Time since this node joined.
-    pub fn uptime(&self) -> Duration {
-        self.core.joined.elapsed()
     }
 
     /// Leaves the cluster: removes this node's registry entries and lease, waits for the

@@ -102,18 +102,29 @@ impl RemoteMsg {
         drop(_progress);
         let c = core.clone();
         core.spawn(async move {
-            let never = CancellationToken::new();
-            let published = tokio::time::timeout(
-                Duration::from_secs(30),
-                publish(&c, crate::delivery::DEAD_LETTER_TOPIC, letter, &never),
-            )
-            .await;
             // Terminate only what reached dead-letter; otherwise let it be redelivered.
-            let kind =
-                if matches!(published, Ok(Ok(()))) { AckKind::Term } else { AckKind::Nak(None) };
+            let kind = if publish_dead_letter(&c, letter).await {
+                AckKind::Term
+            } else {
+                AckKind::Nak(None)
+            };
             let _ = acker.ack_with(kind).await;
         });
     }
+}
+
+/// Publishes `letter` on the cluster's `dead-letter` topic, giving up after 30 s (NATS
+/// unreachable that long); true once stored.
+pub(crate) async fn publish_dead_letter(core: &ClusterCore, letter: Vec<u8>) -> bool {
+    let never = CancellationToken::new();
+    let topic = crate::delivery::DEAD_LETTER_TOPIC;
+    let published =
+        tokio::time::timeout(Duration::from_secs(30), publish(core, topic, letter, &never)).await;
+    let stored = matches!(published, Ok(Ok(())));
+    if !stored {
+        tracing::error!("a dead letter could not be published on the cluster's {topic} topic");
+    }
+    stored
 }
 
 fn stream_name(topic: &str) -> String {

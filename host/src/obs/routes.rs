@@ -169,13 +169,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn metrics(AxState(s): AxState<ObsState>) -> impl IntoResponse {
     // Thousands of routines take milliseconds to render: off the workers that run guests.
     let limit = s.routine_limit.load(Relaxed);
-    let over = s.orch.routine_count() > limit;
+    let live = s.orch.routine_count();
+    let over = live > limit;
     if s.over_limit.swap(over, Relaxed) != over {
         if over {
             tracing::warn!(
-                "{} routines are more than --metrics-routine-limit {limit}: /metrics has \
-                 per-plugin series only (gorch_metrics_routine_series 0)",
-                s.orch.routine_count()
+                "{live} routines are more than --metrics-routine-limit {limit}: /metrics has \
+                 per-plugin series only (gorch_metrics_routine_series 0)"
             );
         } else {
             tracing::info!("at most {limit} routines again: /metrics has per-routine series");
