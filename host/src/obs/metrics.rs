@@ -294,7 +294,10 @@ fn visit(orch: &Orchestrator, mut sink: impl FnMut(Series, &[&str], f64)) {
         f(Series::RoutineUp, &[name], if snap.state == State::Running { 1.0 } else { 0.0 });
         f(Series::Restarts, &[name], snap.restarts as f64);
         f(Series::Busy, &[name], snap.busy_seconds);
-        f(Series::Fuel, &[name], snap.fuel_consumed as f64);
+        // A routine with `metering = "time"` counts no fuel: no series rather than 0.
+        if let Some(fuel) = snap.fuel_consumed {
+            f(Series::Fuel, &[name], fuel as f64);
+        }
         f(Series::Memory, &[name], snap.memory_bytes as f64);
         f(Series::QueueLength, &[name], snap.queue_len as f64);
         f(Series::QueueCapacity, &[name], snap.queue_cap as f64);
