@@ -1,15 +1,17 @@
 //! Runtime benchmarks (a bench binary, `cargo bench -p gorch-host --bench runtime`):
 //! timer lateness under spinning guests, restart latency, stop latency of a `loop {}` guest,
-//! spawn cost against raw wasmtime, the cost of fuel + epoch accounting (`--accounting`). Each figure is measured next to its baseline in the same
-//! run; BENCHMARKS.md records the numbers.
+//! spawn cost against raw wasmtime, the cost of fuel + epoch accounting and of
+//! `metering = "time"`, and cheaper fuel settings (`--accounting`; `--no-knobs` skips the
+//! settings). Each figure is measured next to its baseline in the same run; BENCHMARKS.md
+//! records the numbers.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use gorch_host::{
-    Backoff, Intensity, Orchestrator, RestartPolicy, SpawnOptions, State, Supervision, WasmEngine,
-    WasmOptions,
+    Backoff, Intensity, Metering, Orchestrator, RestartPolicy, SpawnOptions, State, Supervision,
+    WasmEngine, WasmOptions,
 };
 
 fn main() {
@@ -24,6 +26,10 @@ fn main() {
     println!();
     if let Some(dir) = std::env::args().skip_while(|a| a != "--dump-code").nth(1) {
         dump_code(&dir);
+        return;
+    }
+    if let Some(variant) = std::env::args().skip_while(|a| a != "--profile").nth(1) {
+        profile_target(&variant);
         return;
     }
     if std::env::args().any(|a| a == "--accounting") {
@@ -117,7 +123,7 @@ fn stop_latency(testkit: &gorch_host::WasmComponent) {
                     WasmOptions::default().env("MODE", "spin"),
                 )
                 .unwrap();
-            while h.snapshot().fuel_consumed == 0 {
+            while h.snapshot().fuel_consumed.unwrap() == 0 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             let t = Instant::now();
@@ -359,51 +365,144 @@ async fn raw_run(pre: RawPre) {
     command.wasi_cli_run().call_run(&mut store).await.unwrap().unwrap();
 }
 
-/// Compute-bound guests through the orchestrator on engines that differ only in fuel
-/// metering and epoch interruption (P5): the default (both) against neither. Median of 5
-/// runs each, interleaved; each run is spawn → end of a fresh instance.
+/// One way of running the compute workloads: an engine (its settings), the testkit
+/// loaded on it for a metering, and the wasm options that go with that metering.
+struct Variant {
+    label: String,
+    _engine: WasmEngine,
+    testkit: gorch_host::WasmComponent,
+    metering: Metering,
+}
+
+impl Variant {
+    fn new(label: &str, config: gorch_host::EngineConfig, metering: Metering) -> Variant {
+        let engine = WasmEngine::new(config).unwrap();
+        let testkit = engine.load_file_metered(gorch_artifacts::path("testkit"), metering).unwrap();
+        Variant { label: label.to_string(), _engine: engine, testkit, metering }
+    }
+}
+
+fn engine_with(fuel: bool, epochs: bool) -> gorch_host::EngineConfig {
+    gorch_host::EngineConfig { fuel, epochs, ..Default::default() }
+}
+
+/// Compute-bound guests through the orchestrator (P5): engines that differ only in fuel
+/// metering and epoch interruption, next to the real `metering = "time"` path (the default
+/// engine's second engine, without fuel, through `spawn_wasm` with `Metering::Time`). Then
+/// cheaper fuel settings, each next to the same baseline. Median of 5 runs each,
+/// interleaved; each run is spawn → end of a fresh instance.
 fn accounting() {
-    let configs = [
-        ("neither", false, false),
-        ("epochs", false, true),
-        ("fuel", true, false),
-        ("fuel + epochs (default)", true, true),
+    let main = vec![
+        Variant::new("neither", engine_with(false, false), Metering::Fuel),
+        Variant::new("epochs only", engine_with(false, true), Metering::Fuel),
+        Variant::new("fuel only", engine_with(true, false), Metering::Fuel),
+        Variant::new("fuel + epochs (default)", engine_with(true, true), Metering::Fuel),
+        Variant::new("metering = \"time\"", engine_with(true, true), Metering::Time),
     ];
+    println!("## accounting overhead: compute-bound guests, median of 5 runs, spawn to end");
+    accounting_table(&main, &[3, 4]);
+    if std::env::args().any(|a| a == "--no-knobs") {
+        return;
+    }
+    // Cheaper fuel: settings that wasmtime 48 offers, each against neither and the default.
+    let inline = |c: &mut wasmtime::Config| {
+        c.compiler_inlining(wasmtime::Inlining::Yes);
+    };
+    let size = |c: &mut wasmtime::Config| {
+        c.cranelift_opt_level(wasmtime::OptLevel::SpeedAndSize);
+    };
+    let knobs = vec![
+        Variant::new("neither", engine_with(false, false), Metering::Fuel),
+        Variant::new("default", engine_with(true, true), Metering::Fuel),
+        Variant::new(
+            "yield interval off",
+            gorch_host::EngineConfig { fuel_yield_interval: None, ..Default::default() },
+            Metering::Fuel,
+        ),
+        Variant::new(
+            "yield interval 100 k",
+            gorch_host::EngineConfig { fuel_yield_interval: Some(100_000), ..Default::default() },
+            Metering::Fuel,
+        ),
+        Variant::new(
+            "yield interval 100 M",
+            gorch_host::EngineConfig {
+                fuel_yield_interval: Some(100_000_000),
+                ..Default::default()
+            },
+            Metering::Fuel,
+        ),
+        Variant::new(
+            "operator_cost: control flow only",
+            gorch_host::EngineConfig { tune: Some(control_flow_cost), ..Default::default() },
+            Metering::Fuel,
+        ),
+        Variant::new(
+            "compiler_inlining(Yes)",
+            gorch_host::EngineConfig { tune: Some(inline), ..Default::default() },
+            Metering::Fuel,
+        ),
+        Variant::new(
+            "neither + compiler_inlining(Yes)",
+            gorch_host::EngineConfig {
+                fuel: false,
+                epochs: false,
+                tune: Some(inline),
+                ..Default::default()
+            },
+            Metering::Fuel,
+        ),
+        Variant::new(
+            "opt level SpeedAndSize",
+            gorch_host::EngineConfig { tune: Some(size), ..Default::default() },
+            Metering::Fuel,
+        ),
+    ];
+    println!("## cheaper fuel settings (wasmtime 48), each x neither");
+    accounting_table(&knobs, &[]);
+}
+
+/// An operator cost table in which only control flow that can repeat or leave the function
+/// costs fuel (calls, branches, `if`): fuel then counts taken control transfers, not
+/// instructions. Built through serde: `OperatorCost` has a field per operator.
+fn control_flow_cost(c: &mut wasmtime::Config) {
+    let mut v = serde_json::to_value(wasmtime::OperatorCost::new()).unwrap();
+    let paid = ["Call", "CallIndirect", "Br", "BrIf", "BrTable", "If", "ReturnCall"];
+    for (k, x) in v.as_object_mut().unwrap() {
+        if x.is_number() {
+            *x = serde_json::json!(u8::from(paid.contains(&k.as_str())));
+        }
+    }
+    c.operator_cost(serde_json::from_value(v).unwrap());
+}
+
+/// Prints one table: every variant on the three workloads (median and × the first), and
+/// the columns `bold` also in bold.
+fn accounting_table(variants: &[Variant], bold: &[usize]) {
     let workloads: [(&str, &[(&str, &str)]); 3] = [
         ("tight loop (compute, 100M iterations)", &[("MODE", "compute"), ("ITERS", "100000000")]),
         ("calls (fib 35)", &[("MODE", "fib"), ("N", "35")]),
         ("memory + branches (sort 100k u32 x 20)", &[("MODE", "sort"), ("ROUNDS", "20")]),
     ];
-    let engines: Vec<_> = configs
-        .iter()
-        .map(|&(_, fuel, epochs)| {
-            let engine =
-                WasmEngine::new(gorch_host::EngineConfig { fuel, epochs, ..Default::default() })
-                    .unwrap();
-            let testkit = engine.load_file(gorch_artifacts::path("testkit")).unwrap();
-            (engine, testkit)
-        })
-        .collect();
     let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
-    println!("## accounting overhead: compute-bound guests, median of 5 runs, spawn to end");
     print!("| workload |");
-    for (name, ..) in &configs {
-        print!(" {name} |");
+    for v in variants {
+        print!(" {} |", v.label);
     }
-    println!(" default / neither |");
-    println!("|---|{}---|", "---|".repeat(configs.len()));
+    println!();
+    println!("|---|{}", "---|".repeat(variants.len()));
     for (label, env) in workloads {
-        let mut times = vec![Vec::new(); configs.len()];
+        let mut times = vec![Vec::new(); variants.len()];
         for _ in 0..5 {
-            for (i, (_, testkit)) in engines.iter().enumerate() {
-                let mut wasm = WasmOptions::default();
-                for (k, v) in env {
-                    wasm = wasm.env(*k, *v);
+            for (i, v) in variants.iter().enumerate() {
+                let mut wasm = WasmOptions::default().metering(v.metering);
+                for (k, val) in env {
+                    wasm = wasm.env(*k, *val);
                 }
                 times[i].push(rt.block_on(async {
                     let orch = Orchestrator::new();
                     let t = Instant::now();
-                    let h = orch.spawn_wasm(SpawnOptions::new("acct"), testkit, wasm).unwrap();
+                    let h = orch.spawn_wasm(SpawnOptions::new("acct"), &v.testkit, wasm).unwrap();
                     assert_eq!(h.wait().await, State::Stopped);
                     let took = t.elapsed();
                     orch.shutdown(Duration::from_secs(1)).await;
@@ -413,12 +512,53 @@ fn accounting() {
         }
         let med: Vec<Duration> = times.iter_mut().map(|v| percentile(v, 0.5)).collect();
         print!("| {label} |");
-        for (m, base) in med.iter().zip(std::iter::repeat(med[0])) {
-            print!(" {m:.1?} ({:.2}x) |", m.as_secs_f64() / base.as_secs_f64());
+        for (i, m) in med.iter().enumerate() {
+            let r = m.as_secs_f64() / med[0].as_secs_f64();
+            if bold.contains(&i) {
+                print!(" {m:.1?} (**{r:.2}x**) |");
+            } else {
+                print!(" {m:.1?} ({r:.2}x) |");
+            }
         }
-        println!(" **{:.2}** |", med[med.len() - 1].as_secs_f64() / med[0].as_secs_f64());
+        println!();
     }
     println!();
+}
+
+/// A target for `perf record` (`-- --profile neither|default|time [MODE]`): runs one
+/// compute workload (default `fib`) 20 times on that variant, with wasmtime writing
+/// `/tmp/perf-PID.map` so that perf names the guest's functions.
+fn profile_target(variant: &str) {
+    let perfmap = |c: &mut wasmtime::Config| {
+        c.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    };
+    let (fuel, epochs, metering) = match variant {
+        "neither" => (false, false, Metering::Fuel),
+        "default" => (true, true, Metering::Fuel),
+        "time" => (true, true, Metering::Time),
+        other => panic!("--profile neither|default|time, not {other}"),
+    };
+    let config =
+        gorch_host::EngineConfig { fuel, epochs, tune: Some(perfmap), ..Default::default() };
+    let v = Variant::new(variant, config, metering);
+    let mode = std::env::args().skip_while(|a| a != "--profile").nth(2).unwrap_or("fib".into());
+    let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
+    let t = Instant::now();
+    for _ in 0..20 {
+        let wasm = WasmOptions::default()
+            .metering(metering)
+            .env("MODE", mode.as_str())
+            .env("N", "35")
+            .env("ITERS", "100000000")
+            .env("ROUNDS", "20");
+        rt.block_on(async {
+            let orch = Orchestrator::new();
+            let h = orch.spawn_wasm(SpawnOptions::new("prof"), &v.testkit, wasm).unwrap();
+            assert_eq!(h.wait().await, State::Stopped);
+            orch.shutdown(Duration::from_secs(1)).await;
+        });
+    }
+    println!("{variant} {mode}: 20 runs in {:.2?}", t.elapsed());
 }
 
 /// Writes the testkit compiled with and without fuel + epochs (ELF files, for `objdump -d`)

@@ -60,7 +60,9 @@ pub use orchestrator::{Orchestrator, ShutdownReport, SpawnError, SpawnOptions};
 pub use plugin::{PluginDir, PluginError, PluginManifest};
 pub use routine::{CallError, Health, RoutineContext, RoutineHandle, Snapshot, State};
 pub use supervisor::{Backoff, Group, Intensity, RestartPolicy, Strategy, Supervision};
-pub use wasm::{EngineConfig, EngineError, LoadError, WasmComponent, WasmEngine, WasmOptions};
+pub use wasm::{
+    EngineConfig, EngineError, LoadError, Metering, WasmComponent, WasmEngine, WasmOptions,
+};
 
 /// How often a tokio worker checks timers and I/O, in polls. Tokio's default (61) lets a
 /// timer fire hundreds of milliseconds late while guests spin in 5 ms slices; 1 keeps

@@ -67,6 +67,10 @@ pub enum SpawnError {
         /// What is wrong with it.
         reason: NameError,
     },
+    /// The wasm options do not fit the component (see [`WasmOptions::check`]): another
+    /// metering than it was loaded for, or a fuel limit without fuel metering.
+    #[error("{0}")]
+    Options(String),
 }
 
 /// Options of a spawned routine. `SpawnOptions::new(name)` gives the documented defaults.
@@ -423,6 +427,7 @@ impl Orchestrator {
         component: &WasmComponent,
         wasm: WasmOptions,
     ) -> Result<RoutineHandle, SpawnError> {
+        wasm.check(component).map_err(SpawnError::Options)?;
         self.spawn_work(opts, plugin, Arc::new(WasmWork::new(component, wasm)))
     }
 
@@ -450,6 +455,7 @@ impl Orchestrator {
             }
             let id = self.inner.next_id.fetch_add(1, Relaxed);
             let shared = Arc::new(RoutineShared::new(id, &opts, plugin, work.version()));
+            shared.set_counts_fuel(work.counts_fuel());
             by_name.insert(opts.name.clone(), shared.clone());
             if let Some(g) = shared.group() {
                 g.members.lock().push(shared.clone());

@@ -371,7 +371,8 @@ struct PluginSums {
     routines: u64,
     restarts: u64,
     busy_ns: u64,
-    fuel: u64,
+    /// `None` while no routine of the plugin counts fuel.
+    fuel: Option<u64>,
     memory: u64,
     queue: u64,
     messages_in: u64,
@@ -399,7 +400,9 @@ fn visit(orch: &Orchestrator, routine_limit: usize, mut sink: impl FnMut(Series,
         p.routines += 1;
         p.restarts += t.restarts;
         p.busy_ns += t.busy_ns;
-        p.fuel += t.fuel;
+        if let Some(fuel) = t.fuel {
+            p.fuel = Some(p.fuel.unwrap_or(0) + fuel);
+        }
         p.memory += t.memory_bytes;
         p.queue += t.queue_len as u64;
         p.messages_in += t.messages_in;
@@ -414,7 +417,9 @@ fn visit(orch: &Orchestrator, routine_limit: usize, mut sink: impl FnMut(Series,
         f(Series::PluginRoutines, l, p.routines as f64);
         f(Series::PluginRestarts, l, p.restarts as f64);
         f(Series::PluginBusy, l, p.busy_ns as f64 / 1e9);
-        f(Series::PluginFuel, l, p.fuel as f64);
+        if let Some(fuel) = p.fuel {
+            f(Series::PluginFuel, l, fuel as f64);
+        }
         f(Series::PluginMemory, l, p.memory as f64);
         f(Series::PluginQueueLength, l, p.queue as f64);
         f(Series::PluginMessagesIn, l, p.messages_in as f64);
@@ -455,7 +460,10 @@ fn visit_routines(
         f(Series::RoutineUp, &[name], if snap.state == State::Running { 1.0 } else { 0.0 });
         f(Series::Restarts, &[name], snap.restarts as f64);
         f(Series::Busy, &[name], snap.busy_seconds);
-        f(Series::Fuel, &[name], snap.fuel_consumed as f64);
+        // A routine with `metering = "time"` counts no fuel: no series rather than 0.
+        if let Some(fuel) = snap.fuel_consumed {
+            f(Series::Fuel, &[name], fuel as f64);
+        }
         f(Series::Memory, &[name], snap.memory_bytes as f64);
         f(Series::QueueLength, &[name], snap.queue_len as f64);
         f(Series::QueueCapacity, &[name], snap.queue_cap as f64);

@@ -14,7 +14,7 @@ pub(super) use super::parse::{parse_toml, read_toml};
 use crate::names::validate_routine_name;
 use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, DEFAULT_QUEUE_CAPACITY, SpawnOptions};
 use crate::supervisor::{Backoff, Intensity, RestartPolicy, Supervision};
-use crate::wasm::{DEFAULT_MEMORY_LIMIT, EngineConfig, WasmOptions};
+use crate::wasm::{DEFAULT_MEMORY_LIMIT, EngineConfig, Metering, WasmOptions};
 
 /// The most `instances` one manifest, and all the manifests of a directory together, may ask
 /// for: the scale gorch-host is built and tested for (see `BENCHMARKS.md`). Beyond it the
@@ -135,17 +135,18 @@ impl<'de> Deserialize<'de> for ByteSize {
 
 /// The `[limits]` table.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+#[serde(try_from = "RawLimits")]
 pub struct Limits {
     /// Linear memory per instance (default 64MiB; at most [`MAX_WASM32_BYTES`]).
-    #[serde(deserialize_with = "memory_size")]
     pub memory: ByteSize,
-    /// Fuel (instructions) per run; 0 = unlimited (default).
+    /// Fuel (instructions) per run; 0 = unlimited (default). Only with `metering = "fuel"`.
     pub fuel: u64,
     /// Largest message the plugin may send or publish (default 1MiB; at least 1 byte, at
     /// most [`MAX_WASM32_BYTES`]).
-    #[serde(deserialize_with = "message_size")]
     pub message_bytes: ByteSize,
+    /// How the plugin is accounted for: `fuel` (the default: exact fuel counts, a fuel
+    /// limit possible) or `time` (no fuel instrumentation, faster compute; busy time only).
+    pub metering: Metering,
 }
 
 impl Default for Limits {
@@ -154,7 +155,51 @@ impl Default for Limits {
             memory: ByteSize(DEFAULT_MEMORY_LIMIT),
             fuel: 0,
             message_bytes: ByteSize(DEFAULT_MESSAGE_BYTES),
+            metering: Metering::Fuel,
         }
+    }
+}
+
+/// `[limits]` as written, before the check across its keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+struct RawLimits {
+    #[serde(deserialize_with = "memory_size")]
+    memory: ByteSize,
+    fuel: u64,
+    #[serde(deserialize_with = "message_size")]
+    message_bytes: ByteSize,
+    metering: Metering,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        let d = Limits::default();
+        RawLimits {
+            memory: d.memory,
+            fuel: d.fuel,
+            message_bytes: d.message_bytes,
+            metering: d.metering,
+        }
+    }
+}
+
+impl TryFrom<RawLimits> for Limits {
+    type Error = String;
+    fn try_from(r: RawLimits) -> Result<Self, String> {
+        if r.metering == Metering::Time && r.fuel > 0 {
+            return Err(format!(
+                "limits.fuel = {} needs limits.metering = \"fuel\", but it is \"time\" (no \
+                 fuel is counted): remove limits.fuel or set metering = \"fuel\"",
+                r.fuel
+            ));
+        }
+        Ok(Limits {
+            memory: r.memory,
+            fuel: r.fuel,
+            message_bytes: r.message_bytes,
+            metering: r.metering,
+        })
     }
 }
 
@@ -368,6 +413,7 @@ fn routine_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Er
 /// memory = "64MiB"            # linear memory per instance
 /// fuel = 0                    # instructions per run, 0 = unlimited
 /// message-bytes = "1MiB"
+/// metering = "fuel"           # fuel | time (time: no fuel instrumentation, no fuel limit)
 /// [wasi]
 /// env = { GREETING = "hi" }
 /// args = []
@@ -498,6 +544,7 @@ impl PluginManifest {
         WasmOptions {
             memory: self.limits.memory.0,
             fuel: self.limits.fuel,
+            metering: self.limits.metering,
             env: self.wasi.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             args: self.wasi.args.clone(),
         }

@@ -7,7 +7,10 @@
 //! left alone. A changed `gorch.toml`, or a changed supervision or mailbox setting (restart
 //! policy, backoff, intensity, `max-deliveries`, `queue-capacity`, `idle-timeout`), is
 //! reported as needing a restart of the host: the new code still runs, under the old
-//! settings. Reloads are serialized; a reload during shutdown is refused.
+//! settings. A changed `limits.metering` is a changed limit like the others: the component
+//! is compiled for the other engine and the instances are upgraded to it (their fuel count
+//! becomes absent with `time`, and counts on from where it was with `fuel`). Reloads are
+//! serialized; a reload during shutdown is refused.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -390,12 +393,14 @@ impl Inner {
         change(stem, &spec.wasm, action, Some(version), note)
     }
 
-    /// Compiles and checks `bytes` (the file as hashed) on the blocking pool.
+    /// Compiles and checks `bytes` (the file as hashed) on the blocking pool, for the engine
+    /// of its `limits.metering`.
     async fn load(&self, spec: &PluginSpec, bytes: Vec<u8>) -> Result<WasmComponent, String> {
         let engine = self.engine.clone();
         let path = spec.wasm.clone();
+        let metering = spec.manifest.limits.metering;
         tokio::task::spawn_blocking(move || {
-            engine.load_bytes(&path, &bytes).map_err(|e| e.to_string())
+            engine.load_bytes_metered(&path, &bytes, metering).map_err(|e| e.to_string())
         })
         .await
         .unwrap_or_else(|e| Err(format!("loading panicked: {e}")))

@@ -186,6 +186,8 @@ fn spawn_loads(
     for (i, spec) in scanned.plugins.iter().enumerate() {
         let engine = engine.clone();
         let path = spec.wasm.clone();
+        // Compiled for the engine its manifest asks for (`limits.metering`).
+        let metering = spec.manifest.limits.metering;
         let permits = permits.clone();
         let cancel = cancel.clone();
         loads.spawn(async move {
@@ -203,7 +205,9 @@ fn spawn_loads(
             }
             let started = Instant::now();
             let result = tokio::task::spawn_blocking(move || {
-                engine.load_file(&path).map_err(|e| PluginError::from(e).to_string())
+                engine
+                    .load_file_metered(&path, metering)
+                    .map_err(|e| PluginError::from(e).to_string())
             })
             .await
             .unwrap_or_else(|e| Err(format!("loading panicked: {e}")));

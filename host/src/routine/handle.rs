@@ -100,6 +100,7 @@ impl RoutineHandle {
         component: &WasmComponent,
         wasm: WasmOptions,
     ) -> Result<(), String> {
+        wasm.check(component)?;
         let seq = self.shared.request_upgrade(Arc::new(WasmWork::new(component, wasm)));
         tokio::select! {
             r = self.shared.upgrade().wait(seq) => r,

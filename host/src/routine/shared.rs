@@ -61,6 +61,9 @@ pub(crate) struct RoutineShared {
     last_beat: AtomicU64,
     busy_ns: AtomicU64,
     fuel: AtomicU64,
+    /// Whether the code it runs counts fuel (`Work::counts_fuel`): else `fuelConsumed` is
+    /// absent. Follows the code across upgrades.
+    counts_fuel: AtomicBool,
     memory_bytes: AtomicU64,
     messages_in: AtomicU64,
     messages_out: AtomicU64,
@@ -103,6 +106,7 @@ impl RoutineShared {
             last_beat: AtomicU64::new(now_nanos()),
             busy_ns: AtomicU64::new(0),
             fuel: AtomicU64::new(0),
+            counts_fuel: AtomicBool::new(true),
             memory_bytes: AtomicU64::new(0),
             messages_in: AtomicU64::new(0),
             messages_out: AtomicU64::new(0),
@@ -345,6 +349,16 @@ impl RoutineShared {
         self.fuel.store(total, Relaxed);
     }
 
+    /// Whether the code it now runs counts fuel (set at spawn and when the code changes).
+    pub fn set_counts_fuel(&self, counts: bool) {
+        self.counts_fuel.store(counts, Relaxed);
+    }
+
+    /// The fuel used, all runs; `None` when the code it runs does not count fuel.
+    pub fn fuel_consumed(&self) -> Option<u64> {
+        self.counts_fuel.load(Relaxed).then(|| self.fuel())
+    }
+
     pub fn set_memory(&self, bytes: u64) {
         self.memory_bytes.store(bytes, Relaxed);
     }
@@ -416,7 +430,7 @@ impl RoutineShared {
             uptime_seconds: if started == 0 { 0.0 } else { (now - started) as f64 / 1e9 },
             idle_seconds: self.idle_for().as_secs_f64(),
             busy_seconds: self.busy_ns.load(Relaxed) as f64 / 1e9,
-            fuel_consumed: self.fuel(),
+            fuel_consumed: self.fuel_consumed(),
             memory_bytes: self.memory_bytes.load(Relaxed),
             queue_len: mb.len,
             queue_cap: mb.cap,
@@ -436,7 +450,7 @@ impl RoutineShared {
             state: self.state(),
             restarts: self.restarts(),
             busy_ns: self.busy_ns.load(Relaxed),
-            fuel: self.fuel(),
+            fuel: self.fuel_consumed(),
             memory_bytes: self.memory_bytes.load(Relaxed),
             queue_len: self.mailbox.len(),
             messages_in: self.messages_in.load(Relaxed),
@@ -457,7 +471,8 @@ pub struct Totals<'a> {
     pub state: State,
     pub restarts: u64,
     pub busy_ns: u64,
-    pub fuel: u64,
+    /// `None` for code that does not count fuel (`metering = "time"`).
+    pub fuel: Option<u64>,
     pub memory_bytes: u64,
     pub queue_len: usize,
     pub messages_in: u64,

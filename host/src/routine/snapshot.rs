@@ -28,8 +28,9 @@ pub struct Snapshot {
     pub idle_seconds: f64,
     /// CPU time of the routine's task plus `add-busy`, all runs.
     pub busy_seconds: f64,
-    /// Wasm fuel units used, all runs.
-    pub fuel_consumed: u64,
+    /// Wasm fuel units used, all runs (0 for native routines). `None` (JSON `null`) when the
+    /// routine runs with `metering = "time"`: it is not counted, which is not 0.
+    pub fuel_consumed: Option<u64>,
     /// Linear memory of the current instance.
     pub memory_bytes: u64,
     /// Messages in the mailbox.
@@ -89,7 +90,7 @@ pub fn write_stats_table(w: &mut dyn io::Write, snaps: &[Snapshot]) -> io::Resul
             s.uptime_seconds,
             s.idle_seconds,
             s.busy_seconds,
-            s.fuel_consumed,
+            s.fuel_consumed.map_or_else(|| "-".to_string(), |f| f.to_string()),
             human_bytes(s.memory_bytes),
             format!("{}/{}", s.queue_len, s.queue_cap),
             s.messages_in,

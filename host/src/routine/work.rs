@@ -37,6 +37,12 @@ pub(crate) trait Work: Send + Sync + 'static {
     fn stateful(&self) -> bool {
         false
     }
+    /// Whether the routine's fuel count is known: true for native closures (they use no
+    /// wasm fuel: 0) and fuel-metered components; false for `metering = "time"`, whose
+    /// `fuelConsumed` is then absent rather than 0.
+    fn counts_fuel(&self) -> bool {
+        true
+    }
 }
 
 /// A native async closure, called once per run.

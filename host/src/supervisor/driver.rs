@@ -94,6 +94,7 @@ fn upgrade(orch: &OrchInner, shared: &RoutineShared, state: State, work: &mut Ar
         "upgrading from version {old} to {}",
         new.version()
     );
+    shared.set_counts_fuel(new.counts_fuel());
     *work = new;
 }
 
@@ -109,6 +110,7 @@ fn rollback(shared: &RoutineShared, work: &mut Arc<dyn Work>) {
     );
     tracing::warn!(routine = %escape(shared.name()), "{msg}");
     shared.set_last_error(Some(msg));
+    shared.set_counts_fuel(s.previous.counts_fuel());
     *work = s.previous;
 }
 

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use wasmtime::component::{Component, types::ComponentItem};
 
 use super::cache::CacheStatus;
-use super::engine::{EngineInner, WasmEngine};
+use super::engine::{EngineInner, Flavor, WasmEngine};
 use super::host;
-use super::instance::HostState;
+use super::instance::{HostState, Metering};
 use crate::fsread::{self, ReadError};
 
 /// Why a component could not be loaded. Every variant names the file.
@@ -45,6 +45,17 @@ pub enum LoadError {
         path: PathBuf,
         /// The limit, in bytes.
         limit: u64,
+    },
+    /// The engine for this metering could not be created (the one without fuel
+    /// instrumentation is created when a component first asks for it).
+    #[error("{path}: cannot create the engine for {metering} metering: {message}")]
+    Engine {
+        /// The file.
+        path: PathBuf,
+        /// The metering asked for.
+        metering: Metering,
+        /// Why.
+        message: String,
     },
     /// The file is not WebAssembly at all.
     #[error("{path}: not a WebAssembly file (bad magic number)")]
@@ -85,6 +96,7 @@ impl LoadError {
             LoadError::Io { path, .. }
             | LoadError::NotRegularFile { path, .. }
             | LoadError::TooLarge { path, .. }
+            | LoadError::Engine { path, .. }
             | LoadError::NotWasm { path }
             | LoadError::CoreModule { path }
             | LoadError::Compile { path, .. }
@@ -101,6 +113,17 @@ impl WasmEngine {
     ///
     /// [`max_component_bytes`]: super::EngineConfig::max_component_bytes
     pub fn load_file(&self, path: impl AsRef<Path>) -> Result<WasmComponent, LoadError> {
+        self.load_file_metered(path, Metering::Fuel)
+    }
+
+    /// Like [`load_file`](Self::load_file), compiled for `metering`: [`Metering::Time`]
+    /// compiles it (or takes it from the compile cache) for the engine without fuel
+    /// instrumentation, which is created on the first such load.
+    pub fn load_file_metered(
+        &self,
+        path: impl AsRef<Path>,
+        metering: Metering,
+    ) -> Result<WasmComponent, LoadError> {
         let path = path.as_ref();
         let bytes = fsread::read_regular(path, self.inner.max_component_bytes).map_err(|e| {
             let path = path.to_path_buf();
@@ -110,7 +133,7 @@ impl WasmEngine {
                 ReadError::Io(source) => LoadError::Io { path, source },
             }
         })?;
-        self.load_bytes(path, &bytes)
+        self.load_bytes_metered(path, &bytes, metering)
     }
 
     /// Like [`load_file`](Self::load_file), from bytes; `path` names them in errors.
@@ -119,6 +142,16 @@ impl WasmEngine {
         path: impl AsRef<Path>,
         bytes: &[u8],
     ) -> Result<WasmComponent, LoadError> {
+        self.load_bytes_metered(path, bytes, Metering::Fuel)
+    }
+
+    /// Like [`load_file_metered`](Self::load_file_metered), from bytes.
+    pub fn load_bytes_metered(
+        &self,
+        path: impl AsRef<Path>,
+        bytes: &[u8],
+        metering: Metering,
+    ) -> Result<WasmComponent, LoadError> {
         let path = path.as_ref().to_path_buf();
         if bytes.len() < 8 || &bytes[0..4] != b"\0asm" {
             return Err(LoadError::NotWasm { path });
@@ -126,7 +159,12 @@ impl WasmEngine {
         if bytes[4..8] == [1, 0, 0, 0] {
             return Err(LoadError::CoreModule { path });
         }
-        let engine = &self.inner.engine;
+        let flavor = self.flavor(metering).map_err(|e| LoadError::Engine {
+            path: path.clone(),
+            metering,
+            message: e.to_string(),
+        })?;
+        let engine = &flavor.engine;
         let (component, cache) = match &self.inner.cache {
             Some(cache) => cache.load(engine, bytes, &path),
             None => Component::new(engine, bytes).map(|c| (c, CacheStatus::Off)),
@@ -139,8 +177,7 @@ impl WasmEngine {
         let stateful = has_run && ty.get_export(engine, host::UPGRADE_EXPORT).is_some();
         let has_cli_run = ty.exports(engine).any(|(n, _)| n.starts_with("wasi:cli/run@0.2"));
         let wrong = |message: String| LoadError::WrongWorld { path: path.clone(), message };
-        let pre = self
-            .inner
+        let pre = flavor
             .linker
             .instantiate_pre(&component)
             .map_err(|e| wrong(format!("imports do not fit the host: {e:#}")))?;
@@ -161,6 +198,7 @@ impl WasmEngine {
         Ok(WasmComponent {
             inner: Arc::new(ComponentInner {
                 engine: self.inner.clone(),
+                flavor,
                 path,
                 kind,
                 imports,
@@ -202,6 +240,8 @@ pub(super) enum Kind {
 pub(super) struct ComponentInner {
     // Keeps the engine (and its epoch ticker) alive while the component is.
     pub(super) engine: Arc<EngineInner>,
+    /// The wasmtime engine it was compiled for (and so its metering).
+    pub(super) flavor: Arc<Flavor>,
     path: PathBuf,
     pub(super) kind: Kind,
     imports: Vec<String>,
@@ -240,6 +280,11 @@ impl WasmComponent {
     /// Its exports, as `kind name` lines.
     pub fn exports(&self) -> &[String] {
         &self.inner.exports
+    }
+    /// The metering it was compiled for ([`WasmEngine::load_file_metered`]); spawning it
+    /// needs [`WasmOptions`](super::WasmOptions) with the same.
+    pub fn metering(&self) -> Metering {
+        self.inner.flavor.metering
     }
     /// Whether it was compiled or came from the compile cache.
     pub fn cache_status(&self) -> CacheStatus {

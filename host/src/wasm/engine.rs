@@ -1,10 +1,14 @@
 //! The engine: wasmtime configured for this host (fuel metering, epoch interruption, the
-//! pooling allocator with an on-demand fallback), the epoch ticker thread, and the one
-//! [`Linker`] every component is checked against. Loading components is in `component`.
+//! pooling allocator with an on-demand fallback), the epoch ticker thread, and the
+//! [`Linker`] every component is checked against. A second wasmtime engine, without fuel
+//! instrumentation, is created on first use for the plugins with `metering = "time"`
+//! ([`Metering::Time`]); the same ticker drives its epochs and it shares the compile cache
+//! (its compatibility hash differs, so its entries have other names). Loading components
+//! is in `component`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -13,7 +17,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::cache::CompileCache;
 use super::host;
-use super::instance::HostState;
+use super::instance::{HostState, Metering};
 
 /// Default epoch tick: the time slice of a CPU-bound guest, and the resolution of kills.
 pub const DEFAULT_EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -80,6 +84,15 @@ pub struct EngineConfig {
     /// spinning guest can be neither time-sliced nor killed.
     #[doc(hidden)]
     pub epochs: bool,
+    /// The fuel yield interval of fuel-metered stores (default
+    /// `Some(`[`FUEL_YIELD_INTERVAL`](super::FUEL_YIELD_INTERVAL)`)`). Only for measuring
+    /// its cost: `None` leaves a killed `loop {}` guest's fuel unrecorded.
+    #[doc(hidden)]
+    pub fuel_yield_interval: Option<u64>,
+    /// Changes the wasmtime `Config` of both engines after gorch-host set it up. Only for
+    /// measuring code-generation knobs (the accounting bench); `None` by default.
+    #[doc(hidden)]
+    pub tune: Option<fn(&mut Config)>,
 }
 
 impl Default for EngineConfig {
@@ -94,14 +107,56 @@ impl Default for EngineConfig {
             max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
             fuel: true,
             epochs: true,
+            fuel_yield_interval: Some(super::FUEL_YIELD_INTERVAL),
+            tune: None,
         }
     }
 }
 
-pub(super) struct EngineInner {
+/// One wasmtime engine and the linker built for it: what a component is compiled for.
+pub(super) struct Flavor {
     pub(super) engine: Engine,
     pub(super) linker: Linker<HostState>,
+    pub(super) metering: Metering,
     pooling: bool,
+}
+
+impl Flavor {
+    /// An engine for `metering` (pooling allocator if asked for and possible) and its linker.
+    fn new(config: &EngineConfig, metering: Metering) -> Result<Flavor, EngineError> {
+        let fuel = config.fuel && metering == Metering::Fuel;
+        let build = |pooling| Engine::new(&wasmtime_config(config, fuel, pooling));
+        let (engine, pooling) = if config.pooling {
+            match build(true) {
+                Ok(e) => (e, true),
+                Err(e) => {
+                    tracing::warn!(
+                        "pooling allocator unavailable ({e}); using on-demand allocation \
+                         ({metering} metering)"
+                    );
+                    (build(false).map_err(EngineError::Engine)?, false)
+                }
+            }
+        } else {
+            (build(false).map_err(EngineError::Engine)?, false)
+        };
+        let linker = host::linker(&engine).map_err(EngineError::Linker)?;
+        Ok(Flavor { engine, linker, metering, pooling })
+    }
+}
+
+pub(super) struct EngineInner {
+    /// The default engine, with fuel metering.
+    pub(super) fuel: Arc<Flavor>,
+    /// The engine without fuel instrumentation, once a component asked for it (the ticker
+    /// thread increments its epoch too).
+    time: Arc<OnceLock<Arc<Flavor>>>,
+    /// Serializes the creation of `time` (one pool reservation, not two).
+    time_init: parking_lot::Mutex<()>,
+    /// What `time` is built from.
+    config: EngineConfig,
+    /// See [`EngineConfig::fuel_yield_interval`].
+    pub(super) fuel_yield_interval: Option<u64>,
     pool_size: u32,
     pub(super) cache: Option<CompileCache>,
     pub(super) max_component_bytes: u64,
@@ -139,7 +194,7 @@ pub struct WasmEngine {
 
 impl std::fmt::Debug for WasmEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WasmEngine").field("pooling", &self.inner.pooling).finish()
+        f.debug_struct("WasmEngine").field("pooling", &self.inner.fuel.pooling).finish()
     }
 }
 
@@ -147,28 +202,12 @@ impl WasmEngine {
     /// Builds the engine (pooling allocator if possible), the linker, and starts the epoch
     /// ticker thread (stopped when the last clone of the engine is dropped).
     pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
-        let (engine, pooling) = if config.pooling {
-            match Engine::new(&wasmtime_config(&config, true)) {
-                Ok(e) => (e, true),
-                Err(e) => {
-                    tracing::warn!(
-                        "pooling allocator unavailable ({e}); using on-demand allocation"
-                    );
-                    (
-                        Engine::new(&wasmtime_config(&config, false))
-                            .map_err(EngineError::Engine)?,
-                        false,
-                    )
-                }
-            }
-        } else {
-            (Engine::new(&wasmtime_config(&config, false)).map_err(EngineError::Engine)?, false)
-        };
-        let linker = host::linker(&engine).map_err(EngineError::Linker)?;
-
+        let fuel = Arc::new(Flavor::new(&config, Metering::Fuel)?);
+        let time: Arc<OnceLock<Arc<Flavor>>> = Arc::default();
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let ticker = {
-            let engine = engine.clone();
+            let engine = fuel.engine.clone();
+            let time = time.clone();
             let stop = ticker_stop.clone();
             let tick = config.epoch_tick;
             std::thread::Builder::new()
@@ -177,22 +216,56 @@ impl WasmEngine {
                     while !stop.load(Relaxed) {
                         std::thread::park_timeout(tick);
                         engine.increment_epoch();
+                        if let Some(t) = time.get() {
+                            t.engine.increment_epoch();
+                        }
                     }
                 })
                 .map_err(EngineError::Ticker)?
         };
         Ok(WasmEngine {
             inner: Arc::new(EngineInner {
-                engine,
-                linker,
-                pooling,
+                fuel,
+                time,
+                time_init: parking_lot::Mutex::new(()),
                 pool_size: config.pool_size,
-                cache: config.cache_dir.map(CompileCache::new),
+                cache: config.cache_dir.clone().map(CompileCache::new),
                 max_component_bytes: config.max_component_bytes,
+                fuel_yield_interval: config.fuel_yield_interval,
+                config,
                 ticker_stop,
                 ticker: Some(ticker),
             }),
         })
+    }
+
+    /// The engine that compiles and runs components with `metering`: the fuel engine, or
+    /// the one without fuel instrumentation (created on the first call that asks for it).
+    pub(super) fn flavor(&self, metering: Metering) -> Result<Arc<Flavor>, EngineError> {
+        let inner = &self.inner;
+        if metering == Metering::Fuel {
+            return Ok(inner.fuel.clone());
+        }
+        if let Some(t) = inner.time.get() {
+            return Ok(t.clone());
+        }
+        let _one = inner.time_init.lock();
+        if let Some(t) = inner.time.get() {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(Flavor::new(&inner.config, Metering::Time)?);
+        tracing::info!(
+            "created the wasm engine without fuel instrumentation (metering = \"time\"){}",
+            if t.pooling { "" } else { ", on-demand allocation" }
+        );
+        let _ = inner.time.set(t.clone());
+        Ok(t)
+    }
+
+    /// Whether the engine without fuel instrumentation has been created (a component was
+    /// loaded for [`Metering::Time`]).
+    pub fn has_time_engine(&self) -> bool {
+        self.inner.time.get().is_some()
     }
 
     /// The largest component file it loads (see [`EngineConfig::max_component_bytes`]).
@@ -203,12 +276,12 @@ impl WasmEngine {
     /// How many concurrent instances the pooling allocator has room for (`None` without
     /// it: on-demand allocation has no fixed room).
     pub fn pool_size(&self) -> Option<u32> {
-        self.inner.pooling.then_some(self.inner.pool_size)
+        self.inner.fuel.pooling.then_some(self.inner.pool_size)
     }
 
     /// Whether the pooling allocator is in use.
     pub fn is_pooling(&self) -> bool {
-        self.inner.pooling
+        self.inner.fuel.pooling
     }
 
     /// The compile cache's directory, if the engine has one.
@@ -216,16 +289,21 @@ impl WasmEngine {
         self.inner.cache.as_ref().map(|c| c.dir())
     }
 
-    /// The underlying wasmtime engine.
+    /// The underlying wasmtime engine (the default one, with fuel metering).
     pub fn engine(&self) -> &Engine {
-        &self.inner.engine
+        &self.inner.fuel.engine
+    }
+
+    /// The wasmtime engine for `metering`, created on first use for [`Metering::Time`].
+    pub fn engine_for(&self, metering: Metering) -> Result<Engine, EngineError> {
+        Ok(self.flavor(metering)?.engine.clone())
     }
 }
 
-fn wasmtime_config(c: &EngineConfig, pooling: bool) -> Config {
+fn wasmtime_config(c: &EngineConfig, fuel: bool, pooling: bool) -> Config {
     let mut cfg = Config::new();
     cfg.wasm_component_model(true);
-    cfg.consume_fuel(c.fuel);
+    cfg.consume_fuel(fuel);
     cfg.epoch_interruption(c.epochs);
     cfg.max_wasm_stack(c.max_wasm_stack);
     cfg.async_stack_size(c.max_wasm_stack + (1 << 20));
@@ -250,6 +328,9 @@ fn wasmtime_config(c: &EngineConfig, pooling: bool) -> Config {
         p.table_keep_resident(POOL_KEEP_RESIDENT);
         p.decommit_batch_size(POOL_DECOMMIT_BATCH);
         cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(p));
+    }
+    if let Some(tune) = c.tune {
+        tune(&mut cfg);
     }
     cfg
 }

@@ -25,13 +25,52 @@ pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
 /// much of a killed instance's fuel can go unrecorded, at a negligible cost.
 pub const FUEL_YIELD_INTERVAL: u64 = 1_000_000;
 
+/// How a wasm routine's work is accounted for (manifest `limits.metering`).
+///
+/// Both kinds time every poll of the instance (`busySeconds`) and use epoch interruption
+/// (time slices, kills, even of a guest in `loop {}`). They differ in the compiled code:
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metering {
+    /// Fuel instrumentation (the default): `fuelConsumed` counts every fuel unit, and
+    /// `limits.fuel` can bound a run. Costs 1.2–2× on compute-bound code (`BENCHMARKS.md`).
+    #[default]
+    Fuel,
+    /// No fuel instrumentation: the component runs on a second engine, compiled without it
+    /// (created on first use, sharing the compile cache). `fuelConsumed` is absent and a fuel
+    /// limit cannot be set; busy time, slices and kills work as with fuel. Epochs alone
+    /// cost 1.1–1.6× there.
+    Time,
+}
+
+impl Metering {
+    /// `fuel` or `time`, as in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metering::Fuel => "fuel",
+            Metering::Time => "time",
+        }
+    }
+}
+
+impl std::fmt::Display for Metering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Per-instance settings of a wasm routine (the `[limits]` and `[wasi]` manifest tables).
 #[derive(Debug, Clone)]
 pub struct WasmOptions {
     /// Linear memory limit in bytes ([`DEFAULT_MEMORY_LIMIT`]).
     pub memory: u64,
-    /// Fuel per run; 0 means unlimited (the default).
+    /// Fuel per run; 0 means unlimited (the default). Must be 0 with [`Metering::Time`].
     pub fuel: u64,
+    /// How the routine is accounted for ([`Metering::Fuel`] by default). It must be the
+    /// metering the component was loaded for ([`WasmComponent::metering`]; see
+    /// [`WasmEngine::load_file_metered`](super::WasmEngine::load_file_metered)), else the
+    /// spawn (or upgrade) is refused.
+    pub metering: Metering,
     /// Environment variables the guest sees (none by default).
     pub env: Vec<(String, String)>,
     /// Arguments the guest sees (none by default).
@@ -40,7 +79,13 @@ pub struct WasmOptions {
 
 impl Default for WasmOptions {
     fn default() -> Self {
-        WasmOptions { memory: DEFAULT_MEMORY_LIMIT, fuel: 0, env: Vec::new(), args: Vec::new() }
+        WasmOptions {
+            memory: DEFAULT_MEMORY_LIMIT,
+            fuel: 0,
+            metering: Metering::Fuel,
+            env: Vec::new(),
+            args: Vec::new(),
+        }
     }
 }
 
@@ -59,6 +104,33 @@ impl WasmOptions {
     pub fn fuel(mut self, fuel: u64) -> Self {
         self.fuel = fuel;
         self
+    }
+    /// Sets the metering (see [`Metering`]).
+    pub fn metering(mut self, metering: Metering) -> Self {
+        self.metering = metering;
+        self
+    }
+
+    /// Why these options cannot run `component`, if they cannot: a metering other than the
+    /// one it was compiled for, or a fuel limit without fuel metering.
+    pub fn check(&self, component: &WasmComponent) -> Result<(), String> {
+        if self.metering != component.metering() {
+            return Err(format!(
+                "{} was loaded for {} metering but the options ask for {}: load it with \
+                 WasmEngine::load_file_metered(path, Metering::{:?})",
+                component.path().display(),
+                component.metering(),
+                self.metering,
+                self.metering
+            ));
+        }
+        if self.metering == Metering::Time && self.fuel > 0 {
+            return Err(format!(
+                "a fuel limit ({}) needs fuel metering, not {}",
+                self.fuel, self.metering
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -86,6 +158,9 @@ impl Work for WasmWork {
     }
     fn stateful(&self) -> bool {
         self.component.is_stateful()
+    }
+    fn counts_fuel(&self) -> bool {
+        self.component.metering() == Metering::Fuel
     }
 }
 
@@ -210,15 +285,18 @@ fn new_store(
         memory_limit: opts.memory,
         memory_used: 0,
     };
-    let mut store = Store::new(&comp.engine.engine, state);
+    let mut store = Store::new(&comp.flavor.engine, state);
     store.limiter(|s| s as &mut dyn ResourceLimiter);
     let fuel = FuelBase {
         initial: if opts.fuel == 0 { u64::MAX } else { opts.fuel },
         before: shared.fuel(),
     };
-    // Fuel is configured on this engine: these cannot fail.
-    let _ = store.set_fuel(fuel.initial);
-    let _ = store.fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL));
+    let metered = comp.flavor.metering == Metering::Fuel;
+    if metered {
+        // Fuel is configured on this engine: these cannot fail.
+        let _ = store.set_fuel(fuel.initial);
+        let _ = store.fuel_async_yield_interval(comp.engine.fuel_yield_interval);
+    }
     store.set_epoch_deadline(1);
     {
         let shared = shared.clone();
@@ -226,7 +304,7 @@ fn new_store(
             if run.killed.load(Relaxed) {
                 return Ok(UpdateDeadline::Interrupt);
             }
-            if let Ok(left) = cx.get_fuel() {
+            if metered && let Ok(left) = cx.get_fuel() {
                 fuel.record(&shared, left);
             }
             // tokio's yield_now lets the worker poll timers and I/O before resuming us.
@@ -234,15 +312,17 @@ fn new_store(
         });
     }
     // Keeps the live fuel figure fresh for guests that mostly wait in host calls and so
-    // rarely reach an epoch callback.
-    store.call_hook(move |cx, hook| {
-        if matches!(hook, CallHook::CallingHost)
-            && let Ok(left) = cx.get_fuel()
-        {
-            fuel.record(&shared, left);
-        }
-        Ok(())
-    });
+    // rarely reach an epoch callback. Without fuel there is nothing to refresh: no hook.
+    if metered {
+        store.call_hook(move |cx, hook| {
+            if matches!(hook, CallHook::CallingHost)
+                && let Ok(left) = cx.get_fuel()
+            {
+                fuel.record(&shared, left);
+            }
+            Ok(())
+        });
+    }
     (store, fuel)
 }
 

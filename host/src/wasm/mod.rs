@@ -1,7 +1,8 @@
 //! The wasm runtime, by concept (as wasmtime's own `runtime/component/` is split):
 //!
 //! - [`engine`]: one [`WasmEngine`]: wasmtime with fuel metering and epoch interruption, the
-//!   pooling allocator, the epoch ticker thread, and the linker;
+//!   pooling allocator, the epoch ticker thread, and the linker; a second wasmtime engine
+//!   without fuel instrumentation, created on demand for [`Metering::Time`];
 //! - [`component`]: loading a file into a [`WasmComponent`] (compile or cache, world check);
 //! - [`instance`]: one `Store` per run: [`WasmOptions`], the sandbox, fuel and the kill;
 //! - `host`: the WIT bindings and the host side of the `gorch:worker` imports;
@@ -24,4 +25,4 @@ pub use engine::{
     DEFAULT_MEMORY_RESERVATION, DEFAULT_POOL_SIZE, EngineConfig, EngineError, WasmEngine,
 };
 pub(crate) use instance::WasmWork;
-pub use instance::{DEFAULT_MEMORY_LIMIT, FUEL_YIELD_INTERVAL, WasmOptions};
+pub use instance::{DEFAULT_MEMORY_LIMIT, FUEL_YIELD_INTERVAL, Metering, WasmOptions};

@@ -247,3 +247,36 @@ fn sha256(b: &[u8]) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(b).to_vec()
 }
+
+#[test]
+fn time_metering_shares_the_cache_under_other_entry_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = cached_engine(dir.path());
+    let path = gorch_artifacts::path("testkit");
+    let bytes = std::fs::read(&path).unwrap();
+    let fuel = engine.load_file(&path).unwrap();
+    assert!(!engine.has_time_engine(), "created only when a component asks for it");
+    let time = engine.load_file_metered(&path, gorch_host::Metering::Time).unwrap();
+    assert!(engine.has_time_engine());
+    assert_eq!((fuel.cache_status(), time.cache_status()), (CacheStatus::Miss, CacheStatus::Miss));
+    // The engine without fuel has another compatibility hash: its own entry, no collision.
+    let cache = CompileCache::new(dir.path());
+    let time_engine = engine.engine_for(gorch_host::Metering::Time).unwrap();
+    let (e_fuel, e_time) =
+        (cache.entry_path(engine.engine(), &bytes), cache.entry_path(&time_engine, &bytes));
+    assert_ne!(e_fuel, e_time);
+    assert!(e_fuel.is_file() && e_time.is_file());
+    // A second start finds both.
+    let again = cached_engine(dir.path());
+    let time = again.load_file_metered(&path, gorch_host::Metering::Time).unwrap();
+    assert_eq!(time.cache_status(), CacheStatus::Hit);
+    assert_eq!(again.load_file(&path).unwrap().cache_status(), CacheStatus::Hit);
+    run(async {
+        let orch = Orchestrator::new();
+        let wasm = WasmOptions::default().metering(gorch_host::Metering::Time).env("MODE", "ok");
+        let h = orch.spawn_wasm(SpawnOptions::new("cached-time"), &time, wasm).expect("spawn");
+        assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Stopped);
+        assert_eq!(h.snapshot().fuel_consumed, None);
+        shutdown(&orch).await;
+    })
+}

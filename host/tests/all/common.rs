@@ -24,6 +24,16 @@ pub fn testkit() -> &'static WasmComponent {
     C.get_or_init(|| engine().load_file(gorch_artifacts::path("testkit")).expect("testkit"))
 }
 
+/// The `testkit` guest compiled for `metering = "time"` (the engine without fuel), once.
+pub fn testkit_time() -> &'static WasmComponent {
+    static C: OnceLock<WasmComponent> = OnceLock::new();
+    C.get_or_init(|| {
+        engine()
+            .load_file_metered(gorch_artifacts::path("testkit"), gorch_host::Metering::Time)
+            .expect("testkit for time metering")
+    })
+}
+
 /// Spawns the testkit guest in `mode`.
 pub fn spawn_mode(orch: &Orchestrator, opts: SpawnOptions, mode: &str) -> RoutineHandle {
     spawn_mode_with(orch, opts, mode, WasmOptions::default())

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use gorch_host::plugin::ByteSize;
 use gorch_host::supervisor::policy::MAX_POLICY_DURATION;
-use gorch_host::{Backoff, PluginManifest, RestartPolicy};
+use gorch_host::{Backoff, Metering, PluginManifest, RestartPolicy};
 
 fn dir(kind: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/manifests").join(kind)
@@ -78,7 +78,9 @@ fn the_full_manifest_has_every_value() {
     assert_eq!(m.limits.memory, ByteSize(32 << 20));
     assert_eq!(m.limits.fuel, 1_000_000);
     assert_eq!(m.limits.message_bytes, ByteSize(4096));
+    assert_eq!(m.limits.metering, Metering::Fuel);
     let w = m.wasm_options();
+    assert_eq!((w.fuel, w.metering), (1_000_000, Metering::Fuel));
     assert_eq!(w.env, vec![("GREETING".to_string(), "hi".to_string())]);
     assert_eq!(w.args, vec!["--verbose"]);
     let o = m.spawn_options("echo-1".into());
@@ -92,7 +94,25 @@ fn an_empty_manifest_gives_the_defaults() {
     assert_eq!(m, PluginManifest::default());
     assert_eq!(m.routine_names("ticker"), vec!["ticker"]);
     assert_eq!(m.limits.memory, ByteSize(64 << 20));
+    assert_eq!(m.limits.metering, Metering::Fuel, "fuel metering stays the default");
+    assert_eq!(m.wasm_options().metering, Metering::Fuel);
     assert_eq!(m.spawn_options("t".into()).idle_timeout, None);
+}
+
+#[test]
+fn time_metering_maps_to_the_wasm_options_and_refuses_a_fuel_limit() {
+    let p = dir("valid").join("time-metering.toml");
+    let m = PluginManifest::from_file(&p).unwrap();
+    assert_eq!(m.limits.metering, Metering::Time);
+    let w = m.wasm_options();
+    assert_eq!((w.metering, w.fuel), (Metering::Time, 0));
+    // The golden file holds the whole message; here: it names the file, the line and
+    // column of the [limits] table, and both keys.
+    let bad = dir("invalid").join("time-with-fuel.toml");
+    let e = PluginManifest::from_file(&bad).unwrap_err();
+    assert_eq!(e.path, bad);
+    assert_eq!(e.location.map(|(l, _)| l), Some(3), "{e}");
+    assert!(e.message.contains("limits.fuel") && e.message.contains("metering"), "{e}");
 }
 
 #[test]

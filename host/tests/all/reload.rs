@@ -206,3 +206,49 @@ fn a_reload_past_the_hosts_room_is_refused() {
         shutdown(&orch).await;
     });
 }
+
+#[test]
+fn a_plugin_starts_with_time_metering_and_a_reload_switches_it_live() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::copy(gorch_artifacts::path("testkit"), d.join("calc.wasm")).unwrap();
+        let manifest = |metering: &str| {
+            format!("[limits]\nmetering = \"{metering}\"\n[wasi]\nenv = {{ MODE = \"echo\" }}\n")
+        };
+        std::fs::write(d.join("calc.toml"), manifest("time")).unwrap();
+        let orch = Orchestrator::new();
+        let reloader = started(&orch, d).await;
+        let h = orch.get_by_name("calc").unwrap();
+        assert!(engine().has_time_engine());
+        assert!(
+            wait_until(std::time::Duration::from_secs(10), || h.state()
+                == gorch_host::State::Running)
+            .await
+        );
+        assert_eq!(h.snapshot().fuel_consumed, None, "time: no fuel counted");
+
+        // Metering is a limit like the others: the same code, compiled for the other
+        // engine, replaces the instance (same routine, same mailbox).
+        std::fs::write(d.join("calc.toml"), manifest("fuel")).unwrap();
+        let report = reloader.apply().await;
+        assert_eq!(action(&report, "calc"), ReloadAction::Upgraded, "{report:?}");
+        assert_eq!((h.upgrades(), h.restarts()), (1, 0));
+        assert!(h.snapshot().fuel_consumed.is_some(), "{:?}", h.snapshot());
+        // The fuel-metered run counts fuel (recorded at its first host call, `recv`).
+        assert!(
+            wait_until(std::time::Duration::from_secs(10), || h
+                .snapshot()
+                .fuel_consumed
+                .is_some_and(|f| f > 0))
+            .await
+        );
+
+        std::fs::write(d.join("calc.toml"), manifest("time")).unwrap();
+        let report = reloader.apply().await;
+        assert_eq!(action(&report, "calc"), ReloadAction::Upgraded, "{report:?}");
+        assert_eq!(h.snapshot().fuel_consumed, None);
+        assert_eq!(h.upgrades(), 2);
+        shutdown(&orch).await;
+    });
+}

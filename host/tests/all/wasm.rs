@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use gorch_host::{Health, Orchestrator, SpawnError, SpawnOptions, State, WasmOptions};
+use gorch_host::{Health, Metering, Orchestrator, SpawnError, SpawnOptions, State, WasmOptions};
 
 use crate::common::*;
 
@@ -64,7 +64,9 @@ fn stopping_a_spinning_guest_waits_the_grace_period_then_kills_it() {
         let orch = Orchestrator::new();
         let grace = Duration::from_millis(200);
         let h = spawn_mode(&orch, SpawnOptions::new("spin").grace(grace), "spin");
-        assert!(wait_until(Duration::from_secs(10), || h.snapshot().fuel_consumed > 0).await);
+        assert!(
+            wait_until(Duration::from_secs(10), || h.snapshot().fuel_consumed.unwrap() > 0).await
+        );
         let t = Instant::now();
         h.stop();
         assert_eq!(wait_end(&h, Duration::from_secs(5)).await, State::Stopped);
@@ -77,9 +79,9 @@ fn stopping_a_spinning_guest_waits_the_grace_period_then_kills_it() {
         // FUEL_YIELD_INTERVAL units, busy time comes from timing every poll.
         let s = h.snapshot();
         assert!(
-            s.fuel_consumed > gorch_host::wasm::FUEL_YIELD_INTERVAL,
+            s.fuel_consumed.unwrap() > gorch_host::wasm::FUEL_YIELD_INTERVAL,
             "fuel {}",
-            s.fuel_consumed
+            s.fuel_consumed.unwrap()
         );
         assert!(s.busy_seconds > 0.0, "busy {}", s.busy_seconds);
         shutdown(&orch).await;
@@ -187,8 +189,8 @@ fn compute_shows_more_fuel_and_busy_time_than_idle() {
         wait_end(&compute, Duration::from_secs(30)).await;
         wait_end(&idle, Duration::from_secs(30)).await;
         let (c, i) = (compute.snapshot(), idle.snapshot());
-        assert!(c.fuel_consumed > 100 * i.fuel_consumed.max(1), "{c:?} vs {i:?}");
-        assert!(c.fuel_consumed > 30_000_000);
+        assert!(c.fuel_consumed.unwrap() > 100 * i.fuel_consumed.unwrap().max(1), "{c:?} vs {i:?}");
+        assert!(c.fuel_consumed.unwrap() > 30_000_000);
         // Busy time is wall time in polls (a loaded machine stretches either run), so only
         // fuel compares the work; both runs were timed.
         assert!(c.busy_seconds > 0.0 && i.busy_seconds > 0.0, "{c:?} vs {i:?}");
@@ -220,7 +222,7 @@ fn a_trapped_instance_keeps_its_fuel() {
         // Computes 2 M rounds, then hits `unreachable`.
         let h = spawn_mode(&orch, SpawnOptions::new("trap"), "unreachable");
         assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Panicked);
-        assert!(h.snapshot().fuel_consumed > 2_000_000, "{:?}", h.snapshot());
+        assert!(h.snapshot().fuel_consumed.unwrap() > 2_000_000, "{:?}", h.snapshot());
         shutdown(&orch).await;
     })
 }
@@ -254,7 +256,7 @@ fn the_fuel_limit_traps() {
         );
         assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Panicked);
         assert!(last_error(&orch, "fuel").contains("fuel"), "{}", last_error(&orch, "fuel"));
-        assert_eq!(h.snapshot().fuel_consumed, 5_000_000);
+        assert_eq!(h.snapshot().fuel_consumed, Some(5_000_000));
         shutdown(&orch).await;
     })
 }
@@ -377,7 +379,7 @@ fn timers_fire_on_time_under_spinning_guests() {
             wait_until(Duration::from_secs(10), || orch
                 .snapshots()
                 .iter()
-                .all(|s| s.fuel_consumed > 0))
+                .all(|s| s.fuel_consumed.unwrap() > 0))
             .await
         );
         // Causal: without epoch slices the spinning guests would hold every worker thread
@@ -389,6 +391,95 @@ fn timers_fire_on_time_under_spinning_guests() {
         };
         let fired = tokio::time::timeout(Duration::from_secs(30), timers).await;
         assert!(fired.is_ok(), "timers starved by spinning guests");
+        shutdown(&orch).await;
+    })
+}
+
+#[test]
+fn time_metering_runs_without_fuel_and_a_stop_kills_its_spin_loop() {
+    run(async {
+        let orch = Orchestrator::new();
+        let time = WasmOptions::default().metering(Metering::Time);
+        assert_eq!(testkit_time().metering(), Metering::Time);
+        // A run that returns: computes, ends Stopped, counts no fuel.
+        let compute = orch
+            .spawn_wasm(
+                SpawnOptions::new("time-compute"),
+                testkit_time(),
+                time.clone().env("MODE", "compute").env("ITERS", "1000000"),
+            )
+            .unwrap();
+        assert_eq!(compute.snapshot().fuel_consumed, None, "absent from the spawn on");
+        assert_eq!(wait_end(&compute, Duration::from_secs(10)).await, State::Stopped);
+
+        // A guest in `loop {}`: time-sliced (timed polls give busy time), then killed by
+        // the epoch callback once the grace period of a stop is over.
+        let grace = Duration::from_millis(100);
+        let spin = orch
+            .spawn_wasm(
+                SpawnOptions::new("time-spin").grace(grace),
+                testkit_time(),
+                time.env("MODE", "spin"),
+            )
+            .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || spin.snapshot().busy_seconds > 0.0).await,
+            "{:?}",
+            spin.snapshot()
+        );
+        let json = serde_json::to_value(spin.snapshot()).unwrap();
+        assert_eq!(json["fuelConsumed"], serde_json::Value::Null, "{json}");
+        let mut text = String::new();
+        gorch_host::obs::metrics::write_text(&orch, &mut text);
+        assert!(!text.contains(r#"gorch_routine_fuel_consumed_total{name="time-spin"}"#));
+        assert!(text.contains(r#"gorch_routine_busy_seconds_total{name="time-spin"}"#));
+        spin.stop();
+        assert_eq!(wait_end(&spin, Duration::from_secs(10)).await, State::Stopped);
+        assert_eq!(last_error(&orch, "time-spin"), "killed");
+        let s = spin.snapshot();
+        assert!(s.busy_seconds > 0.0, "busy {}", s.busy_seconds);
+        assert_eq!(s.fuel_consumed, None);
+        let mut table = Vec::new();
+        gorch_host::routine::write_stats_table(&mut table, &[s]).unwrap();
+        let table = String::from_utf8(table).unwrap();
+        let row = table.lines().nth(1).unwrap();
+        assert!(row.split_whitespace().any(|c| c == "-"), "{table}");
+        shutdown(&orch).await;
+    })
+}
+
+#[test]
+fn metering_must_match_the_component_and_time_takes_no_fuel_limit() {
+    run(async {
+        let orch = Orchestrator::new();
+        // The default stays fuel: options, component, snapshot.
+        assert_eq!(WasmOptions::default().metering, Metering::Fuel);
+        assert_eq!(testkit().metering(), Metering::Fuel);
+        let h = spawn_mode_with(
+            &orch,
+            SpawnOptions::new("fuel-default"),
+            "compute",
+            WasmOptions::default().env("ITERS", "1000000"),
+        );
+        assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Stopped);
+        assert!(h.snapshot().fuel_consumed.is_some_and(|f| f > 1_000_000), "{:?}", h.snapshot());
+
+        let time = WasmOptions::default().metering(Metering::Time);
+        let refused = |r: Result<gorch_host::RoutineHandle, SpawnError>| match r {
+            Err(SpawnError::Options(why)) => why,
+            other => panic!("not refused: {other:?}"),
+        };
+        let why = refused(orch.spawn_wasm(SpawnOptions::new("a"), testkit(), time.clone()));
+        assert!(why.contains("loaded for fuel metering") && why.contains("time"), "{why}");
+        let why = refused(orch.spawn_wasm(
+            SpawnOptions::new("b"),
+            testkit_time(),
+            WasmOptions::default(),
+        ));
+        assert!(why.contains("loaded for time metering"), "{why}");
+        let why = refused(orch.spawn_wasm(SpawnOptions::new("c"), testkit_time(), time.fuel(10)));
+        assert!(why.contains("fuel limit") && why.contains("time"), "{why}");
+        assert!(orch.get_by_name("a").is_none() && orch.get_by_name("c").is_none());
         shutdown(&orch).await;
     })
 }
