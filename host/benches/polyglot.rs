@@ -204,7 +204,7 @@ async fn messaging(component: &WasmComponent, g: &Guest) -> (f64, u64) {
     .unwrap();
     drain.wait().await;
     let rate = count as f64 / t.elapsed().as_secs_f64();
-    let fuel = worker.snapshot().fuel_consumed / count;
+    let fuel = worker.snapshot().fuel_consumed.unwrap_or(0) / count;
     orch.shutdown(Duration::from_secs(5)).await;
     (rate, fuel)
 }
