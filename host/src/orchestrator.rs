@@ -2,7 +2,7 @@
 //! (native closures and wasm components), lookup, the history of finished routines, stats,
 //! and the bounded shutdown. It owns the bus that routines share.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::{self, Display};
 use std::future::Future;
 use std::io;
@@ -22,7 +22,7 @@ use crate::logguard::escape;
 use crate::names::{NameError, validate_routine_name};
 use crate::routine::work::NativeWork;
 use crate::routine::{
-    CallError, RoutineContext, RoutineHandle, RoutineShared, Snapshot, State, Work,
+    CallError, PluginSums, RoutineContext, RoutineHandle, RoutineShared, Snapshot, State, Work,
     write_stats_table,
 };
 use crate::supervisor::driver::{KILL_WAIT, drive};
@@ -171,6 +171,9 @@ pub(crate) struct OrchInner {
     by_name: RwLock<HashMap<String, Arc<RoutineShared>>>,
     history: Mutex<VecDeque<Snapshot>>,
     history_cap: usize,
+    /// Per plugin, the counters of its routines that have left the host (see
+    /// [`PluginSums`]); one entry per plugin name ever run.
+    ended: Mutex<BTreeMap<String, PluginSums>>,
     tracker: TaskTracker,
     shutting_down: AtomicBool,
     shutdown_report: tokio::sync::OnceCell<ShutdownReport>,
@@ -269,7 +272,14 @@ impl OrchInner {
     pub(crate) fn retire(&self, shared: &Arc<RoutineShared>, state: State) {
         shared.end_run();
         shared.mailbox().close();
-        self.routines.write().remove(&shared.id());
+        {
+            // Under the lock of the ended sums: a scrape counts the routine either live or
+            // ended, never both or neither (see `Orchestrator::plugin_sums`).
+            let totals = shared.totals();
+            let mut ended = self.ended.lock();
+            self.routines.write().remove(&shared.id());
+            ended.entry(totals.plugin.to_string()).or_default().add_ended(&totals, state);
+        }
         {
             let mut by_name = self.by_name.write();
             if by_name.get(shared.name()).is_some_and(|r| Arc::ptr_eq(r, shared)) {
@@ -347,6 +357,7 @@ impl Orchestrator {
                 routines: RwLock::new(HashMap::new()),
                 by_name: RwLock::new(HashMap::new()),
                 history: Mutex::new(VecDeque::new()),
+                ended: Mutex::default(),
                 history_cap: DEFAULT_HISTORY,
                 tracker: TaskTracker::new(),
                 shutting_down: AtomicBool::new(false),
@@ -498,6 +509,15 @@ impl Orchestrator {
             self.inner.routines.read().values().map(|s| RoutineHandle::new(s.clone())).collect();
         v.sort_by_key(|h| h.id());
         v
+    }
+
+    /// The live routines (by id) and, per plugin, the counters of its routines that have
+    /// ended, read together: a routine is in exactly one of the two.
+    pub(crate) fn routines_and_ended(
+        &self,
+    ) -> (Vec<Arc<RoutineShared>>, BTreeMap<String, PluginSums>) {
+        let ended = self.inner.ended.lock();
+        (self.shared_list(), ended.clone())
     }
 
     pub(crate) fn shared_list(&self) -> Vec<Arc<RoutineShared>> {

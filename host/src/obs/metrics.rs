@@ -58,6 +58,7 @@ enum Series {
     PluginMessagesIn,
     PluginMessagesOut,
     PluginDeadLetters,
+    PluginEnded,
     PerRoutine,
     ClusterNodes,
 }
@@ -71,7 +72,7 @@ struct Spec {
 }
 
 impl Series {
-    const ALL: [Series; 33] = [
+    const ALL: [Series; 34] = [
         Series::Routines,
         Series::RoutineInfo,
         Series::RoutineUp,
@@ -103,6 +104,7 @@ impl Series {
         Series::PluginMessagesIn,
         Series::PluginMessagesOut,
         Series::PluginDeadLetters,
+        Series::PluginEnded,
         Series::PerRoutine,
         Series::ClusterNodes,
     ];
@@ -255,6 +257,12 @@ impl Series {
                 PLUGIN,
                 true,
             ),
+            Series::PluginEnded => (
+                "gorch_plugin_routines_ended_total",
+                "Routines of the plugin that ended for good (gave up, stopped or removed), by final state.",
+                &["plugin", "state"][..],
+                true,
+            ),
             Series::PerRoutine => (
                 "gorch_metrics_routine_series",
                 "1 while per-routine series are exported, 0 past --metrics-routine-limit.",
@@ -365,21 +373,6 @@ impl Collector for GorchCollector {
 /// cardinality bounded). 100,000 routines would otherwise make a scrape of ~85 MB.
 pub const DEFAULT_ROUTINE_LIMIT: usize = 1000;
 
-/// Per-plugin sums over the live routines.
-#[derive(Default)]
-struct PluginSums {
-    routines: u64,
-    restarts: u64,
-    busy_ns: u64,
-    /// `None` while no routine of the plugin counts fuel.
-    fuel: Option<u64>,
-    memory: u64,
-    queue: u64,
-    messages_in: u64,
-    messages_out: u64,
-    dead_letters: u64,
-}
-
 /// Every series of the `gorch_*` metrics: `sink(metric, label values in the order of its
 /// spec, value)`. The collector and the text writer are two sinks for it. Per-routine
 /// series only while at most `routine_limit` routines live; per-plugin sums always.
@@ -388,32 +381,24 @@ fn visit(orch: &Orchestrator, routine_limit: usize, mut sink: impl FnMut(Series,
     let mut f = |m: Series, labels: &[&str], v: f64| {
         sink(m, labels, if m.spec().counter { v.max(0.0) } else { v })
     };
-    let routines = orch.shared_list();
+    // Per plugin: the routines that have left the host, plus the live ones.
+    let (routines, mut plugins) = orch.routines_and_ended();
     let mut states = [0u64; State::ALL.len()];
-    let mut plugins: std::collections::BTreeMap<&str, PluginSums> = Default::default();
-    let totals: Vec<_> = routines.iter().map(|r| r.totals()).collect();
-    for t in &totals {
+    for r in &routines {
+        let t = r.totals();
         if let Some(k) = State::ALL.iter().position(|s| *s == t.state) {
             states[k] += 1;
         }
-        let p = plugins.entry(t.plugin).or_default();
-        p.routines += 1;
-        p.restarts += t.restarts;
-        p.busy_ns += t.busy_ns;
-        if let Some(fuel) = t.fuel {
-            p.fuel = Some(p.fuel.unwrap_or(0) + fuel);
+        match plugins.get_mut(t.plugin) {
+            Some(p) => p.add_live(&t),
+            None => plugins.entry(t.plugin.to_string()).or_default().add_live(&t),
         }
-        p.memory += t.memory_bytes;
-        p.queue += t.queue_len as u64;
-        p.messages_in += t.messages_in;
-        p.messages_out += t.messages_out;
-        p.dead_letters += t.dead_letters;
     }
     for (s, n) in State::ALL.iter().zip(states) {
         f(Series::Routines, &[s.as_str()], n as f64);
     }
     for (plugin, p) in &plugins {
-        let l = &[*plugin][..];
+        let l = &[plugin.as_str()][..];
         f(Series::PluginRoutines, l, p.routines as f64);
         f(Series::PluginRestarts, l, p.restarts as f64);
         f(Series::PluginBusy, l, p.busy_ns as f64 / 1e9);
@@ -425,6 +410,9 @@ fn visit(orch: &Orchestrator, routine_limit: usize, mut sink: impl FnMut(Series,
         f(Series::PluginMessagesIn, l, p.messages_in as f64);
         f(Series::PluginMessagesOut, l, p.messages_out as f64);
         f(Series::PluginDeadLetters, l, p.dead_letters as f64);
+        for (st, n) in State::TERMINAL.iter().zip(p.ended) {
+            f(Series::PluginEnded, &[plugin.as_str(), st.as_str()], n as f64);
+        }
     }
     let per_routine = routines.len() <= routine_limit;
     f(Series::PerRoutine, &[], if per_routine { 1.0 } else { 0.0 });

@@ -24,7 +24,7 @@ pub(crate) mod work;
 pub(crate) use context::log_line;
 pub use context::{CallError, RoutineContext};
 pub use handle::RoutineHandle;
-pub(crate) use shared::{RoutineShared, RunControl};
+pub(crate) use shared::{PluginSums, RoutineShared, RunControl};
 pub use snapshot::{Snapshot, write_stats_table};
 pub use state::{Health, State};
 pub(crate) use work::{Outcome, Work};

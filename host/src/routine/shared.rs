@@ -479,3 +479,55 @@ pub struct Totals<'a> {
     pub messages_out: u64,
     pub dead_letters: u64,
 }
+
+/// A plugin's routine counters added up: [`add_live`](Self::add_live) for what `/metrics`
+/// sums at a scrape, [`add_ended`](Self::add_ended) for the orchestrator's running totals of
+/// the routines that have left the host, so that the per-plugin counters never go down
+/// when a routine ends (a counter that falls reads as a reset to Prometheus).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct PluginSums {
+    /// Live routines (gauge).
+    pub routines: u64,
+    pub restarts: u64,
+    pub busy_ns: u64,
+    /// `None` while no routine of the plugin has counted fuel.
+    pub fuel: Option<u64>,
+    /// Linear memory of the live routines (gauge).
+    pub memory: u64,
+    /// Messages queued for the live routines (gauge).
+    pub queue: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub dead_letters: u64,
+    /// Routines that have ended for good, by final state in the order of [`State::TERMINAL`].
+    pub ended: [u64; 4],
+}
+
+impl PluginSums {
+    /// Adds a live routine: its gauges and its counters.
+    pub fn add_live(&mut self, t: &Totals<'_>) {
+        self.routines += 1;
+        self.memory += t.memory_bytes;
+        self.queue += t.queue_len as u64;
+        self.add_counters(t);
+    }
+
+    /// Adds a routine that has ended for good in `state`: its counters, and one end.
+    pub fn add_ended(&mut self, t: &Totals<'_>, state: State) {
+        self.add_counters(t);
+        if let Some(i) = State::TERMINAL.iter().position(|s| *s == state) {
+            self.ended[i] += 1;
+        }
+    }
+
+    fn add_counters(&mut self, t: &Totals<'_>) {
+        self.restarts += t.restarts;
+        self.busy_ns += t.busy_ns;
+        if let Some(fuel) = t.fuel {
+            self.fuel = Some(self.fuel.unwrap_or(0) + fuel);
+        }
+        self.messages_in += t.messages_in;
+        self.messages_out += t.messages_out;
+        self.dead_letters += t.dead_letters;
+    }
+}

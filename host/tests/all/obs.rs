@@ -76,6 +76,41 @@ fn metrics_keep_per_plugin_sums_and_drop_per_routine_series_past_the_limit() {
 }
 
 #[test]
+fn plugin_counters_keep_what_ended_routines_counted() {
+    run(async {
+        let orch = Orchestrator::new();
+        let app = router(ObsState::new(&orch, None), &ObsConfig::default());
+        let never = gorch_host::RestartPolicy::Never;
+        let failing = orch
+            .spawn(SpawnOptions::new("fails").restart(never), |ctx| async move {
+                ctx.publish("out", b"x".to_vec()).await?;
+                Err::<(), _>(gorch_host::CallError::Closed)
+            })
+            .unwrap();
+        let stopping = orch
+            .spawn(SpawnOptions::new("stops"), |ctx| async move {
+                ctx.publish("out", b"y".to_vec()).await?;
+                Ok::<(), gorch_host::CallError>(())
+            })
+            .unwrap();
+        assert_eq!(failing.wait().await, gorch_host::State::Failed);
+        assert_eq!(stopping.wait().await, gorch_host::State::Stopped);
+        let (_, m) = get(&app, "/metrics", None).await;
+        // Both have left the host: no live routine, but the plugin's counters stay.
+        assert_eq!(value(&m, r#"gorch_plugin_routines{plugin=""}"#), Some(0.0));
+        assert_eq!(value(&m, r#"gorch_plugin_messages_sent_total{plugin=""}"#), Some(2.0));
+        let ended = |s: &str| {
+            value(&m, &format!(r#"gorch_plugin_routines_ended_total{{plugin="",state="{s}"}}"#))
+        };
+        assert_eq!(ended("FAILED"), Some(1.0));
+        assert_eq!(ended("STOPPED"), Some(1.0));
+        assert_eq!(ended("PANICKED"), Some(0.0));
+        assert!(!m.contains(r#"gorch_routine_up{name="fails"}"#), "{m}");
+        shutdown(&orch).await;
+    });
+}
+
+#[test]
 fn metrics_have_the_design_names_and_the_counters_values() {
     run(async {
         let orch = Orchestrator::new();
