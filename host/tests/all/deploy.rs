@@ -170,10 +170,12 @@ fn alerts_and_dashboard_use_only_metric_names_a_live_host_exports() {
     let dash: BTreeSet<String> = dashboard_exprs().iter().flat_map(|e| metric_names(e)).collect();
     // The parsers found the expressions (not an empty set that trivially passes).
     assert!(alert_exprs().len() >= 8, "{:?}", alert_exprs());
-    for name in ["gorch_routine_restarts_total", "gorch_dead_letters_total", "gorch_topic_length"] {
+    for name in
+        ["gorch_plugin_routines_ended_total", "gorch_dead_letters_total", "gorch_topic_length"]
+    {
         assert!(alerts.contains(name), "{name} not in the alerts: {alerts:?}");
     }
-    for name in ["gorch_routine_info", "gorch_routine_fuel_consumed_total", "gorch_routines"] {
+    for name in ["gorch_routine_info", "gorch_plugin_fuel_consumed_total", "gorch_routines"] {
         assert!(dash.contains(name), "{name} not in the dashboard: {dash:?}");
     }
     let metrics = run(async {
