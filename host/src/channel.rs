@@ -314,7 +314,57 @@ impl<T: Sizer + Send> Channel<T> {
         cancel: Option<&CancellationToken>,
         timeout: Option<Duration>,
     ) -> Result<T, RecvError> {
-        match self.try_recv() {
+        self.wait_for(cancel, timeout, || self.try_recv()).await
+    }
+
+    /// Takes up to `max` queued values (at least one) into `out`, in queue order, without
+    /// waiting; returns how many. One lock for the whole batch.
+    pub fn try_recv_many(&self, max: usize, out: &mut Vec<T>) -> Result<usize, RecvError> {
+        let n = {
+            let mut st = self.inner.state.lock();
+            let n = st.queue.len().min(max.max(1));
+            if n == 0 {
+                return Err(if st.closed { RecvError::Closed } else { RecvError::Empty });
+            }
+            let State { queue, bytes, .. } = &mut *st;
+            out.reserve(n);
+            for v in queue.drain(..n) {
+                *bytes -= v.approx_size();
+                out.push(v);
+            }
+            n
+        };
+        self.inner.recvs.fetch_add(n as u64, Relaxed);
+        // One permit per freed slot, as `n` single receives would give.
+        for _ in 0..n {
+            self.inner.not_full.notify_one();
+        }
+        Ok(n)
+    }
+
+    /// Waits like [`recv_until`](Self::recv_until) for the first value, then takes up to
+    /// `max` in all of what is queued (without waiting for more) into `out`; returns how
+    /// many.
+    pub async fn recv_many_until(
+        &self,
+        max: usize,
+        out: &mut Vec<T>,
+        cancel: Option<&CancellationToken>,
+        timeout: Option<Duration>,
+    ) -> Result<usize, RecvError> {
+        self.wait_for(cancel, timeout, || self.try_recv_many(max, out)).await
+    }
+
+    /// Runs `attempt` until it finds something (or the channel is closed), waiting for
+    /// `not_empty` in between. A value already queued is taken without any await: no
+    /// timing, no waiter registration, the caller is not suspended.
+    async fn wait_for<R>(
+        &self,
+        cancel: Option<&CancellationToken>,
+        timeout: Option<Duration>,
+        mut attempt: impl FnMut() -> Result<R, RecvError>,
+    ) -> Result<R, RecvError> {
+        match attempt() {
             Err(RecvError::Empty) => {}
             other => return other,
         }
@@ -327,7 +377,7 @@ impl<T: Sizer + Send> Channel<T> {
             let notified = self.inner.not_empty.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.try_recv() {
+            match attempt() {
                 Err(RecvError::Empty) => {}
                 other => break other,
             }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::channel::RecvError;
 use crate::delivery::{Message, Source};
 use crate::logguard::{Kind, escape};
-use crate::orchestrator::OrchInner;
+use crate::orchestrator::{OrchInner, queued};
 use crate::routine::shared::{RoutineShared, RunControl};
 
 /// Why a routine's host call did not complete; mirrors the WIT `error` variant.
@@ -143,6 +143,67 @@ impl RoutineContext {
         self.took(r, || Source::Topic(topic.to_string(), ch.clone()))
     }
 
+    /// Up to `max` messages from this routine's mailbox (at least one is asked for): waits
+    /// like [`recv`](Self::recv) for the first, then takes what else is queued without
+    /// waiting. An empty batch means the wait timed out.
+    ///
+    /// Receiving acknowledges the previous message or batch; the batch returned stays in
+    /// flight as a whole until the next receive or a clean return: after a crash all of it
+    /// is delivered again, in order.
+    pub async fn recv_batch(
+        &self,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<Vec<u8>>, CallError> {
+        self.shared.in_flight().ack();
+        let mut batch = Vec::new();
+        let mailbox = self.shared.mailbox();
+        let r = mailbox.recv_many_until(max, &mut batch, Some(&self.run.cancel), timeout).await;
+        self.took_batch(r, batch, || Source::Mailbox)
+    }
+
+    /// Up to `max` messages from `topic`, like [`recv_batch`](Self::recv_batch). A cluster
+    /// topic hands out one message per call.
+    pub async fn bus_recv_batch(
+        &self,
+        topic: &str,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<Vec<u8>>, CallError> {
+        if self.orch.cluster().is_some() {
+            return Ok(self.bus_recv(topic, timeout).await?.into_iter().collect());
+        }
+        let ch = self.orch.topic(topic)?;
+        self.shared.in_flight().ack();
+        let mut batch = Vec::new();
+        let r = ch.recv_many_until(max, &mut batch, Some(&self.run.cancel), timeout).await;
+        self.took_batch(r, batch, || Source::Topic(topic.to_string(), ch.clone()))
+    }
+
+    /// Publishes each payload on `topic` in order, waiting while it is full. Nothing is
+    /// published if one payload is over the size limit; after another error, the payloads
+    /// before the failing one were published.
+    pub async fn publish_batch(
+        &self,
+        topic: &str,
+        payloads: Vec<Vec<u8>>,
+    ) -> Result<(), CallError> {
+        for p in &payloads {
+            self.check_size(p.len())?;
+        }
+        if self.orch.cluster().is_some() {
+            for p in payloads {
+                self.publish(topic, p).await?;
+            }
+            return Ok(());
+        }
+        let ch = self.orch.topic(topic)?;
+        for p in payloads {
+            self.sent(queued(ch.send_cancellable(Message::from(p), &self.run.cancel).await))?;
+        }
+        Ok(())
+    }
+
     /// Writes a log line attributed to this routine. Control characters in `message` are
     /// escaped (it stays one line); during a restart storm the lines are summarized.
     pub fn log(&self, level: tracing::Level, message: &str) {
@@ -168,6 +229,23 @@ impl RoutineContext {
                 Ok(Some(self.shared.in_flight().deliver(m, source())))
             }
             Err(RecvError::Timeout) => Ok(None),
+            Err(RecvError::Cancelled) => Err(CallError::Cancelled),
+            Err(RecvError::Closed | RecvError::Empty) => Err(CallError::Closed),
+        }
+    }
+
+    fn took_batch(
+        &self,
+        r: Result<usize, RecvError>,
+        mut batch: Vec<Message>,
+        source: impl FnOnce() -> Source,
+    ) -> Result<Vec<Vec<u8>>, CallError> {
+        match r {
+            Ok(n) => {
+                self.shared.count_in_n(n as u64);
+                Ok(self.shared.in_flight().deliver_batch(&mut batch, source()))
+            }
+            Err(RecvError::Timeout) => Ok(Vec::new()),
             Err(RecvError::Cancelled) => Err(CallError::Cancelled),
             Err(RecvError::Closed | RecvError::Empty) => Err(CallError::Closed),
         }

@@ -367,6 +367,10 @@ impl RoutineShared {
         self.messages_in.fetch_add(1, Relaxed);
     }
 
+    pub fn count_in_n(&self, n: u64) {
+        self.messages_in.fetch_add(n, Relaxed);
+    }
+
     pub fn count_out(&self) {
         self.messages_out.fetch_add(1, Relaxed);
     }
