@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -130,6 +130,8 @@ struct State<T> {
 
 struct Inner<T> {
     state: Mutex<State<T>>,
+    /// `state.closed`, readable without the lock.
+    closed: AtomicBool,
     cap: usize,
     not_empty: Notify,
     not_full: Notify,
@@ -183,6 +185,7 @@ impl<T: Sizer + Send> Channel<T> {
                     bytes: 0,
                     closed: false,
                 }),
+                closed: AtomicBool::new(false),
                 cap,
                 not_empty: Notify::new(),
                 not_full: Notify::new(),
@@ -405,13 +408,14 @@ impl<T: Sizer + Send> Channel<T> {
     /// get [`RecvError::Closed`]. Every waiter is woken.
     pub fn close(&self) {
         self.inner.state.lock().closed = true;
+        self.inner.closed.store(true, std::sync::atomic::Ordering::Release);
         self.inner.not_empty.notify_waiters();
         self.inner.not_full.notify_waiters();
     }
 
     /// True once [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
-        self.inner.state.lock().closed
+        self.inner.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Values queued now.

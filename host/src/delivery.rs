@@ -65,7 +65,7 @@ impl Sizer for Message {
 /// Where an in-flight message came from, so that a crash can put it back.
 pub(crate) enum Source {
     Mailbox,
-    Topic(String, Channel<Message>),
+    Topic(std::sync::Arc<str>, Channel<Message>),
     /// A cluster-wide topic: JetStream keeps the message until it is acked.
     Cluster(String, RemoteMsg),
 }
@@ -83,7 +83,8 @@ impl Source {
     fn describe(&self) -> String {
         match self {
             Source::Mailbox => "mailbox".to_string(),
-            Source::Topic(t, _) | Source::Cluster(t, _) => format!("topic:{t}"),
+            Source::Topic(t, _) => format!("topic:{t}"),
+            Source::Cluster(t, _) => format!("topic:{t}"),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::channel::RecvError;
+use crate::channel::{RecvError, SendError};
 use crate::delivery::{Message, Source};
 use crate::logguard::{Kind, escape};
 use crate::orchestrator::{OrchInner, queued};
@@ -109,15 +109,28 @@ impl RoutineContext {
 
     /// Delivers `payload` to the mailbox of the routine named `to`, waiting while it is full.
     /// In a cluster, `to` may run on another node, and `node/name` names one node's routine.
-    pub async fn send(&self, to: &str, payload: Vec<u8>) -> Result<(), CallError> {
+    pub async fn send(&self, to: &str, mut payload: Vec<u8>) -> Result<(), CallError> {
         self.check_size(payload.len())?;
+        if self.orch.cluster().is_none()
+            && let Some(mailbox) = self.run.handles.mailbox(&self.orch, to)
+        {
+            match mailbox.send_cancellable(Message::from(payload), &self.run.cancel).await {
+                // Closed under us (the routine ended): the name may have a new routine.
+                Err(SendError::Closed(m)) => payload = m.payload,
+                r => return self.sent(queued(r)),
+            }
+        }
         self.sent(self.orch.send(to, payload, &self.run.cancel).await)
     }
 
     /// Publishes `payload` on `topic` (created on first use), waiting while it is full.
     pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), CallError> {
         self.check_size(payload.len())?;
-        self.sent(self.orch.publish(topic, payload, &self.run.cancel).await)
+        if self.orch.cluster().is_some() {
+            return self.sent(self.orch.publish(topic, payload, &self.run.cancel).await);
+        }
+        let (_, ch) = self.run.handles.topic(&self.orch, topic)?;
+        self.sent(queued(ch.send_cancellable(Message::from(payload), &self.run.cancel).await))
     }
 
     /// Next message on `topic` (created on first use); `Ok(None)` means the wait timed out.
@@ -137,10 +150,10 @@ impl RoutineContext {
             let source = Source::Cluster(topic.to_string(), d.handle);
             return Ok(Some(self.shared.in_flight().deliver(msg, source)));
         }
-        let ch = self.orch.topic(topic)?;
+        let (name, ch) = self.run.handles.topic(&self.orch, topic)?;
         self.shared.in_flight().ack();
         let r = ch.recv_until(Some(&self.run.cancel), timeout).await;
-        self.took(r, || Source::Topic(topic.to_string(), ch.clone()))
+        self.took(r, || Source::Topic(name, ch.clone()))
     }
 
     /// Up to `max` messages from this routine's mailbox (at least one is asked for): waits
@@ -173,11 +186,11 @@ impl RoutineContext {
         if self.orch.cluster().is_some() {
             return Ok(self.bus_recv(topic, timeout).await?.into_iter().collect());
         }
-        let ch = self.orch.topic(topic)?;
+        let (name, ch) = self.run.handles.topic(&self.orch, topic)?;
         self.shared.in_flight().ack();
         let mut batch = Vec::new();
         let r = ch.recv_many_until(max, &mut batch, Some(&self.run.cancel), timeout).await;
-        self.took_batch(r, batch, || Source::Topic(topic.to_string(), ch.clone()))
+        self.took_batch(r, batch, || Source::Topic(name, ch.clone()))
     }
 
     /// Publishes each payload on `topic` in order, waiting while it is full. Nothing is
@@ -197,7 +210,7 @@ impl RoutineContext {
             }
             return Ok(());
         }
-        let ch = self.orch.topic(topic)?;
+        let (_, ch) = self.run.handles.topic(&self.orch, topic)?;
         for p in payloads {
             self.sent(queued(ch.send_cancellable(Message::from(p), &self.run.cancel).await))?;
         }
