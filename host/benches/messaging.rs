@@ -3,7 +3,8 @@
 //! routines over the same bus, and guest ↔ guest ping-pong round trips next to native.
 //! The batch rows use `bus.recv-batch` in the receiver (batches of up to 64) and
 //! `bus.publish-batch` in the publisher (64 per call), native routines the same calls of
-//! `RoutineContext`. `GORCH_BENCH_ONLY=one-way` or `ping-pong` runs one part (for profiling).
+//! `RoutineContext`. `GORCH_BENCH_ONLY=one-way` or `ping-pong` runs one part (for profiling), `GORCH_WORKERS`
+//! sets the number of worker threads (2 by default).
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,15 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(gorch_host::EVENT_INTERVAL);
     println!("event_interval {interval}");
-    let rt = gorch_host::runtime_builder_with_interval(interval).worker_threads(2).build().unwrap();
+    // 2 worker threads, as the targets assume; GORCH_WORKERS changes it (to see what
+    // cross-thread hand-offs cost).
+    let workers: usize =
+        std::env::var("GORCH_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    println!("worker_threads {workers}");
+    let rt = gorch_host::runtime_builder_with_interval(interval)
+        .worker_threads(workers)
+        .build()
+        .unwrap();
     let only = std::env::var("GORCH_BENCH_ONLY").unwrap_or_default();
     if only.is_empty() || only == "one-way" {
         println!("## one way: publisher → topic (capacity 1024) → receiver");
