@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gorch_host::{Bus, Channel, Orchestrator, SpawnOptions, State, WasmOptions};
+use gorch_host::{Bus, CallError, Channel, Orchestrator, SpawnOptions, State, WasmOptions};
 use proptest::prelude::*;
 
 use crate::common::*;
@@ -311,6 +311,39 @@ fn batches_flow_from_guest_to_guest() {
         assert_eq!(wait_end(&rx, Duration::from_secs(30)).await, State::Stopped);
         let topic = orch.bus().topics().into_iter().find(|t| t.name == "batches").unwrap();
         assert_eq!((topic.published, topic.received, topic.len), (5000, 5000, 0));
+        shutdown(&orch).await;
+    })
+}
+
+/// `publish_batch` checks every size first: one payload over the limit publishes nothing.
+/// A batch receive that times out is an empty batch, not an error.
+#[test]
+fn a_batch_with_one_payload_too_large_publishes_nothing() {
+    run(async {
+        let orch = Orchestrator::new();
+        let topic = orch.bus().topic("pb", 16).unwrap();
+        let opts = SpawnOptions::new("publisher").message_bytes(8);
+        let h = orch
+            .spawn(opts, |ctx| async move {
+                let mixed = vec![b"ok".to_vec(), vec![0; 9], b"ok".to_vec()];
+                if ctx.publish_batch("pb", mixed).await != Err(CallError::TooLarge(8)) {
+                    return Err("a too-large payload was not refused".to_string());
+                }
+                ctx.publish_batch("pb", vec![b"a".to_vec(), b"b".to_vec()])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let timed_out = ctx.recv_batch(4, Some(Duration::from_millis(1))).await;
+                if timed_out != Ok(Vec::new()) {
+                    return Err(format!("expected an empty batch, got {timed_out:?}"));
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Stopped);
+        assert_eq!(last_error(&orch, "publisher"), "");
+        let got: Vec<Vec<u8>> =
+            std::iter::from_fn(|| topic.try_recv().ok().map(|m| m.payload)).collect();
+        assert_eq!(got, [b"a".to_vec(), b"b".to_vec()]);
         shutdown(&orch).await;
     })
 }
