@@ -245,6 +245,42 @@ impl<T: Sizer + Send> Channel<T> {
         self.send_until(value, Some(cancel)).await
     }
 
+    /// Queues the values of `values` in order, waiting while the channel is full, with one
+    /// lock for each run of values that fits. Stops at a close or at `cancel`, handing back
+    /// the first value not queued (those before it were queued); `values` keeps the rest.
+    pub async fn send_many_cancellable(
+        &self,
+        values: &mut std::collections::VecDeque<T>,
+        cancel: &CancellationToken,
+    ) -> Result<(), SendError<T>> {
+        loop {
+            let pushed = {
+                let mut st = self.inner.state.lock();
+                if st.closed {
+                    drop(st);
+                    return match values.pop_front() {
+                        Some(v) => Err(SendError::Closed(v)),
+                        None => Ok(()),
+                    };
+                }
+                let n = values.len().min(self.inner.cap.saturating_sub(st.queue.len()));
+                let State { queue, bytes, .. } = &mut *st;
+                for v in values.drain(..n) {
+                    *bytes += v.approx_size();
+                    queue.push_back(v);
+                }
+                n
+            };
+            self.inner.sends.fetch_add(pushed as u64, Relaxed);
+            for _ in 0..pushed {
+                self.inner.not_empty.notify_one();
+            }
+            let Some(next) = values.pop_front() else { return Ok(()) };
+            // Full: wait for room through the single-value path, then go on in bulk.
+            self.send_until(next, Some(cancel)).await?;
+        }
+    }
+
     async fn send_until(
         &self,
         mut value: T,

@@ -211,10 +211,14 @@ impl RoutineContext {
             return Ok(());
         }
         let (_, ch) = self.run.handles.topic(&self.orch, topic)?;
-        for p in payloads {
-            self.sent(queued(ch.send_cancellable(Message::from(p), &self.run.cancel).await))?;
-        }
-        Ok(())
+        let mut left: std::collections::VecDeque<Message> =
+            payloads.into_iter().map(Message::from).collect();
+        let total = left.len();
+        let r = ch.send_many_cancellable(&mut left, &self.run.cancel).await;
+        // Those handed back or left over were not published.
+        let unsent = left.len() + usize::from(r.is_err());
+        self.shared.count_out_n((total - unsent) as u64);
+        queued(r)
     }
 
     /// Writes a log line attributed to this routine. Control characters in `message` are

@@ -379,6 +379,10 @@ impl RoutineShared {
         self.messages_out.fetch_add(1, Relaxed);
     }
 
+    pub fn count_out_n(&self, n: u64) {
+        self.messages_out.fetch_add(n, Relaxed);
+    }
+
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Relaxed)
     }
