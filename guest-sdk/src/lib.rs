@@ -357,6 +357,41 @@ pub mod mailbox {
         wit_mailbox::send(to, payload).map_err(Into::into)
     }
 
+    /// Waits for the next message, then takes up to `max` in all of what is queued (at
+    /// least one message; never empty). One host call for the whole batch.
+    ///
+    /// The batch stays in flight until the next receive (of any kind) or a clean return
+    /// from `run`: if the routine crashes meanwhile, all of it is delivered again, in order.
+    pub fn recv_batch(max: u32) -> Result<Vec<Vec<u8>>> {
+        match wit_mailbox::recv_batch(max, None) {
+            Ok(b) if b.is_empty() => Err(Error::Closed),
+            r => r.map_err(Into::into),
+        }
+    }
+
+    /// Like [`recv_batch`], waiting up to `timeout` for the first message; an empty batch
+    /// if none came in time.
+    pub fn recv_batch_timeout(max: u32, timeout: Duration) -> Result<Vec<Vec<u8>>> {
+        wit_mailbox::recv_batch(max, Some(millis(timeout))).map_err(Into::into)
+    }
+
+    /// The mailbox's messages one by one, received `max` at a time ([`recv_batch`]). Ends
+    /// when the routine is asked to stop; yields an error (then ends) for any other failure.
+    ///
+    /// ```no_run
+    /// use gorch_guest_sdk::{bus, mailbox};
+    /// fn run() -> Result<(), gorch_guest_sdk::Error> {
+    ///     for msg in mailbox::batched(64) {
+    ///         bus::publish("out", &msg?)?;
+    ///     }
+    ///     Ok(())
+    /// }
+    /// gorch_guest_sdk::worker!(run);
+    /// ```
+    pub fn batched(max: u32) -> Batched {
+        Batched::new(None, max)
+    }
+
     /// Sends a value encoded as JSON.
     #[cfg(feature = "json")]
     pub fn send_json<T: serde::Serialize>(to: &str, value: &T) -> Result<()> {
@@ -409,6 +444,35 @@ pub mod bus {
         wit_bus::recv(topic, Some(millis(timeout))).map_err(Into::into)
     }
 
+    /// Waits for the next message on `topic`, then takes up to `max` in all of what is
+    /// queued there (never empty; a cluster topic gives one at a time). Acknowledged like
+    /// [`mailbox::recv_batch`](crate::mailbox::recv_batch): redelivered whole after a crash.
+    pub fn recv_batch(topic: &str, max: u32) -> Result<Vec<Vec<u8>>> {
+        match wit_bus::recv_batch(topic, max, None) {
+            Ok(b) if b.is_empty() => Err(Error::Closed),
+            r => r.map_err(Into::into),
+        }
+    }
+
+    /// Like [`recv_batch`], waiting up to `timeout` for the first message; an empty batch
+    /// if none came in time.
+    pub fn recv_batch_timeout(topic: &str, max: u32, timeout: Duration) -> Result<Vec<Vec<u8>>> {
+        wit_bus::recv_batch(topic, max, Some(millis(timeout))).map_err(Into::into)
+    }
+
+    /// The messages of `topic` one by one, received `max` at a time ([`recv_batch`]); ends
+    /// when the routine is asked to stop (see [`mailbox::batched`](crate::mailbox::batched)).
+    pub fn batched(topic: &str, max: u32) -> Batched {
+        Batched::new(Some(topic.to_string()), max)
+    }
+
+    /// Publishes the payloads in order with one host call, waiting while the topic is full.
+    /// Nothing is published if one is over the size limit ([`Error::TooLarge`]); after
+    /// another error, those before it were published.
+    pub fn publish_batch(topic: &str, payloads: &[Vec<u8>]) -> Result<()> {
+        wit_bus::publish_batch(topic, payloads).map_err(Into::into)
+    }
+
     /// Publishes a value encoded as JSON.
     #[cfg(feature = "json")]
     pub fn publish_json<T: serde::Serialize>(topic: &str, value: &T) -> Result<()> {
@@ -430,5 +494,52 @@ pub mod bus {
         timeout: Duration,
     ) -> Result<Option<T>> {
         recv_timeout(topic, timeout)?.map(|bytes| decode(&bytes)).transpose()
+    }
+}
+
+/// Messages one by one from batches: [`mailbox::batched`] and [`bus::batched`]. Asking for
+/// the next batch acknowledges the previous one (see [`mailbox::recv_batch`]).
+#[derive(Debug)]
+pub struct Batched {
+    topic: Option<String>,
+    max: u32,
+    batch: std::vec::IntoIter<Vec<u8>>,
+    done: bool,
+}
+
+impl Batched {
+    fn new(topic: Option<String>, max: u32) -> Self {
+        Batched { topic, max, batch: Vec::new().into_iter(), done: false }
+    }
+}
+
+impl Iterator for Batched {
+    type Item = Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(msg) = self.batch.next() {
+            return Some(Ok(msg));
+        }
+        if self.done {
+            return None;
+        }
+        let got = match &self.topic {
+            None => mailbox::recv_batch(self.max),
+            Some(t) => bus::recv_batch(t, self.max),
+        };
+        match got {
+            Ok(batch) => {
+                self.batch = batch.into_iter();
+                self.batch.next().map(Ok)
+            }
+            Err(Error::Cancelled) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
     }
 }

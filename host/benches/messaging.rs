@@ -1,6 +1,10 @@
 //! Messaging between real guests: `cargo bench -p gorch-host --bench messaging`.
 //! guest → topic → guest throughput for 64 B and 4 KiB payloads next to a pair of native
 //! routines over the same bus, and guest ↔ guest ping-pong round trips next to native.
+//! The batch rows use `bus.recv-batch` in the receiver (batches of up to 64) and
+//! `bus.publish-batch` in the publisher (64 per call), native routines the same calls of
+//! `RoutineContext`. `GORCH_BENCH_ONLY=one-way` or `ping-pong` runs one part (for profiling), `GORCH_WORKERS`
+//! sets the number of worker threads (2 by default).
 
 use std::time::{Duration, Instant};
 
@@ -14,27 +18,42 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(gorch_host::EVENT_INTERVAL);
     println!("event_interval {interval}");
-    let rt = gorch_host::runtime_builder_with_interval(interval).worker_threads(2).build().unwrap();
-    println!("## one way: publisher → topic (capacity 1024) → receiver");
-    println!("| payload | guest → guest | native → native | guest / native |");
-    println!("|---|---|---|---|");
-    for size in [64usize, 4096] {
-        let count = if size == 64 { 400_000u64 } else { 200_000 };
-        let g = rt.block_on(one_way_guest(&testkit, size, count));
-        let n = rt.block_on(one_way_native(size, count));
-        println!("| {size} B | {:.2} M msg/s | {:.2} M msg/s | {:.2} |", g / 1e6, n / 1e6, g / n);
+    // 2 worker threads, as the targets assume; GORCH_WORKERS changes it (to see what
+    // cross-thread hand-offs cost).
+    let workers: usize =
+        std::env::var("GORCH_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    println!("worker_threads {workers}");
+    let rt = gorch_host::runtime_builder_with_interval(interval)
+        .worker_threads(workers)
+        .build()
+        .unwrap();
+    let only = std::env::var("GORCH_BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "one-way" {
+        println!("## one way: publisher → topic (capacity 1024) → receiver");
+        println!("| payload | calls | guest → guest | native → native | guest / native |");
+        println!("|---|---|---|---|---|");
+        for (size, batch) in [(64usize, 1u64), (64, 64), (4096, 1), (4096, 64)] {
+            let count = if size == 64 { 400_000u64 } else { 200_000 };
+            let g = rt.block_on(one_way_guest(&testkit, size, count, batch));
+            let n = rt.block_on(one_way_native(size, count, batch as usize));
+            let calls = if batch == 1 { "single".to_string() } else { format!("batch {batch}") };
+            let (gm, nm) = (g / 1e6, n / 1e6);
+            println!("| {size} B | {calls} | {gm:.2} M msg/s | {nm:.2} M msg/s | {:.2} |", g / n);
+        }
+        println!();
     }
-    println!();
-    println!("## ping-pong round trips over mailboxes");
-    println!("| guest ↔ guest | native ↔ native | guest / native |");
-    println!("|---|---|---|");
-    let count = 200_000u64;
-    let g = rt.block_on(ping_pong_guest(&testkit, count));
-    let n = rt.block_on(ping_pong_native(count));
-    println!("| {:.0} k rt/s | {:.0} k rt/s | {:.2} |", g / 1e3, n / 1e3, g / n);
+    if only.is_empty() || only == "ping-pong" {
+        println!("## ping-pong round trips over mailboxes");
+        println!("| guest ↔ guest | native ↔ native | guest / native |");
+        println!("|---|---|---|");
+        let count = 200_000u64;
+        let g = rt.block_on(ping_pong_guest(&testkit, count));
+        let n = rt.block_on(ping_pong_native(count));
+        println!("| {:.0} k rt/s | {:.0} k rt/s | {:.2} |", g / 1e3, n / 1e3, g / n);
+    }
 }
 
-async fn one_way_guest(testkit: &WasmComponent, size: usize, count: u64) -> f64 {
+async fn one_way_guest(testkit: &WasmComponent, size: usize, count: u64, batch: u64) -> f64 {
     let orch = Orchestrator::new();
     let env = |mode: &str| {
         WasmOptions::default()
@@ -42,6 +61,7 @@ async fn one_way_guest(testkit: &WasmComponent, size: usize, count: u64) -> f64 
             .env("TOPIC", "bench")
             .env("SIZE", size.to_string())
             .env("COUNT", count.to_string())
+            .env("BATCH", batch.to_string())
     };
     orch.bus().topic("bench", 1024).unwrap();
     let t = Instant::now();
@@ -54,22 +74,36 @@ async fn one_way_guest(testkit: &WasmComponent, size: usize, count: u64) -> f64 
     rate
 }
 
-async fn one_way_native(size: usize, count: u64) -> f64 {
+async fn one_way_native(size: usize, count: u64, batch: usize) -> f64 {
     let orch = Orchestrator::new();
     orch.bus().topic("bench", 1024).unwrap();
     let t = Instant::now();
     let rx = orch
         .spawn(SpawnOptions::new("drain"), move |ctx| async move {
-            for _ in 0..count {
-                ctx.bus_recv("bench", None).await?;
+            let mut left = count as usize;
+            while left > 0 {
+                if batch == 1 {
+                    ctx.bus_recv("bench", None).await?;
+                    left -= 1;
+                } else {
+                    left -= ctx.bus_recv_batch("bench", batch.min(left), None).await?.len();
+                }
             }
             Ok::<(), CallError>(())
         })
         .unwrap();
     let tx = orch
         .spawn(SpawnOptions::new("flood"), move |ctx| async move {
-            for _ in 0..count {
-                ctx.publish("bench", vec![7u8; size]).await?;
+            let mut left = count as usize;
+            while left > 0 {
+                if batch == 1 {
+                    ctx.publish("bench", vec![7u8; size]).await?;
+                    left -= 1;
+                } else {
+                    let n = batch.min(left);
+                    ctx.publish_batch("bench", vec![vec![7u8; size]; n]).await?;
+                    left -= n;
+                }
             }
             Ok::<(), CallError>(())
         })

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -130,6 +130,8 @@ struct State<T> {
 
 struct Inner<T> {
     state: Mutex<State<T>>,
+    /// `state.closed`, readable without the lock.
+    closed: AtomicBool,
     cap: usize,
     not_empty: Notify,
     not_full: Notify,
@@ -183,6 +185,7 @@ impl<T: Sizer + Send> Channel<T> {
                     bytes: 0,
                     closed: false,
                 }),
+                closed: AtomicBool::new(false),
                 cap,
                 not_empty: Notify::new(),
                 not_full: Notify::new(),
@@ -240,6 +243,42 @@ impl<T: Sizer + Send> Channel<T> {
         cancel: &CancellationToken,
     ) -> Result<(), SendError<T>> {
         self.send_until(value, Some(cancel)).await
+    }
+
+    /// Queues the values of `values` in order, waiting while the channel is full, with one
+    /// lock for each run of values that fits. Stops at a close or at `cancel`, handing back
+    /// the first value not queued (those before it were queued); `values` keeps the rest.
+    pub async fn send_many_cancellable(
+        &self,
+        values: &mut std::collections::VecDeque<T>,
+        cancel: &CancellationToken,
+    ) -> Result<(), SendError<T>> {
+        loop {
+            let pushed = {
+                let mut st = self.inner.state.lock();
+                if st.closed {
+                    drop(st);
+                    return match values.pop_front() {
+                        Some(v) => Err(SendError::Closed(v)),
+                        None => Ok(()),
+                    };
+                }
+                let n = values.len().min(self.inner.cap.saturating_sub(st.queue.len()));
+                let State { queue, bytes, .. } = &mut *st;
+                for v in values.drain(..n) {
+                    *bytes += v.approx_size();
+                    queue.push_back(v);
+                }
+                n
+            };
+            self.inner.sends.fetch_add(pushed as u64, Relaxed);
+            for _ in 0..pushed {
+                self.inner.not_empty.notify_one();
+            }
+            let Some(next) = values.pop_front() else { return Ok(()) };
+            // Full: wait for room through the single-value path, then go on in bulk.
+            self.send_until(next, Some(cancel)).await?;
+        }
     }
 
     async fn send_until(
@@ -314,7 +353,57 @@ impl<T: Sizer + Send> Channel<T> {
         cancel: Option<&CancellationToken>,
         timeout: Option<Duration>,
     ) -> Result<T, RecvError> {
-        match self.try_recv() {
+        self.wait_for(cancel, timeout, || self.try_recv()).await
+    }
+
+    /// Takes up to `max` queued values (at least one) into `out`, in queue order, without
+    /// waiting; returns how many. One lock for the whole batch.
+    pub fn try_recv_many(&self, max: usize, out: &mut Vec<T>) -> Result<usize, RecvError> {
+        let n = {
+            let mut st = self.inner.state.lock();
+            let n = st.queue.len().min(max.max(1));
+            if n == 0 {
+                return Err(if st.closed { RecvError::Closed } else { RecvError::Empty });
+            }
+            let State { queue, bytes, .. } = &mut *st;
+            out.reserve(n);
+            for v in queue.drain(..n) {
+                *bytes -= v.approx_size();
+                out.push(v);
+            }
+            n
+        };
+        self.inner.recvs.fetch_add(n as u64, Relaxed);
+        // One permit per freed slot, as `n` single receives would give.
+        for _ in 0..n {
+            self.inner.not_full.notify_one();
+        }
+        Ok(n)
+    }
+
+    /// Waits like [`recv_until`](Self::recv_until) for the first value, then takes up to
+    /// `max` in all of what is queued (without waiting for more) into `out`; returns how
+    /// many.
+    pub async fn recv_many_until(
+        &self,
+        max: usize,
+        out: &mut Vec<T>,
+        cancel: Option<&CancellationToken>,
+        timeout: Option<Duration>,
+    ) -> Result<usize, RecvError> {
+        self.wait_for(cancel, timeout, || self.try_recv_many(max, out)).await
+    }
+
+    /// Runs `attempt` until it finds something (or the channel is closed), waiting for
+    /// `not_empty` in between. A value already queued is taken without any await: no
+    /// timing, no waiter registration, the caller is not suspended.
+    async fn wait_for<R>(
+        &self,
+        cancel: Option<&CancellationToken>,
+        timeout: Option<Duration>,
+        mut attempt: impl FnMut() -> Result<R, RecvError>,
+    ) -> Result<R, RecvError> {
+        match attempt() {
             Err(RecvError::Empty) => {}
             other => return other,
         }
@@ -327,7 +416,7 @@ impl<T: Sizer + Send> Channel<T> {
             let notified = self.inner.not_empty.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.try_recv() {
+            match attempt() {
                 Err(RecvError::Empty) => {}
                 other => break other,
             }
@@ -355,13 +444,14 @@ impl<T: Sizer + Send> Channel<T> {
     /// get [`RecvError::Closed`]. Every waiter is woken.
     pub fn close(&self) {
         self.inner.state.lock().closed = true;
+        self.inner.closed.store(true, std::sync::atomic::Ordering::Release);
         self.inner.not_empty.notify_waiters();
         self.inner.not_full.notify_waiters();
     }
 
     /// True once [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
-        self.inner.state.lock().closed
+        self.inner.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Values queued now.

@@ -65,34 +65,58 @@ impl Sizer for Message {
 /// Where an in-flight message came from, so that a crash can put it back.
 pub(crate) enum Source {
     Mailbox,
-    Topic(String, Channel<Message>),
+    Topic(std::sync::Arc<str>, Channel<Message>),
     /// A cluster-wide topic: JetStream keeps the message until it is acked.
     Cluster(String, RemoteMsg),
 }
 
 impl Source {
+    /// The same local source again (a mailbox or a local topic).
+    fn local_clone(&self) -> Source {
+        match self {
+            Source::Mailbox => Source::Mailbox,
+            Source::Topic(t, ch) => Source::Topic(t.clone(), ch.clone()),
+            Source::Cluster(..) => unreachable!("a cluster message is settled by its handle"),
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Source::Mailbox => "mailbox".to_string(),
-            Source::Topic(t, _) | Source::Cluster(t, _) => format!("topic:{t}"),
+            Source::Topic(t, _) => format!("topic:{t}"),
+            Source::Cluster(t, _) => format!("topic:{t}"),
         }
     }
 }
 
+/// The messages a routine received last (one from `recv`, several from `recv-batch`), all
+/// from one source. The vector keeps its capacity across receives: a receive allocates
+/// nothing here once warm.
+#[derive(Default)]
 struct InFlight {
-    msg: Message,
-    source: Source,
+    msgs: Vec<Message>,
+    source: Option<Source>,
 }
 
-/// The message a routine received last, until its next receive or a clean return.
+impl InFlight {
+    fn take(&mut self) -> (Vec<Message>, Option<Source>) {
+        (std::mem::take(&mut self.msgs), self.source.take())
+    }
+}
+
+/// The message (or batch) a routine received last, until its next receive or a clean return.
 #[derive(Default)]
-pub(crate) struct InFlightSlot(Mutex<Option<InFlight>>);
+pub(crate) struct InFlightSlot(Mutex<InFlight>);
 
 impl InFlightSlot {
-    /// The previous message was processed: it is no longer in flight.
+    /// The previous message (or batch) was processed: it is no longer in flight.
     pub fn ack(&self) {
-        let previous = self.0.lock().take();
-        if let Some(InFlight { source: Source::Cluster(_, remote), .. }) = previous {
+        let previous = {
+            let mut held = self.0.lock();
+            held.msgs.clear();
+            held.source.take()
+        };
+        if let Some(Source::Cluster(_, remote)) = previous {
             remote.ack();
         }
     }
@@ -102,36 +126,71 @@ impl InFlightSlot {
     pub fn deliver(&self, mut msg: Message, source: Source) -> Vec<u8> {
         msg.deliveries += 1;
         let keep = Message { payload: msg.payload.clone(), deliveries: msg.deliveries };
-        *self.0.lock() = Some(InFlight { msg: keep, source });
+        let mut held = self.0.lock();
+        held.msgs.clear();
+        held.msgs.push(keep);
+        held.source = Some(source);
         msg.payload
+    }
+
+    /// `batch` was just taken from `source` (in queue order): counts a delivery of each,
+    /// keeps them in flight as one batch (redelivered whole, in order, after a crash) and
+    /// returns copies of the payloads for the routine.
+    pub fn deliver_batch(&self, batch: &mut Vec<Message>, source: Source) -> Vec<Vec<u8>> {
+        let payloads = batch
+            .iter_mut()
+            .map(|m| {
+                m.deliveries += 1;
+                m.payload.clone()
+            })
+            .collect();
+        let mut held = self.0.lock();
+        held.msgs.clear();
+        held.msgs.append(batch);
+        held.source = Some(source);
+        payloads
     }
 }
 
-/// After a run: a clean return acknowledges the message in flight; any other end puts it
-/// back at the head of its queue, or sends it to `dead-letter` once it has been delivered
-/// `max-deliveries` times.
+/// After a run: a clean return acknowledges what is in flight; any other end puts it back
+/// at the head of its queue (a batch in its order), or sends a message to `dead-letter` once
+/// it has been delivered `max-deliveries` times.
 pub(crate) fn settle(orch: &OrchInner, shared: &RoutineShared, clean: bool) {
-    let Some(InFlight { msg, source }) = shared.in_flight().0.lock().take() else { return };
+    let (msgs, source) = shared.in_flight().0.lock().take();
+    let Some(source) = source else { return };
     if clean {
         if let Source::Cluster(_, remote) = source {
             remote.ack();
         }
         return;
     }
-    if msg.deliveries >= shared.supervision().max_deliveries {
-        dead_letter(orch, shared, msg, source);
+    let max = shared.supervision().max_deliveries;
+    if let Source::Cluster(..) = source {
+        // A cluster receive holds one message, settled through its JetStream handle.
+        match msgs.into_iter().next() {
+            Some(msg) if msg.deliveries >= max => dead_letter(orch, shared, msg, source),
+            _ => {
+                if let Source::Cluster(_, remote) = source {
+                    remote.nak();
+                }
+            }
+        }
         return;
     }
-    let back = match source {
-        Source::Mailbox => shared.mailbox().push_front(msg),
-        Source::Topic(_, ch) => ch.push_front(msg),
-        Source::Cluster(_, remote) => {
-            remote.nak();
-            Ok(())
+    // Back to the head in reverse, so that the batch keeps its order.
+    for msg in msgs.into_iter().rev() {
+        if msg.deliveries >= max {
+            dead_letter(orch, shared, msg, source.local_clone());
+            continue;
         }
-    };
-    if back.is_err() {
-        tracing::warn!(routine = %shared.name(), "in-flight message dropped: its queue is closed");
+        let back = match &source {
+            Source::Mailbox => shared.mailbox().push_front(msg),
+            Source::Topic(_, ch) => ch.push_front(msg),
+            Source::Cluster(..) => unreachable!("handled above"),
+        };
+        if back.is_err() {
+            tracing::warn!(routine = %shared.name(), "in-flight message dropped: its queue is closed");
+        }
     }
 }
 

@@ -572,7 +572,7 @@ impl Orchestrator {
 }
 
 /// What a routine sees of a send to a local mailbox or topic.
-fn queued(r: Result<(), SendError<Message>>) -> Result<(), CallError> {
+pub(crate) fn queued(r: Result<(), SendError<Message>>) -> Result<(), CallError> {
     match r {
         Ok(()) => Ok(()),
         Err(SendError::Cancelled(_)) => Err(CallError::Cancelled),

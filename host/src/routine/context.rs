@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::channel::RecvError;
+use crate::channel::{RecvError, SendError};
 use crate::delivery::{Message, Source};
 use crate::logguard::{Kind, escape};
-use crate::orchestrator::OrchInner;
+use crate::orchestrator::{OrchInner, queued};
 use crate::routine::shared::{RoutineShared, RunControl};
 
 /// Why a routine's host call did not complete; mirrors the WIT `error` variant.
@@ -109,15 +109,28 @@ impl RoutineContext {
 
     /// Delivers `payload` to the mailbox of the routine named `to`, waiting while it is full.
     /// In a cluster, `to` may run on another node, and `node/name` names one node's routine.
-    pub async fn send(&self, to: &str, payload: Vec<u8>) -> Result<(), CallError> {
+    pub async fn send(&self, to: &str, mut payload: Vec<u8>) -> Result<(), CallError> {
         self.check_size(payload.len())?;
+        if self.orch.cluster().is_none()
+            && let Some(mailbox) = self.run.handles.mailbox(&self.orch, to)
+        {
+            match mailbox.send_cancellable(Message::from(payload), &self.run.cancel).await {
+                // Closed under us (the routine ended): the name may have a new routine.
+                Err(SendError::Closed(m)) => payload = m.payload,
+                r => return self.sent(queued(r)),
+            }
+        }
         self.sent(self.orch.send(to, payload, &self.run.cancel).await)
     }
 
     /// Publishes `payload` on `topic` (created on first use), waiting while it is full.
     pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), CallError> {
         self.check_size(payload.len())?;
-        self.sent(self.orch.publish(topic, payload, &self.run.cancel).await)
+        if self.orch.cluster().is_some() {
+            return self.sent(self.orch.publish(topic, payload, &self.run.cancel).await);
+        }
+        let (_, ch) = self.run.handles.topic(&self.orch, topic)?;
+        self.sent(queued(ch.send_cancellable(Message::from(payload), &self.run.cancel).await))
     }
 
     /// Next message on `topic` (created on first use); `Ok(None)` means the wait timed out.
@@ -137,10 +150,75 @@ impl RoutineContext {
             let source = Source::Cluster(topic.to_string(), d.handle);
             return Ok(Some(self.shared.in_flight().deliver(msg, source)));
         }
-        let ch = self.orch.topic(topic)?;
+        let (name, ch) = self.run.handles.topic(&self.orch, topic)?;
         self.shared.in_flight().ack();
         let r = ch.recv_until(Some(&self.run.cancel), timeout).await;
-        self.took(r, || Source::Topic(topic.to_string(), ch.clone()))
+        self.took(r, || Source::Topic(name, ch.clone()))
+    }
+
+    /// Up to `max` messages from this routine's mailbox (at least one is asked for): waits
+    /// like [`recv`](Self::recv) for the first, then takes what else is queued without
+    /// waiting. An empty batch means the wait timed out.
+    ///
+    /// Receiving acknowledges the previous message or batch; the batch returned stays in
+    /// flight as a whole until the next receive or a clean return: after a crash all of it
+    /// is delivered again, in order.
+    pub async fn recv_batch(
+        &self,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<Vec<u8>>, CallError> {
+        self.shared.in_flight().ack();
+        let mut batch = Vec::new();
+        let mailbox = self.shared.mailbox();
+        let r = mailbox.recv_many_until(max, &mut batch, Some(&self.run.cancel), timeout).await;
+        self.took_batch(r, batch, || Source::Mailbox)
+    }
+
+    /// Up to `max` messages from `topic`, like [`recv_batch`](Self::recv_batch). A cluster
+    /// topic hands out one message per call.
+    pub async fn bus_recv_batch(
+        &self,
+        topic: &str,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<Vec<u8>>, CallError> {
+        if self.orch.cluster().is_some() {
+            return Ok(self.bus_recv(topic, timeout).await?.into_iter().collect());
+        }
+        let (name, ch) = self.run.handles.topic(&self.orch, topic)?;
+        self.shared.in_flight().ack();
+        let mut batch = Vec::new();
+        let r = ch.recv_many_until(max, &mut batch, Some(&self.run.cancel), timeout).await;
+        self.took_batch(r, batch, || Source::Topic(name, ch.clone()))
+    }
+
+    /// Publishes each payload on `topic` in order, waiting while it is full. Nothing is
+    /// published if one payload is over the size limit; after another error, the payloads
+    /// before the failing one were published.
+    pub async fn publish_batch(
+        &self,
+        topic: &str,
+        payloads: Vec<Vec<u8>>,
+    ) -> Result<(), CallError> {
+        for p in &payloads {
+            self.check_size(p.len())?;
+        }
+        if self.orch.cluster().is_some() {
+            for p in payloads {
+                self.publish(topic, p).await?;
+            }
+            return Ok(());
+        }
+        let (_, ch) = self.run.handles.topic(&self.orch, topic)?;
+        let mut left: std::collections::VecDeque<Message> =
+            payloads.into_iter().map(Message::from).collect();
+        let total = left.len();
+        let r = ch.send_many_cancellable(&mut left, &self.run.cancel).await;
+        // Those handed back or left over were not published.
+        let unsent = left.len() + usize::from(r.is_err());
+        self.shared.count_out_n((total - unsent) as u64);
+        queued(r)
     }
 
     /// Writes a log line attributed to this routine. Control characters in `message` are
@@ -168,6 +246,23 @@ impl RoutineContext {
                 Ok(Some(self.shared.in_flight().deliver(m, source())))
             }
             Err(RecvError::Timeout) => Ok(None),
+            Err(RecvError::Cancelled) => Err(CallError::Cancelled),
+            Err(RecvError::Closed | RecvError::Empty) => Err(CallError::Closed),
+        }
+    }
+
+    fn took_batch(
+        &self,
+        r: Result<usize, RecvError>,
+        mut batch: Vec<Message>,
+        source: impl FnOnce() -> Source,
+    ) -> Result<Vec<Vec<u8>>, CallError> {
+        match r {
+            Ok(n) => {
+                self.shared.count_in_n(n as u64);
+                Ok(self.shared.in_flight().deliver_batch(&mut batch, source()))
+            }
+            Err(RecvError::Timeout) => Ok(Vec::new()),
             Err(RecvError::Cancelled) => Err(CallError::Cancelled),
             Err(RecvError::Closed | RecvError::Empty) => Err(CallError::Closed),
         }

@@ -7,6 +7,7 @@
 //!   stats table;
 //! - `handle`: [`RoutineHandle`], what a spawner keeps;
 //! - `context`: [`RoutineContext`], what a running routine uses to talk to the host;
+//! - `handles`: the topics and mailboxes a run uses, cached by name;
 //! - `work`: the `Work` trait that native closures and wasm components implement;
 //! - `upgrade`: the state of live upgrades (pending code, state hand-over, rollback).
 //!
@@ -15,6 +16,7 @@
 
 mod context;
 mod handle;
+pub(crate) mod handles;
 pub(crate) mod shared;
 pub mod snapshot;
 pub mod state;

@@ -16,6 +16,7 @@ use crate::clock::{nanos, now_nanos};
 use crate::delivery::{InFlightSlot, Message};
 use crate::logguard::LogLimiter;
 use crate::orchestrator::SpawnOptions;
+use crate::routine::handles::Handles;
 use crate::routine::snapshot::Snapshot;
 use crate::routine::state::{Health, State};
 use crate::routine::upgrade::UpgradeSlot;
@@ -35,6 +36,8 @@ pub(crate) struct RunControl {
     pub group_restart: AtomicBool,
     /// The run was ended by a restart request (`RoutineHandle::restart`, the HTTP route).
     pub restart_requested: AtomicBool,
+    /// The topics and mailboxes this run has used.
+    pub handles: Handles,
 }
 
 impl RunControl {
@@ -45,6 +48,7 @@ impl RunControl {
             idle_timed_out: AtomicBool::new(false),
             group_restart: AtomicBool::new(false),
             restart_requested: AtomicBool::new(false),
+            handles: Handles::default(),
         }
     }
 }
@@ -367,8 +371,16 @@ impl RoutineShared {
         self.messages_in.fetch_add(1, Relaxed);
     }
 
+    pub fn count_in_n(&self, n: u64) {
+        self.messages_in.fetch_add(n, Relaxed);
+    }
+
     pub fn count_out(&self) {
         self.messages_out.fetch_add(1, Relaxed);
+    }
+
+    pub fn count_out_n(&self, n: u64) {
+        self.messages_out.fetch_add(n, Relaxed);
     }
 
     pub fn restarts(&self) -> u64 {

@@ -124,6 +124,15 @@ impl wit_mailbox::Host for HostState {
         self.alive()?;
         Ok(self.ctx.send(&to, payload).await.map_err(wit_error))
     }
+    async fn recv_batch(
+        &mut self,
+        max: u32,
+        timeout_millis: Option<u64>,
+    ) -> wasmtime::Result<Result<Vec<Vec<u8>>, types::Error>> {
+        self.alive()?;
+        let r = self.ctx.recv_batch(max as usize, timeout(timeout_millis)).await;
+        Ok(r.map_err(wit_error))
+    }
 }
 
 impl wit_bus::Host for HostState {
@@ -142,5 +151,23 @@ impl wit_bus::Host for HostState {
     ) -> wasmtime::Result<Result<Option<Vec<u8>>, types::Error>> {
         self.alive()?;
         Ok(self.ctx.bus_recv(&topic, timeout(timeout_millis)).await.map_err(wit_error))
+    }
+    async fn recv_batch(
+        &mut self,
+        topic: String,
+        max: u32,
+        timeout_millis: Option<u64>,
+    ) -> wasmtime::Result<Result<Vec<Vec<u8>>, types::Error>> {
+        self.alive()?;
+        let r = self.ctx.bus_recv_batch(&topic, max as usize, timeout(timeout_millis)).await;
+        Ok(r.map_err(wit_error))
+    }
+    async fn publish_batch(
+        &mut self,
+        topic: String,
+        payloads: Vec<Vec<u8>>,
+    ) -> wasmtime::Result<Result<(), types::Error>> {
+        self.alive()?;
+        Ok(self.ctx.publish_batch(&topic, payloads).await.map_err(wit_error))
     }
 }

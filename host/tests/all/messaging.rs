@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gorch_host::{Bus, Channel, Orchestrator, SpawnOptions, State, WasmOptions};
+use gorch_host::{Bus, CallError, Channel, Orchestrator, SpawnOptions, State, WasmOptions};
 use proptest::prelude::*;
 
 use crate::common::*;
@@ -212,5 +212,138 @@ fn cancellation_wakes_every_blocked_operation() {
         for t in tasks {
             assert!(tokio::time::timeout(Duration::from_secs(10), t).await.unwrap().unwrap());
         }
+    })
+}
+
+/// Receives `n` payloads from `out` as strings, failing the test after a generous bound.
+async fn collect(out: &Channel<gorch_host::delivery::Message>, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(20), out.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} messages arrived: {got:?}", got.len()))
+            .unwrap();
+        got.push(String::from_utf8(m.payload).unwrap());
+    }
+    got
+}
+
+/// `mailbox.recv-batch` through the SDK's `mailbox::batched`: every message once, in order,
+/// and the iterator ends (a clean return) when the routine is stopped.
+#[test]
+fn a_guest_receives_its_mailbox_in_batches() {
+    run(async {
+        let orch = Orchestrator::new();
+        let out = orch.bus().topic("testkit-out", 1000).unwrap();
+        let opts = SpawnOptions::new("batcher").queue_capacity(1000);
+        let h = spawn_mode_with(&orch, opts, "batch-echo", WasmOptions::default().env("MAX", "7"));
+        let want: Vec<String> = (0..500).map(|i| format!("m{i}")).collect();
+        for m in &want {
+            h.mailbox().send(m.as_str().into()).await.unwrap();
+        }
+        assert_eq!(collect(&out, want.len()).await, want);
+        assert_eq!(h.snapshot().messages_in, 500);
+        h.stop();
+        assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Stopped);
+        assert_eq!(last_error(&orch, "batcher"), "");
+        shutdown(&orch).await;
+    })
+}
+
+/// `bus.recv-batch` takes what is queued in one call, and a guest that traps in the middle
+/// of a batch gets the whole batch again, in order, after its restart (at-least-once: the
+/// batch was not acknowledged); the message after the batch comes once, after it.
+#[test]
+fn a_guest_that_traps_mid_batch_gets_the_whole_batch_again() {
+    run(async {
+        let orch = Orchestrator::new();
+        let input = orch.bus().topic("batch-in", 64).unwrap();
+        let out = orch.bus().topic("testkit-out", 64).unwrap();
+        for m in ["a", "b", "poison", "c"] {
+            input.send(m.into()).await.unwrap();
+        }
+        let supervision = gorch_host::Supervision {
+            restart: gorch_host::RestartPolicy::OnFailure,
+            backoff: gorch_host::Backoff {
+                initial: Duration::ZERO,
+                max: Duration::ZERO,
+                multiplier: 1.0,
+                jitter: 0.0,
+                stable_after: Duration::from_secs(30),
+            },
+            ..Default::default()
+        };
+        let opts = SpawnOptions::new("trapper").supervision(supervision);
+        let wasm = WasmOptions::default().env("SOURCE", "batch-in").env("MAX", "16");
+        let h = spawn_mode_with(&orch, opts, "batch-trap", wasm);
+        let first = collect(&out, 2).await;
+        assert_eq!(first, ["r0 n4 a", "r0 n4 b"]);
+        let again = collect(&out, 4).await;
+        assert_eq!(again, ["r1 n4 a", "r1 n4 b", "r1 n4 poison", "r1 n4 c"]);
+        input.send("d".into()).await.unwrap();
+        assert_eq!(collect(&out, 1).await, ["r1 n1 d"]);
+        assert_eq!(h.restarts(), 1);
+        assert!(input.is_empty(), "nothing left behind");
+        h.stop();
+        assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Stopped);
+        shutdown(&orch).await;
+    })
+}
+
+/// `bus.publish-batch` from one guest and `bus.recv-batch` in another carry every message
+/// (more than the topic's capacity, so both sides wait on the other).
+#[test]
+fn batches_flow_from_guest_to_guest() {
+    run(async {
+        let orch = Orchestrator::new();
+        orch.bus().topic("batches", 16).unwrap();
+        let env = |mode: &str, batch: &str| {
+            WasmOptions::default()
+                .env("TOPIC", "batches")
+                .env("COUNT", "5000")
+                .env("BATCH", batch)
+                .env("MODE", mode)
+        };
+        let rx =
+            orch.spawn_wasm(SpawnOptions::new("drain"), testkit(), env("drain", "10")).unwrap();
+        let tx = orch.spawn_wasm(SpawnOptions::new("flood"), testkit(), env("flood", "7")).unwrap();
+        assert_eq!(wait_end(&tx, Duration::from_secs(30)).await, State::Stopped);
+        assert_eq!(wait_end(&rx, Duration::from_secs(30)).await, State::Stopped);
+        let topic = orch.bus().topics().into_iter().find(|t| t.name == "batches").unwrap();
+        assert_eq!((topic.published, topic.received, topic.len), (5000, 5000, 0));
+        shutdown(&orch).await;
+    })
+}
+
+/// `publish_batch` checks every size first: one payload over the limit publishes nothing.
+/// A batch receive that times out is an empty batch, not an error.
+#[test]
+fn a_batch_with_one_payload_too_large_publishes_nothing() {
+    run(async {
+        let orch = Orchestrator::new();
+        let topic = orch.bus().topic("pb", 16).unwrap();
+        let opts = SpawnOptions::new("publisher").message_bytes(8);
+        let h = orch
+            .spawn(opts, |ctx| async move {
+                let mixed = vec![b"ok".to_vec(), vec![0; 9], b"ok".to_vec()];
+                if ctx.publish_batch("pb", mixed).await != Err(CallError::TooLarge(8)) {
+                    return Err("a too-large payload was not refused".to_string());
+                }
+                ctx.publish_batch("pb", vec![b"a".to_vec(), b"b".to_vec()])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let timed_out = ctx.recv_batch(4, Some(Duration::from_millis(1))).await;
+                if timed_out != Ok(Vec::new()) {
+                    return Err(format!("expected an empty batch, got {timed_out:?}"));
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Stopped);
+        assert_eq!(last_error(&orch, "publisher"), "");
+        let got: Vec<Vec<u8>> =
+            std::iter::from_fn(|| topic.try_recv().ok().map(|m| m.payload)).collect();
+        assert_eq!(got, [b"a".to_vec(), b"b".to_vec()]);
+        shutdown(&orch).await;
     })
 }

@@ -184,22 +184,74 @@ fn run() -> Result<(), String> {
             seen.push(limit);
             Err(seen.join(" "))
         }
-        // Publishes COUNT messages of SIZE bytes on TOPIC.
+        // Publishes COUNT messages of SIZE bytes on TOPIC; BATCH > 1 publishes that many per
+        // host call (`publish-batch`).
         "flood" => {
             let topic = std::env::var("TOPIC").unwrap_or_else(|_| "flood".into());
             let payload = vec![7u8; env_num("SIZE", 64) as usize];
-            for _ in 0..env_num("COUNT", 1000) {
-                bus::publish(&topic, &payload).map_err(|e| e.to_string())?;
+            let (count, batch) = (env_num("COUNT", 1000), env_num("BATCH", 1).max(1));
+            if batch == 1 {
+                for _ in 0..count {
+                    bus::publish(&topic, &payload).map_err(|e| e.to_string())?;
+                }
+                return Ok(());
+            }
+            let full = vec![payload.clone(); batch as usize];
+            let mut left = count;
+            while left > 0 {
+                let n = left.min(batch) as usize;
+                bus::publish_batch(&topic, &full[..n]).map_err(|e| e.to_string())?;
+                left -= n as u64;
             }
             Ok(())
         }
-        // Receives COUNT messages from TOPIC, then returns.
+        // Receives COUNT messages from TOPIC, then returns; BATCH > 1 receives up to that
+        // many per host call (`recv-batch`).
         "drain" => {
             let topic = std::env::var("TOPIC").unwrap_or_else(|_| "flood".into());
-            for _ in 0..env_num("COUNT", 1000) {
-                bus::recv(&topic).map_err(|e| e.to_string())?;
+            let (count, batch) = (env_num("COUNT", 1000), env_num("BATCH", 1).max(1));
+            if batch == 1 {
+                for _ in 0..count {
+                    bus::recv(&topic).map_err(|e| e.to_string())?;
+                }
+                return Ok(());
+            }
+            let mut left = count;
+            while left > 0 {
+                let max = left.min(batch) as u32;
+                let got = bus::recv_batch(&topic, max).map_err(|e| e.to_string())?;
+                left -= black_box(got).len() as u64;
             }
             Ok(())
+        }
+        // Forwards its mailbox to `testkit-out`, received MAX at a time; returns when stopped.
+        "batch-echo" => {
+            for msg in mailbox::batched(env_num("MAX", 16) as u32) {
+                let msg = msg.map_err(|e| e.to_string())?;
+                bus::publish("testkit-out", &msg).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+        // Receives batches (up to MAX) from topic SOURCE and publishes each message on
+        // `testkit-out` as "r<restarts> n<batch length> <message>"; on its first run it
+        // panics at a message "poison", in the middle of its batch.
+        "batch-trap" => {
+            let source = std::env::var("SOURCE").unwrap_or_else(|_| "testkit-in".into());
+            let restarts = gorch::restarts();
+            loop {
+                let batch = match bus::recv_batch(&source, env_num("MAX", 16) as u32) {
+                    Ok(b) => b,
+                    Err(Error::Cancelled) => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                };
+                for m in &batch {
+                    if m == b"poison" && restarts == 0 {
+                        panic!("trapped mid-batch");
+                    }
+                    let line = format!("r{restarts} n{} {}", batch.len(), String::from_utf8_lossy(m));
+                    bus::publish("testkit-out", line.as_bytes()).map_err(|e| e.to_string())?;
+                }
+            }
         }
         // Ping-pong: "ping" sends COUNT messages to PEER and waits for each reply; "pong"
         // answers every message in its mailbox to PEER.
