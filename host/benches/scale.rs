@@ -10,13 +10,22 @@
 //! `GET /gorchestra/api/routines` through the real HTTP server. Memory per worker is
 //! (RSS with N - RSS with 1) / (N-1); PSS is given too, because RSS counts each instance's
 //! mapping of the shared, copy-on-write memory image again.
+//!
+//! At the largest size (up to 20,000) two more rows: `idler` (P2b), the smallest idle
+//! worker, a guest that only loops on `mailbox::recv` (each gets one empty message, so the
+//! bench knows it has reached `recv`: the mailbox counts the receive), and `native`, async
+//! closures doing what `park` does (the orchestrator's own share).
+//!
+//! The process sets up its allocator as the `gorch-host` binary does
+//! ([`gorch_host::setup_allocator`]), so the figures are the binary's.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use gorch_host::{
-    EngineConfig, ObsConfig, ObsServer, Orchestrator, SpawnOptions, WasmEngine, WasmOptions,
+    EngineConfig, Message, ObsConfig, ObsServer, Orchestrator, RoutineHandle, SpawnOptions,
+    WasmEngine, WasmOptions,
 };
 
 /// Above this many workers the default 4 GiB reservation per memory would not fit the
@@ -28,7 +37,12 @@ fn main() {
     if let [flag, kind, n] = &args[..]
         && flag == "--child"
     {
-        child(kind == "native", n.parse().expect("size"));
+        let kind = match kind.as_str() {
+            "native" => Kind::Native,
+            "idler" => Kind::Idler,
+            _ => Kind::Park,
+        };
+        child(kind, n.parse().expect("size"));
         return;
     }
     let sizes: Vec<usize> = if args.is_empty() {
@@ -41,13 +55,15 @@ fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     println!(
-        "| workers | spawn to all parked | per spawn | spawns/s | RSS, 1 worker | RSS per extra worker | of which linear memory / fiber stack / host | PSS per extra worker | mappings per extra worker | /metrics | /metrics bytes | /api/routines |"
+        "| workers | spawn to all parked | per spawn | spawns/s | RSS, 1 worker | RSS per extra worker | of which linear memory / fiber stack / host | live host heap per extra worker | PSS per extra worker | mappings per extra worker | /metrics | /metrics bytes | /api/routines |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let largest = sizes.iter().filter(|&&n| n <= BIG).max();
     let runs = sizes
         .iter()
         .map(|&n| ("wasm", n))
-        .chain(sizes.iter().filter(|&&n| n <= BIG).max().map(|&n| ("native", n)));
+        .chain(largest.map(|&n| ("idler", n)))
+        .chain(largest.map(|&n| ("native", n)));
     for (kind, n) in runs {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--child", kind, &n.to_string()])
@@ -66,9 +82,19 @@ fn main() {
     }
 }
 
-/// One size in this process: N routines parked in `recv` (wasm: the testkit guest; native:
-/// an async closure doing the same, the orchestrator's own share).
-fn child(native: bool, n: usize) {
+/// What the N routines of a child are.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// `testkit` in mode `park`: publishes on `parked`, then waits in `recv` (P2).
+    Park,
+    /// The `idler` guest: only loops on `recv` (P2b).
+    Idler,
+    /// An async closure doing what `park` does: the orchestrator's own share.
+    Native,
+}
+
+/// One size in this process: N routines parked in `recv`.
+fn child(kind: Kind, n: usize) {
     // Shows why the pooling allocator could not be created, if it could not.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -89,7 +115,8 @@ fn child(native: bool, n: usize) {
         "no pooling allocator for {n} instances (see the warning above); vm.max_map_count is {}",
         std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap_or_default().trim()
     );
-    let testkit = engine.load_file(gorch_artifacts::path("testkit")).expect("testkit");
+    let guest = if kind == Kind::Idler { "idler" } else { "testkit" };
+    let component = engine.load_file(gorch_artifacts::path(guest)).expect(guest);
     let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
     rt.block_on(async {
         let orch = Orchestrator::new();
@@ -99,49 +126,94 @@ fn child(native: bool, n: usize) {
         )
         .unwrap();
         let parked = orch.bus().topic("parked", 1024).unwrap();
-        let wasm = WasmOptions::default().env("MODE", "park");
+        let wasm = match kind {
+            Kind::Idler => WasmOptions::default(),
+            _ => WasmOptions::default().env("MODE", "park"),
+        };
         let spawn = move |orch: &Orchestrator, i: usize| {
             let opts = SpawnOptions::new(format!("w{i}"));
-            if native {
-                orch.spawn(opts, |ctx| async move {
+            let h = match kind {
+                Kind::Native => orch.spawn(opts, |ctx| async move {
                     ctx.publish("parked", Vec::new()).await?;
                     ctx.recv(None).await.map(drop)
-                })
-            } else {
-                orch.spawn_wasm(opts, &testkit, wasm.clone())
+                }),
+                _ => orch.spawn_wasm(opts, &component, wasm.clone()),
             }
-            .expect("spawn")
+            .expect("spawn");
+            if kind == Kind::Idler {
+                h.mailbox().try_send(Message::new(Vec::new())).expect("an empty mailbox");
+            }
+            h
         };
-        spawn(&orch, 0);
-        parked.recv().await.unwrap();
+        // Until all of `handles` have reached `recv`: the idler announces nothing, but its
+        // mailbox counts the receive of the one message it was given.
+        let parked_idlers = async |handles: &[RoutineHandle]| {
+            for h in handles {
+                while h.mailbox().stats().recvs == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        };
+        let first = spawn(&orch, 0);
+        if kind == Kind::Idler {
+            parked_idlers(std::slice::from_ref(&first)).await;
+        } else {
+            parked.recv().await.unwrap();
+        }
         let one = Memory::read();
         let t = Instant::now();
         let spawner = {
             let orch = orch.clone();
             let spawn = spawn.clone();
             tokio::spawn(async move {
+                let mut handles = Vec::with_capacity(n);
                 for i in 1..n {
-                    spawn(&orch, i);
+                    handles.push(spawn(&orch, i));
                     if i % 64 == 0 {
                         tokio::task::yield_now().await;
                     }
                 }
+                handles
             })
         };
-        for _ in 1..n {
-            parked.recv().await.unwrap();
+        if kind != Kind::Idler {
+            for _ in 1..n {
+                parked.recv().await.unwrap();
+            }
+        }
+        let handles = spawner.await.unwrap();
+        if kind == Kind::Idler {
+            parked_idlers(&handles).await;
         }
         let took = t.elapsed();
-        spawner.await.unwrap();
+        drop(handles);
+        if std::env::var_os("GORCH_SCALE_TRIM").is_some() {
+            // SAFETY: test only.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
         let all = Memory::read();
+        if let Some(path) = std::env::var_os("GORCH_SCALE_SMAPS") {
+            std::fs::copy("/proc/self/smaps", path).unwrap();
+        }
+        if std::env::var_os("GORCH_SCALE_EXIT").is_some() {
+            // For heap profilers: what is still allocated at exit is what the N workers hold.
+            std::process::exit(0);
+        }
         let addr = server.local_addr();
         let (metrics, bytes) = timed_get(addr, "/metrics").await;
         let (api, _) = timed_get(addr, "/gorchestra/api/routines").await;
         let extra = (n - 1).max(1) as f64;
         let kb = |a: u64, b: u64| b.saturating_sub(a) as f64 / extra / 1024.0;
         println!(
-            "| {n}{} | {took:.1?} | {:.1?} | {:.0} | {:.1} MB | {:.1} KB | {:.1} / {:.1} / {:.1} KB | {:.1} KB | {:.1} | {metrics:.2?} | {bytes} | {api:.2?} |",
-            if native { " native" } else { "" },
+            "| {n}{} | {took:.1?} | {:.1?} | {:.0} | {:.1} MB | {:.1} KB | {:.1} / {:.1} / {:.1} KB | {:.1} KB | {:.1} KB | {:.1} | {metrics:.2?} | {bytes} | {api:.2?} |",
+            match kind {
+                Kind::Park => "",
+                Kind::Idler => " idler",
+                Kind::Native => " native",
+            },
             took / (n.max(2) - 1) as u32,
             extra / took.as_secs_f64(),
             one.rss() as f64 / 1e6,
@@ -149,6 +221,7 @@ fn child(native: bool, n: usize) {
             kb(one.rss_by_kind[0], all.rss_by_kind[0]),
             kb(one.rss_by_kind[1], all.rss_by_kind[1]),
             kb(one.rss_by_kind[2], all.rss_by_kind[2]),
+            kb(one.heap_live, all.heap_live),
             kb(one.pss, all.pss),
             all.mappings.saturating_sub(one.mappings) as f64 / extra,
         );
@@ -186,44 +259,75 @@ async fn timed_get(addr: SocketAddr, path: &'static str) -> (Duration, usize) {
 /// This process's memory, from one read of `/proc/self/smaps`.
 struct Memory {
     /// Resident bytes by kind of mapping: linear memories incl. their copy-on-write images,
-    /// fiber stacks, everything else (the host's heap, binary and libraries). The pools are
-    /// the two huge anonymous reservations: linear memories (terabytes of address space) and
-    /// fiber stacks (gigabytes).
+    /// fiber stacks (and tables), everything else (the host's heap, binary and libraries).
+    /// See [`Memory::read`].
     rss_by_kind: [u64; 3],
     /// Proportional set size: shared pages divided among their users.
     pss: u64,
     /// Mappings (each counts against `vm.max_map_count`).
     mappings: usize,
+    /// Bytes of heap in use (malloc's own count: the rest of the heap's resident memory is
+    /// free space the allocator keeps, fragmentation).
+    heap_live: u64,
 }
 
 impl Memory {
+    /// Reads `/proc/self/smaps`. The pools cannot be told by one mapping: the guard page of
+    /// every fiber stack and the accessible part of every live memory split a pool's
+    /// reservation into thousands of mappings, most of them small. So contiguous anonymous
+    /// mappings are taken together, as the reservation they came from: one holding a
+    /// copy-on-write memory image (`memfd`) or 64 GiB or more is the linear-memory pool; one
+    /// holding a mapping of 256 MiB or more, or 16 or more 4 KiB guard pages, is the pool of
+    /// fiber stacks (and of tables, reserved next to it); the rest (malloc's arenas of 64 MiB
+    /// each, the main heap, binaries) is the host's.
     fn read() -> Memory {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-        let mut m = Memory { rss_by_kind: [0; 3], pss: 0, mappings: 0 };
+        let mut m = Memory { rss_by_kind: [0; 3], pss: 0, mappings: 0, heap_live: heap_live() };
         let kb =
             |v: &str| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
-        let mut kind = 2;
+        // (start, end, anonymous or memfd, memfd, guard page, rss)
+        let mut maps: Vec<(u64, u64, bool, bool, bool, u64)> = Vec::new();
         for line in smaps.lines() {
             let mut words = line.split_whitespace();
             let first = words.next().unwrap_or("");
             if let Some((a, b)) = first.split_once('-')
                 && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
             {
-                m.mappings += 1;
-                let name = words.nth(4).unwrap_or("");
-                let size = b - a;
-                kind = if name.contains("memfd") || (name.is_empty() && size >= 64 << 30) {
-                    0
-                } else if name.is_empty() && size >= 256 << 20 {
-                    1
-                } else {
-                    2
-                };
-            } else if let Some(v) = line.strip_prefix("Rss:") {
-                m.rss_by_kind[kind] += kb(v);
+                let perms = words.next().unwrap_or("");
+                let name = words.nth(3).unwrap_or("");
+                let memfd = name.contains("memfd");
+                let guard = perms.starts_with("---") && b - a == 4096;
+                maps.push((a, b, name.is_empty() || memfd, memfd, guard, 0));
+            } else if let Some(v) = line.strip_prefix("Rss:")
+                && let Some(last) = maps.last_mut()
+            {
+                last.5 += kb(v);
             } else if let Some(v) = line.strip_prefix("Pss:") {
                 m.pss += kb(v);
             }
+        }
+        m.mappings = maps.len();
+        let mut i = 0;
+        while i < maps.len() {
+            let mut j = i + 1;
+            while maps[i].2 && j < maps.len() && maps[j].2 && maps[j].0 == maps[j - 1].1 {
+                j += 1;
+            }
+            let group = &maps[i..j];
+            let size = group[j - i - 1].1 - group[0].0;
+            let kind = if !maps[i].2 {
+                2
+            } else if group.iter().any(|g| g.3) || size >= 64 << 30 {
+                0
+            } else if group.iter().any(|g| g.1 - g.0 >= 256 << 20)
+                || group.iter().filter(|g| g.4).count() >= 16
+            {
+                1
+            } else {
+                2
+            };
+            m.rss_by_kind[kind] += group.iter().map(|g| g.5).sum::<u64>();
+            i = j;
         }
         m
     }
@@ -231,4 +335,18 @@ impl Memory {
     fn rss(&self) -> u64 {
         self.rss_by_kind.iter().sum()
     }
+}
+
+/// Heap bytes in use, as glibc's malloc counts them (all arenas, and its mmapped blocks).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn heap_live() -> u64 {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    #[allow(unsafe_code)]
+    let m = unsafe { libc::mallinfo2() };
+    (m.uordblks + m.hblkhd) as u64
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn heap_live() -> u64 {
+    0
 }
