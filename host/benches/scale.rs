@@ -11,13 +11,21 @@
 //! (RSS with N - RSS with 1) / (N-1); PSS is given too, because RSS counts each instance's
 //! mapping of the shared, copy-on-write memory image again.
 //!
-//! At the largest size (up to 20,000) two more rows: `idler` (P2b), the smallest idle
-//! worker, a guest that only loops on `mailbox::recv` (each gets one empty message, so the
-//! bench knows it has reached `recv`: the mailbox counts the receive), and `native`, async
-//! closures doing what `park` does (the orchestrator's own share).
+//! At the largest size (up to 20,000) three more rows: `park, reused slots`, the same N
+//! workers after N others have run and ended in the same pool slots (what a host that has
+//! been running hands out: the pool keeps the first 64 KiB of a freed memory and table
+//! resident, see `engine.rs`); `idler` (P2b), the smallest idle worker, a guest that only
+//! loops on `mailbox::recv` (each gets one empty message, so the bench knows it has reached
+//! `recv`: the mailbox counts the receive); and `native`, async closures doing what `park`
+//! does (the orchestrator's own share).
 //!
-//! The process sets up its allocator as the `gorch-host` binary does
-//! ([`gorch_host::setup_allocator`]), so the figures are the binary's.
+//! `GORCH_SCALE_SMAPS=FILE` copies `/proc/self/smaps` with all N workers to FILE;
+//! `GORCH_SCALE_EXIT=1` exits right after the measurement, without freeing anything, so
+//! that a heap profiler's "leaked" list is what the N workers hold
+//! (`GORCH_SCALE_EXIT=1 heaptrack target/release/deps/scale-* --child wasm 3000`).
+//!
+//! It uses the allocator the `gorch-host` binary uses (the system's, glibc malloc, with its
+//! defaults): see BENCHMARKS.md for the allocator settings that were measured and not kept.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -40,6 +48,7 @@ fn main() {
         let kind = match kind.as_str() {
             "native" => Kind::Native,
             "idler" => Kind::Idler,
+            "reused" => Kind::Reused,
             _ => Kind::Park,
         };
         child(kind, n.parse().expect("size"));
@@ -62,6 +71,7 @@ fn main() {
     let runs = sizes
         .iter()
         .map(|&n| ("wasm", n))
+        .chain(largest.map(|&n| ("reused", n)))
         .chain(largest.map(|&n| ("idler", n)))
         .chain(largest.map(|&n| ("native", n)));
     for (kind, n) in runs {
@@ -89,6 +99,8 @@ enum Kind {
     Park,
     /// The `idler` guest: only loops on `recv` (P2b).
     Idler,
+    /// `Park` in pool slots that an earlier instance has used (see `Reused` in `child`).
+    Reused,
     /// An async closure doing what `park` does: the orchestrator's own share.
     Native,
 }
@@ -130,8 +142,8 @@ fn child(kind: Kind, n: usize) {
             Kind::Idler => WasmOptions::default(),
             _ => WasmOptions::default().env("MODE", "park"),
         };
-        let spawn = move |orch: &Orchestrator, i: usize| {
-            let opts = SpawnOptions::new(format!("w{i}"));
+        let spawn = move |orch: &Orchestrator, name: String| {
+            let opts = SpawnOptions::new(name);
             let h = match kind {
                 Kind::Native => orch.spawn(opts, |ctx| async move {
                     ctx.publish("parked", Vec::new()).await?;
@@ -154,13 +166,39 @@ fn child(kind: Kind, n: usize) {
                 }
             }
         };
-        let first = spawn(&orch, 0);
+        let first = spawn(&orch, "w0".to_string());
         if kind == Kind::Idler {
             parked_idlers(std::slice::from_ref(&first)).await;
         } else {
             parked.recv().await.unwrap();
         }
         let one = Memory::read();
+        if kind == Kind::Reused {
+            // Every pool slot the N workers will get has been used once: what a host that
+            // has been running (restarts, upgrades) hands out.
+            let before: Vec<RoutineHandle> =
+                (1..n).map(|i| spawn(&orch, format!("before{i}"))).collect();
+            let warm_up = async {
+                for _ in 1..n {
+                    parked.recv().await.unwrap();
+                }
+                for h in &before {
+                    h.stop();
+                }
+                for h in &before {
+                    h.wait().await;
+                }
+            };
+            // Fails, naming where the routines were, rather than hanging (it hung once, in
+            // one of about ten runs, not reproduced since).
+            if tokio::time::timeout(Duration::from_secs(120), warm_up).await.is_err() {
+                let mut states = std::collections::BTreeMap::new();
+                for h in &before {
+                    *states.entry(h.state().as_str()).or_insert(0) += 1;
+                }
+                panic!("the warm-up did not end within 120 s: {states:?}");
+            }
+        }
         let t = Instant::now();
         let spawner = {
             let orch = orch.clone();
@@ -168,7 +206,7 @@ fn child(kind: Kind, n: usize) {
             tokio::spawn(async move {
                 let mut handles = Vec::with_capacity(n);
                 for i in 1..n {
-                    handles.push(spawn(&orch, i));
+                    handles.push(spawn(&orch, format!("w{i}")));
                     if i % 64 == 0 {
                         tokio::task::yield_now().await;
                     }
@@ -187,13 +225,6 @@ fn child(kind: Kind, n: usize) {
         }
         let took = t.elapsed();
         drop(handles);
-        if std::env::var_os("GORCH_SCALE_TRIM").is_some() {
-            // SAFETY: test only.
-            #[allow(unsafe_code)]
-            unsafe {
-                libc::malloc_trim(0);
-            }
-        }
         let all = Memory::read();
         if let Some(path) = std::env::var_os("GORCH_SCALE_SMAPS") {
             std::fs::copy("/proc/self/smaps", path).unwrap();
@@ -212,6 +243,7 @@ fn child(kind: Kind, n: usize) {
             match kind {
                 Kind::Park => "",
                 Kind::Idler => " idler",
+                Kind::Reused => " park, reused slots",
                 Kind::Native => " native",
             },
             took / (n.max(2) - 1) as u32,
@@ -272,21 +304,23 @@ struct Memory {
 }
 
 impl Memory {
-    /// Reads `/proc/self/smaps`. The pools cannot be told by one mapping: the guard page of
-    /// every fiber stack and the accessible part of every live memory split a pool's
-    /// reservation into thousands of mappings, most of them small. So contiguous anonymous
-    /// mappings are taken together, as the reservation they came from: one holding a
-    /// copy-on-write memory image (`memfd`) or 64 GiB or more is the linear-memory pool; one
-    /// holding a mapping of 256 MiB or more, or 16 or more 4 KiB guard pages, is the pool of
-    /// fiber stacks (and of tables, reserved next to it); the rest (malloc's arenas of 64 MiB
-    /// each, the main heap, binaries) is the host's.
+    /// Reads `/proc/self/smaps`. One mapping does not say what it is: the guard page of
+    /// every fiber stack and the accessible part of every live memory split the pools'
+    /// reservations into thousands of mappings, and the pools may lie next to each other.
+    /// So: a copy-on-write memory image (`memfd`), a mapping of 64 GiB or more (the rest of
+    /// the memory pool), and the anonymous mappings contiguous with an image (the
+    /// accessible parts of memories) are linear memory; a mapping of exactly one fiber stack
+    /// (`async_stack_size`), a 4 KiB guard page, and any other mapping of 256 MiB or more
+    /// (the rest of the stack pool, the table pool) are fiber stacks (and tables); the rest
+    /// (malloc's arenas of 64 MiB each, the main heap, binaries) is the host's.
     fn read() -> Memory {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
         let mut m = Memory { rss_by_kind: [0; 3], pss: 0, mappings: 0, heap_live: heap_live() };
         let kb =
             |v: &str| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
-        // (start, end, anonymous or memfd, memfd, guard page, rss)
-        let mut maps: Vec<(u64, u64, bool, bool, bool, u64)> = Vec::new();
+        let stack = (gorch_host::wasm::DEFAULT_MAX_WASM_STACK + (1 << 20)) as u64;
+        // (start, end, anonymous or memfd, memfd, kind if the mapping alone says, rss)
+        let mut maps: Vec<(u64, u64, bool, bool, Option<usize>, u64)> = Vec::new();
         for line in smaps.lines() {
             let mut words = line.split_whitespace();
             let first = words.next().unwrap_or("");
@@ -295,9 +329,21 @@ impl Memory {
             {
                 let perms = words.next().unwrap_or("");
                 let name = words.nth(3).unwrap_or("");
-                let memfd = name.contains("memfd");
-                let guard = perms.starts_with("---") && b - a == 4096;
-                maps.push((a, b, name.is_empty() || memfd, memfd, guard, 0));
+                let (anon, memfd, size) = (name.is_empty(), name.contains("memfd"), b - a);
+                let kind = if memfd || (anon && size >= 64 << 30) {
+                    Some(0)
+                } else if anon
+                    && (size == stack
+                        || (perms.starts_with("---") && size == 4096)
+                        || size >= 256 << 20)
+                {
+                    Some(1)
+                } else if !anon {
+                    Some(2)
+                } else {
+                    None
+                };
+                maps.push((a, b, anon || memfd, memfd, kind, 0));
             } else if let Some(v) = line.strip_prefix("Rss:")
                 && let Some(last) = maps.last_mut()
             {
@@ -314,19 +360,11 @@ impl Memory {
                 j += 1;
             }
             let group = &maps[i..j];
-            let size = group[j - i - 1].1 - group[0].0;
-            let kind = if !maps[i].2 {
-                2
-            } else if group.iter().any(|g| g.3) || size >= 64 << 30 {
-                0
-            } else if group.iter().any(|g| g.1 - g.0 >= 256 << 20)
-                || group.iter().filter(|g| g.4).count() >= 16
-            {
-                1
-            } else {
-                2
-            };
-            m.rss_by_kind[kind] += group.iter().map(|g| g.5).sum::<u64>();
+            let images = group.iter().any(|g| g.3);
+            for g in group {
+                let kind = g.4.unwrap_or(if images { 0 } else { 2 });
+                m.rss_by_kind[kind] += g.5;
+            }
             i = j;
         }
         m
