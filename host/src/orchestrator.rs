@@ -505,10 +505,7 @@ impl Orchestrator {
 
     /// Every live routine, by id.
     pub fn list(&self) -> Vec<RoutineHandle> {
-        let mut v: Vec<RoutineHandle> =
-            self.inner.routines.read().values().map(|s| RoutineHandle::new(s.clone())).collect();
-        v.sort_by_key(|h| h.id());
-        v
+        self.shared_list().into_iter().map(RoutineHandle::new).collect()
     }
 
     /// The live routines (by id) and, per plugin, the counters of its routines that have
@@ -520,10 +517,14 @@ impl Orchestrator {
         (self.shared_list(), ended.clone())
     }
 
+    /// Every live routine, by id. Sorted by the map's keys (the ids): comparing through the
+    /// routines would read each one's memory, cold at scale, log(n) times (with 100,000
+    /// routines that sort took about 20 ms of every `/metrics` scrape).
     pub(crate) fn shared_list(&self) -> Vec<Arc<RoutineShared>> {
-        let mut v: Vec<Arc<RoutineShared>> = self.inner.routines.read().values().cloned().collect();
-        v.sort_by_key(|r| r.id());
-        v
+        let mut v: Vec<(u64, Arc<RoutineShared>)> =
+            self.inner.routines.read().iter().map(|(id, r)| (*id, r.clone())).collect();
+        v.sort_unstable_by_key(|(id, _)| *id);
+        v.into_iter().map(|(_, r)| r).collect()
     }
 
     /// Snapshots of every live routine, by id.
