@@ -248,7 +248,8 @@ fn run() -> Result<(), String> {
                     if m == b"poison" && restarts == 0 {
                         panic!("trapped mid-batch");
                     }
-                    let line = format!("r{restarts} n{} {}", batch.len(), String::from_utf8_lossy(m));
+                    let line =
+                        format!("r{restarts} n{} {}", batch.len(), String::from_utf8_lossy(m));
                     bus::publish("testkit-out", line.as_bytes()).map_err(|e| e.to_string())?;
                 }
             }
