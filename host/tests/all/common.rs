@@ -143,3 +143,69 @@ pub fn hour_backoff() -> gorch_host::Supervision {
         ..Default::default()
     }
 }
+
+/// Runs `f` with a fmt subscriber like the binary's (no colours), filtered by `filter` (an
+/// `EnvFilter` directive such as `info`), as the thread's default; returns `f`'s result and
+/// the log it wrote.
+///
+/// Tests run in parallel, some with a scoped subscriber and most without, and tracing caches
+/// per call site, for the whole process, whether any subscriber wants it: when a call site
+/// is first hit on a thread with no subscriber while only one scoped subscriber exists,
+/// tracing asks that thread's (none) and caches "never", and the site stays silent for every
+/// test until the next subscriber is created (seen as a guest's stdout lines missing from
+/// one test's log under load). A subscriber that lives as long as the binary and wants every
+/// call site keeps each one at "ask the current subscriber"; each test's own still filters.
+pub fn capture_log<T>(filter: &str, f: impl FnOnce() -> T) -> (T, String) {
+    static KEEP_ALL_LEVELS: OnceLock<tracing::Dispatch> = OnceLock::new();
+    KEEP_ALL_LEVELS.get_or_init(|| tracing::Dispatch::new(AllLevels));
+    let log = Captured::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    (out, text)
+}
+
+/// The bytes a capturing subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A subscriber that records nothing but asks for every level (see [`capture_log`]).
+struct AllLevels;
+
+impl tracing::Subscriber for AllLevels {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}

@@ -3,9 +3,8 @@
 //! stay exact. The log is captured from a `tracing_subscriber::fmt` subscriber like the
 //! binary's, on a current-thread runtime (the subscriber is the thread's default).
 
-use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gorch_host::{
@@ -19,33 +18,9 @@ use crate::common::*;
 /// What a forger puts after a line break: a host line, timestamp first.
 const FORGED: &str = "1999-12-31T23:59:59.999999Z ERROR gorch_host::cli: FORGED";
 
-/// The bytes a subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Runs `f` with a fmt subscriber (the binary's format, no colours, INFO and above) as the
-/// thread's default; returns its result and the log it wrote.
+/// Runs `f` with the binary's log format at INFO; returns its result and the log.
 fn capture<T>(f: impl FnOnce() -> T) -> (T, String) {
-    let log = Captured::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(Level::INFO)
-        .finish();
-    let out = tracing::subscriber::with_default(subscriber, f);
-    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
-    (out, text)
+    capture_log("info", f)
 }
 
 /// The lines a terminal shows: a carriage return starts over at the left margin as a

@@ -3,9 +3,7 @@
 //! `gorch.toml` named as the directory's file with line and column, the progress line of
 //! start-up on a terminal, and a guest panic that no longer suggests `RUST_BACKTRACE=1`.
 
-use std::io;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gorch_host::{Orchestrator, SpawnOptions, State};
@@ -175,32 +173,9 @@ fn start_up_shows_each_compile_on_a_terminal_and_one_line_per_plugin_in_logs() {
     assert_eq!(log.matches(&format!("loaded {} (", wasm.display())).count(), 1, "{log}");
 }
 
-/// The bytes a subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Runs `f` with a fmt subscriber filtered by `filter` as the thread's default; returns the
-/// log it wrote.
+/// Runs `f` with the binary's log format filtered by `filter`; returns the log.
 fn capture(filter: &str, f: impl FnOnce()) -> String {
-    let log = Captured::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .finish();
-    tracing::subscriber::with_default(subscriber, f);
-    String::from_utf8(log.0.lock().unwrap().clone()).unwrap()
+    capture_log(filter, f).1
 }
 
 #[test]

@@ -6,10 +6,9 @@
 //! once into a compile cache under the target directory, so only the first run pays for the
 //! tens of seconds Cranelift takes on an 18 MB Python component.
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use gorch_host::{
@@ -109,41 +108,18 @@ pub fn cached_engine() -> &'static WasmEngine {
     })
 }
 
-/// The bytes a fmt subscriber writes.
-#[derive(Clone, Default)]
-pub struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Runs `f` on a current-thread runtime (so the guests log on this thread) with a fmt
 /// subscriber like the binary's as the thread's default; checks for leaked tasks; returns
 /// `f`'s result and the log.
 pub fn run_logged<F: std::future::Future>(f: F) -> (F::Output, String) {
-    let log = Captured::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let out = tracing::subscriber::with_default(subscriber, || {
+    capture_log("info", || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let out = f.await;
             assert_no_leaked_tasks().await;
             out
         })
-    });
-    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
-    (out, text)
+    })
 }
 
 /// Loads a component through the cached engine (compiling it the first time).
