@@ -42,7 +42,8 @@
 //! `target/wasm32-wasip2/release/` is already a component that `gorch-host` can run.
 //!
 //! Every blocking call ([`mailbox::recv`], [`mailbox::send`], [`bus::publish`],
-//! [`bus::recv`], [`sleep`]) returns early with [`Error::Cancelled`] (or `false` for
+//! [`bus::recv`], the batch calls [`mailbox::recv_batch`], [`bus::recv_batch`] and
+//! [`bus::publish_batch`], [`sleep`]) returns early with [`Error::Cancelled`] (or `false` for
 //! [`sleep`]) when the host stops the routine: return from `run` then. A worker that does
 //! not is killed when its grace period ends.
 
@@ -361,7 +362,9 @@ pub mod mailbox {
     /// least one message; never empty). One host call for the whole batch.
     ///
     /// The batch stays in flight until the next receive (of any kind) or a clean return
-    /// from `run`: if the routine crashes meanwhile, all of it is delivered again, in order.
+    /// from `run`: if the routine crashes meanwhile, all of it is delivered again, in order,
+    /// one message per batch (a message that crashes the routine is then found alone, and only
+    /// it counts toward `max-deliveries`).
     pub fn recv_batch(max: u32) -> Result<Vec<Vec<u8>>> {
         match wit_mailbox::recv_batch(max, None) {
             Ok(b) if b.is_empty() => Err(Error::Closed),
@@ -446,7 +449,8 @@ pub mod bus {
 
     /// Waits for the next message on `topic`, then takes up to `max` in all of what is
     /// queued there (never empty; a cluster topic gives one at a time). Acknowledged like
-    /// [`mailbox::recv_batch`](crate::mailbox::recv_batch): redelivered whole after a crash.
+    /// [`mailbox::recv_batch`](crate::mailbox::recv_batch): redelivered whole after a crash,
+    /// one message at a time.
     pub fn recv_batch(topic: &str, max: u32) -> Result<Vec<Vec<u8>>> {
         match wit_bus::recv_batch(topic, max, None) {
             Ok(b) if b.is_empty() => Err(Error::Closed),

@@ -19,6 +19,11 @@ pub trait Sizer {
     fn approx_size(&self) -> usize {
         0
     }
+    /// True for a value that a batch receive hands out alone: a batch stops before it, and
+    /// a batch that starts with it holds only it.
+    fn alone(&self) -> bool {
+        false
+    }
 }
 
 impl Sizer for Vec<u8> {
@@ -357,13 +362,20 @@ impl<T: Sizer + Send> Channel<T> {
     }
 
     /// Takes up to `max` queued values (at least one) into `out`, in queue order, without
-    /// waiting; returns how many. One lock for the whole batch.
+    /// waiting; returns how many. One lock for the whole batch. A value that must be received
+    /// [`alone`](Sizer::alone) ends the batch before it, or is the whole batch.
     pub fn try_recv_many(&self, max: usize, out: &mut Vec<T>) -> Result<usize, RecvError> {
         let n = {
             let mut st = self.inner.state.lock();
-            let n = st.queue.len().min(max.max(1));
-            if n == 0 {
+            let avail = st.queue.len().min(max.max(1));
+            if avail == 0 {
                 return Err(if st.closed { RecvError::Closed } else { RecvError::Empty });
+            }
+            let mut n = 1;
+            if !st.queue[0].alone() {
+                while n < avail && !st.queue[n].alone() {
+                    n += 1;
+                }
             }
             let State { queue, bytes, .. } = &mut *st;
             out.reserve(n);

@@ -7,6 +7,11 @@
 //! head of the queue it came from, so the restarted instance (or, for a topic, any consumer)
 //! receives it again first. A message delivered `max-deliveries` times goes to the
 //! [`DEAD_LETTER_TOPIC`] instead, as JSON naming the routine, the error and the source.
+//! A batch (`recv-batch`) that was in flight at a crash counts no delivery against its
+//! messages, since the host cannot tell which one caused the crash: they go back in order,
+//! marked to be handed out one at a time (a batch stops before such a message), so that a
+//! message that crashes its receiver is found alone, counted, and dead-lettered alone, while
+//! the others are processed.
 //! On a cluster topic the same rule is carried out by JetStream (`cluster::topics`): the
 //! next receive or a clean return acks, another end naks (redelivery to any node), and a
 //! dead letter goes to the cluster-wide topic before the message is terminated.
@@ -29,18 +34,20 @@ pub struct Message {
     pub payload: Vec<u8>,
     /// Deliveries so far (0 for a message never received).
     pub deliveries: u32,
+    /// Was in a batch that was in flight at a crash: handed out alone from now on.
+    pub(crate) alone: bool,
 }
 
 impl Message {
     /// A fresh message.
     pub fn new(payload: impl Into<Vec<u8>>) -> Self {
-        Message { payload: payload.into(), deliveries: 0 }
+        Message { payload: payload.into(), deliveries: 0, alone: false }
     }
 }
 
 impl From<Vec<u8>> for Message {
     fn from(payload: Vec<u8>) -> Self {
-        Message { payload, deliveries: 0 }
+        Message::new(payload)
     }
 }
 
@@ -59,6 +66,9 @@ impl From<&str> for Message {
 impl Sizer for Message {
     fn approx_size(&self) -> usize {
         self.payload.len()
+    }
+    fn alone(&self) -> bool {
+        self.alone
     }
 }
 
@@ -125,7 +135,7 @@ impl InFlightSlot {
     /// returns the payload for the routine.
     pub fn deliver(&self, mut msg: Message, source: Source) -> Vec<u8> {
         msg.deliveries += 1;
-        let keep = Message { payload: msg.payload.clone(), deliveries: msg.deliveries };
+        let keep = Message { payload: msg.payload.clone(), ..msg };
         let mut held = self.0.lock();
         held.msgs.clear();
         held.msgs.push(keep);
@@ -134,8 +144,8 @@ impl InFlightSlot {
     }
 
     /// `batch` was just taken from `source` (in queue order): counts a delivery of each,
-    /// keeps them in flight as one batch (redelivered whole, in order, after a crash) and
-    /// returns copies of the payloads for the routine.
+    /// keeps them in flight as one batch (after a crash: back in order, uncounted, then one
+    /// at a time; see [`settle`]) and returns copies of the payloads for the routine.
     pub fn deliver_batch(&self, batch: &mut Vec<Message>, source: Source) -> Vec<Vec<u8>> {
         let payloads = batch
             .iter_mut()
@@ -153,8 +163,9 @@ impl InFlightSlot {
 }
 
 /// After a run: a clean return acknowledges what is in flight; any other end puts it back
-/// at the head of its queue (a batch in its order), or sends a message to `dead-letter` once
-/// it has been delivered `max-deliveries` times.
+/// at the head of its queue, or sends a message to `dead-letter` once it has been delivered
+/// `max-deliveries` times. A batch goes back in its order with no delivery counted, its
+/// messages marked to be handed out one at a time.
 pub(crate) fn settle(orch: &OrchInner, shared: &RoutineShared, clean: bool) {
     let (msgs, source) = shared.in_flight().0.lock().take();
     let Some(source) = source else { return };
@@ -177,9 +188,15 @@ pub(crate) fn settle(orch: &OrchInner, shared: &RoutineShared, clean: bool) {
         }
         return;
     }
+    // A batch: which message crashed the routine is unknown, so none is counted; each is
+    // handed out alone from now on, which finds the one that does (and counts it).
+    let batch = msgs.len() > 1;
     // Back to the head in reverse, so that the batch keeps its order.
-    for msg in msgs.into_iter().rev() {
-        if msg.deliveries >= max {
+    for mut msg in msgs.into_iter().rev() {
+        if batch {
+            msg.deliveries = msg.deliveries.saturating_sub(1);
+            msg.alone = true;
+        } else if msg.deliveries >= max {
             dead_letter(orch, shared, msg, source.local_clone());
             continue;
         }

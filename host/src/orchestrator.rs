@@ -274,7 +274,7 @@ impl OrchInner {
         shared.mailbox().close();
         {
             // Under the lock of the ended sums: a scrape counts the routine either live or
-            // ended, never both or neither (see `Orchestrator::plugin_sums`).
+            // ended, never both or neither (see `Orchestrator::routines_and_ended`).
             let totals = shared.totals();
             let mut ended = self.ended.lock();
             self.routines.write().remove(&shared.id());

@@ -211,19 +211,19 @@ impl Series {
             }
             Series::PluginRestarts => (
                 "gorch_plugin_restarts_total",
-                "Restarts of the plugin's live routines.",
+                "Restarts of the plugin's routines, live and ended.",
                 PLUGIN,
                 true,
             ),
             Series::PluginBusy => (
                 "gorch_plugin_busy_seconds_total",
-                "CPU time of the plugin's live routines.",
+                "CPU time of the plugin's routines, live and ended.",
                 PLUGIN,
                 true,
             ),
             Series::PluginFuel => (
                 "gorch_plugin_fuel_consumed_total",
-                "Fuel used by the plugin's live routines.",
+                "Fuel used by the plugin's routines, live and ended.",
                 PLUGIN,
                 true,
             ),
@@ -241,19 +241,19 @@ impl Series {
             ),
             Series::PluginMessagesIn => (
                 "gorch_plugin_messages_received_total",
-                "Messages received by the plugin's live routines.",
+                "Messages received by the plugin's routines, live and ended.",
                 PLUGIN,
                 true,
             ),
             Series::PluginMessagesOut => (
                 "gorch_plugin_messages_sent_total",
-                "Messages sent or published by the plugin's live routines.",
+                "Messages sent or published by the plugin's routines, live and ended.",
                 PLUGIN,
                 true,
             ),
             Series::PluginDeadLetters => (
                 "gorch_plugin_dead_letters_total",
-                "Dead letters of the plugin's live routines.",
+                "Dead letters of the plugin's routines, live and ended.",
                 PLUGIN,
                 true,
             ),

@@ -146,7 +146,7 @@ impl RoutineContext {
             let r = crate::cluster::topics::recv(cluster, topic, timeout, &self.run.cancel, max);
             let Some(d) = r.await? else { return Ok(None) };
             self.shared.count_in();
-            let msg = Message { payload: d.payload, deliveries: d.deliveries - 1 };
+            let msg = Message { deliveries: d.deliveries - 1, ..Message::new(d.payload) };
             let source = Source::Cluster(topic.to_string(), d.handle);
             return Ok(Some(self.shared.in_flight().deliver(msg, source)));
         }

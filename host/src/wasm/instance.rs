@@ -33,13 +33,13 @@ pub const FUEL_YIELD_INTERVAL: u64 = 1_000_000;
 #[serde(rename_all = "lowercase")]
 pub enum Metering {
     /// Fuel instrumentation (the default): `fuelConsumed` counts every fuel unit, and
-    /// `limits.fuel` can bound a run. Costs 1.2–2× on compute-bound code (`BENCHMARKS.md`).
+    /// `limits.fuel` can bound a run. Costs 1.6–2.4× on compute-bound code (`BENCHMARKS.md`, P5).
     #[default]
     Fuel,
     /// No fuel instrumentation: the component runs on a second engine, compiled without it
     /// (created on first use, sharing the compile cache). `fuelConsumed` is absent and a fuel
     /// limit cannot be set; busy time, slices and kills work as with fuel. Epochs alone
-    /// cost 1.1–1.6× there.
+    /// cost 1.0–1.6× there.
     Time,
 }
 

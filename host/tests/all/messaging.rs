@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use gorch_host::{Bus, CallError, Channel, Orchestrator, SpawnOptions, State, WasmOptions};
+use gorch_host::{
+    Bus, CallError, Channel, Message, Orchestrator, SpawnOptions, State, WasmOptions,
+};
 use proptest::prelude::*;
 
 use crate::common::*;
@@ -250,9 +252,26 @@ fn a_guest_receives_its_mailbox_in_batches() {
     })
 }
 
+/// Zero backoff, restart on failure, `max_deliveries` deliveries before `dead-letter`.
+fn restart_at_once(max_deliveries: u32) -> gorch_host::Supervision {
+    gorch_host::Supervision {
+        restart: gorch_host::RestartPolicy::OnFailure,
+        backoff: gorch_host::Backoff {
+            initial: Duration::ZERO,
+            max: Duration::ZERO,
+            multiplier: 1.0,
+            jitter: 0.0,
+            stable_after: Duration::from_secs(30),
+        },
+        max_deliveries,
+        ..Default::default()
+    }
+}
+
 /// `bus.recv-batch` takes what is queued in one call, and a guest that traps in the middle
 /// of a batch gets the whole batch again, in order, after its restart (at-least-once: the
-/// batch was not acknowledged); the message after the batch comes once, after it.
+/// batch was not acknowledged), one message at a time (the host cannot tell which one
+/// crashed it); the message after the batch comes once, after it, in a batch again.
 #[test]
 fn a_guest_that_traps_mid_batch_gets_the_whole_batch_again() {
     run(async {
@@ -262,27 +281,53 @@ fn a_guest_that_traps_mid_batch_gets_the_whole_batch_again() {
         for m in ["a", "b", "poison", "c"] {
             input.send(m.into()).await.unwrap();
         }
-        let supervision = gorch_host::Supervision {
-            restart: gorch_host::RestartPolicy::OnFailure,
-            backoff: gorch_host::Backoff {
-                initial: Duration::ZERO,
-                max: Duration::ZERO,
-                multiplier: 1.0,
-                jitter: 0.0,
-                stable_after: Duration::from_secs(30),
-            },
-            ..Default::default()
-        };
-        let opts = SpawnOptions::new("trapper").supervision(supervision);
+        let opts = SpawnOptions::new("trapper").supervision(restart_at_once(5));
         let wasm = WasmOptions::default().env("SOURCE", "batch-in").env("MAX", "16");
         let h = spawn_mode_with(&orch, opts, "batch-trap", wasm);
         let first = collect(&out, 2).await;
         assert_eq!(first, ["r0 n4 a", "r0 n4 b"]);
         let again = collect(&out, 4).await;
-        assert_eq!(again, ["r1 n4 a", "r1 n4 b", "r1 n4 poison", "r1 n4 c"]);
-        input.send("d".into()).await.unwrap();
-        assert_eq!(collect(&out, 1).await, ["r1 n1 d"]);
+        assert_eq!(again, ["r1 n1 a", "r1 n1 b", "r1 n1 poison", "r1 n1 c"]);
+        // Both queued under one lock, so that they are there for one batch.
+        let mut de = std::collections::VecDeque::from([Message::from("d"), Message::from("e")]);
+        input.send_many_cancellable(&mut de, &Default::default()).await.unwrap();
+        assert_eq!(collect(&out, 2).await, ["r1 n2 d", "r1 n2 e"]);
         assert_eq!(h.restarts(), 1);
+        assert!(input.is_empty(), "nothing left behind");
+        h.stop();
+        assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Stopped);
+        shutdown(&orch).await;
+    })
+}
+
+/// A message that crashes its receiver every time, in the middle of a batch, is found and
+/// dead-lettered alone: the batch's other messages are processed, none is dead-lettered with
+/// it, and a batch crash counts no delivery (with `max-deliveries = 1` the poison goes to
+/// `dead-letter` after its first delivery alone).
+#[test]
+fn a_poison_message_in_a_batch_is_dead_lettered_alone() {
+    run(async {
+        let orch = Orchestrator::new();
+        let input = orch.bus().topic("batch-in", 64).unwrap();
+        let out = orch.bus().topic("testkit-out", 64).unwrap();
+        let letters = orch.bus().topic(gorch_host::delivery::DEAD_LETTER_TOPIC, 64).unwrap();
+        for m in ["a", "b", "poison", "c"] {
+            input.send(m.into()).await.unwrap();
+        }
+        let opts = SpawnOptions::new("poisoned").supervision(restart_at_once(1));
+        let wasm = WasmOptions::default()
+            .env("SOURCE", "batch-in")
+            .env("MAX", "16")
+            .env("POISON", "always");
+        let h = spawn_mode_with(&orch, opts, "batch-trap", wasm);
+        assert_eq!(collect(&out, 2).await, ["r0 n4 a", "r0 n4 b"]);
+        assert_eq!(collect(&out, 3).await, ["r1 n1 a", "r1 n1 b", "r2 n1 c"]);
+        let letter = letters.recv_timeout(Duration::from_secs(10)).await.unwrap();
+        let letter: serde_json::Value = serde_json::from_slice(&letter.payload).unwrap();
+        assert_eq!(letter["payload"], serde_json::json!(b"poison".to_vec()), "{letter}");
+        assert_eq!(letter["deliveries"], 1, "{letter}");
+        assert!(letters.is_empty(), "only the poison is a dead letter");
+        assert_eq!(h.restarts(), 2);
         assert!(input.is_empty(), "nothing left behind");
         h.stop();
         assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Stopped);

@@ -233,11 +233,12 @@ fn run() -> Result<(), String> {
             Ok(())
         }
         // Receives batches (up to MAX) from topic SOURCE and publishes each message on
-        // `testkit-out` as "r<restarts> n<batch length> <message>"; on its first run it
-        // panics at a message "poison", in the middle of its batch.
+        // `testkit-out` as "r<restarts> n<batch length> <message>"; on its first run (on
+        // every run with POISON=always) it panics at a message "poison".
         "batch-trap" => {
             let source = std::env::var("SOURCE").unwrap_or_else(|_| "testkit-in".into());
             let restarts = gorch::restarts();
+            let always = std::env::var("POISON").is_ok_and(|v| v == "always");
             loop {
                 let batch = match bus::recv_batch(&source, env_num("MAX", 16) as u32) {
                     Ok(b) => b,
@@ -245,7 +246,7 @@ fn run() -> Result<(), String> {
                     Err(e) => return Err(e.to_string()),
                 };
                 for m in &batch {
-                    if m == b"poison" && restarts == 0 {
+                    if m == b"poison" && (restarts == 0 || always) {
                         panic!("trapped mid-batch");
                     }
                     let line =
