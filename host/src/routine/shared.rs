@@ -358,9 +358,12 @@ impl RoutineShared {
         self.counts_fuel.store(counts, Relaxed);
     }
 
-    /// The fuel used, all runs; `None` when the code it runs does not count fuel.
+    /// The fuel used, all runs; `None` when no code it ran counted fuel. A routine switched
+    /// to `metering = "time"` by a reload keeps what it counted before (a counter that
+    /// vanished or fell would read as a reset to Prometheus).
     pub fn fuel_consumed(&self) -> Option<u64> {
-        self.counts_fuel.load(Relaxed).then(|| self.fuel())
+        let fuel = self.fuel();
+        (self.counts_fuel.load(Relaxed) || fuel > 0).then_some(fuel)
     }
 
     pub fn set_memory(&self, bytes: u64) {

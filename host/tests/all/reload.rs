@@ -244,10 +244,19 @@ fn a_plugin_starts_with_time_metering_and_a_reload_switches_it_live() {
             .await
         );
 
+        // Back to time: the fuel counted so far stays, and no longer grows (a counter that
+        // vanished would read as a reset).
         std::fs::write(d.join("calc.toml"), manifest("time")).unwrap();
+        let counted = h.snapshot().fuel_consumed;
         let report = reloader.apply().await;
         assert_eq!(action(&report, "calc"), ReloadAction::Upgraded, "{report:?}");
-        assert_eq!(h.snapshot().fuel_consumed, None);
+        let kept = h.snapshot().fuel_consumed;
+        assert!(kept.is_some() && kept >= counted, "{kept:?} after {counted:?}");
+        h.mailbox().send("x".into()).await.unwrap();
+        assert!(
+            wait_until(std::time::Duration::from_secs(10), || h.snapshot().messages_in >= 1).await
+        );
+        assert_eq!(h.snapshot().fuel_consumed, kept, "time counts no fuel");
         assert_eq!(h.upgrades(), 2);
         shutdown(&orch).await;
     });
