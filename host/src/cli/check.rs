@@ -1,5 +1,6 @@
 //! `gorch-host check FILE...`: load each component as `run` would and print its world,
-//! imports and exports.
+//! imports and exports; a manifest beside it (`NAME.toml` next to `NAME.wasm`) is parsed as
+//! `run` parses it, and the component compiled for its `metering`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -7,12 +8,13 @@ use std::path::PathBuf;
 use anyhow::bail;
 
 use super::EngineArgs;
-use crate::wasm::{EngineConfig, WasmEngine};
+use crate::plugin::PluginManifest;
+use crate::wasm::{EngineConfig, Metering, WasmEngine};
 
 /// `gorch-host check FILE...`.
 #[derive(Debug, clap::Args)]
 pub struct CheckCmd {
-    /// Component files to validate.
+    /// Component files to validate (with the manifest beside each, `NAME.toml`, if any).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// Engine flags (compile cache).
@@ -23,11 +25,31 @@ pub struct CheckCmd {
 impl CheckCmd {
     /// Validates each file; fails if any is bad.
     pub fn run(self) -> anyhow::Result<()> {
-        let engine = WasmEngine::new(EngineConfig { pooling: false, ..self.engine.config(0) })?;
+        // What `run` would use (pooling) for the manifests' warnings; no pool to check.
+        let run_config = self.engine.config(0);
+        let engine = WasmEngine::new(EngineConfig { pooling: false, ..run_config.clone() })?;
         let mut bad = 0;
         let mut out = std::io::stdout().lock();
         for f in &self.files {
-            match engine.load_file(f) {
+            let manifest = f.with_extension("toml");
+            let mut metering = Metering::Fuel;
+            if f.extension().is_some_and(|e| e == "wasm") && manifest.is_file() {
+                match PluginManifest::from_file(&manifest) {
+                    Ok(m) => {
+                        metering = m.limits.metering;
+                        writeln!(out, "{}: ok", manifest.display())?;
+                        for w in m.warnings(&run_config) {
+                            writeln!(out, "  warning: {w}")?;
+                        }
+                    }
+                    Err(e) => {
+                        bad += 1;
+                        writeln!(out, "error: {e}")?;
+                        continue;
+                    }
+                }
+            }
+            match engine.load_file_metered(f, metering) {
                 Ok(c) => {
                     let world =
                         if c.is_command() { "wasi:cli/command" } else { "gorch:worker/worker" };

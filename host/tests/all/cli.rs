@@ -85,6 +85,35 @@ fn check_validates_components_and_prints_imports_and_exports() {
     assert!(out.contains("bad.wasm: is a core wasm module"), "{out}");
 }
 
+/// `check` parses the manifest beside a component as `run` would: a bad one fails the check
+/// naming its file and key, a good one is compiled for its `metering`.
+#[test]
+fn check_validates_the_manifest_beside_a_component() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("calc.wasm");
+    std::fs::copy(gorch_artifacts::path("testkit"), &wasm).unwrap();
+    let toml = dir.path().join("calc.toml");
+    let check = || Command::new(BIN).args(["check", "--no-cache"]).arg(&wasm).output().unwrap();
+
+    std::fs::write(&toml, "[limits]\nmetering = \"time\"\nfuel = 1000\n").unwrap();
+    let res = check();
+    let out = String::from_utf8_lossy(&res.stdout);
+    assert!(!res.status.success(), "{out}");
+    assert!(out.contains("calc.toml:"), "{out}");
+    assert!(out.contains("limits.fuel = 1000 needs limits.metering = \"fuel\""), "{out}");
+
+    std::fs::write(&toml, "[limits]\nmetering = \"cpu\"\n").unwrap();
+    let res = check();
+    let out = String::from_utf8_lossy(&res.stdout);
+    assert!(!res.status.success() && out.contains("unknown variant `cpu`"), "{out}");
+
+    std::fs::write(&toml, "[limits]\nmetering = \"time\"\n").unwrap();
+    let res = check();
+    let out = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success(), "{out}");
+    assert!(out.contains("calc.toml: ok") && out.contains("calc.wasm: ok"), "{out}");
+}
+
 /// A host process that is killed when the test ends, also when it fails half-way.
 pub(crate) struct Host(pub(crate) std::process::Child);
 
