@@ -268,6 +268,17 @@ fn restart_at_once(max_deliveries: u32) -> gorch_host::Supervision {
     }
 }
 
+/// Topic `batch-in` holding "a", "b", "poison", "c", the `testkit-out` topic, and the
+/// options of a `batch-trap` guest reading `batch-in` in batches of up to 16.
+async fn poisoned_batch(orch: &Orchestrator) -> (Channel<Message>, Channel<Message>, WasmOptions) {
+    let input = orch.bus().topic("batch-in", 64).unwrap();
+    let out = orch.bus().topic("testkit-out", 64).unwrap();
+    for m in ["a", "b", "poison", "c"] {
+        input.send(m.into()).await.unwrap();
+    }
+    (input, out, WasmOptions::default().env("SOURCE", "batch-in").env("MAX", "16"))
+}
+
 /// `bus.recv-batch` takes what is queued in one call, and a guest that traps in the middle
 /// of a batch gets the whole batch again, in order, after its restart (at-least-once: the
 /// batch was not acknowledged), one message at a time (the host cannot tell which one
@@ -276,13 +287,8 @@ fn restart_at_once(max_deliveries: u32) -> gorch_host::Supervision {
 fn a_guest_that_traps_mid_batch_gets_the_whole_batch_again() {
     run(async {
         let orch = Orchestrator::new();
-        let input = orch.bus().topic("batch-in", 64).unwrap();
-        let out = orch.bus().topic("testkit-out", 64).unwrap();
-        for m in ["a", "b", "poison", "c"] {
-            input.send(m.into()).await.unwrap();
-        }
+        let (input, out, wasm) = poisoned_batch(&orch).await;
         let opts = SpawnOptions::new("trapper").supervision(restart_at_once(5));
-        let wasm = WasmOptions::default().env("SOURCE", "batch-in").env("MAX", "16");
         let h = spawn_mode_with(&orch, opts, "batch-trap", wasm);
         let first = collect(&out, 2).await;
         assert_eq!(first, ["r0 n4 a", "r0 n4 b"]);
@@ -308,18 +314,10 @@ fn a_guest_that_traps_mid_batch_gets_the_whole_batch_again() {
 fn a_poison_message_in_a_batch_is_dead_lettered_alone() {
     run(async {
         let orch = Orchestrator::new();
-        let input = orch.bus().topic("batch-in", 64).unwrap();
-        let out = orch.bus().topic("testkit-out", 64).unwrap();
+        let (input, out, wasm) = poisoned_batch(&orch).await;
         let letters = orch.bus().topic(gorch_host::delivery::DEAD_LETTER_TOPIC, 64).unwrap();
-        for m in ["a", "b", "poison", "c"] {
-            input.send(m.into()).await.unwrap();
-        }
         let opts = SpawnOptions::new("poisoned").supervision(restart_at_once(1));
-        let wasm = WasmOptions::default()
-            .env("SOURCE", "batch-in")
-            .env("MAX", "16")
-            .env("POISON", "always");
-        let h = spawn_mode_with(&orch, opts, "batch-trap", wasm);
+        let h = spawn_mode_with(&orch, opts, "batch-trap", wasm.env("POISON", "always"));
         assert_eq!(collect(&out, 2).await, ["r0 n4 a", "r0 n4 b"]);
         assert_eq!(collect(&out, 3).await, ["r1 n1 a", "r1 n1 b", "r2 n1 c"]);
         let letter = letters.recv_timeout(Duration::from_secs(10)).await.unwrap();
