@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -18,11 +18,6 @@ pub trait Sizer {
     /// Approximate heap + inline size of the value in bytes.
     fn approx_size(&self) -> usize {
         0
-    }
-    /// True for a value that a batch receive hands out alone: a batch stops before it, and
-    /// a batch that starts with it holds only it.
-    fn alone(&self) -> bool {
-        false
     }
 }
 
@@ -144,6 +139,10 @@ struct Inner<T> {
     recvs: AtomicU64,
     blocked_send_ns: AtomicU64,
     blocked_recv_ns: AtomicU64,
+    /// Tasks waiting for room now.
+    waiting_senders: AtomicUsize,
+    /// Tasks waiting for a value now.
+    waiting_receivers: AtomicUsize,
 }
 
 /// A bounded multi-producer multi-consumer async queue.
@@ -198,6 +197,8 @@ impl<T: Sizer + Send> Channel<T> {
                 recvs: AtomicU64::new(0),
                 blocked_send_ns: AtomicU64::new(0),
                 blocked_recv_ns: AtomicU64::new(0),
+                waiting_senders: AtomicUsize::new(0),
+                waiting_receivers: AtomicUsize::new(0),
             }),
         }
     }
@@ -297,10 +298,12 @@ impl<T: Sizer + Send> Channel<T> {
             other => return other,
         }
         let start = Instant::now();
+        let mut waiting = None;
         let result = loop {
             let notified = self.inner.not_full.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            waiting.get_or_insert_with(|| Waiting::new(&self.inner.waiting_senders));
             match self.try_send(value) {
                 Err(SendError::Full(v)) => value = v,
                 other => break other,
@@ -362,9 +365,20 @@ impl<T: Sizer + Send> Channel<T> {
     }
 
     /// Takes up to `max` queued values (at least one) into `out`, in queue order, without
-    /// waiting; returns how many. One lock for the whole batch. A value that must be received
-    /// [`alone`](Sizer::alone) ends the batch before it, or is the whole batch.
+    /// waiting; returns how many. One lock for the whole batch.
     pub fn try_recv_many(&self, max: usize, out: &mut Vec<T>) -> Result<usize, RecvError> {
+        self.try_recv_many_split(max, out, |_| false)
+    }
+
+    /// Like [`try_recv_many`](Self::try_recv_many), where a value for which `alone` is true
+    /// is received alone: the batch stops before it, or is that value only. The channel
+    /// does not know why (the caller's rule, read under the channel's lock).
+    pub fn try_recv_many_split(
+        &self,
+        max: usize,
+        out: &mut Vec<T>,
+        alone: fn(&T) -> bool,
+    ) -> Result<usize, RecvError> {
         let n = {
             let mut st = self.inner.state.lock();
             let avail = st.queue.len().min(max.max(1));
@@ -372,8 +386,8 @@ impl<T: Sizer + Send> Channel<T> {
                 return Err(if st.closed { RecvError::Closed } else { RecvError::Empty });
             }
             let mut n = 1;
-            if !st.queue[0].alone() {
-                while n < avail && !st.queue[n].alone() {
+            if !alone(&st.queue[0]) {
+                while n < avail && !alone(&st.queue[n]) {
                     n += 1;
                 }
             }
@@ -403,7 +417,20 @@ impl<T: Sizer + Send> Channel<T> {
         cancel: Option<&CancellationToken>,
         timeout: Option<Duration>,
     ) -> Result<usize, RecvError> {
-        self.wait_for(cancel, timeout, || self.try_recv_many(max, out)).await
+        self.recv_many_split(max, out, cancel, timeout, |_| false).await
+    }
+
+    /// [`recv_many_until`](Self::recv_many_until) with the batch cut of
+    /// [`try_recv_many_split`](Self::try_recv_many_split).
+    pub async fn recv_many_split(
+        &self,
+        max: usize,
+        out: &mut Vec<T>,
+        cancel: Option<&CancellationToken>,
+        timeout: Option<Duration>,
+        alone: fn(&T) -> bool,
+    ) -> Result<usize, RecvError> {
+        self.wait_for(cancel, timeout, || self.try_recv_many_split(max, out, alone)).await
     }
 
     /// Runs `attempt` until it finds something (or the channel is closed), waiting for
@@ -424,10 +451,12 @@ impl<T: Sizer + Send> Channel<T> {
         }
         let start = Instant::now();
         let deadline = timeout.map(|t| tokio::time::Instant::from_std(start) + t);
+        let mut waiting = None;
         let result = loop {
             let notified = self.inner.not_empty.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            waiting.get_or_insert_with(|| Waiting::new(&self.inner.waiting_receivers));
             match attempt() {
                 Err(RecvError::Empty) => {}
                 other => break other,
@@ -481,6 +510,19 @@ impl<T: Sizer + Send> Channel<T> {
         self.inner.cap
     }
 
+    /// Tasks waiting now in a receive on this channel (registered for a wake-up: a value
+    /// sent now wakes one of them). Lets a test or a probe see that a receiver is blocked
+    /// rather than guess it with a sleep.
+    pub fn waiting_receivers(&self) -> usize {
+        self.inner.waiting_receivers.load(Relaxed)
+    }
+
+    /// Tasks waiting now in a send on this channel for room (see
+    /// [`waiting_receivers`](Self::waiting_receivers)).
+    pub fn waiting_senders(&self) -> usize {
+        self.inner.waiting_senders.load(Relaxed)
+    }
+
     /// The counters, read together.
     pub fn stats(&self) -> ChannelStats {
         let (len, approx_bytes) = {
@@ -516,6 +558,22 @@ async fn wait_or_cancel(
                 _ = notified => false,
             }
         }
+    }
+}
+
+/// Counts one waiting task for as long as it lives (also when the wait is dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Relaxed);
+        Waiting(counter)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 

@@ -67,7 +67,12 @@ impl Sizer for Message {
     fn approx_size(&self) -> usize {
         self.payload.len()
     }
-    fn alone(&self) -> bool {
+}
+
+impl Message {
+    /// The batch cut of the delivery rule: a message of a batch that crashed is handed out
+    /// alone (see [`settle`]).
+    pub(crate) fn alone(&self) -> bool {
         self.alone
     }
 }

@@ -171,7 +171,8 @@ impl RoutineContext {
         self.shared.in_flight().ack();
         let mut batch = Vec::new();
         let mailbox = self.shared.mailbox();
-        let r = mailbox.recv_many_until(max, &mut batch, Some(&self.run.cancel), timeout).await;
+        let cancel = Some(&self.run.cancel);
+        let r = mailbox.recv_many_split(max, &mut batch, cancel, timeout, Message::alone).await;
         self.took_batch(r, batch, || Source::Mailbox)
     }
 
@@ -189,7 +190,8 @@ impl RoutineContext {
         let (name, ch) = self.run.handles.topic(&self.orch, topic)?;
         self.shared.in_flight().ack();
         let mut batch = Vec::new();
-        let r = ch.recv_many_until(max, &mut batch, Some(&self.run.cancel), timeout).await;
+        let cancel = Some(&self.run.cancel);
+        let r = ch.recv_many_split(max, &mut batch, cancel, timeout, Message::alone).await;
         self.took_batch(r, batch, || Source::Topic(name, ch.clone()))
     }
 
