@@ -21,7 +21,7 @@ fn main() {
     println!(
         "machine: {} cores; epoch tick {:?}",
         num_cpus(),
-        gorch_host::wasm::DEFAULT_EPOCH_TICK
+        gorch_host::defaults::DEFAULT_EPOCH_TICK
     );
     println!();
     if let Some(dir) = std::env::args().skip_while(|a| a != "--dump-code").nth(1) {
@@ -134,7 +134,7 @@ fn stop_latency(testkit: &gorch_host::WasmComponent) {
         orch.shutdown(Duration::from_secs(2)).await;
         v
     });
-    let tick = gorch_host::wasm::DEFAULT_EPOCH_TICK;
+    let tick = gorch_host::defaults::DEFAULT_EPOCH_TICK;
     let p50 = percentile(&mut v, 0.5);
     let max = *v.iter().max().unwrap();
     println!("## stop latency of a loop {{}} guest (kill → ended), 50 runs");

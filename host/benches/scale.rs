@@ -117,7 +117,7 @@ fn child(kind: Kind, n: usize) {
         memory_reservation: if n > BIG {
             64 << 20
         } else {
-            gorch_host::wasm::DEFAULT_MEMORY_RESERVATION
+            gorch_host::defaults::DEFAULT_MEMORY_RESERVATION
         },
         ..Default::default()
     };
@@ -318,7 +318,7 @@ impl Memory {
         let mut m = Memory { rss_by_kind: [0; 3], pss: 0, mappings: 0, heap_live: heap_live() };
         let kb =
             |v: &str| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
-        let stack = (gorch_host::wasm::DEFAULT_MAX_WASM_STACK + (1 << 20)) as u64;
+        let stack = (gorch_host::defaults::DEFAULT_MAX_WASM_STACK + (1 << 20)) as u64;
         // (start, end, anonymous or memfd, memfd, kind if the mapping alone says, rss)
         let mut maps: Vec<(u64, u64, bool, bool, Option<usize>, u64)> = Vec::new();
         for line in smaps.lines() {

@@ -8,9 +8,12 @@
 //!   and epoch interruption (time slices, and kills even of a guest in `loop {}`).
 //! - [`Channel`] and [`Bus`]: bounded queues with statistics; mailboxes and topics.
 //! - [`PluginManifest`] / [`PluginDir`]: the `NAME.toml` manifests of a plugin directory.
-//! - [`Supervision`]: restart policies, backoff, intensity, groups ([`supervisor`]); the
-//!   at-least-once delivery rule ([`delivery`]).
+//! - [`Supervision`]: restart policies, backoff, intensity, groups ([`Group`]); the
+//!   at-least-once delivery rule (a [`Message`] stays in flight until its receiver asks for
+//!   the next one, and is redelivered after a crash, up to `max-deliveries`).
+//! - [`Cluster`]: several hosts as one over NATS JetStream (topics and sends span nodes).
 //! - [`ObsServer`]: `/metrics`, the dashboard and the JSON API ([`obs`]).
+//! - [`defaults`]: every default and bound, by area.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -33,36 +36,63 @@
 //! # Ok(()) }
 //! ```
 
-// The core types are at the crate root; each module keeps its constants and secondary
-// items (see ARCHITECTURE.md for what each module owns).
-pub mod bus;
+// The types are at the crate root, each at one path; the modules are private except the
+// observability server (`obs`), the plugin directory (`plugin`), the constants
+// (`defaults`) and the CLI. ARCHITECTURE.md says what each module owns.
+mod bus;
 mod channel;
+#[doc(hidden)]
 pub mod cli;
 mod clock;
-pub mod cluster;
-pub mod delivery;
+mod cluster;
+mod delivery;
 mod fsread;
 mod logguard;
-pub mod names;
+mod names;
 pub mod obs;
-pub mod orchestrator;
+mod orchestrator;
 pub mod plugin;
-pub mod routine;
-pub mod supervisor;
-pub mod wasm;
+mod routine;
+mod supervisor;
+mod transport;
+mod wasm;
 
 pub use bus::{Bus, BusError, TopicStats};
 pub use channel::{Channel, ChannelStats, RecvError, SendError, Sizer};
-pub use cluster::{Cluster, ClusterConfig, ClusterError};
-pub use delivery::Message;
+pub use cluster::{
+    Cluster, ClusterConfig, ClusterError, ClusterRoutines, ClusterView, NodeInfo, NodeRoutines,
+};
+pub use delivery::{DEAD_LETTER_TOPIC, Message};
+pub use names::{NameError, validate_routine_name, validate_topic_name};
 pub use obs::{ObsConfig, ObsServer};
 pub use orchestrator::{Orchestrator, ShutdownReport, SpawnError, SpawnOptions};
 pub use plugin::{PluginDir, PluginError, PluginManifest};
-pub use routine::{CallError, Health, RoutineContext, RoutineHandle, Snapshot, State};
-pub use supervisor::{Backoff, Group, Intensity, RestartPolicy, Strategy, Supervision};
-pub use wasm::{
-    EngineConfig, EngineError, LoadError, Metering, WasmComponent, WasmEngine, WasmOptions,
+pub use routine::{Health, RoutineContext, RoutineHandle, Snapshot, State, write_stats_table};
+pub use supervisor::{
+    Backoff, Group, Intensity, PolicyError, RestartPolicy, Strategy, Supervision,
 };
+pub use transport::{CallError, Limit};
+pub use wasm::{
+    CacheStatus, CompileCache, EngineConfig, EngineError, LoadError, Metering, OptionsError,
+    UpgradeError, WasmComponent, WasmEngine, WasmOptions,
+};
+
+/// The defaults and bounds of the library, by area.
+pub mod defaults {
+    pub use crate::bus::{DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY};
+    pub use crate::cluster::{
+        DEFAULT_ACK_WAIT, DEFAULT_CONNECT_TIMEOUT, HEARTBEAT, LEASE, REMOTE_SEND_TIMEOUT,
+    };
+    pub use crate::names::MAX_NAME_BYTES;
+    pub use crate::orchestrator::{
+        DEFAULT_GRACE, DEFAULT_HISTORY, DEFAULT_MESSAGE_BYTES, DEFAULT_QUEUE_CAPACITY,
+    };
+    pub use crate::supervisor::{DEFAULT_MAX_DELIVERIES, MAX_POLICY_DURATION};
+    pub use crate::wasm::{
+        DEFAULT_EPOCH_TICK, DEFAULT_MAX_COMPONENT_BYTES, DEFAULT_MAX_WASM_STACK,
+        DEFAULT_MEMORY_LIMIT, DEFAULT_MEMORY_RESERVATION, DEFAULT_POOL_SIZE, FUEL_YIELD_INTERVAL,
+    };
+}
 
 /// How often a tokio worker checks timers and I/O, in polls. Tokio's default (61) lets a
 /// timer fire hundreds of milliseconds late while guests spin in 5 ms slices; 1 keeps

@@ -7,27 +7,25 @@ use std::fmt::{self, Display};
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::{Bus, BusError, DEFAULT_TOPIC_CAPACITY, TopicStats};
-use crate::channel::{Channel, SendError};
-use crate::cluster::{Cluster, ClusterCore, split_address};
+use crate::bus::{Bus, TopicStats};
+use crate::channel::Channel;
 use crate::delivery::Message;
 use crate::logguard::escape;
 use crate::names::{NameError, validate_routine_name};
-use crate::routine::work::NativeWork;
 use crate::routine::{
-    CallError, PluginSums, RoutineContext, RoutineHandle, RoutineShared, Snapshot, State, Work,
-    write_stats_table,
+    NativeWork, PluginSums, RoutineContext, RoutineHandle, RoutineShared, Settings, Snapshot,
+    State, Work, write_stats_table,
 };
-use crate::supervisor::driver::{KILL_WAIT, drive};
+use crate::supervisor::driver::{KILL_WAIT, Keeper, drive};
 use crate::supervisor::{Group, GroupInner, Intensity, RestartPolicy, Strategy, Supervision};
-use crate::wasm::{WasmComponent, WasmOptions, WasmWork};
+use crate::transport::{Directory, Link, Local, LocalTransport, Transport};
+use crate::wasm::{OptionsError, WasmComponent, WasmOptions, WasmWork};
 
 /// Default mailbox capacity.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 128;
@@ -69,8 +67,8 @@ pub enum SpawnError {
     },
     /// The wasm options do not fit the component (see [`WasmOptions::check`]): another
     /// metering than it was loaded for, or a fuel limit without fuel metering.
-    #[error("{0}")]
-    Options(String),
+    #[error(transparent)]
+    Options(#[from] OptionsError),
 }
 
 /// Options of a spawned routine. `SpawnOptions::new(name)` gives the documented defaults.
@@ -98,6 +96,19 @@ pub struct SpawnOptions {
 }
 
 impl SpawnOptions {
+    /// What the routine itself keeps of these options.
+    fn settings(&self) -> Settings {
+        Settings {
+            name: self.name.clone(),
+            queue_capacity: self.queue_capacity,
+            idle_timeout: self.idle_timeout,
+            grace: self.grace,
+            message_bytes: self.message_bytes,
+            supervision: self.supervision.clone(),
+            group: self.group.as_ref().map(|g| g.inner.clone()),
+        }
+    }
+
     /// Options with the defaults above.
     pub fn new(name: impl Into<String>) -> Self {
         SpawnOptions {
@@ -177,89 +188,26 @@ pub(crate) struct OrchInner {
     tracker: TaskTracker,
     shutting_down: AtomicBool,
     shutdown_report: tokio::sync::OnceCell<ShutdownReport>,
-    bus: Bus<Message>,
-    /// Set once by [`Cluster::join`](crate::cluster::Cluster::join): topics and sends span
-    /// the cluster from then on.
-    cluster: OnceLock<Arc<ClusterCore>>,
+    /// The in-memory bus and mailboxes, always here (a cluster's transport wraps them).
+    local: Arc<LocalTransport>,
+    /// Where messages travel: `local` until [`Orchestrator::set_transport`] (a cluster).
+    transport: RwLock<Arc<dyn Transport>>,
+    /// Whether `transport` was replaced already.
+    replaced: AtomicBool,
 }
 
-impl OrchInner {
-    pub(crate) fn mailbox_of(&self, name: &str) -> Option<Channel<Message>> {
+impl Directory for OrchInner {
+    fn mailbox(&self, name: &str) -> Option<Channel<Message>> {
         self.by_name.read().get(name).map(|r| r.mailbox().clone())
     }
+}
 
-    pub(crate) fn cluster(&self) -> Option<&Arc<ClusterCore>> {
-        self.cluster.get()
+impl Keeper for OrchInner {
+    fn link(&self, mailbox: &Channel<Message>) -> Arc<dyn Link> {
+        self.transport.read().link(mailbox)
     }
 
-    /// Delivers `payload` to the mailbox of `to` (`name`, or `node/name` in a cluster),
-    /// waiting while it is full: on this node, or on the node the cluster registry names.
-    pub(crate) async fn send(
-        &self,
-        to: &str,
-        payload: Vec<u8>,
-        cancel: &CancellationToken,
-    ) -> Result<(), CallError> {
-        let cluster = self.cluster();
-        let (node, name) = match cluster {
-            Some(_) => split_address(to),
-            None => (None, to),
-        };
-        let here = |c: &Arc<ClusterCore>| node.is_none_or(|n| n == c.node);
-        if cluster.is_none_or(here) {
-            let Some(target) = self.mailbox_of(name) else {
-                if validate_routine_name(name).is_err() {
-                    return Err(CallError::InvalidName(to.to_string()));
-                }
-                // Not here: another node may run it.
-                if let (Some(c), None) = (cluster, node)
-                    && let Some(other) = pick(&c.registry.holders(name))
-                {
-                    return crate::cluster::rpc::send(c, &other, name, payload, cancel).await;
-                }
-                return Err(CallError::NoSuchRoutine(to.to_string()));
-            };
-            return queued(target.send_cancellable(Message::from(payload), cancel).await);
-        }
-        let (Some(c), Some(node)) = (cluster, node) else { unreachable!("handled above") };
-        if validate_routine_name(name).is_err() || validate_routine_name(node).is_err() {
-            return Err(CallError::InvalidName(to.to_string()));
-        }
-        crate::cluster::rpc::send(c, node, name, payload, cancel).await
-    }
-
-    /// Publishes `payload` on `topic` (created on first use), waiting while it is full: the
-    /// local bus, or in a cluster the topic's JetStream stream.
-    pub(crate) async fn publish(
-        &self,
-        topic: &str,
-        payload: Vec<u8>,
-        cancel: &CancellationToken,
-    ) -> Result<(), CallError> {
-        if let Some(c) = self.cluster() {
-            return crate::cluster::topics::publish(c, topic, payload, cancel).await;
-        }
-        let ch = self.topic(topic)?;
-        queued(ch.send_cancellable(Message::from(payload), cancel).await)
-    }
-
-    /// Messages queued on `topic` (in a cluster: as last refreshed from its stream).
-    pub(crate) fn topic_len(&self, topic: &str) -> usize {
-        match self.cluster() {
-            Some(c) => c.topics.stats().iter().find(|t| t.name == topic).map_or(0, |t| t.len),
-            None => self.bus.get(topic).map_or(0, |ch| ch.len()),
-        }
-    }
-
-    pub(crate) fn topic(&self, name: &str) -> Result<Channel<Message>, CallError> {
-        self.bus.topic(name, DEFAULT_TOPIC_CAPACITY).map_err(|e| match e {
-            BusError::InvalidName { name, .. } => CallError::InvalidName(name),
-            BusError::TooManyTopics { max } => CallError::Limit(format!("at most {max} topics")),
-        })
-    }
-
-    /// Adds `snap` to the bounded history of finished routines (and replaced versions).
-    pub(crate) fn record_history(&self, snap: Snapshot) {
+    fn record_history(&self, snap: Snapshot) {
         let mut h = self.history.lock();
         if h.len() >= self.history_cap {
             h.pop_front();
@@ -267,6 +215,12 @@ impl OrchInner {
         h.push_back(snap);
     }
 
+    fn retire(&self, shared: &Arc<RoutineShared>, state: State) {
+        OrchInner::retire(self, shared, state);
+    }
+}
+
+impl OrchInner {
     /// The routine has ended for good in `state`: closes its mailbox, moves it from the
     /// registry to the history, logs the end and wakes those waiting for it.
     pub(crate) fn retire(&self, shared: &Arc<RoutineShared>, state: State) {
@@ -284,13 +238,11 @@ impl OrchInner {
             let mut by_name = self.by_name.write();
             if by_name.get(shared.name()).is_some_and(|r| Arc::ptr_eq(r, shared)) {
                 by_name.remove(shared.name());
-                if let Some(c) = self.cluster() {
-                    c.registry.unregister(shared.name());
-                }
+                self.transport.read().unregister(shared.name());
             }
         }
         shared.set_state(state);
-        self.record_history(shared.snapshot());
+        Keeper::record_history(self, shared.snapshot());
         // The summaries of a restart storm's suppressed lines are due now.
         shared.log_limiter().flush(shared.name());
         let routine = escape(shared.name());
@@ -351,8 +303,10 @@ impl Orchestrator {
 
     /// An orchestrator whose routines share `bus` (for example one with another topic limit).
     pub fn with_bus(bus: Bus<Message>) -> Self {
-        Orchestrator {
-            inner: Arc::new(OrchInner {
+        let inner = Arc::new_cyclic(|me: &Weak<OrchInner>| {
+            let names: Weak<dyn Directory> = me.clone();
+            let local = Arc::new(LocalTransport::new(bus, names));
+            OrchInner {
                 next_id: AtomicU64::new(1),
                 routines: RwLock::new(HashMap::new()),
                 by_name: RwLock::new(HashMap::new()),
@@ -362,38 +316,46 @@ impl Orchestrator {
                 tracker: TaskTracker::new(),
                 shutting_down: AtomicBool::new(false),
                 shutdown_report: tokio::sync::OnceCell::new(),
-                bus,
-                cluster: OnceLock::new(),
-            }),
-        }
+                transport: RwLock::new(Arc::new(Local(local.clone()))),
+                local,
+                replaced: AtomicBool::new(false),
+            }
+        });
+        Orchestrator { inner }
     }
 
-    /// The bus shared by this orchestrator's routines (without a cluster; in a cluster the
-    /// topics are JetStream streams and this bus stays empty).
+    /// The in-memory bus of this orchestrator's routines (in a cluster, the topics are
+    /// JetStream streams and this bus stays empty).
     pub fn bus(&self) -> &Bus<Message> {
-        &self.inner.bus
-    }
-
-    /// The cluster this orchestrator joined, if any.
-    pub fn cluster(&self) -> Option<Cluster> {
-        self.inner.cluster.get().map(|c| Cluster::from_core(c.clone()))
+        self.inner.local.bus()
     }
 
     pub(crate) fn from_inner(inner: Arc<OrchInner>) -> Self {
         Orchestrator { inner }
     }
 
-    pub(crate) fn inner(&self) -> &Arc<OrchInner> {
-        &self.inner
-    }
-
     pub(crate) fn downgrade(&self) -> Weak<OrchInner> {
         Arc::downgrade(&self.inner)
     }
 
-    /// Attaches `core`; false if a cluster is attached already.
-    pub(crate) fn attach_cluster(&self, core: Arc<ClusterCore>) -> bool {
-        self.inner.cluster.set(core).is_ok()
+    /// Where this host's messages travel now.
+    pub(crate) fn transport(&self) -> Arc<dyn Transport> {
+        self.inner.transport.read().clone()
+    }
+
+    /// The in-memory transport (which a cluster's transport wraps).
+    pub(crate) fn local_transport(&self) -> Arc<LocalTransport> {
+        self.inner.local.clone()
+    }
+
+    /// Replaces the in-memory transport (joining a cluster); false if it was replaced
+    /// already. Runs started before keep their links until they end.
+    pub(crate) fn set_transport(&self, transport: Arc<dyn Transport>) -> bool {
+        if self.inner.replaced.swap(true, Relaxed) {
+            return false;
+        }
+        *self.inner.transport.write() = transport;
+        true
     }
 
     /// The number of live routines.
@@ -438,7 +400,7 @@ impl Orchestrator {
         component: &WasmComponent,
         wasm: WasmOptions,
     ) -> Result<RoutineHandle, SpawnError> {
-        wasm.check(component).map_err(SpawnError::Options)?;
+        wasm.check(component)?;
         self.spawn_work(opts, plugin, Arc::new(WasmWork::new(component, wasm)))
     }
 
@@ -453,10 +415,8 @@ impl Orchestrator {
         }
         validate_routine_name(&opts.name)
             .map_err(|reason| SpawnError::InvalidName { name: opts.name.clone(), reason })?;
-        let cluster = self.inner.cluster();
-        if let Some(node) =
-            cluster.and_then(|c| c.registry.conflict(&opts.name, opts.cluster_unique))
-        {
+        let transport = self.transport();
+        if let Some(node) = transport.clash(&opts.name, opts.cluster_unique) {
             return Err(SpawnError::NameTakenInCluster { name: opts.name, node });
         }
         let shared = {
@@ -465,7 +425,7 @@ impl Orchestrator {
                 return Err(SpawnError::NameTaken(opts.name));
             }
             let id = self.inner.next_id.fetch_add(1, Relaxed);
-            let shared = Arc::new(RoutineShared::new(id, &opts, plugin, work.version()));
+            let shared = Arc::new(RoutineShared::new(id, opts.settings(), plugin, work.version()));
             shared.set_counts_fuel(work.counts_fuel());
             by_name.insert(opts.name.clone(), shared.clone());
             if let Some(g) = shared.group() {
@@ -474,11 +434,9 @@ impl Orchestrator {
             self.inner.routines.write().insert(id, shared.clone());
             shared
         };
-        if let Some(c) = cluster {
-            c.registry.register(&opts.name, opts.cluster_unique);
-        }
-        let orch = self.inner.clone();
-        self.inner.tracker.spawn(drive(orch, shared.clone(), work));
+        transport.register(&opts.name, opts.cluster_unique);
+        let keeper: Arc<dyn Keeper> = self.inner.clone();
+        self.inner.tracker.spawn(drive(keeper, shared.clone(), work));
         Ok(RoutineHandle::new(shared))
     }
 
@@ -537,12 +495,9 @@ impl Orchestrator {
         self.inner.history.lock().iter().cloned().collect()
     }
 
-    /// Stats of every bus topic (in a cluster: of every cluster topic, from its stream).
+    /// Stats of every topic (in a cluster: of every cluster topic, from its stream).
     pub fn topics(&self) -> Vec<TopicStats> {
-        match self.inner.cluster() {
-            Some(c) => c.topics.stats(),
-            None => self.inner.bus.topics(),
-        }
+        self.transport().topics()
     }
 
     /// Asks every live routine to stop (each gets its grace period, then is killed).
@@ -572,21 +527,6 @@ impl Orchestrator {
     }
 }
 
-/// What a routine sees of a send to a local mailbox or topic.
-pub(crate) fn queued(r: Result<(), SendError<Message>>) -> Result<(), CallError> {
-    match r {
-        Ok(()) => Ok(()),
-        Err(SendError::Cancelled(_)) => Err(CallError::Cancelled),
-        Err(SendError::Closed(_) | SendError::Full(_)) => Err(CallError::Closed),
-    }
-}
-
-/// One of `nodes`, at random (spreads sends to a name several nodes run).
-fn pick(nodes: &[String]) -> Option<String> {
-    use rand::seq::IndexedRandom;
-    nodes.choose(&mut rand::rng()).cloned()
-}
-
 async fn shutdown_inner(inner: Arc<OrchInner>, timeout: Duration) -> ShutdownReport {
     let start = tokio::time::Instant::now();
     let deadline = start + timeout;
@@ -611,7 +551,7 @@ async fn shutdown_inner(inner: Arc<OrchInner>, timeout: Duration) -> ShutdownRep
             unstoppable.push(r.name().to_string());
         }
     }
-    inner.bus.close_all();
+    inner.transport.read().close();
     killed.retain(|n| !unstoppable.contains(n));
     killed.sort();
     unstoppable.sort();

@@ -7,7 +7,7 @@ use anyhow::Context;
 use hyper::{Method, StatusCode};
 
 use super::client::{Target, segment};
-use crate::plugin::status::about_file;
+use crate::plugin::about_file;
 use crate::plugin::{ReloadAction, ReloadReport};
 
 /// `gorch-host publish TOPIC [DATA]`.

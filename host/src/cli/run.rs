@@ -43,7 +43,7 @@ pub struct RunCmd {
     pub watch: bool,
     /// Up to this many live routines /metrics has per-routine series; beyond, per-plugin
     /// series only (bounded label cardinality; gorch_metrics_routine_series says which).
-    #[arg(long, default_value_t = crate::obs::metrics::DEFAULT_ROUTINE_LIMIT, value_name = "N")]
+    #[arg(long, default_value_t = crate::obs::DEFAULT_ROUTINE_LIMIT, value_name = "N")]
     pub metrics_routine_limit: usize,
     /// Exit non-zero at start if any plugin of the directory fails to load (or it has none):
     /// for deploy pipelines. Without it a bad plugin is reported (log, /readyz) and skipped.

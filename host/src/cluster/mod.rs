@@ -10,6 +10,9 @@
 //! - [`rpc`]: a mailbox send to a routine of another node, and a node's snapshots (for
 //!   `ps --cluster`), through NATS request/reply on `gorch.rpc.<node>.*`.
 //!
+//! - `link`: the cluster as the host's transport (the layer over the in-memory one that
+//!   every routine's context talks through).
+//!
 //! Without a cluster nothing here runs: the orchestrator keeps its in-memory bus and
 //! mailboxes. With one, a send or publish is never silently dropped: it succeeds, waits
 //! (backpressure), or fails with a [`CallError`] the caller sees.
@@ -25,13 +28,14 @@ use tokio_util::task::TaskTracker;
 use crate::Orchestrator;
 use crate::names::{NameError, validate_routine_name};
 use crate::orchestrator::OrchInner;
-use crate::routine::CallError;
+use crate::transport::CallError;
 
-pub(crate) mod registry;
-pub(crate) mod rpc;
-pub(crate) mod topics;
+mod link;
+mod registry;
+mod rpc;
+mod topics;
 
-pub(crate) use topics::RemoteMsg;
+use link::ClusterTransport;
 
 /// How often a node renews its lease.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -234,8 +238,11 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
-    pub(crate) fn from_core(core: Arc<ClusterCore>) -> Self {
-        Cluster { core }
+    /// The cluster `orch` joined, if any.
+    pub fn of(orch: &Orchestrator) -> Option<Cluster> {
+        let transport = orch.transport();
+        let joined = transport.as_any().downcast_ref::<ClusterTransport>()?;
+        Some(Cluster { core: joined.core.clone() })
     }
 
     /// Connects to NATS, claims the node name, loads the registry and attaches the cluster
@@ -264,7 +271,8 @@ impl Cluster {
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
         });
-        if !orch.attach_cluster(core.clone()) {
+        let transport = ClusterTransport::new(core.clone(), orch.local_transport());
+        if !orch.set_transport(Arc::new(transport)) {
             core.registry.release_node(&core.node_token).await;
             return Err(ClusterError::AlreadyJoined);
         }

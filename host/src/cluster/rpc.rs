@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ClusterCore, REMOTE_SEND_TIMEOUT, token};
 use crate::delivery::Message;
-use crate::routine::{CallError, Snapshot};
+use crate::routine::Snapshot;
+use crate::transport::CallError;
 
 const TO: &str = "Gorch-To";
 /// How long a node holds a send for a full mailbox before answering `full`.

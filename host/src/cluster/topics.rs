@@ -4,10 +4,10 @@
 //! consumer, `gorch`, shared by the consumers of every node: each message goes to one
 //! consumer.
 //!
-//! The delivery rule of [`crate::delivery`] maps onto JetStream: a message taken stays
-//! unacknowledged (in flight) until its consumer asks for the next one or returns (ack); a
-//! crash naks it (redelivered at once, to any node); after `max-deliveries` it goes to the
-//! cluster-wide `dead-letter` topic and is terminated. While a consumer works on a message
+//! The delivery rule of [`crate::delivery`] maps onto JetStream (the origin in `link`): a
+//! message taken stays unacknowledged (in flight) until its consumer asks for the next one
+//! or returns (ack); a crash naks it (redelivered at once, to any node); after
+//! `max-deliveries` it goes to the cluster-wide `dead-letter` topic and is terminated. While a consumer works on a message
 //! the host sends progress acks; if the host dies they stop and JetStream redelivers the
 //! message after the consumer's ack wait. Publishing waits for the stream's acknowledgement
 //! (the message is stored before `publish` returns), retries with the same message id across
@@ -31,7 +31,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::{ClusterCore, closed, token, untoken};
 use crate::bus::{DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY, TopicStats};
 use crate::names::validate_topic_name;
-use crate::routine::CallError;
+use crate::transport::{CallError, Limit};
 
 const STREAM_PREFIX: &str = "GORCH_T_";
 const CONSUMER: &str = "gorch";
@@ -65,7 +65,8 @@ impl Topics {
 /// A message taken from a cluster topic, in flight until acked, naked or terminated.
 pub(crate) struct RemoteDelivery {
     pub(crate) payload: Vec<u8>,
-    pub(crate) deliveries: u32,
+    /// How many times JetStream handed it out before this time.
+    pub(crate) delivered_before: u32,
     pub(crate) handle: RemoteMsg,
 }
 
@@ -139,7 +140,7 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
     }
     validate_topic_name(name).map_err(|_| CallError::InvalidName(name.to_string()))?;
     if core.topics.handles.lock().len() >= DEFAULT_MAX_TOPICS {
-        return Err(CallError::Limit(format!("at most {DEFAULT_MAX_TOPICS} topics")));
+        return Err(CallError::Limit(Limit::Topics { max: DEFAULT_MAX_TOPICS }));
     }
     let subject = format!("gorch.topic.{}", token(name));
     let config = stream::Config {
@@ -234,15 +235,12 @@ pub(crate) async fn publish(
     result
 }
 
-/// Takes the next message of the cluster topic `name` (`Ok(None)`: `timeout` passed). A
-/// message already delivered more than `max_deliveries` times (its consumer's host died
-/// with it) goes to `dead-letter` here, and the next one is taken.
+/// Takes the next message of the cluster topic `name` (`Ok(None)`: `timeout` passed).
 pub(crate) async fn recv(
     core: &Arc<ClusterCore>,
     name: &str,
     timeout: Option<Duration>,
     cancel: &CancellationToken,
-    max_deliveries: u32,
 ) -> Result<Option<RemoteDelivery>, CallError> {
     let t = topic(core, name).await?;
     let start = Instant::now();
@@ -271,21 +269,15 @@ pub(crate) async fn recv(
             }
             continue;
         };
-        let deliveries = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+        // JetStream numbers this delivery (1 for the first).
+        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
         let (msg, acker) = msg.split();
         let handle = remote_msg(core, acker);
-        if deliveries > max_deliveries {
-            let letter = crate::delivery::dead_letter_json(
-                "",
-                Some("its host died while processing it".into()),
-                &format!("topic:{name}"),
-                deliveries - 1,
-                &msg.payload,
-            );
-            handle.dead_letter(letter);
-            continue;
-        }
-        break Ok(Some(RemoteDelivery { payload: msg.payload.to_vec(), deliveries, handle }));
+        break Ok(Some(RemoteDelivery {
+            payload: msg.payload.to_vec(),
+            delivered_before: delivered - 1,
+            handle,
+        }));
     };
     t.blocked_recv_ns.fetch_add(start.elapsed().as_nanos() as u64, Relaxed);
     result

@@ -24,9 +24,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::json;
 
-use super::routes::ObsState;
+use super::state::ObsState;
 use crate::names::{validate_routine_name, validate_topic_name};
-use crate::routine::CallError;
+use crate::transport::CallError;
 
 /// How long a publish or send waits for room before answering 503.
 pub const INGRESS_WAIT: Duration = Duration::from_millis(500);
@@ -116,10 +116,12 @@ async fn publish(
     }
     // The body before the topic: a refused message must not leave a new topic behind.
     let payload = body(&s, req.into_body()).await?;
-    let orch = s.orch().inner();
+    let transport = s.orch().transport();
     let never = tokio_util::sync::CancellationToken::new();
-    match tokio::time::timeout(INGRESS_WAIT, orch.publish(&topic, payload, &never)).await {
-        Ok(Ok(())) => Ok(accepted(json!({ "topic": topic, "queueLen": orch.topic_len(&topic) }))),
+    match tokio::time::timeout(INGRESS_WAIT, transport.publish(&topic, payload, &never)).await {
+        Ok(Ok(())) => {
+            Ok(accepted(json!({ "topic": topic, "queueLen": transport.topic_len(&topic) })))
+        }
         Ok(Err(e)) => Err(refused(&format!("topic {topic:?}"), e)),
         Err(_) => Err(full(format!("topic {topic:?}"))),
     }
@@ -139,12 +141,17 @@ fn refused(what: &str, e: CallError) -> ApiError {
 }
 
 fn routine(s: &ObsState, name: &str) -> Result<crate::RoutineHandle, ApiError> {
-    if let Err(e) = validate_routine_name(name) {
-        return Err(error(StatusCode::BAD_REQUEST, format!("invalid routine name {name:?}: {e}")));
-    }
-    s.orch()
-        .get_by_name(name)
-        .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no routine named {name:?}")))
+    valid_routine_name(name)?;
+    s.orch().get_by_name(name).ok_or_else(|| no_routine(name))
+}
+
+fn valid_routine_name(name: &str) -> Result<(), ApiError> {
+    validate_routine_name(name)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid routine name {name:?}: {e}")))
+}
+
+fn no_routine(name: &str) -> ApiError {
+    error(StatusCode::NOT_FOUND, format!("no routine named {name:?}"))
 }
 
 async fn send(
@@ -152,14 +159,18 @@ async fn send(
     Path(name): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    // In a cluster the routine may run on another node (or be addressed as `node/name`).
-    let local = if s.orch().cluster().is_some() { None } else { Some(routine(&s, &name)?) };
+    // The transport says whether the name reaches a routine (in a cluster it may run on
+    // another node, or be addressed as `node/name`).
+    let transport = s.orch().transport();
+    if !transport.resolves(&name) {
+        valid_routine_name(&name)?;
+        return Err(no_routine(&name));
+    }
     let payload = body(&s, req.into_body()).await?;
     let never = tokio_util::sync::CancellationToken::new();
-    let orch = s.orch().inner();
-    match tokio::time::timeout(INGRESS_WAIT, orch.send(&name, payload, &never)).await {
+    match tokio::time::timeout(INGRESS_WAIT, transport.send(&name, payload, &never)).await {
         Ok(Ok(())) => {
-            let len = local.or_else(|| s.orch().get_by_name(&name)).map(|h| h.mailbox().len());
+            let len = s.orch().get_by_name(&name).map(|h| h.mailbox().len());
             Ok(accepted(json!({ "routine": name, "queueLen": len })))
         }
         Ok(Err(CallError::Closed)) => {

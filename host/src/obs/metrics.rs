@@ -429,8 +429,8 @@ fn visit(orch: &Orchestrator, routine_limit: usize, mut sink: impl FnMut(Series,
         f(Series::TopicBlockedPublish, &[topic], t.blocked_publish_seconds);
         f(Series::TopicBlockedRecv, &[topic], t.blocked_recv_seconds);
     }
-    if let Some(c) = orch.cluster() {
-        f(Series::ClusterNodes, &[], c.view().nodes.len() as f64);
+    if let Some(nodes) = orch.transport().nodes() {
+        f(Series::ClusterNodes, &[], nodes as f64);
     }
 }
 

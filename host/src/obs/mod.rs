@@ -3,10 +3,12 @@
 //! limit.
 //!
 //! - this module: [`ObsConfig`] and [`ObsServer`] (bind, accept, graceful close);
-//! - [`routes`]: the axum [`router`] (`/metrics`, the dashboard, the JSON API, health,
+//! - `state`: [`ObsState`], what the routes share;
+//! - `routes`: the axum [`router`] (`/metrics`, the dashboard, the JSON API, health,
 //!   readiness, the profile) and the token check;
-//! - [`control`]: the write routes (publish, send, restart, stop);
-//! - [`metrics`]: the `gorch_*` series, as Prometheus text or a `Collector`;
+//! - `control`: the write routes (publish, send, restart, stop, reload);
+//! - `metrics`: the `gorch_*` series, as Prometheus text ([`write_text`]) or a `Collector`
+//!   ([`GorchCollector`], [`registry`]);
 //! - `process`: the process's own figures (CPU, RSS, threads; `process_*` metrics);
 //! - `profile`: CPU profiles in pprof's format;
 //! - `dashboard.html`: the live dashboard, one self-contained page.
@@ -22,13 +24,20 @@ use tokio_util::task::TaskTracker;
 
 use crate::orchestrator::Orchestrator;
 
-pub mod control;
-pub mod metrics;
+mod control;
+mod metrics;
 mod process;
 mod profile;
-pub mod routes;
+mod routes;
+mod state;
 
-pub use routes::{BODY_LIMIT, MAX_PROFILE_SECONDS, ObsState, router};
+pub use control::INGRESS_WAIT;
+pub use metrics::{
+    DEFAULT_ROUTINE_LIMIT, GorchCollector, register, registry, render, render_with, write_text,
+    write_text_with,
+};
+pub use routes::{BODY_LIMIT, MAX_PROFILE_SECONDS, router};
+pub use state::ObsState;
 
 /// Default address of the observability server.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9090";

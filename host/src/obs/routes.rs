@@ -1,9 +1,8 @@
-//! The routes of the observability server and what they share ([`ObsState`]): `/metrics`,
-//! the dashboard, the JSON API, `/healthz` and `/readyz`, the CPU profile, and the bearer
-//! token check in front of all but `/healthz`.
+//! The routes of the observability server: `/metrics`, the dashboard, the JSON API,
+//! `/healthz` and `/readyz`, the CPU profile, and the bearer token check in front of all but
+//! `/healthz`. What they share is [`ObsState`] (`state`).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use axum::Router;
@@ -12,13 +11,13 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use prometheus::Registry;
 
 use super::ObsConfig;
 use super::profile::ProfileError;
-use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, Orchestrator};
-use crate::plugin::status::about_file;
-use crate::plugin::{LoadState, PluginBoard, Reloader};
+use super::state::ObsState;
+use crate::cluster::Cluster;
+use crate::plugin::LoadState;
+use crate::plugin::about_file;
 
 /// Largest request body of the read routes (the write routes of `control` take messages
 /// up to the message limit instead).
@@ -27,88 +26,6 @@ pub const BODY_LIMIT: usize = 16 * 1024;
 pub const MAX_PROFILE_SECONDS: u64 = 60;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
-
-/// What the routes share.
-#[derive(Clone)]
-pub struct ObsState {
-    orch: Orchestrator,
-    registry: Arc<Registry>,
-    ready: Arc<AtomicBool>,
-    token: Option<Arc<str>>,
-    plugins: PluginBoard,
-    message_limit: Arc<AtomicU64>,
-    reloader: Arc<std::sync::OnceLock<Reloader>>,
-    routine_limit: Arc<AtomicUsize>,
-    /// Whether the last scrape was past the routine limit (logged when it changes).
-    over_limit: Arc<AtomicBool>,
-}
-
-impl ObsState {
-    /// State for `orch`; `/metrics` serves its `gorch_*` metrics and the `process_*` ones.
-    pub fn new(orch: &Orchestrator, token: Option<String>) -> Self {
-        ObsState {
-            orch: orch.clone(),
-            registry: Arc::new(super::process::registry()),
-            ready: Arc::new(AtomicBool::new(false)),
-            token: token.map(Arc::from),
-            plugins: PluginBoard::new(),
-            message_limit: Arc::new(AtomicU64::new(DEFAULT_MESSAGE_BYTES)),
-            reloader: Arc::new(std::sync::OnceLock::new()),
-            routine_limit: Arc::new(AtomicUsize::new(super::metrics::DEFAULT_ROUTINE_LIMIT)),
-            over_limit: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    /// Up to `limit` live routines `/metrics` has per-routine series; beyond, per-plugin
-    /// series only (`--metrics-routine-limit`).
-    pub fn set_metrics_routine_limit(&self, limit: usize) {
-        self.routine_limit.store(limit, Relaxed);
-    }
-
-    /// Serves `POST /gorchestra/api/reload` with `reloader` (set once, after start-up).
-    pub fn set_reloader(&self, reloader: Reloader) {
-        let _ = self.reloader.set(reloader);
-    }
-
-    /// True once start-up is done (see [`set_ready`](Self::set_ready)).
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Relaxed)
-    }
-
-    /// The reloader of the plugin directory, once set.
-    pub fn reloader(&self) -> Option<&Reloader> {
-        self.reloader.get()
-    }
-
-    /// The orchestrator the routes show and steer.
-    pub fn orch(&self) -> &Orchestrator {
-        &self.orch
-    }
-
-    /// The largest message the write routes accept (default
-    /// [`DEFAULT_MESSAGE_BYTES`]); the CLI sets the largest `limits.message-bytes` of the
-    /// plugins.
-    pub fn set_message_limit(&self, bytes: u64) {
-        self.message_limit.store(bytes, Relaxed);
-    }
-
-    /// See [`set_message_limit`](Self::set_message_limit).
-    pub fn message_limit(&self) -> u64 {
-        self.message_limit.load(Relaxed)
-    }
-
-    /// Marks start-up done (or, with `false`, the host going away): `/readyz` answers 200
-    /// from now on unless a plugin failed.
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Relaxed);
-    }
-
-    /// The load status of the plugins, which `/readyz`, `/gorchestra/api/plugins` and the
-    /// dashboard show (empty for an embedder that loads no plugin directory).
-    pub fn plugins(&self) -> &PluginBoard {
-        &self.plugins
-    }
-}
 
 /// The router: every route of the HTTP contract (README, "Observability") that `config`
 /// turns on.
@@ -216,17 +133,17 @@ async fn readyz(AxState(s): AxState<ObsState>) -> impl IntoResponse {
     let starting = s.plugins.in_state(LoadState::Starting);
     let failed = s.plugins.in_state(LoadState::Failed);
     let up = s.ready.load(Relaxed);
-    let cluster = s.orch.cluster();
-    let linked = cluster.as_ref().is_none_or(|c| c.is_connected());
-    if up && failed.is_empty() && linked {
+    let problem = s.orch.transport().problem();
+    if up && failed.is_empty() && problem.is_none() {
         return (StatusCode::OK, "ready\n".to_string());
     }
     let mut body = String::new();
     if !up {
         body.push_str("starting\n");
     }
-    if let Some(c) = cluster.filter(|_| !linked) {
-        body.push_str(&format!("not connected to NATS at {} (reconnecting)\n", c.url()));
+    if let Some(p) = problem {
+        body.push_str(&p);
+        body.push('\n');
     }
     for p in &starting {
         body.push_str(&format!("starting: {}\n", p.file));
@@ -247,7 +164,7 @@ struct ClusterQuery {
 /// `GET /gorchestra/api/cluster`: the live nodes; with `?routines=true` each node's routine
 /// snapshots too (fetched from each node through NATS). 404 without a cluster.
 async fn cluster(AxState(s): AxState<ObsState>, Query(q): Query<ClusterQuery>) -> Response {
-    let Some(c) = s.orch.cluster() else {
+    let Some(c) = Cluster::of(&s.orch) else {
         return (
             StatusCode::NOT_FOUND,
             axum::Json(serde_json::json!({

@@ -438,7 +438,7 @@ pub struct PluginManifest {
     #[serde(deserialize_with = "queue_capacity")]
     pub queue_capacity: usize,
     /// Delivery attempts of one message before it goes to `dead-letter` (at least 1;
-    /// default [`DEFAULT_MAX_DELIVERIES`](crate::supervisor::policy::DEFAULT_MAX_DELIVERIES)).
+    /// default [`DEFAULT_MAX_DELIVERIES`](crate::defaults::DEFAULT_MAX_DELIVERIES)).
     #[serde(deserialize_with = "positive_u32")]
     pub max_deliveries: u32,
     /// Backoff between restarts.

@@ -116,7 +116,7 @@ impl std::fmt::Debug for Reloader {
 
 impl Reloader {
     /// A reloader for `dir`, taking the files of `scanned` (hashed now, before they are
-    /// loaded) as the running state. Call [`forget_failed`](Self::forget_failed) once they
+    /// loaded) as the running state. Call [`adopt`](Self::adopt) once they
     /// were started: a plugin that did not start is then new to the next reload.
     pub fn new(
         orch: &Orchestrator,

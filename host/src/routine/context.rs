@@ -9,34 +9,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::channel::{RecvError, SendError};
-use crate::delivery::{Message, Source};
+use crate::delivery::{InFlightSlot, Message, Origin};
 use crate::logguard::{Kind, escape};
-use crate::orchestrator::{OrchInner, queued};
 use crate::routine::shared::{RoutineShared, RunControl};
-
-/// Why a routine's host call did not complete; mirrors the WIT `error` variant.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CallError {
-    /// The routine is being stopped: return promptly.
-    #[error("cancelled")]
-    Cancelled,
-    /// The mailbox or topic is closed and empty.
-    #[error("closed")]
-    Closed,
-    /// No live routine has this name.
-    #[error("no such routine: {0}")]
-    NoSuchRoutine(String),
-    /// The payload is larger than the per-message limit (bytes).
-    #[error("payload too large (limit {0} bytes)")]
-    TooLarge(u64),
-    /// A host limit was reached.
-    #[error("limit reached: {0}")]
-    Limit(String),
-    /// The topic or routine name is not valid.
-    #[error("invalid name: {0}")]
-    InvalidName(String),
-}
+use crate::transport::{CallError, Link, Queue};
 
 /// What a running routine uses to talk to the host: heartbeat, accounting, cancellation,
 /// its mailbox, other routines' mailboxes and the bus. Native routines receive one; wasm
@@ -44,8 +20,9 @@ pub enum CallError {
 #[derive(Clone)]
 pub struct RoutineContext {
     pub(crate) shared: Arc<RoutineShared>,
-    pub(crate) orch: Arc<OrchInner>,
     pub(crate) run: Arc<RunControl>,
+    /// Where this run's messages travel.
+    pub(crate) link: Arc<dyn Link>,
 }
 
 impl fmt::Debug for RoutineContext {
@@ -102,35 +79,20 @@ impl RoutineContext {
     /// Receiving acknowledges the previous message; the one returned stays in flight until
     /// the next receive or a clean return (at-least-once: see the README's delivery rule).
     pub async fn recv(&self, timeout: Option<Duration>) -> Result<Option<Vec<u8>>, CallError> {
-        self.shared.in_flight().ack();
-        let r = self.shared.mailbox().recv_until(Some(&self.run.cancel), timeout).await;
-        self.took(r, || Source::Mailbox)
+        self.take_one(Queue::Mailbox, timeout).await
     }
 
     /// Delivers `payload` to the mailbox of the routine named `to`, waiting while it is full.
-    /// In a cluster, `to` may run on another node, and `node/name` names one node's routine.
-    pub async fn send(&self, to: &str, mut payload: Vec<u8>) -> Result<(), CallError> {
+    /// With `--nats`, `to` may run on another node, and `node/name` names one node's routine.
+    pub async fn send(&self, to: &str, payload: Vec<u8>) -> Result<(), CallError> {
         self.check_size(payload.len())?;
-        if self.orch.cluster().is_none()
-            && let Some(mailbox) = self.run.handles.mailbox(&self.orch, to)
-        {
-            match mailbox.send_cancellable(Message::from(payload), &self.run.cancel).await {
-                // Closed under us (the routine ended): the name may have a new routine.
-                Err(SendError::Closed(m)) => payload = m.payload,
-                r => return self.sent(queued(r)),
-            }
-        }
-        self.sent(self.orch.send(to, payload, &self.run.cancel).await)
+        self.sent(self.link.send(to, payload, &self.run.cancel).await)
     }
 
     /// Publishes `payload` on `topic` (created on first use), waiting while it is full.
     pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), CallError> {
         self.check_size(payload.len())?;
-        if self.orch.cluster().is_some() {
-            return self.sent(self.orch.publish(topic, payload, &self.run.cancel).await);
-        }
-        let (_, ch) = self.run.handles.topic(&self.orch, topic)?;
-        self.sent(queued(ch.send_cancellable(Message::from(payload), &self.run.cancel).await))
+        self.sent(self.link.publish(topic, payload, &self.run.cancel).await)
     }
 
     /// Next message on `topic` (created on first use); `Ok(None)` means the wait timed out.
@@ -140,20 +102,7 @@ impl RoutineContext {
         topic: &str,
         timeout: Option<Duration>,
     ) -> Result<Option<Vec<u8>>, CallError> {
-        if let Some(cluster) = self.orch.cluster() {
-            self.shared.in_flight().ack();
-            let max = self.shared.supervision().max_deliveries;
-            let r = crate::cluster::topics::recv(cluster, topic, timeout, &self.run.cancel, max);
-            let Some(d) = r.await? else { return Ok(None) };
-            self.shared.count_in();
-            let msg = Message { deliveries: d.deliveries - 1, ..Message::new(d.payload) };
-            let source = Source::Cluster(topic.to_string(), d.handle);
-            return Ok(Some(self.shared.in_flight().deliver(msg, source)));
-        }
-        let (name, ch) = self.run.handles.topic(&self.orch, topic)?;
-        self.shared.in_flight().ack();
-        let r = ch.recv_until(Some(&self.run.cancel), timeout).await;
-        self.took(r, || Source::Topic(name, ch.clone()))
+        self.take_one(Queue::Topic(topic), timeout).await
     }
 
     /// Up to `max` messages from this routine's mailbox (at least one is asked for): waits
@@ -168,31 +117,20 @@ impl RoutineContext {
         max: usize,
         timeout: Option<Duration>,
     ) -> Result<Vec<Vec<u8>>, CallError> {
-        self.shared.in_flight().ack();
-        let mut batch = Vec::new();
-        let mailbox = self.shared.mailbox();
-        let cancel = Some(&self.run.cancel);
-        let r = mailbox.recv_many_split(max, &mut batch, cancel, timeout, Message::alone).await;
-        self.took_batch(r, batch, || Source::Mailbox)
+        let batch = self.take(Queue::Mailbox, max.max(1), timeout, InFlightSlot::deliver).await;
+        batch.map(Option::unwrap_or_default)
     }
 
-    /// Up to `max` messages from `topic`, like [`recv_batch`](Self::recv_batch). A cluster
-    /// topic hands out one message per call.
+    /// Up to `max` messages from `topic`, like [`recv_batch`](Self::recv_batch). A topic
+    /// shared by several nodes (`--nats`) hands out one message per call.
     pub async fn bus_recv_batch(
         &self,
         topic: &str,
         max: usize,
         timeout: Option<Duration>,
     ) -> Result<Vec<Vec<u8>>, CallError> {
-        if self.orch.cluster().is_some() {
-            return Ok(self.bus_recv(topic, timeout).await?.into_iter().collect());
-        }
-        let (name, ch) = self.run.handles.topic(&self.orch, topic)?;
-        self.shared.in_flight().ack();
-        let mut batch = Vec::new();
-        let cancel = Some(&self.run.cancel);
-        let r = ch.recv_many_split(max, &mut batch, cancel, timeout, Message::alone).await;
-        self.took_batch(r, batch, || Source::Topic(name, ch.clone()))
+        let batch = self.take(Queue::Topic(topic), max.max(1), timeout, InFlightSlot::deliver);
+        batch.await.map(Option::unwrap_or_default)
     }
 
     /// Publishes each payload on `topic` in order, waiting while it is full. Nothing is
@@ -206,21 +144,9 @@ impl RoutineContext {
         for p in &payloads {
             self.check_size(p.len())?;
         }
-        if self.orch.cluster().is_some() {
-            for p in payloads {
-                self.publish(topic, p).await?;
-            }
-            return Ok(());
-        }
-        let (_, ch) = self.run.handles.topic(&self.orch, topic)?;
-        let mut left: std::collections::VecDeque<Message> =
-            payloads.into_iter().map(Message::from).collect();
-        let total = left.len();
-        let r = ch.send_many_cancellable(&mut left, &self.run.cancel).await;
-        // Those handed back or left over were not published.
-        let unsent = left.len() + usize::from(r.is_err());
-        self.shared.count_out_n((total - unsent) as u64);
-        queued(r)
+        let (published, r) = self.link.publish_batch(topic, payloads, &self.run.cancel).await;
+        self.shared.count_out_n(published as u64);
+        r
     }
 
     /// Writes a log line attributed to this routine. Control characters in `message` are
@@ -237,36 +163,49 @@ impl RoutineContext {
         Ok(())
     }
 
-    fn took(
+    /// One message of `queue` (see [`take`](Self::take)).
+    async fn take_one(
         &self,
-        r: Result<Message, RecvError>,
-        source: impl FnOnce() -> Source,
+        queue: Queue<'_>,
+        timeout: Option<Duration>,
     ) -> Result<Option<Vec<u8>>, CallError> {
-        match r {
-            Ok(m) => {
-                self.shared.count_in();
-                Ok(Some(self.shared.in_flight().deliver(m, source())))
-            }
-            Err(RecvError::Timeout) => Ok(None),
-            Err(RecvError::Cancelled) => Err(CallError::Cancelled),
-            Err(RecvError::Closed | RecvError::Empty) => Err(CallError::Closed),
-        }
+        self.take(queue, 1, timeout, InFlightSlot::deliver_one).await
     }
 
-    fn took_batch(
+    /// Acknowledges what is in flight, then receives up to `max` messages of `queue`
+    /// through the link and hands them to the delivery rule (`deliver`); `None` when the
+    /// wait timed out.
+    async fn take<R>(
         &self,
-        r: Result<usize, RecvError>,
-        mut batch: Vec<Message>,
-        source: impl FnOnce() -> Source,
-    ) -> Result<Vec<Vec<u8>>, CallError> {
-        match r {
-            Ok(n) => {
-                self.shared.count_in_n(n as u64);
-                Ok(self.shared.in_flight().deliver_batch(&mut batch, source()))
+        queue: Queue<'_>,
+        max: usize,
+        timeout: Option<Duration>,
+        deliver: impl Fn(&InFlightSlot, Vec<Message>, Arc<dyn Origin>, u32) -> Option<R>,
+    ) -> Result<Option<R>, CallError> {
+        let in_flight = self.shared.in_flight();
+        let max_deliveries = self.shared.supervision().max_deliveries;
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        loop {
+            let mut buf = in_flight.ack();
+            let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+            let r = self.link.recv(queue, max, left, &self.run.cancel, &mut buf).await;
+            let origin = match r {
+                Ok(Some(origin)) => origin,
+                Ok(None) => {
+                    in_flight.unused(buf);
+                    return Ok(None);
+                }
+                Err(e) => {
+                    in_flight.unused(buf);
+                    return Err(e);
+                }
+            };
+            let n = buf.len() as u64;
+            // `None`: a message whose deliveries were used up went to `dead-letter`.
+            if let Some(r) = deliver(in_flight, buf, origin, max_deliveries) {
+                self.shared.count_in_n(n);
+                return Ok(Some(r));
             }
-            Err(RecvError::Timeout) => Ok(Vec::new()),
-            Err(RecvError::Cancelled) => Err(CallError::Cancelled),
-            Err(RecvError::Closed | RecvError::Empty) => Err(CallError::Closed),
         }
     }
 

@@ -9,7 +9,6 @@ use crate::delivery::Message;
 use crate::routine::shared::RoutineShared;
 use crate::routine::snapshot::Snapshot;
 use crate::routine::state::{Health, State};
-use crate::wasm::{WasmComponent, WasmOptions, WasmWork};
 
 /// A handle to a spawned routine. Cheap to clone; does not keep the routine alive.
 #[derive(Clone)]
@@ -30,6 +29,10 @@ impl fmt::Debug for RoutineHandle {
 impl RoutineHandle {
     pub(crate) fn new(shared: Arc<RoutineShared>) -> Self {
         RoutineHandle { shared }
+    }
+    /// What the handle points at (the wasm runtime's live upgrade uses it).
+    pub(crate) fn shared(&self) -> &Arc<RoutineShared> {
+        &self.shared
     }
     /// Stable id.
     pub fn id(&self) -> u64 {
@@ -74,8 +77,8 @@ impl RoutineHandle {
     pub fn stop(&self) {
         self.shared.request_stop();
     }
-    /// Stops the routine for good with `reason` as its last error (a cluster-unique name
-    /// lost to another node).
+    /// Stops the routine for good with `reason` as its last error (its name was taken by
+    /// another owner).
     pub(crate) fn fail_and_stop(&self, reason: String) {
         self.shared.set_last_error(Some(reason));
         self.shared.request_stop();
@@ -86,26 +89,6 @@ impl RoutineHandle {
     /// `BACKOFF` starts at once.
     pub fn restart(&self) {
         self.shared.request_restart();
-    }
-    /// Replaces the routine's code with `component` (live upgrade) and waits until the new
-    /// version runs: the current run is stopped on request (`cancelled`, its grace period,
-    /// then the kill), and the new instance starts under the same name, with the same
-    /// mailbox; queued messages stay queued and the in-flight one is delivered again first.
-    /// Not a failure: no backoff, no intensity count. When both versions export
-    /// `gorch:worker/upgrade`, the old one's `save` is handed to the new one's `restore`; if
-    /// that fails, the old version is started again with its state and the error is
-    /// returned. The old version's last run is kept in the history.
-    pub async fn upgrade(
-        &self,
-        component: &WasmComponent,
-        wasm: WasmOptions,
-    ) -> Result<(), String> {
-        wasm.check(component)?;
-        let seq = self.shared.request_upgrade(Arc::new(WasmWork::new(component, wasm)));
-        tokio::select! {
-            r = self.shared.upgrade().wait(seq) => r,
-            s = self.shared.wait() => Err(format!("the routine ended ({s}) before the upgrade")),
-        }
     }
     /// Live upgrades so far.
     pub fn upgrades(&self) -> u64 {

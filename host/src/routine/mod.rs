@@ -6,8 +6,8 @@
 //! - [`snapshot`]: the point-in-time [`Snapshot`] (the JSON API's routine object) and the
 //!   stats table;
 //! - `handle`: [`RoutineHandle`], what a spawner keeps;
-//! - `context`: [`RoutineContext`], what a running routine uses to talk to the host;
-//! - `handles`: the topics and mailboxes a run uses, cached by name;
+//! - `context`: [`RoutineContext`], what a running routine uses to talk to the host (its
+//!   messages go through the run's transport link, `transport::Link`);
 //! - `work`: the `Work` trait that native closures and wasm components implement;
 //! - `upgrade`: the state of live upgrades (pending code, state hand-over, rollback).
 //!
@@ -16,17 +16,16 @@
 
 mod context;
 mod handle;
-pub(crate) mod handles;
-pub(crate) mod shared;
-pub mod snapshot;
-pub mod state;
-pub(crate) mod upgrade;
-pub(crate) mod work;
+mod shared;
+mod snapshot;
+mod state;
+mod upgrade;
+mod work;
 
+pub use context::RoutineContext;
 pub(crate) use context::log_line;
-pub use context::{CallError, RoutineContext};
 pub use handle::RoutineHandle;
-pub(crate) use shared::{PluginSums, RoutineShared, RunControl};
+pub(crate) use shared::{PluginSums, RoutineShared, RunControl, Settings};
 pub use snapshot::{Snapshot, write_stats_table};
 pub use state::{Health, State};
-pub(crate) use work::{Outcome, Work};
+pub(crate) use work::{NativeWork, Outcome, Work};

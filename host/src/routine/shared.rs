@@ -15,8 +15,6 @@ use crate::channel::Channel;
 use crate::clock::{nanos, now_nanos};
 use crate::delivery::{InFlightSlot, Message};
 use crate::logguard::LogLimiter;
-use crate::orchestrator::SpawnOptions;
-use crate::routine::handles::Handles;
 use crate::routine::snapshot::Snapshot;
 use crate::routine::state::{Health, State};
 use crate::routine::upgrade::UpgradeSlot;
@@ -36,8 +34,6 @@ pub(crate) struct RunControl {
     pub group_restart: AtomicBool,
     /// The run was ended by a restart request (`RoutineHandle::restart`, the HTTP route).
     pub restart_requested: AtomicBool,
-    /// The topics and mailboxes this run has used.
-    pub handles: Handles,
 }
 
 impl RunControl {
@@ -48,9 +44,26 @@ impl RunControl {
             idle_timed_out: AtomicBool::new(false),
             group_restart: AtomicBool::new(false),
             restart_requested: AtomicBool::new(false),
-            handles: Handles::default(),
         }
     }
+}
+
+/// What a routine is given at spawn and keeps for its whole life.
+pub(crate) struct Settings {
+    /// Unique name on this host.
+    pub name: String,
+    /// Mailbox capacity.
+    pub queue_capacity: usize,
+    /// Idle watchdog (`None` or zero: off).
+    pub idle_timeout: Option<Duration>,
+    /// Time between a stop request and the kill.
+    pub grace: Duration,
+    /// Largest payload it may send or publish.
+    pub message_bytes: u64,
+    /// Restart policy, backoff, intensity, `max-deliveries`.
+    pub supervision: Supervision,
+    /// The group it belongs to.
+    pub group: Option<Arc<GroupInner>>,
 }
 
 /// See the module documentation.
@@ -99,10 +112,10 @@ pub(crate) struct RoutineShared {
 }
 
 impl RoutineShared {
-    pub fn new(id: u64, opts: &SpawnOptions, plugin: String, version: String) -> Self {
+    pub fn new(id: u64, opts: Settings, plugin: String, version: String) -> Self {
         RoutineShared {
             id,
-            name: opts.name.clone(),
+            name: opts.name,
             plugin,
             state: AtomicU8::new(State::Init as u8),
             restarts: AtomicU64::new(0),
@@ -119,8 +132,8 @@ impl RoutineShared {
             grace: opts.grace,
             message_bytes: opts.message_bytes,
             mailbox: Channel::new(opts.queue_capacity),
-            supervision: opts.supervision.clone(),
-            group: opts.group.as_ref().map(|g| g.inner.clone()),
+            supervision: opts.supervision,
+            group: opts.group,
             current_run: Mutex::new(None),
             in_flight: InFlightSlot::default(),
             log_limiter: LogLimiter::default(),
@@ -368,10 +381,6 @@ impl RoutineShared {
 
     pub fn set_memory(&self, bytes: u64) {
         self.memory_bytes.store(bytes, Relaxed);
-    }
-
-    pub fn count_in(&self) {
-        self.messages_in.fetch_add(1, Relaxed);
     }
 
     pub fn count_in_n(&self, n: u64) {

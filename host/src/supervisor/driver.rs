@@ -10,23 +10,39 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::channel::Channel;
 use crate::clock::{nanos, round_ms};
-use crate::delivery;
+use crate::delivery::{self, Message, Settled};
 use crate::logguard::{Kind, escape};
-use crate::orchestrator::OrchInner;
-use crate::routine::{Outcome, RoutineContext, RoutineShared, RunControl, State, Work};
+use crate::routine::{Outcome, RoutineContext, RoutineShared, RunControl, Snapshot, State, Work};
 use crate::supervisor::group::GroupInner;
 use crate::supervisor::policy::RestartWindow;
+use crate::transport::Link;
 
 /// How long after the kill signal a wasm instance gets to reach an epoch check before its
 /// future is dropped (it may be blocked in a host call that does not watch cancellation).
 pub(crate) const KILL_WAIT: Duration = Duration::from_millis(100);
 
+/// What the driver is handed by whoever keeps the routines (the orchestrator): where a
+/// run's messages travel, and where a routine's past goes.
+pub(crate) trait Keeper: Send + Sync {
+    /// The transport link of a run of the routine whose mailbox is `mailbox`.
+    fn link(&self, mailbox: &Channel<Message>) -> Arc<dyn Link>;
+    /// Keeps `snap` in the history of finished runs and routines.
+    fn record_history(&self, snap: Snapshot);
+    /// The routine has ended for good in `state`: it leaves the registry.
+    fn retire(&self, shared: &Arc<RoutineShared>, state: State);
+}
+
 /// The routine's task: runs the work, restarts it as its supervision says, and records the
 /// end. The routine's id, name and mailbox stay across runs.
-pub(crate) async fn drive(orch: Arc<OrchInner>, shared: Arc<RoutineShared>, work: Arc<dyn Work>) {
+pub(crate) async fn drive(
+    keeper: Arc<dyn Keeper>,
+    shared: Arc<RoutineShared>,
+    work: Arc<dyn Work>,
+) {
     // Make sure the routine is finalized even if this task is aborted.
-    let mut guard = FinishGuard { orch: orch.clone(), shared: shared.clone(), armed: true };
+    let mut guard = FinishGuard { keeper: keeper.clone(), shared: shared.clone(), armed: true };
     let mut restarts = Restarts::default();
     let mut work = work;
     let mut last = State::Init;
@@ -35,14 +51,15 @@ pub(crate) async fn drive(orch: Arc<OrchInner>, shared: Arc<RoutineShared>, work
         // failed one (the new version's `restore` refused the state) swaps it back.
         rollback(&shared, &mut work);
         if shared.upgrade_pending() {
-            upgrade(&orch, &shared, last, &mut work);
+            upgrade(&*keeper, &shared, last, &mut work);
         }
         let run = shared.begin_run();
         if !work.stateful() {
             // Nothing to restore: an upgrade to this code has succeeded by starting it.
             shared.upgrade().settle(Ok(()));
         }
-        let ctx = RoutineContext { shared: shared.clone(), orch: orch.clone(), run: run.clone() };
+        let link = keeper.link(shared.mailbox());
+        let ctx = RoutineContext { shared: shared.clone(), run: run.clone(), link };
         // tokio's clock, so that paused-time tests see real backoff and windows.
         let started = tokio::time::Instant::now();
         let state = run_once(&shared, &run, ctx, &*work).await;
@@ -51,7 +68,12 @@ pub(crate) async fn drive(orch: Arc<OrchInner>, shared: Arc<RoutineShared>, work
         last = state;
         shared.count_termination(state);
         let clean = state == State::Stopped && !run.cancel.is_cancelled();
-        delivery::settle(&orch, &shared, clean);
+        let max = shared.supervision().max_deliveries;
+        let settled =
+            delivery::settle(shared.in_flight(), shared.name(), shared.last_error(), max, clean);
+        if settled == Settled::DeadLettered {
+            shared.count_dead_letter();
+        }
         let delay = match next_step(&shared, &run, state, started, &mut restarts) {
             Step::End(state) => break state,
             Step::Restart(delay) => delay,
@@ -63,7 +85,7 @@ pub(crate) async fn drive(orch: Arc<OrchInner>, shared: Arc<RoutineShared>, work
         shared.count_restart();
     };
     guard.armed = false;
-    orch.retire(&shared, state);
+    keeper.retire(&shared, state);
 }
 
 /// The restart history of one routine: the backoff attempt and the intensity window.
@@ -82,13 +104,13 @@ enum Step {
 
 /// Swaps in the upgrade's code; the old version's last run (which ended in `state`) goes
 /// to the history, marked.
-fn upgrade(orch: &OrchInner, shared: &RoutineShared, state: State, work: &mut Arc<dyn Work>) {
+fn upgrade(keeper: &dyn Keeper, shared: &RoutineShared, state: State, work: &mut Arc<dyn Work>) {
     let old = shared.version();
     let mut snap = shared.snapshot();
     let Some(new) = shared.upgrade().swap_in(work) else { return };
     snap.state = state;
     snap.last_error = Some(format!("upgraded to version {}", new.version()));
-    orch.record_history(snap);
+    keeper.record_history(snap);
     tracing::info!(
         routine = %escape(shared.name()),
         "upgrading from version {old} to {}",
@@ -345,7 +367,7 @@ impl<F: Future + Unpin> Future for Timed<'_, F> {
 
 /// Finalizes the routine if its task is aborted (at the shutdown bound) before it ended.
 struct FinishGuard {
-    orch: Arc<OrchInner>,
+    keeper: Arc<dyn Keeper>,
     shared: Arc<RoutineShared>,
     armed: bool,
 }
@@ -354,7 +376,7 @@ impl Drop for FinishGuard {
     fn drop(&mut self) {
         if self.armed {
             self.shared.set_last_error(Some("aborted: could not be stopped in time".into()));
-            self.orch.retire(&self.shared, State::Stopped);
+            self.keeper.retire(&self.shared, State::Stopped);
         }
     }
 }

@@ -17,16 +17,19 @@
 //! after it; members restart in start order. The group's intensity limit counts the
 //! restarts of all its members; past it, the whole group ends (`FAILED`).
 //!
-//! - [`policy`]: the settings ([`RestartPolicy`], [`Backoff`], [`Intensity`],
+//! - `policy`: the settings ([`RestartPolicy`], [`Backoff`], [`Intensity`],
 //!   [`Supervision`]) and the sliding restart window;
-//! - [`group`]: [`Strategy`] and [`Group`];
+//! - `group`: [`Strategy`] and [`Group`];
 //! - `driver`: the task that runs a routine: the restart loop, the idle watchdog, the grace
 //!   period and the kill.
 
 pub(crate) mod driver;
-pub mod group;
-pub mod policy;
+mod group;
+mod policy;
 
 pub(crate) use group::GroupInner;
 pub use group::{Group, Strategy};
-pub use policy::{Backoff, Intensity, PolicyError, RestartPolicy, Supervision};
+pub use policy::{
+    Backoff, DEFAULT_MAX_DELIVERIES, Intensity, MAX_POLICY_DURATION, PolicyError, RestartPolicy,
+    Supervision,
+};

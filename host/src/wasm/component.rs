@@ -11,7 +11,7 @@ use wasmtime::component::{Component, types::ComponentItem};
 use super::cache::CacheStatus;
 use super::engine::{EngineInner, Flavor, WasmEngine};
 use super::host;
-use super::instance::{HostState, Metering};
+use super::store::{HostState, Metering};
 use crate::fsread::{self, ReadError};
 
 /// Why a component could not be loaded. Every variant names the file.

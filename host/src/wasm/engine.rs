@@ -17,7 +17,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::cache::CompileCache;
 use super::host;
-use super::instance::{HostState, Metering};
+use super::store::{HostState, Metering};
 
 /// Default epoch tick: the time slice of a CPU-bound guest, and the resolution of kills.
 pub const DEFAULT_EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -180,7 +180,7 @@ impl Drop for EngineInner {
 /// # async fn demo() -> anyhow::Result<()> {
 /// use gorch_host::{Orchestrator, SpawnOptions, WasmEngine, WasmOptions};
 /// let engine = WasmEngine::new(Default::default())?;
-/// let ticker = engine.load_file("examples/plugins/ticker.wasm")?;
+/// let ticker = engine.load_file("plugins/ticker.wasm")?;
 /// let orch = Orchestrator::new();
 /// let h = orch.spawn_wasm(SpawnOptions::new("ticker"), &ticker, WasmOptions::default())?;
 /// h.stop();

@@ -8,8 +8,8 @@ use std::time::Duration;
 use wasmtime::Engine;
 use wasmtime::component::{HasSelf, Linker};
 
-use super::instance::HostState;
-use crate::routine::CallError;
+use super::store::HostState;
+use crate::transport::CallError;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -57,7 +57,7 @@ fn wit_error(e: CallError) -> types::Error {
         CallError::Closed => types::Error::Closed,
         CallError::NoSuchRoutine(n) => types::Error::NoSuchRoutine(n),
         CallError::TooLarge(n) => types::Error::TooLarge(n),
-        CallError::Limit(l) => types::Error::Limit(l),
+        CallError::Limit(l) => types::Error::Limit(l.to_string()),
         CallError::InvalidName(n) => types::Error::InvalidName(n),
     }
 }

@@ -9,13 +9,13 @@ use std::sync::atomic::Ordering::Relaxed;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
-use wasmtime::component::ResourceTable;
 use wasmtime::{CallHook, ResourceLimiter, Store, Trap, UpdateDeadline, WasmBacktrace};
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::WasiCtxBuilder;
 
 use super::component::{ComponentInner, Kind, WasmComponent};
 use super::host;
 use super::stdio::GuestOutput;
+use super::store::{HostState, Metering};
 use crate::logguard::escape;
 use crate::routine::{Outcome, RoutineContext, RoutineShared, Work};
 
@@ -24,40 +24,6 @@ pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
 /// Fuel between two forced write-backs of the fuel counter (a yield point): bounds how
 /// much of a killed instance's fuel can go unrecorded, at a negligible cost.
 pub const FUEL_YIELD_INTERVAL: u64 = 1_000_000;
-
-/// How a wasm routine's work is accounted for (manifest `limits.metering`).
-///
-/// Both kinds time every poll of the instance (`busySeconds`) and use epoch interruption
-/// (time slices, kills, even of a guest in `loop {}`). They differ in the compiled code:
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Metering {
-    /// Fuel instrumentation (the default): `fuelConsumed` counts every fuel unit, and
-    /// `limits.fuel` can bound a run. Costs 1.6–2.4× on compute-bound code (`BENCHMARKS.md`, P5).
-    #[default]
-    Fuel,
-    /// No fuel instrumentation: the component runs on a second engine, compiled without it
-    /// (created on first use, sharing the compile cache). `fuelConsumed` is absent and a fuel
-    /// limit cannot be set; busy time, slices and kills work as with fuel. Epochs alone
-    /// cost 1.0–1.6× there.
-    Time,
-}
-
-impl Metering {
-    /// `fuel` or `time`, as in manifests.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Metering::Fuel => "fuel",
-            Metering::Time => "time",
-        }
-    }
-}
-
-impl std::fmt::Display for Metering {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Per-instance settings of a wasm routine (the `[limits]` and `[wasi]` manifest tables).
 #[derive(Debug, Clone)]
@@ -113,25 +79,44 @@ impl WasmOptions {
 
     /// Why these options cannot run `component`, if they cannot: a metering other than the
     /// one it was compiled for, or a fuel limit without fuel metering.
-    pub fn check(&self, component: &WasmComponent) -> Result<(), String> {
+    pub fn check(&self, component: &WasmComponent) -> Result<(), OptionsError> {
         if self.metering != component.metering() {
-            return Err(format!(
-                "{} was loaded for {} metering but the options ask for {}: load it with \
-                 WasmEngine::load_file_metered(path, Metering::{:?})",
-                component.path().display(),
-                component.metering(),
-                self.metering,
-                self.metering
-            ));
+            return Err(OptionsError::Metering {
+                path: component.path().to_path_buf(),
+                loaded: component.metering(),
+                asked: self.metering,
+            });
         }
         if self.metering == Metering::Time && self.fuel > 0 {
-            return Err(format!(
-                "a fuel limit ({}) needs fuel metering, not {}",
-                self.fuel, self.metering
-            ));
+            return Err(OptionsError::FuelWithoutFuelMetering { fuel: self.fuel });
         }
         Ok(())
     }
+}
+
+/// Why [`WasmOptions`] cannot run a component ([`WasmOptions::check`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionsError {
+    /// The component was compiled for another metering than the options ask for.
+    #[error(
+        "{} was loaded for {loaded} metering but the options ask for {asked}: load it with \
+         WasmEngine::load_file_metered(path, Metering::{asked:?})",
+        path.display()
+    )]
+    Metering {
+        /// The component's file.
+        path: std::path::PathBuf,
+        /// The metering it was compiled for.
+        loaded: Metering,
+        /// The metering the options ask for.
+        asked: Metering,
+    },
+    /// A fuel limit was set with `metering = "time"`.
+    #[error("a fuel limit ({fuel}) needs fuel metering, not time")]
+    FuelWithoutFuelMetering {
+        /// The limit asked for.
+        fuel: u64,
+    },
 }
 
 /// A wasm component as a routine's work: one fresh instance per run.
@@ -161,48 +146,6 @@ impl Work for WasmWork {
     }
     fn counts_fuel(&self) -> bool {
         self.component.metering() == Metering::Fuel
-    }
-}
-
-/// The data of one instance's `Store`.
-pub(crate) struct HostState {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    pub(super) ctx: RoutineContext,
-    memory_limit: u64,
-    memory_used: u64,
-}
-
-impl WasiView for HostState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
-    }
-}
-
-impl ResourceLimiter for HostState {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        let grown = self.memory_used + (desired - current) as u64;
-        if grown > self.memory_limit {
-            tracing::debug!(routine = %self.ctx.name(), "memory limit reached: {grown} bytes");
-            return Ok(false);
-        }
-        self.memory_used = grown;
-        self.ctx.shared.set_memory(grown);
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1_000_000)
     }
 }
 
@@ -278,13 +221,7 @@ fn new_store(
         .allow_udp(false)
         .allow_ip_name_lookup(false)
         .build();
-    let state = HostState {
-        wasi,
-        table: ResourceTable::new(),
-        ctx,
-        memory_limit: opts.memory,
-        memory_used: 0,
-    };
+    let state = HostState::new(wasi, ctx, opts.memory);
     let mut store = Store::new(&comp.flavor.engine, state);
     store.limiter(|s| s as &mut dyn ResourceLimiter);
     let fuel = FuelBase {

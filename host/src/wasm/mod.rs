@@ -1,22 +1,28 @@
 //! The wasm runtime, by concept (as wasmtime's own `runtime/component/` is split):
 //!
-//! - [`engine`]: one [`WasmEngine`]: wasmtime with fuel metering and epoch interruption, the
+//! - `engine`: one [`WasmEngine`]: wasmtime with fuel metering and epoch interruption, the
 //!   pooling allocator, the epoch ticker thread, and the linker; a second wasmtime engine
 //!   without fuel instrumentation, created on demand for [`Metering::Time`];
-//! - [`component`]: loading a file into a [`WasmComponent`] (compile or cache, world check);
-//! - [`instance`]: one `Store` per run: [`WasmOptions`], the sandbox, fuel and the kill;
+//! - `component`: loading a file into a [`WasmComponent`] (compile or cache, world check);
+//! - `store`: the data of a `Store` (the WASI context, the routine's context, the memory
+//!   limiter) and [`Metering`];
+//! - `instance`: one `Store` per run: [`WasmOptions`], the sandbox, fuel and the kill;
+//! - `upgrade`: [`RoutineHandle::upgrade`](crate::RoutineHandle::upgrade), live upgrade to
+//!   another component;
 //! - `host`: the WIT bindings and the host side of the `gorch:worker` imports;
 //! - `stdio`: a guest's stdout and stderr as log lines;
-//! - [`cache`]: the on-disk cache of compiled components.
+//! - `cache`: the on-disk cache of compiled components.
 //!
 //! Spawning a component as a routine is [`Orchestrator::spawn_wasm`](crate::Orchestrator::spawn_wasm).
 
-pub mod cache;
-pub mod component;
-pub mod engine;
+mod cache;
+mod component;
+mod engine;
 mod host;
-pub mod instance;
+mod instance;
 mod stdio;
+mod store;
+mod upgrade;
 
 pub use cache::{CacheStatus, CompileCache};
 pub use component::{LoadError, WasmComponent};
@@ -25,4 +31,6 @@ pub use engine::{
     DEFAULT_MEMORY_RESERVATION, DEFAULT_POOL_SIZE, EngineConfig, EngineError, WasmEngine,
 };
 pub(crate) use instance::WasmWork;
-pub use instance::{DEFAULT_MEMORY_LIMIT, FUEL_YIELD_INTERVAL, Metering, WasmOptions};
+pub use instance::{DEFAULT_MEMORY_LIMIT, FUEL_YIELD_INTERVAL, OptionsError, WasmOptions};
+pub use store::Metering;
+pub use upgrade::UpgradeError;

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use gorch_host::wasm::{CacheStatus, CompileCache};
+use gorch_host::{CacheStatus, CompileCache};
 use gorch_host::{EngineConfig, Orchestrator, SpawnOptions, State, WasmEngine, WasmOptions};
 
 use crate::common::*;

@@ -187,7 +187,7 @@ fn a_message_that_keeps_crashing_its_consumer_goes_to_the_cluster_dead_letter_to
                 loop {
                     let Some(m) = ctx.bus_recv("tasks", None).await? else { continue };
                     if m == b"poison" {
-                        return Err(CallError::Limit("poisoned".into()));
+                        return Err(CallError::InvalidName("poisoned".into()));
                     }
                     d.lock().push(String::from_utf8_lossy(&m).into_owned());
                 }

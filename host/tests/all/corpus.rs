@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use gorch_host::bus::DEFAULT_TOPIC_CAPACITY;
+use gorch_host::defaults::DEFAULT_TOPIC_CAPACITY;
 use gorch_host::plugin::{LoadState, PluginBoard, PluginStatus, start_plugins};
 use gorch_host::{Message, Orchestrator, PluginDir, Snapshot, State};
 use tokio_util::sync::CancellationToken;

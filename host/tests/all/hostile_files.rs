@@ -145,7 +145,7 @@ fn an_oversized_manifest_is_refused() {
     std::fs::copy(gorch_artifacts::path("echo"), dir.path().join("big.wasm")).unwrap();
     let big = dir.path().join("big.toml");
     // Valid TOML (a comment), but over the limit.
-    let mut text = vec![b'#'; (gorch_host::plugin::dir::MAX_MANIFEST_BYTES + 1) as usize];
+    let mut text = vec![b'#'; (gorch_host::plugin::MAX_MANIFEST_BYTES + 1) as usize];
     text.push(b'\n');
     std::fs::write(&big, text).unwrap();
     let (errors, _) = start_dir(dir.path().to_path_buf());
@@ -196,5 +196,5 @@ fn load_file_refuses_a_file_over_the_limit() {
     assert!(message.contains("max_component_bytes"), "says how to raise it: {message}");
     engine_with(size).load_file(&echo).expect("exactly at the limit loads");
     assert_eq!(EngineConfig::default().max_component_bytes, 256 << 20);
-    assert_eq!(gorch_host::wasm::engine::DEFAULT_MAX_COMPONENT_BYTES, 256 << 20);
+    assert_eq!(gorch_host::defaults::DEFAULT_MAX_COMPONENT_BYTES, 256 << 20);
 }

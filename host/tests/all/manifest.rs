@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use gorch_host::defaults::MAX_POLICY_DURATION;
 use gorch_host::plugin::ByteSize;
-use gorch_host::supervisor::policy::MAX_POLICY_DURATION;
 use gorch_host::{Backoff, Metering, PluginManifest, RestartPolicy};
 
 fn dir(kind: &str) -> PathBuf {
@@ -222,7 +222,7 @@ fn sizes_take_tebibytes_and_show_their_unit() {
 
 #[test]
 fn names_reject_bidi_invisible_and_slash() {
-    use gorch_host::names::{NameError, validate_routine_name, validate_topic_name};
+    use gorch_host::{NameError, validate_routine_name, validate_topic_name};
     for (name, want) in [
         ("evil\u{202E}gnp.exe", NameError::Bidi('\u{202E}')),
         ("a\u{2066}b", NameError::Bidi('\u{2066}')),
@@ -272,7 +272,7 @@ fn the_instances_of_a_directory_are_bounded_in_all() {
 
 #[test]
 fn warnings_name_legal_but_useless_limits() {
-    use gorch_host::wasm::EngineConfig;
+    use gorch_host::EngineConfig;
     let m = PluginManifest::from_str(
         Path::new("x.toml"),
         "[limits]\nmemory = \"1GiB\"\nmessage-bytes = \"2GiB\"\n",

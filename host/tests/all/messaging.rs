@@ -89,11 +89,11 @@ fn a_flooding_guest_gets_errors_and_the_host_stays_small() {
         orch.bus().remove("doomed");
         assert_eq!(wait_end(&errs, Duration::from_secs(20)).await, State::Failed);
         assert!(last_error(&orch, "errs").contains(" limit@"), "{}", last_error(&orch, "errs"));
-        assert_eq!(orch.bus().len(), gorch_host::bus::DEFAULT_MAX_TOPICS);
+        assert_eq!(orch.bus().len(), gorch_host::defaults::DEFAULT_MAX_TOPICS);
         let t = orch.bus().topic("flood", 1).unwrap();
         assert!(
             wait_until(Duration::from_secs(10), || t.len()
-                == gorch_host::bus::DEFAULT_TOPIC_CAPACITY)
+                == gorch_host::defaults::DEFAULT_TOPIC_CAPACITY)
             .await
         );
         assert_eq!(flood.state(), State::Running, "blocked in publish, not failed");
@@ -101,7 +101,7 @@ fn a_flooding_guest_gets_errors_and_the_host_stays_small() {
         // messages, and it stays there while the guest keeps trying.
         let held = || orch.topics().iter().map(|t| t.bytes).sum::<usize>();
         assert!(
-            held() <= gorch_host::bus::DEFAULT_TOPIC_CAPACITY * 1024 + 2 * 1024 * 1024,
+            held() <= gorch_host::defaults::DEFAULT_TOPIC_CAPACITY * 1024 + 2 * 1024 * 1024,
             "{}",
             held()
         );
@@ -218,7 +218,7 @@ fn cancellation_wakes_every_blocked_operation() {
 }
 
 /// Receives `n` payloads from `out` as strings, failing the test after a generous bound.
-async fn collect(out: &Channel<gorch_host::delivery::Message>, n: usize) -> Vec<String> {
+async fn collect(out: &Channel<gorch_host::Message>, n: usize) -> Vec<String> {
     let mut got = Vec::new();
     while got.len() < n {
         let m = tokio::time::timeout(Duration::from_secs(20), out.recv())
@@ -315,7 +315,7 @@ fn a_poison_message_in_a_batch_is_dead_lettered_alone() {
     run(async {
         let orch = Orchestrator::new();
         let (input, out, wasm) = poisoned_batch(&orch).await;
-        let letters = orch.bus().topic(gorch_host::delivery::DEAD_LETTER_TOPIC, 64).unwrap();
+        let letters = orch.bus().topic(gorch_host::DEAD_LETTER_TOPIC, 64).unwrap();
         let opts = SpawnOptions::new("poisoned").supervision(restart_at_once(1));
         let h = spawn_mode_with(&orch, opts, "batch-trap", wasm.env("POISON", "always"));
         assert_eq!(collect(&out, 2).await, ["r0 n4 a", "r0 n4 b"]);

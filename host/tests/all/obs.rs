@@ -192,9 +192,8 @@ fn the_text_writer_and_the_collector_report_the_same_series() {
             v
         };
         let mut text = String::new();
-        gorch_host::obs::metrics::write_text(&orch, &mut text);
-        let collected =
-            gorch_host::obs::metrics::render(&gorch_host::obs::metrics::registry(&orch));
+        gorch_host::obs::write_text(&orch, &mut text);
+        let collected = gorch_host::obs::render(&gorch_host::obs::registry(&orch));
         assert_eq!(series(&text), series(&collected));
         assert!(text.contains(r#"gorch_routine_up{name="a \"quoted\" \\ name"} 1"#), "{text}");
         h.stop();

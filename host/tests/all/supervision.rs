@@ -264,7 +264,7 @@ fn a_crash_loses_no_message_and_poison_goes_to_dead_letter() {
                 WasmOptions::default().env("SOURCE", source),
             );
             let out = orch.bus().topic("testkit-out", 2000).unwrap();
-            let dead = orch.bus().topic(gorch_host::delivery::DEAD_LETTER_TOPIC, 16).unwrap();
+            let dead = orch.bus().topic(gorch_host::DEAD_LETTER_TOPIC, 16).unwrap();
             let input = if source == "mailbox" {
                 h.mailbox().clone()
             } else {

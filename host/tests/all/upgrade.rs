@@ -188,6 +188,8 @@ fn a_refused_state_fails_the_upgrade_and_the_old_version_comes_back_with_it() {
         send_and_see(&h, &seen, "v1:2").await;
         let refusing = WasmOptions::default().env("REFUSE_STATE", "1");
         let err = h.upgrade(counter("v2"), refusing).await.unwrap_err();
+        assert!(matches!(err, gorch_host::UpgradeError::Refused(_)), "{err:?}");
+        let err = err.to_string();
         assert!(err.contains("refusing the saved state on purpose"), "{err}");
         // v1 again, with its count.
         send_and_see(&h, &seen, "v1:3").await;

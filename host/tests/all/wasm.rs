@@ -79,7 +79,7 @@ fn stopping_a_spinning_guest_waits_the_grace_period_then_kills_it() {
         // FUEL_YIELD_INTERVAL units, busy time comes from timing every poll.
         let s = h.snapshot();
         assert!(
-            s.fuel_consumed.unwrap() > gorch_host::wasm::FUEL_YIELD_INTERVAL,
+            s.fuel_consumed.unwrap() > gorch_host::defaults::FUEL_YIELD_INTERVAL,
             "fuel {}",
             s.fuel_consumed.unwrap()
         );
@@ -430,7 +430,7 @@ fn time_metering_runs_without_fuel_and_a_stop_kills_its_spin_loop() {
         let json = serde_json::to_value(spin.snapshot()).unwrap();
         assert_eq!(json["fuelConsumed"], serde_json::Value::Null, "{json}");
         let mut text = String::new();
-        gorch_host::obs::metrics::write_text(&orch, &mut text);
+        gorch_host::obs::write_text(&orch, &mut text);
         assert!(!text.contains(r#"gorch_routine_fuel_consumed_total{name="time-spin"}"#));
         assert!(text.contains(r#"gorch_routine_busy_seconds_total{name="time-spin"}"#));
         spin.stop();
@@ -440,7 +440,7 @@ fn time_metering_runs_without_fuel_and_a_stop_kills_its_spin_loop() {
         assert!(s.busy_seconds > 0.0, "busy {}", s.busy_seconds);
         assert_eq!(s.fuel_consumed, None);
         let mut table = Vec::new();
-        gorch_host::routine::write_stats_table(&mut table, &[s]).unwrap();
+        gorch_host::write_stats_table(&mut table, &[s]).unwrap();
         let table = String::from_utf8(table).unwrap();
         let row = table.lines().nth(1).unwrap();
         assert!(row.split_whitespace().any(|c| c == "-"), "{table}");
@@ -466,7 +466,7 @@ fn metering_must_match_the_component_and_time_takes_no_fuel_limit() {
 
         let time = WasmOptions::default().metering(Metering::Time);
         let refused = |r: Result<gorch_host::RoutineHandle, SpawnError>| match r {
-            Err(SpawnError::Options(why)) => why,
+            Err(SpawnError::Options(why)) => why.to_string(),
             other => panic!("not refused: {other:?}"),
         };
         let why = refused(orch.spawn_wasm(SpawnOptions::new("a"), testkit(), time.clone()));

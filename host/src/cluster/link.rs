@@ -1,0 +1,253 @@
+//! The cluster as a transport: the layer over the in-memory one.
+//!
+//! - A routine's own mailbox stays in memory ([`LocalLink`]); its dead letters go to the
+//!   cluster's `dead-letter` topic.
+//! - A send to a name runs here when the routine does (and `node/name` names this node),
+//!   else goes to the node the registry names, through [`rpc`](super::rpc).
+//! - Topics are JetStream streams ([`topics`](super::topics)): every publish and receive goes
+//!   through them (no same-node shortcut: a message handed over in memory would be lost with
+//!   this host). A received message's origin maps the settle operations of
+//!   [`delivery`](crate::delivery) onto JetStream: ack, nak (redelivered to any node), and a
+//!   dead letter published before the message is terminated.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::topics::{self, RemoteMsg};
+use super::{ClusterCore, split_address};
+use crate::bus::TopicStats;
+use crate::channel::Channel;
+use crate::delivery::{Message, Origin};
+use crate::names::validate_routine_name;
+use crate::transport::{
+    CallError, DeadLetters, Link, LocalLink, LocalTransport, Queue, Transport, queued,
+};
+
+/// The transport of a host in a cluster.
+pub(crate) struct ClusterTransport {
+    pub(crate) core: Arc<ClusterCore>,
+    local: Arc<LocalTransport>,
+}
+
+impl ClusterTransport {
+    pub(crate) fn new(core: Arc<ClusterCore>, local: Arc<LocalTransport>) -> Self {
+        ClusterTransport { core, local }
+    }
+}
+
+/// Delivers `payload` to the mailbox of `to` (`name`, or `node/name`), waiting while it is
+/// full: on this node, or on the node the cluster registry names.
+async fn send(
+    core: &ClusterCore,
+    local: &LocalTransport,
+    to: &str,
+    payload: Vec<u8>,
+    cancel: &CancellationToken,
+) -> Result<(), CallError> {
+    let (node, name) = split_address(to);
+    if node.is_none_or(|n| n == core.node) {
+        if let Some(mailbox) = local.mailbox(name) {
+            return queued(mailbox.send_cancellable(Message::from(payload), cancel).await);
+        }
+        if validate_routine_name(name).is_err() {
+            return Err(CallError::InvalidName(to.to_string()));
+        }
+        // Not here: another node may run it.
+        if node.is_none()
+            && let Some(other) = pick(&core.registry.holders(name))
+        {
+            return super::rpc::send(core, &other, name, payload, cancel).await;
+        }
+        return Err(CallError::NoSuchRoutine(to.to_string()));
+    }
+    let node = node.unwrap_or_default();
+    if validate_routine_name(name).is_err() || validate_routine_name(node).is_err() {
+        return Err(CallError::InvalidName(to.to_string()));
+    }
+    super::rpc::send(core, node, name, payload, cancel).await
+}
+
+/// One of `nodes`, at random (spreads sends to a name several nodes run).
+fn pick(nodes: &[String]) -> Option<String> {
+    use rand::seq::IndexedRandom;
+    nodes.choose(&mut rand::rng()).cloned()
+}
+
+impl Transport for ClusterTransport {
+    fn link(&self, mailbox: &Channel<Message>) -> Arc<dyn Link> {
+        let dead: Arc<dyn DeadLetters> = Arc::new(ClusterDeadLetters(self.core.clone()));
+        Arc::new(ClusterLink { core: self.core.clone(), local: self.local.link_to(mailbox, dead) })
+    }
+    fn clash(&self, name: &str, unique: bool) -> Option<String> {
+        self.core.registry.conflict(name, unique)
+    }
+    fn register(&self, name: &str, unique: bool) {
+        self.core.registry.register(name, unique);
+    }
+    fn unregister(&self, name: &str) {
+        self.core.registry.unregister(name);
+    }
+    fn resolves(&self, to: &str) -> bool {
+        match split_address(to) {
+            (Some(node), name) if node != self.core.node => {
+                validate_routine_name(node).is_ok() && validate_routine_name(name).is_ok()
+            }
+            (_, name) => {
+                self.local.mailbox(name).is_some() || !self.core.registry.holders(name).is_empty()
+            }
+        }
+    }
+    fn send<'a>(
+        &'a self,
+        to: &'a str,
+        payload: Vec<u8>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<(), CallError>> {
+        send(&self.core, &self.local, to, payload, cancel).boxed()
+    }
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        payload: Vec<u8>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<(), CallError>> {
+        topics::publish(&self.core, topic, payload, cancel).boxed()
+    }
+    fn topic_len(&self, topic: &str) -> usize {
+        self.core.topics.stats().iter().find(|t| t.name == topic).map_or(0, |t| t.len)
+    }
+    fn topics(&self) -> Vec<TopicStats> {
+        self.core.topics.stats()
+    }
+    fn problem(&self) -> Option<String> {
+        (!self.core.connected())
+            .then(|| format!("not connected to NATS at {} (reconnecting)", self.core.url))
+    }
+    fn nodes(&self) -> Option<usize> {
+        Some(self.core.view().nodes.len())
+    }
+    fn close(&self) {
+        self.local.close();
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A routine run's link on a clustered host.
+struct ClusterLink {
+    core: Arc<ClusterCore>,
+    local: LocalLink,
+}
+
+impl Link for ClusterLink {
+    fn send<'a>(
+        &'a self,
+        to: &'a str,
+        payload: Vec<u8>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<(), CallError>> {
+        send(&self.core, self.local.transport(), to, payload, cancel).boxed()
+    }
+
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        payload: Vec<u8>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<(), CallError>> {
+        topics::publish(&self.core, topic, payload, cancel).boxed()
+    }
+
+    fn publish_batch<'a>(
+        &'a self,
+        topic: &'a str,
+        payloads: Vec<Vec<u8>>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, (usize, Result<(), CallError>)> {
+        async move {
+            let mut done = 0;
+            for p in payloads {
+                if let Err(e) = topics::publish(&self.core, topic, p, cancel).await {
+                    return (done, Err(e));
+                }
+                done += 1;
+            }
+            (done, Ok(()))
+        }
+        .boxed()
+    }
+
+    /// A cluster topic hands out one message per receive.
+    fn recv<'a>(
+        &'a self,
+        queue: Queue<'a>,
+        max: usize,
+        timeout: Option<Duration>,
+        cancel: &'a CancellationToken,
+        out: &'a mut Vec<Message>,
+    ) -> BoxFuture<'a, Result<Option<Arc<dyn Origin>>, CallError>> {
+        async move {
+            let topic = match queue {
+                Queue::Mailbox => return self.local.recv_mailbox(max, timeout, cancel, out).await,
+                Queue::Topic(t) => t,
+            };
+            let Some(d) = topics::recv(&self.core, topic, timeout, cancel).await? else {
+                return Ok(None);
+            };
+            out.push(Message::delivered_before(d.payload, d.delivered_before));
+            let origin: Arc<dyn Origin> = Arc::new(RemoteOrigin {
+                topic: topic.to_string(),
+                handle: Mutex::new(Some(d.handle)),
+            });
+            Ok(Some(origin))
+        }
+        .boxed()
+    }
+}
+
+/// A message of a cluster topic, settled through its JetStream handle.
+struct RemoteOrigin {
+    topic: String,
+    handle: Mutex<Option<RemoteMsg>>,
+}
+
+impl Origin for RemoteOrigin {
+    fn describe(&self) -> String {
+        format!("topic:{}", self.topic)
+    }
+    fn ack(&self) {
+        if let Some(h) = self.handle.lock().take() {
+            h.ack();
+        }
+    }
+    fn hand_back(&self, _msgs: Vec<Message>) {
+        // JetStream keeps the message and counts its deliveries itself.
+        if let Some(h) = self.handle.lock().take() {
+            h.nak();
+        }
+    }
+    fn dead_letter(&self, _msg: Message, letter: Vec<u8>) {
+        if let Some(h) = self.handle.lock().take() {
+            h.dead_letter(letter);
+        }
+    }
+}
+
+/// Dead letters of a clustered host's mailboxes: to the cluster-wide `dead-letter` topic.
+struct ClusterDeadLetters(Arc<ClusterCore>);
+
+impl DeadLetters for ClusterDeadLetters {
+    fn put(&self, letter: Vec<u8>) {
+        let c = self.0.clone();
+        self.0.spawn(async move {
+            topics::publish_dead_letter(&c, letter).await;
+        });
+    }
+}
