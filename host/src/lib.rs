@@ -81,7 +81,8 @@ pub use wasm::{
 pub mod defaults {
     pub use crate::bus::{DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY};
     pub use crate::cluster::{
-        DEFAULT_ACK_WAIT, DEFAULT_CONNECT_TIMEOUT, HEARTBEAT, LEASE, REMOTE_SEND_TIMEOUT,
+        DEFAULT_ACK_WAIT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LEAVE_BOUND, DUPLICATE_WINDOW,
+        HEARTBEAT, LEASE, REMOTE_SEND_TIMEOUT,
     };
     pub use crate::names::MAX_NAME_BYTES;
     pub use crate::orchestrator::{

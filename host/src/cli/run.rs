@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{EngineArgs, LogFormat};
-use crate::cluster::{Cluster, ClusterConfig};
+use crate::cluster::{Cluster, ClusterConfig, DEFAULT_LEAVE_BOUND};
 use crate::obs::{DEFAULT_ADDR, ObsConfig, ObsServer};
 use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, Orchestrator};
 use crate::plugin::ClusterSection;
@@ -174,9 +174,14 @@ impl RunCmd {
             humantime::format_duration(self.shutdown_timeout)
         );
         server.set_ready(false);
-        let report = orch.shutdown(self.shutdown_timeout).await;
+        // The bound covers leaving the cluster too: a part of it is kept for that.
+        let leaving = match &cluster {
+            Some(_) => (self.shutdown_timeout / 4).min(DEFAULT_LEAVE_BOUND),
+            None => Duration::ZERO,
+        };
+        let report = orch.shutdown(self.shutdown_timeout - leaving).await;
         if let Some(c) = &cluster {
-            c.leave().await;
+            c.leave_within(leaving).await;
         }
         server.shutdown().await;
         if !report.killed.is_empty() {

@@ -36,6 +36,7 @@ mod rpc;
 mod topics;
 
 use link::ClusterTransport;
+pub use topics::DUPLICATE_WINDOW;
 
 /// How often a node renews its lease.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -48,6 +49,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// (to any node) this long after its last sign of life. While its consumer works on it, the
 /// host extends it (progress acks every third of it), so slow work is not redelivered.
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(10);
+/// Default bound on [`Cluster::leave`].
+pub const DEFAULT_LEAVE_BOUND: Duration = Duration::from_secs(3);
 /// Bound on a mailbox send to another node (then `closed`).
 pub const REMOTE_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -330,22 +333,45 @@ impl Cluster {
         ClusterRoutines { node: view.node, nodes: futures::future::join_all(fetches).await }
     }
 
-    /// Leaves the cluster: removes this node's registry entries and lease, waits for the
-    /// acks of settled messages, and closes the connection. Call it after the
-    /// orchestrator's shutdown.
+    /// Leaves the cluster within [`DEFAULT_LEAVE_BOUND`] (see
+    /// [`leave_within`](Self::leave_within)). Call it after the orchestrator's shutdown.
     pub async fn leave(&self) {
-        self.core.registry.leave(&self.core).await;
-        self.core.tasks.close();
-        // Acks and naks of the last settled messages, bounded.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            // Background loops end with `stop`; the one-shot ack tasks end by themselves.
-            self.core.stop.cancel();
-            self.core.tasks.wait().await;
-        })
-        .await;
-        let _ = self.core.client.flush().await;
-        let _ = self.core.client.drain().await;
-        tracing::info!(node = %self.core.node, "left the cluster");
+        self.leave_within(DEFAULT_LEAVE_BOUND).await
+    }
+
+    /// Leaves the cluster, returning within `bound` whatever NATS does: sends the acks of
+    /// the last settled messages, removes this node's registry entries and lease, and closes
+    /// the connection. While NATS is unreachable the clean-up is skipped (the lease and the
+    /// entries then expire by themselves within [`LEASE`]); what the bound cuts short is
+    /// logged. Call it after the orchestrator's shutdown.
+    pub async fn leave_within(&self, bound: Duration) {
+        let core = &self.core;
+        let deadline = tokio::time::Instant::now() + bound;
+        core.tasks.close();
+        // Background loops end with `stop`; the one-shot ack tasks end by themselves.
+        core.stop.cancel();
+        let acks = (deadline - bound / 2).max(tokio::time::Instant::now());
+        if tokio::time::timeout_at(acks, core.tasks.wait()).await.is_err() {
+            tracing::warn!("leaving the cluster before every ack was sent (they are redelivered)");
+        }
+        if !core.connected() {
+            tracing::warn!(
+                node = %core.node,
+                "NATS is unreachable: leaving without removing this node's entries (its lease \
+                 expires within {}s)",
+                LEASE.as_secs()
+            );
+        } else if tokio::time::timeout_at(deadline, core.registry.leave(core)).await.is_err() {
+            tracing::warn!(
+                node = %core.node,
+                "the registry clean-up did not finish within the bound (this node's lease \
+                 expires within {}s)",
+                LEASE.as_secs()
+            );
+        }
+        let _ = tokio::time::timeout_at(deadline, core.client.flush()).await;
+        let _ = tokio::time::timeout_at(deadline, core.client.drain()).await;
+        tracing::info!(node = %core.node, "left the cluster");
     }
 }
 

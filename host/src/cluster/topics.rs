@@ -11,7 +11,9 @@
 //! the host sends progress acks; if the host dies they stop and JetStream redelivers the
 //! message after the consumer's ack wait. Publishing waits for the stream's acknowledgement
 //! (the message is stored before `publish` returns), retries with the same message id across
-//! a lost connection (JetStream drops the duplicate), and waits while the topic is full.
+//! a lost connection (JetStream drops the duplicate within [`DUPLICATE_WINDOW`]), and waits
+//! while the topic is full. A message id is the node, a random number drawn when the process
+//! joined, and a sequence: a node restarted within the window never reuses an id.
 //!
 //! There is no same-node shortcut: a message handed to a local consumer without going
 //! through the stream would be lost with this host.
@@ -37,6 +39,9 @@ const STREAM_PREFIX: &str = "GORCH_T_";
 const CONSUMER: &str = "gorch";
 /// Longest wait of one pull request (a receive without timeout pulls again after it).
 const PULL_MAX: Duration = Duration::from_secs(5);
+/// How long JetStream remembers a message id to drop a retried publish (set on every topic
+/// stream: a publish whose acknowledgement was lost is retried within seconds).
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How often the topic figures of `/gorchestra/api/topics` and `/metrics` are refreshed.
 const STATS_EVERY: Duration = Duration::from_secs(1);
 
@@ -47,14 +52,33 @@ pub(crate) struct Topic {
     blocked_recv_ns: AtomicU64,
 }
 
-#[derive(Default)]
 pub(crate) struct Topics {
     handles: Mutex<HashMap<String, Arc<Topic>>>,
     stats: RwLock<Vec<TopicStats>>,
+    /// This process's part of every message id: random, so that ids are unique across
+    /// processes and restarts of a node (JetStream drops an id it saw within
+    /// [`DUPLICATE_WINDOW`], whoever sent it).
+    boot: u64,
     seq: AtomicU64,
 }
 
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            handles: Mutex::default(),
+            stats: RwLock::default(),
+            boot: rand::random(),
+            seq: AtomicU64::new(0),
+        }
+    }
+}
+
 impl Topics {
+    /// A message id for one publish (kept across its retries): node, boot, sequence.
+    fn next_id(&self, node_token: &str) -> String {
+        format!("{node_token}.{:016x}.{}", self.boot, self.seq.fetch_add(1, Relaxed))
+    }
+
     /// The figures of every cluster topic (refreshed every second from the streams), with
     /// this node's blocked times.
     pub(crate) fn stats(&self) -> Vec<TopicStats> {
@@ -151,6 +175,7 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
         storage: StorageType::File,
         max_messages: DEFAULT_TOPIC_CAPACITY as i64,
         discard: DiscardPolicy::New,
+        duplicate_window: DUPLICATE_WINDOW,
         ..Default::default()
     };
     let stream = core.js.get_or_create_stream(config).await.map_err(closed)?;
@@ -194,7 +219,7 @@ pub(crate) async fn publish(
         return Err(CallError::TooLarge(max.saturating_sub(256) as u64));
     }
     let t = topic(core, name).await?;
-    let id = format!("{}.{}", core.node_token, core.topics.seq.fetch_add(1, Relaxed));
+    let id = core.topics.next_id(&core.node_token);
     let payload = bytes::Bytes::from(payload);
     let mut pause = Duration::from_millis(2);
     let mut blocked: Option<Instant> = None;
