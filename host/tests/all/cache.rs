@@ -135,7 +135,7 @@ fn the_cache_directory_is_private_and_a_shared_one_is_refused() {
 #[cfg(unix)]
 #[test]
 fn a_special_entry_is_never_read() {
-    use crate::hostile_files::{mkfifo, within};
+    use crate::common::fs::{mkfifo, within};
     let dir = tempfile::tempdir().unwrap();
     let path = gorch_artifacts::path("echo");
     cached_engine(dir.path()).load_file(&path).unwrap();

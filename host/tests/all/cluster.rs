@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use gorch_host::{CallError, Cluster, ClusterConfig, ClusterError, Orchestrator, SpawnOptions};
 use parking_lot::Mutex;
 
-use crate::cli::{BIN, http_get, port_of, read_until, run_host};
+use crate::common::host::{BIN, free_port, http_get, port_of, read_until, run_host};
+use crate::common::http::get;
 use crate::common::{run, shutdown, wait_until};
 
 const INSTALL: &str = "nats-server not found: install it with `apt-get install -y nats-server` \
@@ -22,10 +23,6 @@ struct Nats {
     child: Child,
     port: u16,
     store: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Nats {
@@ -369,7 +366,7 @@ fn nothing_is_lost_when_nats_restarts_under_load() {
     let state = gorch_host::obs::ObsState::new(&a, None);
     state.set_ready(true);
     let app = gorch_host::obs::router(state, &gorch_host::ObsConfig::default());
-    let readyz = || rt.block_on(crate::obs::get(&app, "/readyz", None));
+    let readyz = || rt.block_on(get(&app, "/readyz", None));
     assert_eq!(readyz().0, 200);
     progress(50);
     nats.kill();

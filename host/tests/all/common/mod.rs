@@ -1,5 +1,13 @@
 //! Helpers shared by the test modules: the engine and guests (compiled once per binary), a
-//! runtime like the binary's, polling with deadlines, and the leaked-task check.
+//! runtime like the binary's, polling with deadlines, and the leaked-task check; by concern
+//! in the submodules: the real binary ([`host`]), the observability router in-process
+//! ([`http`]), the repository's files and FIFOs ([`fs`]), guests the tests build
+//! ([`guests`]). A test module takes its helpers from here, never from another test module.
+
+pub mod fs;
+pub mod guests;
+pub mod host;
+pub mod http;
 
 use std::future::Future;
 use std::sync::OnceLock;
