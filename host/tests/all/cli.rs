@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::guests::slow_component;
 use crate::common::host::{BIN, http_get, port_of, read_until, run_host, spawn_logged};
+use crate::common::wait_until_blocking;
 
 #[test]
 fn run_starts_good_plugins_reports_bad_ones_and_stops_on_sigint() {
@@ -231,12 +232,8 @@ fn version_of(port: &str, name: &str) -> String {
     snaps.into_iter().find(|s| s.name == name).map(|s| s.version).unwrap_or_default()
 }
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    assert!(wait_until_blocking(Duration::from_secs(60), cond), "timed out waiting for {what}");
 }
 
 #[test]

@@ -115,6 +115,21 @@ pub async fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> boo
     }
 }
 
+/// [`wait_until`] for a thread outside the runtime (a test driving processes, or a runtime
+/// it enters with `block_on`): polls `cond` every 20 ms until it holds or `within` passes.
+pub fn wait_until_blocking(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits for the routine to end, failing the test after `within`.
 pub async fn wait_end(h: &RoutineHandle, within: Duration) -> gorch_host::State {
     tokio::time::timeout(within, h.wait()).await.unwrap_or_else(|_| {
