@@ -1,10 +1,11 @@
 //! The `gorch-host` binary: `run` on a directory with a good and a bad plugin, `check`.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_gorch-host");
+use crate::common::guests::slow_component;
+use crate::common::host::{BIN, http_get, port_of, read_until, run_host, spawn_logged};
+use crate::common::wait_until_blocking;
 
 #[test]
 fn run_starts_good_plugins_reports_bad_ones_and_stops_on_sigint() {
@@ -114,96 +115,10 @@ fn check_validates_the_manifest_beside_a_component() {
     assert!(out.contains("calc.toml: ok") && out.contains("calc.wasm: ok"), "{out}");
 }
 
-/// A host process that is killed when the test ends, also when it fails half-way.
-pub(crate) struct Host(pub(crate) std::process::Child);
-
-impl std::ops::Deref for Host {
-    type Target = std::process::Child;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Host {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Runs the binary with `args`, collecting stderr lines on a channel.
-pub(crate) fn spawn_logged(args: &[&std::ffi::OsStr]) -> (Host, std::sync::mpsc::Receiver<String>) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (Host(child), rx)
-}
-
-/// `gorch-host run --no-cache --addr 127.0.0.1:0 EXTRA... DIR`, logging to a channel.
-pub(crate) fn run_host(
-    dir: &std::path::Path,
-    extra: &[&str],
-) -> (Host, std::sync::mpsc::Receiver<String>) {
-    let mut args: Vec<&std::ffi::OsStr> =
-        ["run", "--no-cache", "--addr", "127.0.0.1:0"].iter().map(|a| a.as_ref()).collect();
-    args.extend(extra.iter().map(std::ffi::OsStr::new));
-    args.push(dir.as_os_str());
-    spawn_logged(&args)
-}
-
-/// Reads lines until one contains `needle` (the log so far is returned), failing after a
-/// minute without it.
-pub(crate) fn read_until(
-    child: &mut std::process::Child,
-    rx: &std::sync::mpsc::Receiver<String>,
-    needle: &str,
-) -> String {
-    let mut log = String::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(l) => {
-                log.push_str(&l);
-                log.push('\n');
-                if l.contains(needle) {
-                    return log;
-                }
-            }
-            Err(_) => {
-                let _ = child.kill();
-                panic!("no {needle:?} within 60 s; log so far:\n{log}");
-            }
-        }
-    }
-}
-
 #[test]
 fn a_signal_during_start_up_stops_gracefully_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("a-slow.wasm"), crate::startup::slow_component()).unwrap();
+    std::fs::write(dir.path().join("a-slow.wasm"), slow_component()).unwrap();
     std::fs::copy(gorch_artifacts::path("echo"), dir.path().join("echo.wasm")).unwrap();
     let (mut child, rx) = run_host(dir.path(), &[]);
     // echo is loaded (and started) while the slow plugin still compiles.
@@ -310,16 +225,6 @@ fn publish_send_restart_stop_and_ps_act_on_a_running_host() {
     assert!(child.wait().unwrap().success());
 }
 
-/// GET `path` from the host on `port` (test helper: a plain HTTP/1.0 request).
-pub(crate) fn http_get(port: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
-}
-
 /// The version of routine `name` in the host's JSON API.
 fn version_of(port: &str, name: &str) -> String {
     let snaps: Vec<gorch_host::Snapshot> =
@@ -327,16 +232,8 @@ fn version_of(port: &str, name: &str) -> String {
     snaps.into_iter().find(|s| s.name == name).map(|s| s.version).unwrap_or_default()
 }
 
-pub(crate) fn port_of(log: &str) -> String {
-    log.rsplit("metrics: http://127.0.0.1:").next().unwrap().split('/').next().unwrap().to_string()
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    assert!(wait_until_blocking(Duration::from_secs(60), cond), "timed out waiting for {what}");
 }
 
 #[test]

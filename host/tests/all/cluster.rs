@@ -6,13 +6,16 @@
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gorch_host::{CallError, Cluster, ClusterConfig, ClusterError, Orchestrator, SpawnOptions};
 use parking_lot::Mutex;
 
-use crate::cli::{BIN, http_get, port_of, read_until, run_host};
-use crate::common::{run, shutdown, wait_until};
+use crate::common::host::{BIN, free_port, http_get, port_of, read_until, run_host};
+use crate::common::http::get;
+use crate::common::{
+    assert_no_leaked_tasks, run, shutdown, wait_end, wait_until, wait_until_blocking,
+};
 
 const INSTALL: &str = "nats-server not found: install it with `apt-get install -y nats-server` \
                        (Debian's package; .ci/run installs it)";
@@ -22,10 +25,6 @@ struct Nats {
     child: Child,
     port: u16,
     store: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Nats {
@@ -49,11 +48,10 @@ impl Nats {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("{INSTALL} ({e})"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let listening = wait_until_blocking(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(listening, "nats-server did not listen on {port}");
         child
     }
 
@@ -252,7 +250,7 @@ fn sends_reach_routines_on_other_nodes_and_fail_clearly_elsewhere() {
                 }
             })
             .unwrap();
-        crate::common::wait_end(&h, Duration::from_secs(30)).await;
+        wait_end(&h, Duration::from_secs(30)).await;
         let results = results.lock().clone();
         assert_eq!(results[0], Ok(()));
         assert_eq!(results[1], Ok(()));
@@ -315,7 +313,7 @@ fn names_clash_across_nodes_unless_the_plugin_allows_it() {
                 Ok::<(), CallError>(())
             })
             .unwrap();
-        crate::common::wait_end(&h, Duration::from_secs(30)).await;
+        wait_end(&h, Duration::from_secs(30)).await;
         assert!(wait_until(Duration::from_secs(10), || distinct(&[&sa, &sb]) == all(20)).await);
         leave(&c, &cc).await;
         leave(&a, &ca).await;
@@ -360,37 +358,30 @@ fn nothing_is_lost_when_nats_restarts_under_load() {
     collector(&a, "worker", "load", &seen);
     publisher(&a, "load", 300);
     let progress = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while seen.lock().len() < n {
-            assert!(Instant::now() < deadline, "stuck at {} of {n}", seen.lock().len());
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let got = wait_until_blocking(Duration::from_secs(60), || seen.lock().len() >= n);
+        assert!(got, "stuck at {} of {n}", seen.lock().len());
     };
     let state = gorch_host::obs::ObsState::new(&a, None);
     state.set_ready(true);
     let app = gorch_host::obs::router(state, &gorch_host::ObsConfig::default());
-    let readyz = || rt.block_on(crate::obs::get(&app, "/readyz", None));
+    let readyz = || rt.block_on(get(&app, "/readyz", None));
     assert_eq!(readyz().0, 200);
     progress(50);
     nats.kill();
     // Not ready while NATS is away (local work goes on), ready again once it is back.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let away = format!("not connected to NATS at {}", nats.url());
+    let not_ready = wait_until_blocking(Duration::from_secs(30), || {
         let (status, body) = readyz();
         if status == 503 {
-            assert!(body.contains(&format!("not connected to NATS at {}", nats.url())), "{body}");
-            break;
+            assert!(body.contains(&away), "{body}");
         }
-        assert!(Instant::now() < deadline, "still ready without NATS");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        status == 503
+    });
+    assert!(not_ready, "still ready without NATS");
     nats.start_again();
     progress(300);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while readyz().0 != 200 {
-        assert!(Instant::now() < deadline, "not ready after NATS came back");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let ready = wait_until_blocking(Duration::from_secs(30), || readyz().0 == 200);
+    assert!(ready, "not ready after NATS came back");
     drop(app);
     rt.block_on(async {
         // Duplicates are allowed (at least once); losses are not.
@@ -398,7 +389,7 @@ fn nothing_is_lost_when_nats_restarts_under_load() {
         leave(&a, &ca).await;
         // The JetStream context's acker task ends with the last handle of the cluster.
         drop((a, ca));
-        crate::common::assert_no_leaked_tasks().await;
+        assert_no_leaked_tasks().await;
     });
 }
 
@@ -438,11 +429,8 @@ fn a_killed_node_s_messages_finish_on_another_node() {
             serde_json::from_str(&http_get(&port, "/gorchestra/api/routines")).unwrap();
         snaps.iter().filter(|s| s.messages_in == 1).count()
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while taken() < 3 {
-        assert!(Instant::now() < deadline, "the holders did not take their messages");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let held = wait_until_blocking(Duration::from_secs(60), || taken() >= 3);
+    assert!(held, "the holders did not take their messages");
     // The cluster as the binary sees it, `ps --cluster` through one address, and the gauge.
     let view: serde_json::Value =
         serde_json::from_str(&http_get(&port, "/gorchestra/api/cluster")).unwrap();
@@ -457,32 +445,26 @@ fn a_killed_node_s_messages_finish_on_another_node() {
     assert!(table.contains("NODE a") && table.contains("NODE b"), "{table}");
     assert!(table.contains("holder-1") && table.contains("holder-3"), "{table}");
     // The stream's figures, refreshed every second.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let metrics = http_get(&port, "/metrics");
+    let mut metrics = String::new();
+    let refreshed = wait_until_blocking(Duration::from_secs(30), || {
+        metrics = http_get(&port, "/metrics");
         assert!(metrics.contains("gorch_cluster_nodes 2"), "{metrics}");
-        if metrics.contains("gorch_topic_length{topic=\"work\"} 20") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{metrics}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        metrics.contains("gorch_topic_length{topic=\"work\"} 20")
+    });
+    assert!(refreshed, "{metrics}");
 
     // The host dies with three messages in flight: they finish on node a.
     host.0.kill().unwrap();
     host.0.wait().unwrap();
     let seen: Seen = Default::default();
     collector(&a, "rescuer", "work", &seen);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while distinct(&[&seen]) != all(20) {
-        assert!(Instant::now() < deadline, "only {:?}", distinct(&[&seen]));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let rescued = wait_until_blocking(Duration::from_secs(60), || distinct(&[&seen]) == all(20));
+    assert!(rescued, "only {:?}", distinct(&[&seen]));
     rt.block_on(async {
         // b's lease expires: a sees one node again.
         assert!(wait_until(Duration::from_secs(20), || ca.view().nodes.len() == 1).await);
         leave(&a, &ca).await;
         drop((a, ca));
-        crate::common::assert_no_leaked_tasks().await;
+        assert_no_leaked_tasks().await;
     });
 }

@@ -15,6 +15,8 @@ use std::time::Duration;
 use gorch_host::{CallError, ObsConfig, ObsServer, Orchestrator, SpawnOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::common::fs::repo_root;
+use crate::common::host::{BIN, free_port};
 use crate::common::*;
 
 /// What to do when promtool or prometheus is missing.
@@ -22,7 +24,7 @@ const INSTALL: &str = "install it: apt-get install -y prometheus";
 
 /// A file of the repository.
 fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join(rel)
+    repo_root().join(rel)
 }
 
 fn read(rel: &str) -> String {
@@ -256,11 +258,6 @@ impl Drop for Killed {
     }
 }
 
-/// A free loopback port (bound and released: Prometheus binds it next).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Polls `GET path` on `addr` until `ok(body)` holds, failing the test after `within`.
 async fn poll_until(
     addr: SocketAddr,
@@ -378,7 +375,7 @@ fn the_systemd_unit_reloads_with_sighup_and_outwaits_the_shutdown_timeout() {
     let Ok(analyze) = which("systemd-analyze") else { return };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gorch-host.service");
-    std::fs::write(&path, unit.replace("/usr/local/bin/gorch-host", crate::cli::BIN)).unwrap();
+    std::fs::write(&path, unit.replace("/usr/local/bin/gorch-host", BIN)).unwrap();
     let out = Command::new(analyze).arg("verify").arg(&path).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && !err.contains(&*path.to_string_lossy()), "{err}");

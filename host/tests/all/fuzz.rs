@@ -19,6 +19,7 @@ use wasm_encoder::{
     MemoryType, Module, PrimitiveValType, RawSection, TypeSection, ValType,
 };
 
+use crate::common::host::BIN;
 use crate::common::*;
 
 /// Cases of each kind: generated components, generated modules wrapped into a worker,
@@ -396,7 +397,7 @@ async fn spawn_loaded(loaded: &[(String, Vec<u8>, WasmComponent)]) -> Vec<(Strin
 
 /// Runs `gorch-host check --no-cache FILE` with a bound; returns whether it succeeded.
 fn check(file: &Path) -> bool {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gorch-host"))
+    let mut child = Command::new(BIN)
         .args(["check", "--no-cache"])
         .arg(file)
         .stdout(std::process::Stdio::null())

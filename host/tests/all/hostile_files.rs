@@ -8,39 +8,14 @@
 
 #![cfg(unix)]
 
-use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::path::PathBuf;
 
 use gorch_host::plugin::{LoadState, PluginBoard, start_plugins};
 use gorch_host::{EngineConfig, LoadError, Orchestrator, PluginDir, PluginError, WasmEngine};
 use tokio_util::sync::CancellationToken;
 
+use crate::common::fs::{mkfifo, within};
 use crate::common::*;
-
-/// Runs `f` on its own thread and fails if it has not returned within a minute (a blocked
-/// open of a FIFO never returns: the thread is left behind, the test fails).
-pub(crate) fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let t = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(v) => v,
-        // The thread panicked: re-raise its panic (an assertion failure) here.
-        Err(mpsc::RecvTimeoutError::Disconnected) => match t.join() {
-            Err(p) => std::panic::resume_unwind(p),
-            Ok(()) => unreachable!("the thread ended without a result"),
-        },
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what}: still blocked after a minute"),
-    }
-}
-
-/// Creates a FIFO at `path`.
-pub(crate) fn mkfifo(path: &Path) {
-    let ok = std::process::Command::new("mkfifo").arg(path).status().expect("mkfifo").success();
-    assert!(ok, "mkfifo {}", path.display());
-}
 
 /// A plugin directory holding a good `echo.wasm`.
 fn dir_with_echo() -> tempfile::TempDir {

@@ -18,8 +18,7 @@ fn each_wit_error_variant_reaches_a_guest() {
         let h = spawn_mode_with(&orch, opts, "errors", WasmOptions::default().env("BIG", "2048"));
         // The guest blocks on `doomed` once the other checks are done; removing the topic
         // closes it under the guest.
-        assert!(wait_until(Duration::from_secs(10), || orch.bus().get("doomed").is_some()).await);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(wait_until(Duration::from_secs(10), || doomed_is_waited_on(&orch)).await);
         assert!(orch.bus().remove("doomed"));
         assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Failed);
         // "flood-0".."flood-4" fill the limit of 5 topics ("t" was refused before it was
@@ -31,11 +30,18 @@ fn each_wit_error_variant_reaches_a_guest() {
         // And `cancelled`: a blocked recv woken by stop.
         let r = spawn_mode(&orch, SpawnOptions::new("recv"), "recv");
         assert!(wait_until(Duration::from_secs(10), || r.state() == State::Running).await);
+        assert!(wait_until(Duration::from_secs(10), || r.mailbox().waiting_receivers() == 1).await);
         r.stop();
         r.wait().await;
         assert_eq!(last_error(&orch, "recv"), "recv: cancelled");
         shutdown(&orch).await;
     })
+}
+
+/// The `errors` guest waits in its receive on topic `doomed` (it created the topic with
+/// that receive): removing the topic now closes it under the guest.
+fn doomed_is_waited_on(orch: &Orchestrator) -> bool {
+    orch.bus().get("doomed").is_some_and(|t| t.waiting_receivers() >= 1)
 }
 
 #[test]
@@ -84,8 +90,7 @@ fn a_flooding_guest_gets_errors_and_the_host_stays_small() {
         );
         assert_eq!(wait_end(&huge, Duration::from_secs(20)).await, State::Failed);
         assert_eq!(last_error(&orch, "huge"), "payload too large (limit 1048576 bytes)");
-        assert!(wait_until(Duration::from_secs(20), || orch.bus().get("doomed").is_some()).await);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(wait_until(Duration::from_secs(20), || doomed_is_waited_on(&orch)).await);
         orch.bus().remove("doomed");
         assert_eq!(wait_end(&errs, Duration::from_secs(20)).await, State::Failed);
         assert!(last_error(&orch, "errs").contains(" limit@"), "{}", last_error(&orch, "errs"));
@@ -106,7 +111,8 @@ fn a_flooding_guest_gets_errors_and_the_host_stays_small() {
             held()
         );
         let published = t.stats().sends;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let waits = wait_until(Duration::from_secs(10), || t.waiting_senders() == 1).await;
+        assert!(waits, "the publisher is not waiting in its send: {:?}", t.stats());
         assert_eq!(t.stats().sends, published, "the publisher waits instead of queueing more");
         shutdown(&orch).await;
     })
@@ -209,7 +215,17 @@ fn cancellation_wakes_every_blocked_operation() {
             let (c, t) = (empty.clone(), token.clone());
             tasks.push(tokio::spawn(async move { c.recv_cancellable(&t).await.is_err() }));
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Every one of them is blocked before the cancellation.
+        let blocked = wait_until(Duration::from_secs(10), || {
+            ch.waiting_senders() == 5 && empty.waiting_receivers() == 5
+        })
+        .await;
+        assert!(
+            blocked,
+            "{} senders, {} receivers",
+            ch.waiting_senders(),
+            empty.waiting_receivers()
+        );
         token.cancel();
         for t in tasks {
             assert!(tokio::time::timeout(Duration::from_secs(10), t).await.unwrap().unwrap());

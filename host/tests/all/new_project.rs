@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use gorch_host::{Message, Orchestrator, PluginManifest, State};
 
+use crate::common::fs::repo_root;
+use crate::common::guests::{Lang, build_example, load, run_logged};
+use crate::common::host::BIN;
 use crate::common::*;
-use crate::polyglot::{Lang, build_example, load, repo_root, run_logged};
-
-const BIN: &str = env!("CARGO_BIN_EXE_gorch-host");
 
 /// Runs `gorch-host new` with `args` in `dir`.
 fn new(dir: &Path, args: &[&str]) -> std::process::Output {

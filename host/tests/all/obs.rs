@@ -4,31 +4,18 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode, header};
+use axum::http::{Request, StatusCode};
 use gorch_host::obs::{ObsState, router};
 use gorch_host::{ObsConfig, ObsServer, Orchestrator, SpawnOptions};
 use tower::ServiceExt;
 
+use crate::common::host::BIN;
+use crate::common::http::get;
 use crate::common::*;
 
 /// The CPU sampler is process-wide (one profile at a time): the tests that take one take
 /// turns.
 static PROFILES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-pub(crate) async fn get(
-    app: &axum::Router,
-    path: &str,
-    token: Option<&str>,
-) -> (StatusCode, String) {
-    let mut req = Request::get(path);
-    if let Some(t) = token {
-        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    let resp = app.clone().oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
-    let status = resp.status();
-    let body = axum::body::to_bytes(resp.into_body(), 1 << 24).await.unwrap();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
 
 fn value(metrics: &str, series: &str) -> Option<f64> {
     metrics.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
@@ -293,8 +280,7 @@ fn a_real_server_on_port_0_serves_ps_and_a_cpu_profile() {
         assert!(clash.is_err());
         spawn_mode(&orch, SpawnOptions::new("spinning"), "spin");
 
-        let bin = env!("CARGO_BIN_EXE_gorch-host");
-        let out = tokio::process::Command::new(bin)
+        let out = tokio::process::Command::new(BIN)
             .args(["ps", "--addr", &addr.to_string()])
             .output()
             .await

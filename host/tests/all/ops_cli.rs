@@ -8,15 +8,11 @@ use std::time::Duration;
 
 use gorch_host::{Orchestrator, SpawnOptions, State};
 
-use crate::cli::{BIN, read_until, run_host};
+use crate::common::host::{BIN, Host, read_until, run_host};
 use crate::common::*;
 
 /// Sends SIGINT to the host and checks that it exits 0; returns the rest of its log.
-fn interrupt(
-    mut child: crate::cli::Host,
-    rx: &std::sync::mpsc::Receiver<String>,
-    log: &mut String,
-) {
+fn interrupt(mut child: Host, rx: &std::sync::mpsc::Receiver<String>, log: &mut String) {
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let exit = child.wait().unwrap();

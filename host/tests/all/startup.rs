@@ -5,53 +5,15 @@
 use std::path::Path;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use gorch_host::obs::{ObsState, router};
 use gorch_host::plugin::{LoadState, PluginStatus, StartReport, start_plugins};
 use gorch_host::{ObsConfig, Orchestrator, PluginDir};
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
+use crate::common::guests::slow_component;
+use crate::common::http::get;
 use crate::common::*;
-
-async fn get(app: &axum::Router, path: &str) -> (StatusCode, String) {
-    let req = Request::get(path).body(Body::empty()).unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
-/// A component holding a large core module: seconds of Cranelift work, then refused (it
-/// exports no `run`). It stands for an 18 MB Python guest.
-pub(crate) fn slow_component() -> Vec<u8> {
-    use wasm_encoder::{
-        CodeSection, Component, ExportKind, ExportSection, Function, FunctionSection, Module,
-        ModuleSection, TypeSection, ValType,
-    };
-    let mut types = TypeSection::new();
-    types.ty().function([ValType::I32], [ValType::I32]);
-    let mut funcs = FunctionSection::new();
-    let mut code = CodeSection::new();
-    let mut exports = ExportSection::new();
-    for i in 0..3000u32 {
-        funcs.function(0);
-        let mut f = Function::new([]);
-        let mut ins = f.instructions();
-        for k in 0..200 {
-            ins.local_get(0).i32_const(k).i32_mul().i32_const(i as i32).i32_xor().local_set(0);
-        }
-        ins.local_get(0).end();
-        code.function(&f);
-        exports.export(&format!("f{i}"), ExportKind::Func, i);
-    }
-    let mut module = Module::new();
-    module.section(&types).section(&funcs).section(&exports).section(&code);
-    let mut component = Component::new();
-    component.section(&ModuleSection(&module));
-    component.finish()
-}
 
 fn status_of<'a>(list: &'a [PluginStatus], plugin: &str) -> &'a PluginStatus {
     list.iter().find(|p| p.plugin == plugin).unwrap_or_else(|| panic!("{plugin}: {list:?}"))
@@ -103,20 +65,20 @@ fn readyz_names_failed_plugins_and_the_api_lists_every_plugin() {
         let state = ObsState::new(&orch, None);
         let app = router(state.clone(), &ObsConfig::default());
         assert_eq!(
-            get(&app, "/readyz").await,
+            get(&app, "/readyz", None).await,
             (StatusCode::SERVICE_UNAVAILABLE, "starting\n".into())
         );
 
         let report = start(&orch, dir.path(), &state).await;
         assert_eq!((report.started, report.failed, report.routines), (1, 2, 1));
         state.set_ready(true);
-        let (status, body) = get(&app, "/readyz").await;
+        let (status, body) = get(&app, "/readyz", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert!(body.contains("bad.wasm: ") && body.contains("not a WebAssembly file"), "{body}");
         assert!(body.contains("worse.toml: ") && body.contains("no worse.wasm"), "{body}");
         assert!(!body.contains("echo"), "{body}");
 
-        let (status, json) = get(&app, "/gorchestra/api/plugins").await;
+        let (status, json) = get(&app, "/gorchestra/api/plugins", None).await;
         assert_eq!(status, StatusCode::OK);
         let list: Vec<PluginStatus> = serde_json::from_str(&json).unwrap();
         assert_eq!(list.len(), 3, "{list:?}");
@@ -140,7 +102,7 @@ fn readyz_is_ready_when_every_plugin_started() {
         let report = start(&orch, dir.path(), &state).await;
         assert_eq!((report.started, report.failed), (1, 0));
         state.set_ready(true);
-        assert_eq!(get(&app, "/readyz").await, (StatusCode::OK, "ready\n".into()));
+        assert_eq!(get(&app, "/readyz", None).await, (StatusCode::OK, "ready\n".into()));
         shutdown(&orch).await;
     });
 }

@@ -94,7 +94,7 @@ fn a_guest_blocked_in_recv_is_woken_by_stop() {
         let orch = Orchestrator::new();
         let h = spawn_mode(&orch, SpawnOptions::new("recv").grace(Duration::from_secs(30)), "recv");
         assert!(wait_until(Duration::from_secs(10), || h.state() == State::Running).await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(wait_until(Duration::from_secs(10), || h.mailbox().waiting_receivers() == 1).await);
         h.stop();
         // Woken by the stop, not killed after the grace period: recv returned `cancelled`.
         assert_eq!(wait_end(&h, Duration::from_secs(20)).await, State::Stopped);

@@ -1,5 +1,13 @@
 //! Helpers shared by the test modules: the engine and guests (compiled once per binary), a
-//! runtime like the binary's, polling with deadlines, and the leaked-task check.
+//! runtime like the binary's, polling with deadlines, and the leaked-task check; by concern
+//! in the submodules: the real binary ([`host`]), the observability router in-process
+//! ([`http`]), the repository's files and FIFOs ([`fs`]), guests the tests build
+//! ([`guests`]). A test module takes its helpers from here, never from another test module.
+
+pub mod fs;
+pub mod guests;
+pub mod host;
+pub mod http;
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -104,6 +112,21 @@ pub async fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> boo
             return false;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// [`wait_until`] for a thread outside the runtime (a test driving processes, or a runtime
+/// it enters with `block_on`): polls `cond` every 20 ms until it holds or `within` passes.
+pub fn wait_until_blocking(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
