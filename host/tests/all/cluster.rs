@@ -4,7 +4,7 @@
 //! restarted under load, and the cluster view through the real binary.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,87 +13,8 @@ use parking_lot::Mutex;
 
 use crate::common::host::{BIN, free_port, http_get, port_of, read_until, run_host};
 use crate::common::http::get;
-use crate::common::{
-    assert_no_leaked_tasks, run, shutdown, wait_end, wait_until, wait_until_blocking,
-};
-
-const INSTALL: &str = "nats-server not found: install it with `apt-get install -y nats-server` \
-                       (Debian's package; .ci/run installs it)";
-
-/// A `nats-server -js` of its own, killed when dropped.
-struct Nats {
-    child: Child,
-    port: u16,
-    store: tempfile::TempDir,
-}
-
-impl Nats {
-    fn start() -> Nats {
-        let store = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = Self::spawn(port, store.path());
-        Nats { child, port, store }
-    }
-
-    fn spawn(port: u16, store: &std::path::Path) -> Child {
-        // Debian installs it in /usr/sbin, not always on a user's PATH.
-        let bin = ["nats-server", "/usr/sbin/nats-server"]
-            .into_iter()
-            .find(|b| Command::new(b).arg("--version").output().is_ok())
-            .unwrap_or_else(|| panic!("{INSTALL}"));
-        let child = Command::new(bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{INSTALL} ({e})"));
-        let listening = wait_until_blocking(Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        assert!(listening, "nats-server did not listen on {port}");
-        child
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the server (its store stays).
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Starts it again on the same port and store.
-    fn start_again(&mut self) {
-        self.child = Self::spawn(self.port, self.store.path());
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn config(nats: &Nats, node: &str) -> ClusterConfig {
-    let mut c = ClusterConfig::new(nats.url(), node);
-    c.ack_wait = Duration::from_secs(2);
-    c
-}
-
-async fn node(nats: &Nats, name: &str) -> (Orchestrator, Cluster) {
-    let orch = Orchestrator::new();
-    let cluster = Cluster::join(&orch, config(nats, name)).await.expect("join");
-    (orch, cluster)
-}
-
-async fn leave(orch: &Orchestrator, cluster: &Cluster) {
-    shutdown(orch).await;
-    cluster.leave().await;
-}
+use crate::common::nats::{Nats, config, leave, node};
+use crate::common::{assert_no_leaked_tasks, run, wait_end, wait_until, wait_until_blocking};
 
 type Seen = Arc<Mutex<Vec<String>>>;
 

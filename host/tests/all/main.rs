@@ -5,6 +5,7 @@ mod cache;
 mod channel;
 mod cli;
 mod cluster;
+mod cluster_faults;
 mod common;
 mod control;
 mod corpus;

@@ -8,6 +8,7 @@ pub mod fs;
 pub mod guests;
 pub mod host;
 pub mod http;
+pub mod nats;
 
 use std::future::Future;
 use std::sync::OnceLock;

@@ -1,0 +1,110 @@
+//! The cluster under faults, with real `nats-server` processes: a node restarted at once,
+//! NATS gone at shutdown. Each case is bounded in time (deadlines, never sleeps that hope).
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gorch_host::{CallError, Orchestrator, SpawnOptions, State};
+use parking_lot::Mutex;
+
+use crate::common::host::{read_until, run_host};
+use crate::common::nats::{Nats, leave, node};
+use crate::common::{run, wait_end, wait_until, wait_until_blocking};
+
+/// Publishes `prefix0..prefix{n-1}` on `topic` and returns once all were stored.
+async fn publish_all(orch: &Orchestrator, topic: &'static str, prefix: &'static str, n: usize) {
+    let h = orch
+        .spawn(SpawnOptions::new(format!("publisher-{prefix}")), move |ctx| async move {
+            for i in 0..n {
+                ctx.publish(topic, format!("{prefix}{i}").into_bytes()).await?;
+            }
+            Ok::<(), CallError>(())
+        })
+        .unwrap();
+    assert_eq!(wait_end(&h, Duration::from_secs(30)).await, State::Stopped);
+}
+
+/// Takes every message of `topic` until `want` distinct ones were seen (or a minute passed).
+async fn drain(orch: &Orchestrator, topic: &'static str, want: usize) -> BTreeSet<String> {
+    let seen: Arc<Mutex<BTreeSet<String>>> = Default::default();
+    let s = seen.clone();
+    orch.spawn(SpawnOptions::new("drain"), move |ctx| {
+        let s = s.clone();
+        async move {
+            loop {
+                match ctx.bus_recv(topic, Some(Duration::from_millis(200))).await {
+                    Ok(Some(m)) => {
+                        s.lock().insert(String::from_utf8_lossy(&m).into_owned());
+                    }
+                    Ok(None) => {}
+                    Err(CallError::Cancelled) => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    })
+    .unwrap();
+    wait_until(Duration::from_secs(60), || seen.lock().len() >= want).await;
+    let got = seen.lock().clone();
+    got
+}
+
+/// Finding 1: a node restarted within JetStream's duplicate window reused the message ids
+/// of its previous life, and its new publishes were acknowledged and dropped.
+#[test]
+fn a_node_restarted_at_once_has_every_publish_stored() {
+    let nats = Nats::start();
+    run(async {
+        for life in ["first-", "second-"] {
+            // The same node name, as a restarted process has.
+            let (a, ca) = node(&nats, "a").await;
+            publish_all(&a, "kept", life, 5).await;
+            leave(&a, &ca).await;
+        }
+        let (b, cb) = node(&nats, "b").await;
+        let got = drain(&b, "kept", 10).await;
+        let want: BTreeSet<String> = ["first-", "second-"]
+            .iter()
+            .flat_map(|life| (0..5).map(move |i| format!("{life}{i}")))
+            .collect();
+        assert_eq!(got, want, "publishes of the restarted node were dropped");
+        leave(&b, &cb).await;
+    });
+}
+
+/// Finding 5: with NATS gone, a node asked to stop must still exit within its shutdown
+/// bound (it spent minutes in key-value timeouts before).
+#[test]
+fn sigterm_with_nats_gone_exits_within_the_bound() {
+    let mut nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(gorch_artifacts::path("testkit"), dir.path().join("idle.wasm")).unwrap();
+    std::fs::write(
+        dir.path().join("idle.toml"),
+        "instances = 4\n[wasi]\nenv = { MODE = \"recv\" }\n",
+    )
+    .unwrap();
+    let url = nats.url();
+    let (mut host, rx) =
+        run_host(dir.path(), &["--nats", &url, "--node", "n1", "--shutdown-timeout", "2s"]);
+    read_until(&mut host, &rx, "metrics: http://");
+    nats.kill();
+    read_until(&mut host, &rx, "lost the NATS connection");
+    let pid = host.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    // The bound is 2 s; a generous deadline for a loaded machine, far below the minutes
+    // it took before.
+    let exited =
+        wait_until_blocking(Duration::from_secs(20), || matches!(host.try_wait(), Ok(Some(_))));
+    let mut log = String::new();
+    while let Ok(l) = rx.try_recv() {
+        log.push_str(&l);
+        log.push('\n');
+    }
+    assert!(exited, "still running 20 s after SIGTERM with NATS gone; log:\n{log}");
+    let status = host.try_wait().unwrap().unwrap();
+    assert!(status.success(), "{status}; log:\n{log}");
+    assert!(log.contains("NATS is unreachable: leaving without removing"), "{log}");
+}
