@@ -104,9 +104,9 @@ pub(crate) trait Origin: Send + Sync {
     /// Not processed: `msgs` (in their order, counted as [`settle`] left them) go back to
     /// the head of the queue.
     fn hand_back(&self, msgs: Vec<Message>);
-    /// `msg` failed for good: `letter` goes to the `dead-letter` topic and the message
-    /// leaves its queue.
-    fn dead_letter(&self, msg: Message, letter: Vec<u8>);
+    /// The message failed for good: `letter` goes to the `dead-letter` topic and the
+    /// message leaves its queue.
+    fn dead_letter(&self, letter: Letter);
 }
 
 /// The messages a routine received last (one from `recv`, several from `recv-batch`), all
@@ -202,14 +202,14 @@ impl InFlightSlot {
             return false;
         }
         let msg = taken.pop().unwrap_or_default();
-        let described = origin.describe();
         let why = Some("its host died while processing it".to_string());
-        let letter = letter("", why, &described, msg.deliveries, &msg.payload);
+        let letter = Letter::new("", why, origin.describe(), msg);
         tracing::warn!(
-            "message from {described} failed {} deliveries: sent to {DEAD_LETTER_TOPIC}",
-            msg.deliveries
+            "message from {} failed {} deliveries: sent to {DEAD_LETTER_TOPIC}",
+            letter.source,
+            letter.deliveries
         );
-        origin.dead_letter(msg, letter);
+        origin.dead_letter(letter);
         self.unused(std::mem::take(taken));
         true
     }
@@ -247,14 +247,14 @@ pub(crate) fn settle(
     }
     match msgs.pop() {
         Some(msg) if exhausted(msg.deliveries, max) => {
-            let described = origin.describe();
+            let letter = Letter::new(routine, error, origin.describe(), msg);
             tracing::warn!(
                 routine = %crate::logguard::escape(routine),
-                "message from {described} failed {} deliveries: sent to {DEAD_LETTER_TOPIC}",
-                msg.deliveries
+                "message from {} failed {} deliveries: sent to {DEAD_LETTER_TOPIC}",
+                letter.source,
+                letter.deliveries
             );
-            let letter = letter(routine, error, &described, msg.deliveries, &msg.payload);
-            origin.dead_letter(msg, letter);
+            origin.dead_letter(letter);
             Settled::DeadLettered
         }
         Some(msg) => {
@@ -279,24 +279,104 @@ pub(crate) enum Settled {
     DeadLettered,
 }
 
-/// A dead letter, as JSON on the `dead-letter` topic.
-#[derive(serde::Serialize)]
-struct DeadLetter<'a> {
-    routine: &'a str,
-    error: Option<String>,
-    source: &'a str,
-    deliveries: u32,
-    payload: &'a [u8],
+/// A dead letter: the message that failed for good and what is known of why. On the
+/// `dead-letter` topic it is JSON `{"routine", "error", "source", "deliveries", "payload"}`
+/// with the payload as an array of bytes; where that does not fit a transport's message
+/// size (a large payload in a cluster), `"payloadBase64"` carries it instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Letter {
+    pub routine: String,
+    pub error: Option<String>,
+    pub source: String,
+    pub deliveries: u32,
+    pub payload: Vec<u8>,
 }
 
-/// The JSON of a dead letter.
-fn letter(
-    routine: &str,
-    error: Option<String>,
-    source: &str,
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Json<'a> {
+    routine: &'a str,
+    error: &'a Option<String>,
+    source: &'a str,
     deliveries: u32,
-    payload: &[u8],
-) -> Vec<u8> {
-    let letter = DeadLetter { routine, error, source, deliveries, payload };
-    serde_json::to_vec(&letter).unwrap_or_default()
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a [u8]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_base64: Option<String>,
+}
+
+impl Letter {
+    fn new(routine: &str, error: Option<String>, source: String, msg: Message) -> Self {
+        Letter {
+            routine: routine.to_string(),
+            error,
+            source,
+            deliveries: msg.deliveries,
+            payload: msg.payload,
+        }
+    }
+
+    /// The JSON, with the payload as an array of bytes.
+    pub fn json(&self) -> Vec<u8> {
+        self.encode(false)
+    }
+
+    /// The JSON in at most `max` bytes: the array form, else `payloadBase64` (a third
+    /// larger than the payload, where the array form is three to four times larger);
+    /// `None` when neither fits.
+    pub fn json_within(&self, max: usize) -> Option<Vec<u8>> {
+        [false, true].into_iter().map(|b64| self.encode(b64)).find(|j| j.len() <= max)
+    }
+
+    fn encode(&self, b64: bool) -> Vec<u8> {
+        use base64::Engine;
+        let json = Json {
+            routine: &self.routine,
+            error: &self.error,
+            source: &self.source,
+            deliveries: self.deliveries,
+            payload: (!b64).then_some(&self.payload[..]),
+            payload_base64: b64
+                .then(|| base64::engine::general_purpose::STANDARD.encode(&self.payload)),
+        };
+        serde_json::to_vec(&json).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(payload: Vec<u8>) -> Letter {
+        Letter::new("r", Some("boom".into()), "topic:t".into(), Message::new(payload))
+    }
+
+    #[test]
+    fn a_letter_is_json_with_the_payload_as_bytes() {
+        let v: serde_json::Value = serde_json::from_slice(&letter(b"ab".to_vec()).json()).unwrap();
+        assert_eq!(v["payload"], serde_json::json!([97, 98]));
+        assert_eq!((v["routine"].as_str(), v["source"].as_str()), (Some("r"), Some("topic:t")));
+        assert!(v.get("payloadBase64").is_none());
+    }
+
+    #[test]
+    fn a_letter_too_large_as_an_array_is_base64_and_none_when_nothing_fits() {
+        let l = letter(vec![200; 1000]);
+        let array = l.json();
+        assert!(array.len() > 3000);
+        let fitted = l.json_within(2000).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&fitted).unwrap();
+        assert!(v.get("payload").is_none());
+        use base64::Engine;
+        let b = base64::engine::general_purpose::STANDARD;
+        assert_eq!(b.decode(v["payloadBase64"].as_str().unwrap()).unwrap(), vec![200; 1000]);
+        assert_eq!(l.json_within(array.len()), Some(array));
+        assert_eq!(l.json_within(1000), None);
+    }
+
+    #[test]
+    fn exhausted_is_one_comparison_with_at_least_one_delivery() {
+        assert!(!exhausted(0, 1) && exhausted(1, 1) && exhausted(3, 3) && !exhausted(2, 3));
+        assert!(exhausted(1, 0), "max-deliveries 0 counts as 1");
+    }
 }

@@ -23,10 +23,10 @@ use super::topics::{self, RemoteMsg};
 use super::{ClusterCore, split_address};
 use crate::bus::TopicStats;
 use crate::channel::Channel;
-use crate::delivery::{Message, Origin};
+use crate::delivery::{Letter, Message, Origin};
 use crate::names::validate_routine_name;
 use crate::transport::{
-    CallError, DeadLetters, Link, LocalLink, LocalTransport, Queue, Transport, queued,
+    CallError, DeadLetters, Link, Local, LocalLink, LocalTransport, Queue, Transport, queued,
 };
 
 /// The transport of a host in a cluster.
@@ -132,6 +132,10 @@ impl Transport for ClusterTransport {
     fn nodes(&self) -> Option<usize> {
         Some(self.core.view().nodes.len())
     }
+    fn dead_letters_dropped(&self) -> u64 {
+        let here = self.core.dead_letters_dropped.load(std::sync::atomic::Ordering::Relaxed);
+        Local(self.local.clone()).dead_letters_dropped() + here
+    }
     fn close(&self) {
         self.local.close();
     }
@@ -233,7 +237,7 @@ impl Origin for RemoteOrigin {
             h.nak();
         }
     }
-    fn dead_letter(&self, _msg: Message, letter: Vec<u8>) {
+    fn dead_letter(&self, letter: Letter) {
         if let Some(h) = self.handle.lock().take() {
             h.dead_letter(letter);
         }
@@ -244,7 +248,7 @@ impl Origin for RemoteOrigin {
 struct ClusterDeadLetters(Arc<ClusterCore>);
 
 impl DeadLetters for ClusterDeadLetters {
-    fn put(&self, letter: Vec<u8>) {
+    fn put(&self, letter: Letter) {
         let c = self.0.clone();
         self.0.spawn(async move {
             topics::publish_dead_letter(&c, letter).await;

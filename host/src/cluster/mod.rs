@@ -193,6 +193,8 @@ pub(crate) struct ClusterCore {
     pub(crate) topics: topics::Topics,
     /// Background work (watchers, heartbeat, services, acks of settled messages).
     pub(crate) tasks: TaskTracker,
+    /// Dead letters larger than NATS carries (dropped, never stored).
+    pub(crate) dead_letters_dropped: std::sync::atomic::AtomicU64,
     pub(crate) stop: CancellationToken,
 }
 
@@ -272,6 +274,7 @@ impl Cluster {
             registry,
             topics: topics::Topics::default(),
             tasks: TaskTracker::new(),
+            dead_letters_dropped: Default::default(),
             stop: CancellationToken::new(),
         });
         let transport = ClusterTransport::new(core.clone(), orch.local_transport());

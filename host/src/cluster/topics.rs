@@ -32,6 +32,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{ClusterCore, closed, token, untoken};
 use crate::bus::{DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY, TopicStats};
+use crate::delivery::Letter;
 use crate::names::validate_topic_name;
 use crate::transport::{CallError, Limit};
 
@@ -42,6 +43,8 @@ const PULL_MAX: Duration = Duration::from_secs(5);
 /// How long JetStream remembers a message id to drop a retried publish (set on every topic
 /// stream: a publish whose acknowledgement was lost is retried within seconds).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// Room kept in a NATS message for the headers of a publish (its message id).
+const PUBLISH_OVERHEAD: usize = 256;
 /// How often the topic figures of `/gorchestra/api/topics` and `/metrics` are refreshed.
 const STATS_EVERY: Duration = Duration::from_secs(1);
 
@@ -121,35 +124,57 @@ impl RemoteMsg {
         self.verdict(AckKind::Nak(None));
     }
     /// Publishes `letter` on the cluster's `dead-letter` topic, then terminates the message
-    /// (never redelivered).
-    pub(crate) fn dead_letter(self, letter: Vec<u8>) {
+    /// (never redelivered). A letter NATS cannot carry is dropped (logged and counted) and
+    /// the message terminated all the same: handing it back would bring it straight back.
+    pub(crate) fn dead_letter(self, letter: Letter) {
         let RemoteMsg { acker, core, _progress } = self;
         drop(_progress);
         let c = core.clone();
         core.spawn(async move {
-            // Terminate only what reached dead-letter; otherwise let it be redelivered.
-            let kind = if publish_dead_letter(&c, letter).await {
-                AckKind::Term
-            } else {
-                AckKind::Nak(None)
+            // Terminate what reached dead-letter or never can; otherwise redeliver it.
+            let kind = match publish_dead_letter(&c, letter).await {
+                DeadLettered::Stored | DeadLettered::Dropped => AckKind::Term,
+                DeadLettered::NotNow => AckKind::Nak(None),
             };
             let _ = acker.ack_with(kind).await;
         });
     }
 }
 
+/// What became of a dead letter.
+pub(crate) enum DeadLettered {
+    /// On the cluster's `dead-letter` topic.
+    Stored,
+    /// Larger than NATS carries, in either form: logged and counted, never stored.
+    Dropped,
+    /// Not stored within 30 s (NATS unreachable that long).
+    NotNow,
+}
+
 /// Publishes `letter` on the cluster's `dead-letter` topic, giving up after 30 s (NATS
-/// unreachable that long); true once stored.
-pub(crate) async fn publish_dead_letter(core: &ClusterCore, letter: Vec<u8>) -> bool {
-    let never = CancellationToken::new();
+/// unreachable that long).
+pub(crate) async fn publish_dead_letter(core: &ClusterCore, letter: Letter) -> DeadLettered {
     let topic = crate::delivery::DEAD_LETTER_TOPIC;
+    let max = core.client.server_info().max_payload.saturating_sub(PUBLISH_OVERHEAD);
+    let Some(json) = letter.json_within(max) else {
+        tracing::error!(
+            "a dead letter of a {}-byte message from {} ({} deliveries) is larger than NATS \
+             carries ({max} bytes): dropped",
+            letter.payload.len(),
+            letter.source,
+            letter.deliveries
+        );
+        core.dead_letters_dropped.fetch_add(1, Relaxed);
+        return DeadLettered::Dropped;
+    };
+    let never = CancellationToken::new();
     let published =
-        tokio::time::timeout(Duration::from_secs(30), publish(core, topic, letter, &never)).await;
-    let stored = matches!(published, Ok(Ok(())));
-    if !stored {
-        tracing::error!("a dead letter could not be published on the cluster's {topic} topic");
+        tokio::time::timeout(Duration::from_secs(30), publish(core, topic, json, &never)).await;
+    if matches!(published, Ok(Ok(()))) {
+        return DeadLettered::Stored;
     }
-    stored
+    tracing::error!("a dead letter could not be published on the cluster's {topic} topic");
+    DeadLettered::NotNow
 }
 
 fn stream_name(topic: &str) -> String {
@@ -215,8 +240,8 @@ pub(crate) async fn publish(
     cancel: &CancellationToken,
 ) -> Result<(), CallError> {
     let max = core.client.server_info().max_payload;
-    if payload.len() + 256 > max {
-        return Err(CallError::TooLarge(max.saturating_sub(256) as u64));
+    if payload.len() + PUBLISH_OVERHEAD > max {
+        return Err(CallError::TooLarge(max.saturating_sub(PUBLISH_OVERHEAD) as u64));
     }
     let t = topic(core, name).await?;
     let id = core.topics.next_id(&core.node_token);

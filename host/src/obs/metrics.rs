@@ -61,6 +61,7 @@ enum Series {
     PluginEnded,
     PerRoutine,
     ClusterNodes,
+    DeadLettersDropped,
 }
 
 /// What describes a metric family: name, help, label names (alphabetical), counter or gauge.
@@ -72,7 +73,7 @@ struct Spec {
 }
 
 impl Series {
-    const ALL: [Series; 34] = [
+    const ALL: [Series; 35] = [
         Series::Routines,
         Series::RoutineInfo,
         Series::RoutineUp,
@@ -107,6 +108,7 @@ impl Series {
         Series::PluginEnded,
         Series::PerRoutine,
         Series::ClusterNodes,
+        Series::DeadLettersDropped,
     ];
 
     fn spec(self) -> Spec {
@@ -275,6 +277,12 @@ impl Series {
                 NONE,
                 false,
             ),
+            Series::DeadLettersDropped => (
+                "gorch_dead_letters_dropped_total",
+                "Dead letters that could not be stored: the dead-letter topic was full, or the letter was larger than NATS carries.",
+                NONE,
+                true,
+            ),
         };
         Spec { name, help, labels, counter }
     }
@@ -429,9 +437,11 @@ fn visit(orch: &Orchestrator, routine_limit: usize, mut sink: impl FnMut(Series,
         f(Series::TopicBlockedPublish, &[topic], t.blocked_publish_seconds);
         f(Series::TopicBlockedRecv, &[topic], t.blocked_recv_seconds);
     }
-    if let Some(nodes) = orch.transport().nodes() {
+    let transport = orch.transport();
+    if let Some(nodes) = transport.nodes() {
         f(Series::ClusterNodes, &[], nodes as f64);
     }
+    f(Series::DeadLettersDropped, &[], transport.dead_letters_dropped() as f64);
 }
 
 fn visit_routines(

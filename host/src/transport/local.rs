@@ -10,6 +10,7 @@
 //! changes what a call reaches.
 
 use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::{CallError, DeadLetters, Directory, Limit, Link, Queue, Transport, queued};
 use crate::bus::{Bus, BusError, DEFAULT_TOPIC_CAPACITY, TopicStats};
 use crate::channel::{Channel, RecvError, SendError};
-use crate::delivery::{DEAD_LETTER_TOPIC, Message, Origin};
+use crate::delivery::{DEAD_LETTER_TOPIC, Letter, Message, Origin};
 use crate::names::validate_routine_name;
 
 /// Names kept per kind in a link; a routine talking to more evicts the oldest.
@@ -31,12 +32,13 @@ const MAX_NAMES: usize = 16;
 pub(crate) struct LocalTransport {
     bus: Bus<Message>,
     names: Weak<dyn Directory>,
+    dropped: AtomicU64,
 }
 
 impl LocalTransport {
     /// Topics on `bus`, mailboxes from `names`.
     pub fn new(bus: Bus<Message>, names: Weak<dyn Directory>) -> Self {
-        LocalTransport { bus, names }
+        LocalTransport { bus, names, dropped: AtomicU64::new(0) }
     }
 
     pub fn bus(&self) -> &Bus<Message> {
@@ -105,17 +107,24 @@ impl LocalTransport {
     }
 }
 
+impl LocalTransport {
+    /// Counts a dead letter that could not be stored (see [`Transport::dead_letters_dropped`]).
+    pub fn count_dropped(&self) {
+        self.dropped.fetch_add(1, Relaxed);
+    }
+}
+
 impl DeadLetters for LocalTransport {
-    fn put(&self, letter: Vec<u8>) {
-        match self.topic(DEAD_LETTER_TOPIC) {
-            Ok(ch) => {
-                if ch.try_send(Message::from(letter)).is_err() {
-                    tracing::error!(
-                        "the {DEAD_LETTER_TOPIC} topic is full; a dead letter was dropped"
-                    );
-                }
-            }
-            Err(e) => tracing::error!("cannot reach the {DEAD_LETTER_TOPIC} topic: {e}"),
+    fn put(&self, letter: Letter) {
+        let stored = match self.topic(DEAD_LETTER_TOPIC) {
+            Ok(ch) => ch.try_send(Message::from(letter.json())).map_err(|_| {
+                format!("the {DEAD_LETTER_TOPIC} topic is full; a dead letter was dropped")
+            }),
+            Err(e) => Err(format!("cannot reach the {DEAD_LETTER_TOPIC} topic: {e}")),
+        };
+        if let Err(e) = stored {
+            tracing::error!("{e}");
+            self.count_dropped();
         }
     }
 }
@@ -165,6 +174,9 @@ impl Transport for Local {
     fn nodes(&self) -> Option<usize> {
         None
     }
+    fn dead_letters_dropped(&self) -> u64 {
+        self.0.dropped.load(Relaxed)
+    }
     fn close(&self) {
         self.0.close();
     }
@@ -196,7 +208,7 @@ impl Origin for QueueOrigin {
             }
         }
     }
-    fn dead_letter(&self, _msg: Message, letter: Vec<u8>) {
+    fn dead_letter(&self, letter: Letter) {
         self.dead.put(letter);
     }
 }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::TopicStats;
 use crate::channel::{Channel, SendError};
-use crate::delivery::{Message, Origin};
+use crate::delivery::{Letter, Message, Origin};
 
 mod local;
 
@@ -152,6 +152,9 @@ pub(crate) trait Transport: Send + Sync + 'static {
     /// The live nodes this host moves messages between (`gorch_cluster_nodes`), when it
     /// knows of several.
     fn nodes(&self) -> Option<usize>;
+    /// Dead letters that could not be stored (the `dead-letter` topic full, or a letter
+    /// larger than the transport carries).
+    fn dead_letters_dropped(&self) -> u64;
     /// The host is shutting down: closes the in-memory topics.
     fn close(&self);
     /// For [`Cluster::of`](crate::Cluster::of).
@@ -166,8 +169,9 @@ pub(crate) trait Directory: Send + Sync {
 
 /// Where dead letters go: the local `dead-letter` topic, or the cluster's.
 pub(crate) trait DeadLetters: Send + Sync {
-    /// Stores `letter` on the `dead-letter` topic (reporting, never waiting, if it cannot).
-    fn put(&self, letter: Vec<u8>);
+    /// Stores `letter` on the `dead-letter` topic (never waiting; what cannot be stored is
+    /// logged and counted in `gorch_dead_letters_dropped_total`).
+    fn put(&self, letter: Letter);
 }
 
 /// What a routine sees of a send to an in-memory mailbox or topic.

@@ -108,3 +108,76 @@ fn sigterm_with_nats_gone_exits_within_the_bound() {
     assert!(status.success(), "{status}; log:\n{log}");
     assert!(log.contains("NATS is unreachable: leaving without removing"), "{log}");
 }
+
+/// Finding 3: a poison message of 400 KB made a dead letter (its payload as a JSON array of
+/// numbers) larger than NATS carries; the publish failed, the message was handed back and
+/// came straight back, for ever. Now: one dead letter (base64), the message settled.
+#[test]
+fn a_large_poison_message_is_dead_lettered_once() {
+    let nats = Nats::start();
+    run(async {
+        let (a, ca) = node(&nats, "a").await;
+        let poison = vec![255u8; 400 * 1024];
+        let sup =
+            gorch_host::Supervision { max_deliveries: 1, ..gorch_host::Supervision::for_plugin() };
+        let crashy = a
+            .spawn(SpawnOptions::new("crashy").supervision(sup), |ctx| async move {
+                match ctx.bus_recv("big", None).await.map_err(|e| e.to_string())? {
+                    Some(m) => Err(format!("cannot handle {} bytes", m.len())),
+                    None => Ok(()),
+                }
+            })
+            .unwrap();
+        let p = poison.clone();
+        let h = a
+            .spawn(SpawnOptions::new("publisher"), move |ctx| {
+                let p = p.clone();
+                async move { ctx.publish("big", p).await }
+            })
+            .unwrap();
+        assert_eq!(wait_end(&h, Duration::from_secs(30)).await, State::Stopped);
+
+        let letters: Arc<Mutex<Vec<serde_json::Value>>> = Default::default();
+        let l = letters.clone();
+        a.spawn(SpawnOptions::new("letters"), move |ctx| {
+            let l = l.clone();
+            async move {
+                while let Some(m) = ctx.bus_recv("dead-letter", None).await? {
+                    l.lock().push(serde_json::from_slice(&m).unwrap());
+                }
+                Ok::<(), CallError>(())
+            }
+        })
+        .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(60), || !letters.lock().is_empty()).await,
+            "no dead letter arrived: {:?}",
+            crashy.snapshot()
+        );
+        let letter = letters.lock()[0].clone();
+        use base64::Engine;
+        let b64 = letter["payloadBase64"].as_str().expect("payloadBase64");
+        let payload = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        assert_eq!(payload, poison);
+        assert_eq!(
+            (letter["routine"].as_str(), letter["deliveries"].as_u64()),
+            (Some("crashy"), Some(1))
+        );
+        // Settled: the stream is empty, the routine counted one dead letter and no more come.
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                a.topics().iter().any(|t| t.name == "big" && t.len == 0)
+            })
+            .await
+        );
+        let text = {
+            let mut out = String::new();
+            gorch_host::obs::write_text(&a, &mut out);
+            out
+        };
+        assert!(text.contains("gorch_dead_letters_total{name=\"crashy\"} 1"), "{text}");
+        assert!(text.contains("gorch_dead_letters_dropped_total 0"), "{text}");
+        assert_eq!(letters.lock().len(), 1);
+        leave(&a, &ca).await;
+    });
+}
