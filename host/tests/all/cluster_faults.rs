@@ -47,8 +47,7 @@ async fn drain(orch: &Orchestrator, topic: &'static str, want: usize) -> BTreeSe
     })
     .unwrap();
     wait_until(Duration::from_secs(60), || seen.lock().len() >= want).await;
-    let got = seen.lock().clone();
-    got
+    seen.lock().clone()
 }
 
 /// Finding 1: a node restarted within JetStream's duplicate window reused the message ids
