@@ -98,12 +98,18 @@ pub(crate) fn exhausted(failed: u32, max: u32) -> bool {
 pub(crate) trait Origin: Send + Sync {
     /// Where it came from, as dead letters name it: `mailbox` or `topic:NAME`.
     fn describe(&self) -> String;
+    /// Whether the queue counts deliveries itself (JetStream), so that a message can arrive
+    /// with its deliveries already used up (its receiver's host died with it). An in-memory
+    /// queue's counts are this host's own, settled before the message goes back.
+    fn counts_deliveries(&self) -> bool {
+        false
+    }
     /// Processed: nothing more to do for an in-memory queue; the queue's acknowledgement
     /// otherwise.
     fn ack(&self) {}
     /// Not processed: `msgs` (in their order, counted as [`settle`] left them) go back to
-    /// the head of the queue.
-    fn hand_back(&self, msgs: Vec<Message>);
+    /// the head of the queue. Returns how many could not (the queue was closed).
+    fn hand_back(&self, msgs: Vec<Message>) -> usize;
     /// The message failed for good: `letter` goes to the `dead-letter` topic and the
     /// message leaves its queue.
     fn dead_letter(&self, letter: Letter);
@@ -138,19 +144,20 @@ impl InFlightSlot {
         msgs
     }
 
-    /// A receive that took nothing gives the vector back.
+    /// A receive that took nothing gives the vector back (kept for the next one unless
+    /// another receive holds messages meanwhile).
     pub fn unused(&self, buf: Vec<Message>) {
         let mut held = self.0.lock();
-        if held.msgs.capacity() < buf.capacity() {
+        if held.msgs.is_empty() && held.msgs.capacity() < buf.capacity() {
             held.msgs = buf;
         }
     }
 
     /// `taken` (in queue order) were just received from `origin`: counts a delivery of
     /// each, keeps them in flight (after a crash: see [`settle`]) and returns copies of the
-    /// payloads. `None` when the receive took a single message whose earlier deliveries had
-    /// already reached `max` (its receiver's host died with it): it went to `dead-letter`,
-    /// and the caller receives again.
+    /// payloads. `None` when the receive took a single message of a queue that counts its
+    /// own deliveries and they had already reached `max` (its receiver's host died with
+    /// it): it went to `dead-letter`, and the caller receives again.
     pub fn deliver(
         &self,
         mut taken: Vec<Message>,
@@ -194,11 +201,12 @@ impl InFlightSlot {
         held.origin = Some(origin);
     }
 
-    /// A single message whose deliveries were used up before this receive goes to
-    /// `dead-letter` (true), and `taken` is given back empty.
+    /// A single message of a queue that counts deliveries itself, whose deliveries were
+    /// used up before this receive, goes to `dead-letter` (true), and `taken` is given back
+    /// empty.
     fn dead_on_arrival(&self, taken: &mut Vec<Message>, origin: &dyn Origin, max: u32) -> bool {
         let [msg] = taken.as_slice() else { return false };
-        if !exhausted(msg.deliveries, max) {
+        if !origin.counts_deliveries() || !exhausted(msg.deliveries, max) {
             return false;
         }
         let msg = taken.pop().unwrap_or_default();
@@ -217,24 +225,35 @@ impl InFlightSlot {
 
 /// After a run of `routine`: a clean return acknowledges what is in flight; any other end
 /// hands it back to the head of its queue, or sends a message to `dead-letter` once it has
-/// failed `max` deliveries. A batch goes back in its order with no delivery counted, its
-/// messages marked to be handed out one at a time.
+/// failed `max` deliveries (`counted` is called first: the routine counts it). A batch goes
+/// back in its order with no delivery counted, its messages marked to be handed out one at
+/// a time.
 pub(crate) fn settle(
     slot: &InFlightSlot,
     routine: &str,
-    error: Option<String>,
+    error: impl FnOnce() -> Option<String>,
     max: u32,
     clean: bool,
-) -> Settled {
+    counted: impl FnOnce(),
+) {
     let (mut msgs, origin) = {
         let mut held = slot.0.lock();
         (std::mem::take(&mut held.msgs), held.origin.take())
     };
-    let Some(origin) = origin else { return Settled::Nothing };
+    let Some(origin) = origin else { return };
     if clean {
         origin.ack();
-        return Settled::Nothing;
+        return;
     }
+    let back = |msgs: Vec<Message>| {
+        let dropped = origin.hand_back(msgs);
+        if dropped > 0 {
+            tracing::warn!(
+                routine = %crate::logguard::escape(routine),
+                "{dropped} in-flight message(s) dropped: the queue is closed"
+            );
+        }
+    };
     if msgs.len() > 1 {
         // A batch: which message crashed the routine is unknown, so none is counted; each is
         // handed out alone from now on, which finds the one that does (and counts it).
@@ -242,12 +261,13 @@ pub(crate) fn settle(
             msg.deliveries = msg.deliveries.saturating_sub(1);
             msg.alone = true;
         }
-        origin.hand_back(msgs);
-        return Settled::HandedBack;
+        back(msgs);
+        return;
     }
     match msgs.pop() {
         Some(msg) if exhausted(msg.deliveries, max) => {
-            let letter = Letter::new(routine, error, origin.describe(), msg);
+            counted();
+            let letter = Letter::new(routine, error(), origin.describe(), msg);
             tracing::warn!(
                 routine = %crate::logguard::escape(routine),
                 "message from {} failed {} deliveries: sent to {DEAD_LETTER_TOPIC}",
@@ -255,28 +275,10 @@ pub(crate) fn settle(
                 letter.deliveries
             );
             origin.dead_letter(letter);
-            Settled::DeadLettered
         }
-        Some(msg) => {
-            origin.hand_back(vec![msg]);
-            Settled::HandedBack
-        }
-        None => {
-            origin.hand_back(Vec::new());
-            Settled::HandedBack
-        }
+        Some(msg) => back(vec![msg]),
+        None => back(Vec::new()),
     }
-}
-
-/// What [`settle`] did with a crashed run's in-flight message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Settled {
-    /// Nothing was in flight, or it was acknowledged.
-    Nothing,
-    /// It went back to its queue.
-    HandedBack,
-    /// It went to `dead-letter` (the routine counts it).
-    DeadLettered,
 }
 
 /// A dead letter: the message that failed for good and what is known of why. On the

@@ -13,7 +13,8 @@
 //!   the next one, and is redelivered after a crash, up to `max-deliveries`).
 //! - [`Cluster`]: several hosts as one over NATS JetStream (topics and sends span nodes).
 //! - [`ObsServer`]: `/metrics`, the dashboard and the JSON API ([`obs`]).
-//! - [`defaults`]: every default and bound, by area.
+//! - [`defaults`]: the defaults and bounds of the core, by area (the server's are in
+//!   [`obs`], the manifest's in [`plugin`]).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -36,9 +37,9 @@
 //! # Ok(()) }
 //! ```
 
-// The types are at the crate root, each at one path; the modules are private except the
-// observability server (`obs`), the plugin directory (`plugin`), the constants
-// (`defaults`) and the CLI. ARCHITECTURE.md says what each module owns.
+// The types are at the crate root; the modules are private except the observability server
+// (`obs`), the plugin directory (`plugin`), the core's constants (`defaults`) and the CLI,
+// so each type has one page in the docs. ARCHITECTURE.md says what each module owns.
 mod bus;
 mod channel;
 #[doc(hidden)]
@@ -77,12 +78,13 @@ pub use wasm::{
     UpgradeError, WasmComponent, WasmEngine, WasmOptions,
 };
 
-/// The defaults and bounds of the library, by area.
+/// The defaults and bounds of the core, by area (the observability server's are in
+/// [`obs`], the manifest's in [`plugin`]).
 pub mod defaults {
     pub use crate::bus::{DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY};
     pub use crate::cluster::{
         DEFAULT_ACK_WAIT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LEAVE_BOUND, DUPLICATE_WINDOW,
-        HEARTBEAT, LEASE, REMOTE_SEND_TIMEOUT,
+        HEARTBEAT, LEASE, MIN_ACK_WAIT, REMOTE_SEND_TIMEOUT,
     };
     pub use crate::names::MAX_NAME_BYTES;
     pub use crate::orchestrator::{

@@ -33,11 +33,13 @@ use crate::transport::{
 pub(crate) struct ClusterTransport {
     pub(crate) core: Arc<ClusterCore>,
     local: Arc<LocalTransport>,
+    dead: Arc<dyn DeadLetters>,
 }
 
 impl ClusterTransport {
     pub(crate) fn new(core: Arc<ClusterCore>, local: Arc<LocalTransport>) -> Self {
-        ClusterTransport { core, local }
+        let dead = Arc::new(ClusterDeadLetters(core.clone()));
+        ClusterTransport { core, local, dead }
     }
 }
 
@@ -81,8 +83,8 @@ fn pick(nodes: &[String]) -> Option<String> {
 
 impl Transport for ClusterTransport {
     fn link(&self, mailbox: &Channel<Message>) -> Arc<dyn Link> {
-        let dead: Arc<dyn DeadLetters> = Arc::new(ClusterDeadLetters(self.core.clone()));
-        Arc::new(ClusterLink { core: self.core.clone(), local: self.local.link_to(mailbox, dead) })
+        let local = self.local.link_to(mailbox, self.dead.clone());
+        Arc::new(ClusterLink { core: self.core.clone(), local })
     }
     fn clash(&self, name: &str, unique: bool) -> Option<String> {
         self.core.registry.conflict(name, unique)
@@ -93,15 +95,10 @@ impl Transport for ClusterTransport {
     fn unregister(&self, name: &str) {
         self.core.registry.unregister(name);
     }
-    fn resolves(&self, to: &str) -> bool {
-        match split_address(to) {
-            (Some(node), name) if node != self.core.node => {
-                validate_routine_name(node).is_ok() && validate_routine_name(name).is_ok()
-            }
-            (_, name) => {
-                self.local.mailbox(name).is_some() || !self.core.registry.holders(name).is_empty()
-            }
-        }
+    /// Always true: the send itself resolves the name (here, or on the node the registry
+    /// names) and says why it reaches nothing.
+    fn resolves(&self, _to: &str) -> bool {
+        true
     }
     fn send<'a>(
         &'a self,
@@ -126,8 +123,11 @@ impl Transport for ClusterTransport {
         self.core.topics.stats()
     }
     fn problem(&self) -> Option<String> {
-        (!self.core.connected())
-            .then(|| format!("not connected to NATS at {} (reconnecting)", self.core.url))
+        if !self.core.connected() {
+            return Some(format!("not connected to NATS at {} (reconnecting)", self.core.url));
+        }
+        let js = self.core.js_problem.lock().clone()?;
+        Some(format!("NATS JetStream at {} does not answer: {js} (repairing)", self.core.url))
     }
     fn nodes(&self) -> Option<usize> {
         Some(self.core.view().nodes.len())
@@ -151,6 +151,11 @@ struct ClusterLink {
 }
 
 impl Link for ClusterLink {
+    /// A topic's stream is opened by the receive itself (after the acknowledgement).
+    fn open(&self, _queue: Queue<'_>) -> Result<(), CallError> {
+        Ok(())
+    }
+
     fn send<'a>(
         &'a self,
         to: &'a str,
@@ -231,11 +236,15 @@ impl Origin for RemoteOrigin {
             h.ack();
         }
     }
-    fn hand_back(&self, _msgs: Vec<Message>) {
+    fn counts_deliveries(&self) -> bool {
+        true
+    }
+    fn hand_back(&self, _msgs: Vec<Message>) -> usize {
         // JetStream keeps the message and counts its deliveries itself.
         if let Some(h) = self.handle.lock().take() {
             h.nak();
         }
+        0
     }
     fn dead_letter(&self, letter: Letter) {
         if let Some(h) = self.handle.lock().take() {

@@ -49,6 +49,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// (to any node) this long after its last sign of life. While its consumer works on it, the
 /// host extends it (progress acks every third of it), so slow work is not redelivered.
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(10);
+/// The shortest ack wait accepted: progress acks go every third of it, and JetStream takes
+/// 0 for its own default of 30 s.
+pub const MIN_ACK_WAIT: Duration = Duration::from_secs(1);
 /// Default bound on [`Cluster::leave`].
 pub const DEFAULT_LEAVE_BOUND: Duration = Duration::from_secs(3);
 /// Bound on a mailbox send to another node (then `closed`).
@@ -65,7 +68,9 @@ pub struct ClusterConfig {
     pub creds: Option<PathBuf>,
     /// Bound on the first connection.
     pub connect_timeout: Duration,
-    /// JetStream ack wait of the topic consumers this node creates (see [`DEFAULT_ACK_WAIT`]).
+    /// JetStream ack wait of the topic consumers (see [`DEFAULT_ACK_WAIT`]; at least
+    /// [`MIN_ACK_WAIT`]). The topics this node opens take it: a consumer created by a node
+    /// with another setting is updated.
     pub ack_wait: Duration,
     /// This node's HTTP address, shown to the other nodes.
     pub http_addr: Option<String>,
@@ -123,6 +128,14 @@ pub enum ClusterError {
     /// The orchestrator is already in a cluster.
     #[error("this orchestrator already joined a cluster")]
     AlreadyJoined,
+    /// The ack wait is shorter than [`MIN_ACK_WAIT`].
+    #[error(
+        "ack-wait {} is too short: at least {} (it bounds how long a dead host holds its \
+         messages; progress acks go every third of it)",
+        humantime::format_duration(*.0),
+        humantime::format_duration(MIN_ACK_WAIT)
+    )]
+    AckWait(Duration),
     /// A JetStream call failed while joining.
     #[error("NATS JetStream at {url}: {reason} (is the server started with -js?)")]
     JetStream {
@@ -193,6 +206,8 @@ pub(crate) struct ClusterCore {
     pub(crate) topics: topics::Topics,
     /// Background work (watchers, heartbeat, services, acks of settled messages).
     pub(crate) tasks: TaskTracker,
+    /// Why JetStream does not answer while connected (a lost store being repaired).
+    pub(crate) js_problem: parking_lot::Mutex<Option<String>>,
     /// Dead letters larger than NATS carries (dropped, never stored).
     pub(crate) dead_letters_dropped: std::sync::atomic::AtomicU64,
     pub(crate) stop: CancellationToken,
@@ -252,10 +267,14 @@ impl Cluster {
 
     /// Connects to NATS, claims the node name, loads the registry and attaches the cluster
     /// to `orch`: from then on its topics are cluster-wide and its sends reach routines on
-    /// other nodes. Call it before spawning routines.
+    /// other nodes. Call it before spawning routines: a run that started before keeps the
+    /// in-memory transport until it ends (its next run takes the cluster's).
     pub async fn join(orch: &Orchestrator, config: ClusterConfig) -> Result<Cluster, ClusterError> {
         validate_routine_name(&config.node)
             .map_err(|reason| ClusterError::InvalidNode { name: config.node.clone(), reason })?;
+        if config.ack_wait < MIN_ACK_WAIT {
+            return Err(ClusterError::AckWait(config.ack_wait));
+        }
         let client = connect(&config).await?;
         let js = jetstream::new(client.clone());
         let js_err = |reason: String| ClusterError::JetStream { url: config.url.clone(), reason };
@@ -275,6 +294,7 @@ impl Cluster {
             topics: topics::Topics::default(),
             tasks: TaskTracker::new(),
             dead_letters_dropped: Default::default(),
+            js_problem: Default::default(),
             stop: CancellationToken::new(),
         });
         let transport = ClusterTransport::new(core.clone(), orch.local_transport());

@@ -12,7 +12,7 @@
 //! Every node watches both buckets and keeps a view in memory, so looking a name up costs
 //! no round trip.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -79,8 +79,9 @@ pub(crate) struct Registry {
     view: RwLock<View>,
     events: mpsc::UnboundedSender<Event>,
     queue: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
-    /// Routine keys this node wrote (removed when it leaves).
-    mine: Mutex<HashSet<String>>,
+    /// Routine keys this node wrote, with the name and whether it is cluster-unique
+    /// (re-asserted after a repair, removed when it leaves).
+    mine: Mutex<HashMap<String, (String, bool)>>,
 }
 
 fn now_ms() -> u64 {
@@ -116,31 +117,32 @@ async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store
     })
 }
 
+/// The settings of the two buckets.
+fn bucket_configs() -> [kv::Config; 2] {
+    [
+        kv::Config {
+            bucket: NODES_BUCKET.into(),
+            description: "gorch-host node leases".into(),
+            history: 1,
+            max_age: LEASE,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: ROUTINES_BUCKET.into(),
+            description: "gorch-host routine registry".into(),
+            history: 1,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+    ]
+}
+
 impl Registry {
     pub(crate) async fn open(js: &jetstream::Context, node: &str) -> Result<Registry, String> {
-        let nodes = bucket(
-            js,
-            kv::Config {
-                bucket: NODES_BUCKET.into(),
-                description: "gorch-host node leases".into(),
-                history: 1,
-                max_age: LEASE,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let routines = bucket(
-            js,
-            kv::Config {
-                bucket: ROUTINES_BUCKET.into(),
-                description: "gorch-host routine registry".into(),
-                history: 1,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
-        )
-        .await?;
+        let [nodes, routines] = bucket_configs();
+        let nodes = bucket(js, nodes).await?;
+        let routines = bucket(js, routines).await?;
         let (events, queue) = mpsc::unbounded_channel();
         Ok(Registry {
             nodes,
@@ -259,7 +261,7 @@ impl Registry {
                 if let Err(e) = self.routines.put(&key, value).await {
                     tracing::warn!(routine = %name, "cannot register in the cluster: {e}");
                 }
-                self.mine.lock().insert(key);
+                self.mine.lock().insert(key, (name.clone(), unique));
                 if unique {
                     self.claim_unique(core, &name).await;
                 }
@@ -304,6 +306,34 @@ impl Registry {
         }
     }
 
+    /// The buckets are gone from the server (it lost its store): creates them again, takes
+    /// this node's lease again and re-asserts its routines and claims.
+    async fn repair(&self, core: &ClusterCore) {
+        tracing::warn!(
+            node = %self.node,
+            "the registry buckets do not answer (did nats-server lose its store?): creating \
+             them again and re-registering this node's routines"
+        );
+        for config in bucket_configs() {
+            if let Err(e) = bucket(&core.js, config).await {
+                tracing::warn!("registry repair: {e}");
+                return;
+            }
+        }
+        let count = core.orch().map(|o| o.routine_count()).unwrap_or(0);
+        if let Err(e) = self.nodes.put(&core.node_token, self.record(&core.http_addr, count)).await
+        {
+            tracing::warn!("registry repair: cannot renew this node's lease: {e}");
+            return;
+        }
+        let mine: Vec<(String, bool)> = self.mine.lock().values().cloned().collect();
+        for (name, unique) in mine {
+            self.apply(core, Event::Register { name, unique }).await;
+        }
+        *core.js_problem.lock() = None;
+        tracing::info!(node = %self.node, "registry repaired");
+    }
+
     /// Removes every entry of this node and its lease (a clean stop).
     pub(crate) async fn leave(&self, core: &ClusterCore) {
         let names: Vec<String> = {
@@ -317,7 +347,7 @@ impl Registry {
         for name in names {
             self.apply(core, Event::Unregister { name }).await;
         }
-        let mine: Vec<String> = self.mine.lock().drain().collect();
+        let mine: Vec<String> = self.mine.lock().drain().map(|(k, _)| k).collect();
         for key in mine {
             let _ = self.routines.delete(&key).await;
         }
@@ -406,8 +436,18 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
             }
             let count = hb.orch().map(|o| o.routine_count()).unwrap_or(0);
             let record = hb.registry.record(&hb.http_addr, count);
-            if let Err(e) = hb.registry.nodes.put(&hb.node_token, record).await {
-                tracing::debug!("lease renewal failed: {e}");
+            match hb.registry.nodes.put(&hb.node_token, record).await {
+                Ok(_) => *hb.js_problem.lock() = None,
+                Err(e) => {
+                    let e = e.to_string();
+                    tracing::debug!("lease renewal failed: {e}");
+                    if hb.connected() {
+                        // Connected but the bucket does not answer: the server lost its
+                        // store (or the bucket was deleted).
+                        *hb.js_problem.lock() = Some(e);
+                        hb.registry.repair(&hb).await;
+                    }
+                }
             }
         }
     });

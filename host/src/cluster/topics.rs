@@ -7,9 +7,9 @@
 //! The delivery rule of [`crate::delivery`] maps onto JetStream (the origin in `link`): a
 //! message taken stays unacknowledged (in flight) until its consumer asks for the next one
 //! or returns (ack); a crash naks it (redelivered at once, to any node); after
-//! `max-deliveries` it goes to the cluster-wide `dead-letter` topic and is terminated. While a consumer works on a message
-//! the host sends progress acks; if the host dies they stop and JetStream redelivers the
-//! message after the consumer's ack wait. Publishing waits for the stream's acknowledgement
+//! `max-deliveries` it goes to the cluster-wide `dead-letter` topic and is terminated.
+//! While a consumer works on a message the host sends progress acks; if the host dies they
+//! stop and JetStream redelivers the message after the consumer's ack wait. Publishing waits for the stream's acknowledgement
 //! (the message is stored before `publish` returns), retries with the same message id across
 //! a lost connection (JetStream drops the duplicate within [`DUPLICATE_WINDOW`]), and waits
 //! while the topic is full. A message id is the node, a random number drawn when the process
@@ -30,7 +30,7 @@ use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{ClusterCore, closed, token, untoken};
+use super::{ClusterCore, MIN_ACK_WAIT, closed, token, untoken};
 use crate::bus::{DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY, TopicStats};
 use crate::delivery::Letter;
 use crate::names::validate_topic_name;
@@ -51,6 +51,8 @@ const STATS_EVERY: Duration = Duration::from_secs(1);
 pub(crate) struct Topic {
     subject: String,
     consumer: consumer::Consumer<pull::Config>,
+    /// The consumer's ack wait, as the server has it (what progress acks must beat).
+    ack_wait: Duration,
     blocked_publish_ns: AtomicU64,
     blocked_recv_ns: AtomicU64,
 }
@@ -204,22 +206,41 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
         ..Default::default()
     };
     let stream = core.js.get_or_create_stream(config).await.map_err(closed)?;
-    let consumer = stream
-        .get_or_create_consumer(
-            CONSUMER,
-            pull::Config {
-                durable_name: Some(CONSUMER.into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: core.ack_wait,
-                max_ack_pending: 65_536,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(closed)?;
+    let consumer_config = pull::Config {
+        durable_name: Some(CONSUMER.into()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: core.ack_wait,
+        max_ack_pending: 65_536,
+        ..Default::default()
+    };
+    let mut consumer =
+        stream.get_or_create_consumer(CONSUMER, consumer_config.clone()).await.map_err(closed)?;
+    let found = consumer.cached_info().config.ack_wait;
+    if found != core.ack_wait {
+        // Created by a node with another setting: this node's setting applies from now on.
+        match stream.create_consumer(consumer_config).await {
+            Ok(updated) => {
+                tracing::info!(
+                    topic = name,
+                    "ack wait of the topic's consumer changed from {} to {}",
+                    humantime::format_duration(found),
+                    humantime::format_duration(core.ack_wait)
+                );
+                consumer = updated;
+            }
+            Err(e) => tracing::warn!(
+                topic = name,
+                "the topic's consumer keeps its ack wait of {} (this node asks for {}): {e}",
+                humantime::format_duration(found),
+                humantime::format_duration(core.ack_wait)
+            ),
+        }
+    }
+    let ack_wait = consumer.cached_info().config.ack_wait;
     let t = Arc::new(Topic {
         subject,
         consumer,
+        ack_wait,
         blocked_publish_ns: AtomicU64::new(0),
         blocked_recv_ns: AtomicU64::new(0),
     });
@@ -243,12 +264,20 @@ pub(crate) async fn publish(
     if payload.len() + PUBLISH_OVERHEAD > max {
         return Err(CallError::TooLarge(max.saturating_sub(PUBLISH_OVERHEAD) as u64));
     }
-    let t = topic(core, name).await?;
+    let mut t = topic(core, name).await?;
     let id = core.topics.next_id(&core.node_token);
     let payload = bytes::Bytes::from(payload);
     let mut pause = Duration::from_millis(2);
     let mut blocked: Option<Instant> = None;
     let result = loop {
+        if blocked.is_some() {
+            // A lost stream is created again (see `forget_lost`).
+            match topic(core, name).await {
+                Ok(fresh) => t = fresh,
+                Err(CallError::Closed) => {}
+                Err(e) => break Err(e),
+            }
+        }
         let message = async_nats::jetstream::message::PublishMessage::build()
             .payload(payload.clone())
             .message_id(&id);
@@ -292,11 +321,19 @@ pub(crate) async fn recv(
     timeout: Option<Duration>,
     cancel: &CancellationToken,
 ) -> Result<Option<RemoteDelivery>, CallError> {
-    let t = topic(core, name).await?;
+    let mut t = topic(core, name).await?;
     let start = Instant::now();
     let deadline = timeout.map(|d| start + d);
     let mut first = true;
     let result = loop {
+        if !first {
+            // A lost stream or consumer is created again (see `forget_lost`).
+            t = match topic(core, name).await {
+                Ok(fresh) => fresh,
+                Err(CallError::Closed) => t,
+                Err(e) => break Err(e),
+            };
+        }
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         // A zero timeout still asks once (a try-receive).
         if !first && left == Some(Duration::ZERO) {
@@ -309,20 +346,24 @@ pub(crate) async fn recv(
             _ = cancel.cancelled() => break Err(CallError::Cancelled),
             m = pull_one(&t, expires) => m,
         };
-        let Some(msg) = pulled else {
-            if !core.connected() {
-                // Pull requests fail at once while disconnected: pace the retries.
+        let msg = match pulled {
+            Ok(Some(msg)) => msg,
+            // The pull expired: ask again.
+            Ok(None) => continue,
+            Err(()) => {
+                // Pull requests fail at once while disconnected or while the consumer is
+                // missing: pace the retries.
                 tokio::select! {
                     _ = cancel.cancelled() => break Err(CallError::Cancelled),
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
+                continue;
             }
-            continue;
         };
         // JetStream numbers this delivery (1 for the first).
         let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
         let (msg, acker) = msg.split();
-        let handle = remote_msg(core, acker);
+        let handle = remote_msg(core, acker, t.ack_wait);
         break Ok(Some(RemoteDelivery {
             payload: msg.payload.to_vec(),
             delivered_before: delivered - 1,
@@ -333,23 +374,29 @@ pub(crate) async fn recv(
     result
 }
 
-async fn pull_one(t: &Topic, expires: Duration) -> Option<async_nats::jetstream::Message> {
-    let mut batch = t.consumer.batch().max_messages(1).expires(expires).messages().await.ok()?;
+/// One message, `Ok(None)` when the pull expired without one, `Err` when it failed.
+async fn pull_one(
+    t: &Topic,
+    expires: Duration,
+) -> Result<Option<async_nats::jetstream::Message>, ()> {
+    let batch = t.consumer.batch().max_messages(1).expires(expires).messages().await;
+    let mut batch = batch.map_err(|e| tracing::trace!("pull: {e}"))?;
     match batch.next().await {
-        Some(Ok(m)) => Some(m),
+        Some(Ok(m)) => Ok(Some(m)),
         Some(Err(e)) => {
             tracing::trace!("pull: {e}");
-            None
+            Err(())
         }
-        None => None,
+        None => Ok(None),
     }
 }
 
 /// The handle of a message just taken; progress acks keep it ours while it is in flight.
-fn remote_msg(core: &Arc<ClusterCore>, acker: Acker) -> RemoteMsg {
+fn remote_msg(core: &Arc<ClusterCore>, acker: Acker, ack_wait: Duration) -> RemoteMsg {
     let acker = Arc::new(acker);
     let done = CancellationToken::new();
-    let (a, d, every) = (acker.clone(), done.clone(), core.ack_wait / 3);
+    let every = (ack_wait / 3).max(MIN_ACK_WAIT / 3);
+    let (a, d) = (acker.clone(), done.clone());
     core.spawn(async move {
         loop {
             tokio::select! {
@@ -379,10 +426,15 @@ pub(crate) fn start_stats(core: &Arc<ClusterCore>) {
 async fn refresh_stats(core: &ClusterCore) {
     let mut streams = core.js.streams();
     let mut out = Vec::new();
+    // Topics whose stream and consumer the server has.
+    let mut whole = std::collections::HashSet::new();
     while let Some(info) = streams.next().await {
         let Ok(info) = info else { return };
         let Some(tok) = info.config.name.strip_prefix(STREAM_PREFIX) else { continue };
         let name = info.config.description.clone().or_else(|| untoken(tok)).unwrap_or_default();
+        if info.state.consumer_count > 0 {
+            whole.insert(name.clone());
+        }
         let local = core.topics.handles.lock().get(&name).cloned();
         let ns = |f: fn(&Topic) -> &AtomicU64| {
             local.as_ref().map(|t| f(t).load(Relaxed) as f64 / 1e9).unwrap_or(0.0)
@@ -401,4 +453,21 @@ async fn refresh_stats(core: &ClusterCore) {
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     *core.topics.stats.write() = out;
+    forget_lost(core, &whole);
+}
+
+/// Drops the handles of topics whose stream or consumer the server no longer has (it lost
+/// its store, or someone deleted them): the next publish or receive creates them again.
+fn forget_lost(core: &ClusterCore, whole: &std::collections::HashSet<String>) {
+    core.topics.handles.lock().retain(|name, _| {
+        let kept = whole.contains(name);
+        if !kept {
+            tracing::warn!(
+                topic = name.as_str(),
+                "the topic's stream or consumer is gone from NATS (did nats-server lose its \
+                 store?): creating them again"
+            );
+        }
+        kept
+    });
 }

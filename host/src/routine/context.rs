@@ -184,10 +184,12 @@ impl RoutineContext {
     ) -> Result<Option<R>, CallError> {
         let in_flight = self.shared.in_flight();
         let max_deliveries = self.shared.supervision().max_deliveries;
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        self.link.open(queue)?;
+        let mut left = timeout;
+        // For a second receive after a message went to `dead-letter` on arrival.
+        let start = timeout.map(|_| tokio::time::Instant::now());
         loop {
             let mut buf = in_flight.ack();
-            let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
             let r = self.link.recv(queue, max, left, &self.run.cancel, &mut buf).await;
             let origin = match r {
                 Ok(Some(origin)) => origin,
@@ -205,6 +207,12 @@ impl RoutineContext {
             if let Some(r) = deliver(in_flight, buf, origin, max_deliveries) {
                 self.shared.count_in_n(n);
                 return Ok(Some(r));
+            }
+            if let (Some(start), Some(t)) = (start, timeout) {
+                left = Some(t.saturating_sub(start.elapsed()));
+                if left == Some(Duration::ZERO) {
+                    return Ok(None);
+                }
             }
         }
     }

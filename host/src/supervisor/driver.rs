@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::channel::Channel;
 use crate::clock::{nanos, round_ms};
-use crate::delivery::{self, Message, Settled};
+use crate::delivery::{self, Message};
 use crate::logguard::{Kind, escape};
 use crate::routine::{Outcome, RoutineContext, RoutineShared, RunControl, Snapshot, State, Work};
 use crate::supervisor::group::GroupInner;
@@ -69,11 +69,9 @@ pub(crate) async fn drive(
         shared.count_termination(state);
         let clean = state == State::Stopped && !run.cancel.is_cancelled();
         let max = shared.supervision().max_deliveries;
-        let settled =
-            delivery::settle(shared.in_flight(), shared.name(), shared.last_error(), max, clean);
-        if settled == Settled::DeadLettered {
-            shared.count_dead_letter();
-        }
+        let error = || shared.last_error();
+        let counted = || shared.count_dead_letter();
+        delivery::settle(shared.in_flight(), shared.name(), error, max, clean, counted);
         let delay = match next_step(&shared, &run, state, started, &mut restarts) {
             Step::End(state) => break state,
             Step::Restart(delay) => delay,

@@ -231,7 +231,8 @@ pub struct Supervision {
     pub backoff: Backoff,
     /// How many restarts are too many.
     pub intensity: Intensity,
-    /// Deliveries of one message before it goes to `dead-letter` (at least 1).
+    /// Deliveries of one message before it goes to `dead-letter` (at least 1: 0 counts as
+    /// 1).
     pub max_deliveries: u32,
 }
 

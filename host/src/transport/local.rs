@@ -200,13 +200,13 @@ impl Origin for QueueOrigin {
             Some(t) => format!("topic:{t}"),
         }
     }
-    fn hand_back(&self, msgs: Vec<Message>) {
+    fn hand_back(&self, msgs: Vec<Message>) -> usize {
         // Back to the head in reverse, so that the batch keeps its order.
+        let mut dropped = 0;
         for msg in msgs.into_iter().rev() {
-            if self.ch.push_front(msg).is_err() {
-                tracing::warn!("in-flight message dropped: its queue is closed");
-            }
+            dropped += usize::from(self.ch.push_front(msg).is_err());
         }
+        dropped
     }
     fn dead_letter(&self, letter: Letter) {
         self.dead.put(letter);
@@ -247,7 +247,7 @@ impl LocalLink {
     }
 
     /// The mailbox of the local routine `name`, if there is one.
-    pub fn mailbox_of(&self, name: &str) -> Option<Channel<Message>> {
+    fn mailbox_of(&self, name: &str) -> Option<Channel<Message>> {
         if let Some((_, ch)) = find(&self.mailboxes, name, |e| &e.1) {
             return Some(ch);
         }
@@ -257,7 +257,7 @@ impl LocalLink {
     }
 
     /// Sends to a local routine; `Err(payload)` when `to` has no live mailbox here.
-    pub async fn send_here(
+    async fn send_here(
         &self,
         to: &str,
         payload: Vec<u8>,
@@ -285,6 +285,13 @@ impl LocalLink {
 }
 
 impl Link for LocalLink {
+    fn open(&self, queue: Queue<'_>) -> Result<(), CallError> {
+        match queue {
+            Queue::Mailbox => Ok(()),
+            Queue::Topic(name) => self.topic(name).map(drop),
+        }
+    }
+
     fn send<'a>(
         &'a self,
         to: &'a str,

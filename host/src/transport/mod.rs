@@ -98,6 +98,10 @@ pub(crate) trait Link: Send + Sync {
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, (usize, Result<(), CallError>)>;
 
+    /// Makes sure `queue` can be received from (a topic is created on first use), before a
+    /// receive acknowledges what is in flight: a refused receive leaves it in flight.
+    fn open(&self, queue: Queue<'_>) -> Result<(), CallError>;
+
     /// Takes up to `max` messages (at least one) of `queue` into `out`, in queue order,
     /// waiting up to `timeout` (`None`: without limit) for the first; the messages' origin,
     /// or `None` when the wait timed out. A batch stops before a message that
@@ -125,7 +129,9 @@ pub(crate) trait Transport: Send + Sync + 'static {
     fn register(&self, name: &str, unique: bool);
     /// The routine named `name` has ended here.
     fn unregister(&self, name: &str);
-    /// Whether a send to `to` finds a routine now (it may still end before the send).
+    /// False when the transport knows now that a send to `to` reaches no routine; true
+    /// when it may (a routine it knows of, which may still end before the send, or a name
+    /// only the send itself can resolve).
     fn resolves(&self, to: &str) -> bool;
 
     /// [`Link::send`] from outside any routine (the HTTP ingress).

@@ -29,6 +29,9 @@ pub const DEFAULT_MEMORY_RESERVATION: u64 = 4 << 30;
 pub const DEFAULT_POOL_SIZE: u32 = 1000;
 /// Default size limit of a component file (256 MiB); see [`EngineConfig::max_component_bytes`].
 pub const DEFAULT_MAX_COMPONENT_BYTES: u64 = 256 << 20;
+/// Fuel between two forced write-backs of the fuel counter (a yield point): bounds how
+/// much of a killed instance's fuel can go unrecorded, at a negligible cost.
+pub const FUEL_YIELD_INTERVAL: u64 = 1_000_000;
 /// Bytes of each pooled memory and table reset with memset instead of madvise when an
 /// instance ends.
 const POOL_KEEP_RESIDENT: usize = 64 << 10;
@@ -85,7 +88,7 @@ pub struct EngineConfig {
     #[doc(hidden)]
     pub epochs: bool,
     /// The fuel yield interval of fuel-metered stores (default
-    /// `Some(`[`FUEL_YIELD_INTERVAL`](super::FUEL_YIELD_INTERVAL)`)`). Only for measuring
+    /// `Some(`[`FUEL_YIELD_INTERVAL`]`)`). Only for measuring
     /// its cost: `None` leaves a killed `loop {}` guest's fuel unrecorded.
     #[doc(hidden)]
     pub fuel_yield_interval: Option<u64>,
@@ -107,7 +110,7 @@ impl Default for EngineConfig {
             max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
             fuel: true,
             epochs: true,
-            fuel_yield_interval: Some(super::FUEL_YIELD_INTERVAL),
+            fuel_yield_interval: Some(FUEL_YIELD_INTERVAL),
             tune: None,
         }
     }

@@ -21,9 +21,6 @@ use crate::routine::{Outcome, RoutineContext, RoutineShared, Work};
 
 /// Default linear memory limit per instance (64 MiB).
 pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
-/// Fuel between two forced write-backs of the fuel counter (a yield point): bounds how
-/// much of a killed instance's fuel can go unrecorded, at a negligible cost.
-pub const FUEL_YIELD_INTERVAL: u64 = 1_000_000;
 
 /// Per-instance settings of a wasm routine (the `[limits]` and `[wasi]` manifest tables).
 #[derive(Debug, Clone)]

@@ -28,9 +28,10 @@ pub use cache::{CacheStatus, CompileCache};
 pub use component::{LoadError, WasmComponent};
 pub use engine::{
     DEFAULT_EPOCH_TICK, DEFAULT_MAX_COMPONENT_BYTES, DEFAULT_MAX_WASM_STACK,
-    DEFAULT_MEMORY_RESERVATION, DEFAULT_POOL_SIZE, EngineConfig, EngineError, WasmEngine,
+    DEFAULT_MEMORY_RESERVATION, DEFAULT_POOL_SIZE, EngineConfig, EngineError, FUEL_YIELD_INTERVAL,
+    WasmEngine,
 };
 pub(crate) use instance::WasmWork;
-pub use instance::{DEFAULT_MEMORY_LIMIT, FUEL_YIELD_INTERVAL, OptionsError, WasmOptions};
+pub use instance::{DEFAULT_MEMORY_LIMIT, OptionsError, WasmOptions};
 pub use store::Metering;
 pub use upgrade::UpgradeError;

@@ -10,6 +10,7 @@ use gorch_host::{CallError, Orchestrator, SpawnOptions, State};
 use parking_lot::Mutex;
 
 use crate::common::host::{read_until, run_host};
+use crate::common::http::get;
 use crate::common::nats::{Nats, leave, node};
 use crate::common::{run, wait_end, wait_until, wait_until_blocking};
 
@@ -177,6 +178,104 @@ fn a_large_poison_message_is_dead_lettered_once() {
         assert!(text.contains("gorch_dead_letters_total{name=\"crashy\"} 1"), "{text}");
         assert!(text.contains("gorch_dead_letters_dropped_total 0"), "{text}");
         assert_eq!(letters.lock().len(), 1);
+        leave(&a, &ca).await;
+    });
+}
+
+/// Finding 9: `ack-wait = "0s"` was accepted (JetStream then used 30 s while every message
+/// in flight spun a zero-length progress loop), and a topic's consumer kept the ack wait of
+/// whichever node created it.
+#[test]
+fn the_ack_wait_is_checked_and_the_consumer_takes_the_setting() {
+    let nats = Nats::start();
+    run(async {
+        let orch = Orchestrator::new();
+        let mut zero = gorch_host::ClusterConfig::new(nats.url(), "z");
+        zero.ack_wait = Duration::ZERO;
+        let err = gorch_host::Cluster::join(&orch, zero).await.unwrap_err();
+        assert!(matches!(err, gorch_host::ClusterError::AckWait(_)), "{err}");
+        assert!(err.to_string().contains("at least 1s"), "{err}");
+
+        // Node a (ack wait 2 s) creates the topic; node b asks for 7 s.
+        let (a, ca) = node(&nats, "a").await;
+        publish_all(&a, "waits", "m", 1).await;
+        let mut slow = gorch_host::ClusterConfig::new(nats.url(), "b");
+        slow.ack_wait = Duration::from_secs(7);
+        let b = Orchestrator::new();
+        let cb = gorch_host::Cluster::join(&b, slow).await.unwrap();
+        assert_eq!(drain(&b, "waits", 1).await.len(), 1);
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let stream = js.get_stream("GORCH_T_waits").await.unwrap();
+        let info = stream.consumer_info("gorch").await.unwrap();
+        assert_eq!(info.config.ack_wait, Duration::from_secs(7));
+        leave(&b, &cb).await;
+        leave(&a, &ca).await;
+    });
+}
+
+/// Finding 2: after nats-server came back without its store, publishers blocked for ever,
+/// consumers spun, `/readyz` stayed 200 and nothing was logged. Now the streams, the
+/// consumer and the registry are created again and the cluster goes on.
+#[test]
+fn nats_restarted_without_its_store_heals() {
+    let mut nats = Nats::start();
+    run(async {
+        let (a, ca) = node(&nats, "a").await;
+        let (b, cb) = node(&nats, "b").await;
+        let state = gorch_host::obs::ObsState::new(&a, None);
+        state.set_ready(true);
+        let app = gorch_host::obs::router(state, &gorch_host::ObsConfig::default());
+        let seen: Arc<Mutex<BTreeSet<String>>> = Default::default();
+        let s = seen.clone();
+        b.spawn(SpawnOptions::new("worker"), move |ctx| {
+            let s = s.clone();
+            async move {
+                loop {
+                    match ctx.bus_recv("work", None).await {
+                        Ok(Some(m)) => {
+                            s.lock().insert(String::from_utf8_lossy(&m).into_owned());
+                        }
+                        Ok(None) => {}
+                        Err(CallError::Cancelled) => return Ok(()),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        })
+        .unwrap();
+        publish_all(&a, "work", "before-", 3).await;
+        assert!(wait_until(Duration::from_secs(30), || seen.lock().len() == 3).await);
+        assert_eq!(get(&app, "/readyz", None).await.0, 200);
+
+        nats.kill();
+        // Not ready while NATS is away.
+        let mut status = 200;
+        for _ in 0..300 {
+            status = get(&app, "/readyz", None).await.0.as_u16();
+            if status == 503 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(status, 503, "/readyz while nats-server is down");
+        nats.start_empty();
+        // Ready again once the registry is repaired and the node renewed its lease.
+        for _ in 0..300 {
+            status = get(&app, "/readyz", None).await.0.as_u16();
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(status, 200, "/readyz after nats-server came back without its store");
+        publish_all(&a, "work", "after-", 5).await;
+        assert!(
+            wait_until(Duration::from_secs(60), || seen.lock().len() == 8).await,
+            "{:?}",
+            seen.lock()
+        );
+        leave(&b, &cb).await;
         leave(&a, &ca).await;
     });
 }

@@ -57,6 +57,12 @@ impl Nats {
         let _ = self.child.wait();
     }
 
+    /// Starts it again on the same port with an empty store (a server that lost its disk).
+    pub fn start_empty(&mut self) {
+        self.store = tempfile::tempdir().unwrap();
+        self.child = Self::spawn(self.port, self.store.path());
+    }
+
     /// Starts it again on the same port and store.
     pub fn start_again(&mut self) {
         self.child = Self::spawn(self.port, self.store.path());
