@@ -147,10 +147,17 @@ impl RunCmd {
         // missed (requests queue until start-up is done).
         let cluster = match self.cluster.config(scanned.cluster.as_ref(), server.local_addr()) {
             None => None,
-            Some(config) => tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                joined = Cluster::join(&orch, config) => Some(joined?),
-            },
+            Some(config) => {
+                // A message taken before the join would stay on the in-memory bus.
+                let why = format!("joining the cluster at {}", config.url);
+                server.state().hold_ingress(Some(why));
+                let joined = tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    joined = Cluster::join(&orch, config) => joined?,
+                };
+                server.state().hold_ingress(None);
+                Some(joined)
+            }
         };
         let reloader = Reloader::new(&orch, &engine, &self.dir, &scanned, &board);
         let _watch = if self.watch { Some(watch_dir(&self.dir, reload_tx)?) } else { None };

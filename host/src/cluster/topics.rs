@@ -32,6 +32,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{ClusterCore, MIN_ACK_WAIT, closed, token, untoken};
 use crate::bus::{DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY, TopicStats};
+use crate::clock::now_nanos;
 use crate::delivery::Letter;
 use crate::names::validate_topic_name;
 use crate::transport::{CallError, Limit};
@@ -53,8 +54,19 @@ pub(crate) struct Topic {
     consumer: consumer::Consumer<pull::Config>,
     /// The consumer's ack wait, as the server has it (what progress acks must beat).
     ack_wait: Duration,
-    blocked_publish_ns: AtomicU64,
+    /// Publishers' blocked time: nanoseconds of the waits that ended, the publishes blocked
+    /// now and the sum of their start times (`clock::now_nanos`), read together so that what
+    /// they have waited so far counts before they end.
+    blocked_publish: Mutex<(u64, u64, u64)>,
     blocked_recv_ns: AtomicU64,
+}
+
+impl Topic {
+    /// Nanoseconds publishers spent blocked on this topic, those still blocked included.
+    fn blocked_publish_ns(&self) -> u64 {
+        let (ended, n, since_sum) = *self.blocked_publish.lock();
+        ended + (n * now_nanos()).saturating_sub(since_sum)
+    }
 }
 
 pub(crate) struct Topics {
@@ -241,7 +253,7 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
         subject,
         consumer,
         ack_wait,
-        blocked_publish_ns: AtomicU64::new(0),
+        blocked_publish: Mutex::default(),
         blocked_recv_ns: AtomicU64::new(0),
     });
     Ok(core.topics.handles.lock().entry(name.to_string()).or_insert(t).clone())
@@ -268,8 +280,8 @@ pub(crate) async fn publish(
     let id = core.topics.next_id(&core.node_token);
     let payload = bytes::Bytes::from(payload);
     let mut pause = Duration::from_millis(2);
-    let mut blocked: Option<Instant> = None;
-    let result = loop {
+    let mut blocked: Option<Blocked> = None;
+    loop {
         if blocked.is_some() {
             // A lost stream is created again (see `forget_lost`).
             match topic(core, name).await {
@@ -298,7 +310,7 @@ pub(crate) async fn publish(
                 if !is_full(&e) {
                     tracing::debug!(topic = name, "publish to NATS failed, retrying: {e}");
                 }
-                blocked.get_or_insert_with(Instant::now);
+                blocked.get_or_insert_with(|| Blocked::new(&t));
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break Err(CallError::Cancelled),
@@ -307,11 +319,34 @@ pub(crate) async fn publish(
                 pause = (pause * 2).min(Duration::from_millis(250));
             }
         }
-    };
-    if let Some(b) = blocked {
-        t.blocked_publish_ns.fetch_add(b.elapsed().as_nanos() as u64, Relaxed);
     }
-    result
+}
+
+/// A publish blocked on a topic (full, or NATS unreachable), counted in its blocked time
+/// while it waits and when it ends.
+struct Blocked {
+    topic: Arc<Topic>,
+    since: u64,
+}
+
+impl Blocked {
+    fn new(topic: &Arc<Topic>) -> Self {
+        let since = now_nanos();
+        let mut b = topic.blocked_publish.lock();
+        b.1 += 1;
+        b.2 += since;
+        Blocked { topic: topic.clone(), since }
+    }
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        let now = now_nanos();
+        let mut b = self.topic.blocked_publish.lock();
+        b.0 += now.saturating_sub(self.since);
+        b.1 -= 1;
+        b.2 -= self.since;
+    }
 }
 
 /// Takes the next message of the cluster topic `name` (`Ok(None)`: `timeout` passed).
@@ -446,7 +481,10 @@ async fn refresh_stats(core: &ClusterCore) {
             bytes: s.bytes as usize,
             published: s.last_sequence,
             received: s.last_sequence.saturating_sub(s.messages),
-            blocked_publish_seconds: ns(|t| &t.blocked_publish_ns),
+            blocked_publish_seconds: local
+                .as_ref()
+                .map(|t| t.blocked_publish_ns() as f64 / 1e9)
+                .unwrap_or(0.0),
             blocked_recv_seconds: ns(|t| &t.blocked_recv_ns),
             name,
         });

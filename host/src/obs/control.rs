@@ -8,6 +8,8 @@
 //! | `POST /gorchestra/api/routines/{name}/stop` | stops it on request (no restart follows) | 202; 404 |
 //! | `POST /gorchestra/api/reload` | applies the plugin directory's state (live upgrade) | 200 with the per-plugin report; 422 with the same report when a plugin failed; 404 without a plugin directory |
 //!
+//! Publish and send answer 503 with `Retry-After` while messages are held
+//! ([`ObsState::hold_ingress`]: the CLI holds them while the host joins its cluster).
 //! They sit behind the token like every route; on a non-loopback address without a token
 //! they answer 403 (reading is one thing, steering another). A message may be as large as
 //! the largest `limits.message-bytes` of the plugins ([`ObsState::set_message_limit`]);
@@ -94,6 +96,18 @@ async fn body(s: &ObsState, body: Body) -> Result<Vec<u8>, ApiError> {
     Ok(bytes.to_vec())
 }
 
+/// 503 with `Retry-After` while messages are held (see [`ObsState::hold_ingress`]).
+fn held(s: &ObsState) -> Result<(), ApiError> {
+    match s.ingress_held() {
+        None => Ok(()),
+        Some(why) => Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("{why}: messages are not taken yet; retry when /readyz answers"),
+            retry_after: true,
+        }),
+    }
+}
+
 /// 503 with `Retry-After`: the queue stayed full.
 fn full(what: String) -> ApiError {
     ApiError {
@@ -108,6 +122,7 @@ async fn publish(
     Path(topic): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
+    held(&s)?;
     if let Err(reason) = validate_topic_name(&topic) {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -159,6 +174,7 @@ async fn send(
     Path(name): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
+    held(&s)?;
     // The transport says whether the name reaches a routine (in a cluster it may run on
     // another node, or be addressed as `node/name`).
     let transport = s.orch().transport();

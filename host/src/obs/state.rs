@@ -23,6 +23,8 @@ pub struct ObsState {
     pub(super) routine_limit: Arc<AtomicUsize>,
     /// Whether the last scrape was past the routine limit (logged when it changes).
     pub(super) over_limit: Arc<AtomicBool>,
+    /// Why the write routes refuse messages for now (see [`ObsState::hold_ingress`]).
+    ingress_held: Arc<parking_lot::RwLock<Option<String>>>,
 }
 
 impl ObsState {
@@ -38,7 +40,21 @@ impl ObsState {
             reloader: Arc::new(std::sync::OnceLock::new()),
             routine_limit: Arc::new(AtomicUsize::new(super::metrics::DEFAULT_ROUTINE_LIMIT)),
             over_limit: Arc::new(AtomicBool::new(false)),
+            ingress_held: Arc::default(),
         }
+    }
+
+    /// With `Some(why)`, the publish and send routes answer 503 (with `Retry-After` and
+    /// `why`) instead of taking messages; `None` takes them again. The CLI holds them while
+    /// the host joins its cluster: a message taken before would go to the in-memory bus of
+    /// a host whose topics are about to be the cluster's, and never be delivered.
+    pub fn hold_ingress(&self, why: Option<String>) {
+        *self.ingress_held.write() = why;
+    }
+
+    /// Why messages are refused for now (see [`hold_ingress`](Self::hold_ingress)).
+    pub fn ingress_held(&self) -> Option<String> {
+        self.ingress_held.read().clone()
     }
 
     /// Up to `limit` live routines `/metrics` has per-routine series; beyond, per-plugin

@@ -279,3 +279,32 @@ fn nats_restarted_without_its_store_heals() {
         leave(&a, &ca).await;
     });
 }
+
+/// Finding 10: `blockedPublishSeconds` counted a blocked publish only once it ended, so a
+/// publisher stuck on a full topic showed 0.
+#[test]
+fn a_publish_blocked_on_a_full_topic_counts_while_it_waits() {
+    let nats = Nats::start();
+    run(async {
+        let (a, ca) = node(&nats, "a").await;
+        let cap = gorch_host::defaults::DEFAULT_TOPIC_CAPACITY;
+        let h = a
+            .spawn(SpawnOptions::new("flood"), move |ctx| async move {
+                for i in 0..=cap {
+                    ctx.publish("full", format!("m{i}").into_bytes()).await?;
+                }
+                Ok::<(), CallError>(())
+            })
+            .unwrap();
+        let blocked = || {
+            a.topics().iter().find(|t| t.name == "full").map_or(0.0, |t| t.blocked_publish_seconds)
+        };
+        assert!(
+            wait_until(Duration::from_secs(60), || blocked() > 0.0).await,
+            "no blocked time while the publisher waits: {:?}",
+            a.topics()
+        );
+        assert_eq!(h.state(), State::Running, "still blocked in its publish");
+        leave(&a, &ca).await;
+    });
+}

@@ -195,3 +195,27 @@ fn write_routes_are_refused_on_a_public_address_without_a_token() {
         shutdown(&orch).await;
     });
 }
+
+/// While the host joins its cluster, messages are refused (503, `Retry-After`) rather than
+/// left on the in-memory bus of a host whose topics are about to be the cluster's.
+#[test]
+fn messages_are_refused_while_ingress_is_held() {
+    run(async {
+        let orch = Orchestrator::new();
+        let state = ObsState::new(&orch, None);
+        let app = router(state.clone(), &ObsConfig::default());
+        state.hold_ingress(Some("joining the cluster at nats://x".into()));
+        let (status, body, retry) =
+            call(&app, Method::POST, "/gorchestra/api/topics/jobs", "early").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(retry.as_deref(), Some("1"));
+        assert!(body.contains("joining the cluster at nats://x"), "{body}");
+        let (status, _, _) =
+            call(&app, Method::POST, "/gorchestra/api/routines/x/mailbox", "early").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(orch.bus().get("jobs").is_none(), "nothing was queued");
+        state.hold_ingress(None);
+        assert_eq!(post(&app, "/gorchestra/api/topics/jobs", "now").await.0, StatusCode::ACCEPTED);
+        shutdown(&orch).await;
+    })
+}
