@@ -132,6 +132,9 @@ impl Transport for ClusterTransport {
     fn nodes(&self) -> Option<usize> {
         Some(self.core.view().nodes.len())
     }
+    fn unconfirmed_acks(&self) -> Option<u64> {
+        Some(self.core.acks_unconfirmed.load(std::sync::atomic::Ordering::Relaxed))
+    }
     fn dead_letters_dropped(&self) -> u64 {
         let here = self.core.dead_letters_dropped.load(std::sync::atomic::Ordering::Relaxed);
         Local(self.local.clone()).dead_letters_dropped() + here

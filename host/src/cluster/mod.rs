@@ -206,6 +206,11 @@ pub(crate) struct ClusterCore {
     pub(crate) topics: topics::Topics,
     /// Background work (watchers, heartbeat, services, acks of settled messages).
     pub(crate) tasks: TaskTracker,
+    /// Woken when the connection comes back (receives pull again at once).
+    pub(crate) reconnected: Arc<tokio::sync::Notify>,
+    /// Acks, naks and terms the server did not confirm after the retries (the message may
+    /// be delivered again).
+    pub(crate) acks_unconfirmed: std::sync::atomic::AtomicU64,
     /// Why JetStream does not answer while connected (a lost store being repaired).
     pub(crate) js_problem: parking_lot::Mutex<Option<String>>,
     /// Dead letters larger than NATS carries (dropped, never stored).
@@ -275,7 +280,8 @@ impl Cluster {
         if config.ack_wait < MIN_ACK_WAIT {
             return Err(ClusterError::AckWait(config.ack_wait));
         }
-        let client = connect(&config).await?;
+        let reconnected = Arc::new(tokio::sync::Notify::new());
+        let client = connect(&config, reconnected.clone()).await?;
         let js = jetstream::new(client.clone());
         let js_err = |reason: String| ClusterError::JetStream { url: config.url.clone(), reason };
         let node_token = token(&config.node);
@@ -295,6 +301,8 @@ impl Cluster {
             tasks: TaskTracker::new(),
             dead_letters_dropped: Default::default(),
             js_problem: Default::default(),
+            reconnected,
+            acks_unconfirmed: Default::default(),
             stop: CancellationToken::new(),
         });
         let transport = ClusterTransport::new(core.clone(), orch.local_transport());
@@ -398,7 +406,10 @@ impl Cluster {
     }
 }
 
-async fn connect(config: &ClusterConfig) -> Result<async_nats::Client, ClusterError> {
+async fn connect(
+    config: &ClusterConfig,
+    reconnected: Arc<tokio::sync::Notify>,
+) -> Result<async_nats::Client, ClusterError> {
     let unreachable = |reason: String| ClusterError::Unreachable {
         url: config.url.clone(),
         timeout: config.connect_timeout,
@@ -409,13 +420,20 @@ async fn connect(config: &ClusterConfig) -> Result<async_nats::Client, ClusterEr
         .connection_timeout(config.connect_timeout)
         // Publishes made while disconnected wait in this bounded buffer, then block.
         .client_capacity(4096)
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => {
-                    tracing::warn!("lost the NATS connection; reconnecting (local work goes on)")
+        .event_callback(move |event| {
+            let reconnected = reconnected.clone();
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => tracing::warn!(
+                        "lost the NATS connection; reconnecting (local work goes on)"
+                    ),
+                    async_nats::Event::Connected => {
+                        tracing::info!("NATS connection back");
+                        // Pulls sent before were lost with the connection: ask again now.
+                        reconnected.notify_waiters();
+                    }
+                    other => tracing::debug!("NATS: {other}"),
                 }
-                async_nats::Event::Connected => tracing::info!("NATS connection back"),
-                other => tracing::debug!("NATS: {other}"),
             }
         });
     if let Some(creds) = &config.creds {

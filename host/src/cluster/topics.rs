@@ -123,11 +123,8 @@ impl RemoteMsg {
     fn verdict(self, kind: AckKind) {
         let RemoteMsg { acker, core, _progress } = self;
         drop(_progress);
-        core.clone().spawn(async move {
-            if let Err(e) = acker.ack_with(kind).await {
-                tracing::debug!("ack of a cluster message failed (it will be redelivered): {e}");
-            }
-        });
+        let c = core.clone();
+        core.spawn(async move { confirm(&c, &acker, kind).await });
     }
     /// Processed: removed from the stream.
     pub(crate) fn ack(self) {
@@ -150,9 +147,27 @@ impl RemoteMsg {
                 DeadLettered::Stored | DeadLettered::Dropped => AckKind::Term,
                 DeadLettered::NotNow => AckKind::Nak(None),
             };
-            let _ = acker.ack_with(kind).await;
+            confirm(&c, &acker, kind).await;
         });
     }
+}
+
+/// Sends `kind` for a message and waits for the server to confirm it, trying three times
+/// (a verdict lost in a disconnect would make the message come back); one never confirmed
+/// is logged and counted (`gorch_cluster_acks_unconfirmed_total`).
+async fn confirm(core: &ClusterCore, acker: &Acker, kind: AckKind) {
+    let mut pause = Duration::from_millis(200);
+    let mut last = String::new();
+    for _ in 0..3 {
+        match acker.double_ack_with(kind).await {
+            Ok(()) => return,
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+    }
+    core.acks_unconfirmed.fetch_add(1, Relaxed);
+    tracing::warn!("the server did not confirm a {kind:?} (the message may come again): {last}");
 }
 
 /// What became of a dead letter.
@@ -379,6 +394,8 @@ pub(crate) async fn recv(
         let pulled = tokio::select! {
             biased;
             _ = cancel.cancelled() => break Err(CallError::Cancelled),
+            // A pull sent before a reconnect is lost with the old connection.
+            _ = core.reconnected.notified() => continue,
             m = pull_one(&t, expires) => m,
         };
         let msg = match pulled {

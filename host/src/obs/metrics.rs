@@ -62,6 +62,7 @@ enum Series {
     PerRoutine,
     ClusterNodes,
     DeadLettersDropped,
+    AcksUnconfirmed,
 }
 
 /// What describes a metric family: name, help, label names (alphabetical), counter or gauge.
@@ -73,7 +74,7 @@ struct Spec {
 }
 
 impl Series {
-    const ALL: [Series; 35] = [
+    const ALL: [Series; 36] = [
         Series::Routines,
         Series::RoutineInfo,
         Series::RoutineUp,
@@ -109,6 +110,7 @@ impl Series {
         Series::PerRoutine,
         Series::ClusterNodes,
         Series::DeadLettersDropped,
+        Series::AcksUnconfirmed,
     ];
 
     fn spec(self) -> Spec {
@@ -277,6 +279,12 @@ impl Series {
                 NONE,
                 false,
             ),
+            Series::AcksUnconfirmed => (
+                "gorch_cluster_acks_unconfirmed_total",
+                "Acknowledgements of cluster topic messages the NATS server never confirmed (the message may be delivered again; only with --nats).",
+                NONE,
+                true,
+            ),
             Series::DeadLettersDropped => (
                 "gorch_dead_letters_dropped_total",
                 "Dead letters that could not be stored: the dead-letter topic was full, or the letter was larger than NATS carries.",
@@ -442,6 +450,9 @@ fn visit(orch: &Orchestrator, routine_limit: usize, mut sink: impl FnMut(Series,
         f(Series::ClusterNodes, &[], nodes as f64);
     }
     f(Series::DeadLettersDropped, &[], transport.dead_letters_dropped() as f64);
+    if let Some(n) = transport.unconfirmed_acks() {
+        f(Series::AcksUnconfirmed, &[], n as f64);
+    }
 }
 
 fn visit_routines(

@@ -177,6 +177,9 @@ impl Transport for Local {
     fn dead_letters_dropped(&self) -> u64 {
         self.0.dropped.load(Relaxed)
     }
+    fn unconfirmed_acks(&self) -> Option<u64> {
+        None
+    }
     fn close(&self) {
         self.0.close();
     }

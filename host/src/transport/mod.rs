@@ -158,6 +158,8 @@ pub(crate) trait Transport: Send + Sync + 'static {
     /// The live nodes this host moves messages between (`gorch_cluster_nodes`), when it
     /// knows of several.
     fn nodes(&self) -> Option<usize>;
+    /// Acknowledgements the queue's server never confirmed (a cluster's), when it has one.
+    fn unconfirmed_acks(&self) -> Option<u64>;
     /// Dead letters that could not be stored (the `dead-letter` topic full, or a letter
     /// larger than the transport carries).
     fn dead_letters_dropped(&self) -> u64;
