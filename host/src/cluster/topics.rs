@@ -264,6 +264,7 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
         }
     }
     let ack_wait = consumer.cached_info().config.ack_wait;
+    clean_below_ack_floor(name, &stream, consumer.cached_info()).await;
     let t = Arc::new(Topic {
         subject,
         consumer,
@@ -272,6 +273,28 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
         blocked_recv_ns: AtomicU64::new(0),
     });
     Ok(core.topics.handles.lock().entry(name.to_string()).or_insert(t).clone())
+}
+
+/// Removes messages the consumer has acknowledged but the stream still holds: a work-queue
+/// stream deletes a message when it is acked, but a nats-server killed before it wrote
+/// those deletes keeps them after a restart (with the consumer's ack floor past them), and
+/// they count against the topic's capacity for good.
+async fn clean_below_ack_floor(name: &str, stream: &stream::Stream, consumer: &consumer::Info) {
+    let floor = consumer.ack_floor.stream_sequence;
+    let first = stream.cached_info().state.first_sequence;
+    if floor == 0 || first > floor {
+        return;
+    }
+    match stream.purge().sequence(floor + 1).await {
+        Ok(r) if r.purged > 0 => tracing::warn!(
+            topic = name,
+            "removed {} processed message(s) left in the topic's stream (nats-server stopped \
+             before it stored their acknowledgements)",
+            r.purged
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(topic = name, "cannot remove processed messages: {e}"),
+    }
 }
 
 fn is_full(e: &impl std::fmt::Display) -> bool {

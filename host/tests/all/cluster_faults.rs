@@ -308,3 +308,38 @@ fn a_publish_blocked_on_a_full_topic_counts_while_it_waits() {
         leave(&a, &ca).await;
     });
 }
+
+/// Finding 6: after `kill -9` of nats-server and a restart, messages already processed (the
+/// consumer's ack floor past them) stayed in the work-queue stream and counted against its
+/// capacity for good. A node that opens the topic removes them. (On this machine nats-server
+/// 2.9 kept its deletes across the kill, so the stream is usually clean already: the test
+/// checks that opening the topic leaves nothing processed behind, and prints what it found.)
+#[test]
+fn processed_messages_left_by_a_killed_nats_server_are_removed() {
+    let mut nats = Nats::start();
+    run(async {
+        let (a, ca) = node(&nats, "a").await;
+        publish_all(&a, "done", "m", 60).await;
+        assert_eq!(drain(&a, "done", 60).await.len(), 60);
+        // Killed while the node is still in the cluster (its acks were confirmed).
+        nats.kill();
+        nats.start_again();
+        leave(&a, &ca).await;
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream("GORCH_T_done").await.unwrap();
+        let left = stream.info().await.unwrap().state.messages;
+        eprintln!("processed messages left after kill -9: {left}");
+        let (b, cb) = node(&nats, "b").await;
+        // Opening the topic (a try-receive) cleans it.
+        let h = b
+            .spawn(SpawnOptions::new("peek"), |ctx| async move {
+                ctx.bus_recv("done", Some(Duration::ZERO)).await.map(drop)
+            })
+            .unwrap();
+        assert_eq!(wait_end(&h, Duration::from_secs(30)).await, State::Stopped);
+        let left = stream.info().await.unwrap().state.messages;
+        assert_eq!(left, 0, "processed messages still in the stream");
+        leave(&b, &cb).await;
+    });
+}
