@@ -203,8 +203,8 @@ impl Directory for OrchInner {
 }
 
 impl Keeper for OrchInner {
-    fn link(&self, mailbox: &Channel<Message>) -> Arc<dyn Link> {
-        self.transport.read().link(mailbox)
+    fn link(&self, name: &str, mailbox: &Channel<Message>) -> Arc<dyn Link> {
+        self.transport.read().link(name, mailbox)
     }
 
     fn record_history(&self, snap: Snapshot) {

@@ -174,7 +174,17 @@ impl RunCmd {
             self.announce(&started, server.local_addr());
         }
         let reloads = tokio::spawn(reload_loop(reloader, reload_rx, stop.clone()));
-        stop.cancelled().await;
+        // Until a signal, or until another process of this node's name takes the lease.
+        let lost = async {
+            match &cluster {
+                Some(c) => c.lease_lost().await,
+                None => std::future::pending().await,
+            }
+        };
+        let lost = tokio::select! {
+            _ = stop.cancelled() => None,
+            reason = lost => Some(reason),
+        };
         reloads.abort();
         tracing::info!(
             "shutting down (bound {}; signal again to kill at once)",
@@ -196,6 +206,9 @@ impl RunCmd {
         }
         if !report.unstoppable.is_empty() {
             bail!("could not stop within the bound: {}", report.unstoppable.join(", "));
+        }
+        if let Some(reason) = lost {
+            bail!("{reason}");
         }
         tracing::info!("stopped {} routine(s)", report.stopped);
         if self.strict && !started.interrupted {

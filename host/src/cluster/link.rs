@@ -82,9 +82,10 @@ fn pick(nodes: &[String]) -> Option<String> {
 }
 
 impl Transport for ClusterTransport {
-    fn link(&self, mailbox: &Channel<Message>) -> Arc<dyn Link> {
+    fn link(&self, name: &str, mailbox: &Channel<Message>) -> Arc<dyn Link> {
         let local = self.local.link_to(mailbox, self.dead.clone());
-        Arc::new(ClusterLink { core: self.core.clone(), local })
+        let unique = self.core.registry.is_unique_here(name);
+        Arc::new(ClusterLink { core: self.core.clone(), local, unique })
     }
     fn clash(&self, name: &str, unique: bool) -> Option<String> {
         self.core.registry.conflict(name, unique)
@@ -151,6 +152,31 @@ impl Transport for ClusterTransport {
 struct ClusterLink {
     core: Arc<ClusterCore>,
     local: LocalLink,
+    /// A cluster-unique routine's: its receives are fenced by this node's lease.
+    unique: bool,
+}
+
+impl ClusterLink {
+    /// One receive (a cluster topic hands out one message).
+    async fn take(
+        &self,
+        queue: Queue<'_>,
+        max: usize,
+        timeout: Option<Duration>,
+        cancel: &CancellationToken,
+        out: &mut Vec<Message>,
+    ) -> Result<Option<Arc<dyn Origin>>, CallError> {
+        let topic = match queue {
+            Queue::Mailbox => return self.local.recv_mailbox(max, timeout, cancel, out).await,
+            Queue::Topic(t) => t,
+        };
+        let Some(d) = topics::recv(&self.core, topic, timeout, cancel).await? else {
+            return Ok(None);
+        };
+        out.push(Message::delivered_before(d.payload, d.delivered_before));
+        let handle = Mutex::new(Some(d.handle));
+        Ok(Some(Arc::new(RemoteOrigin { topic: topic.to_string(), handle })))
+    }
 }
 
 impl Link for ClusterLink {
@@ -206,19 +232,22 @@ impl Link for ClusterLink {
         out: &'a mut Vec<Message>,
     ) -> BoxFuture<'a, Result<Option<Arc<dyn Origin>>, CallError>> {
         async move {
-            let topic = match queue {
-                Queue::Mailbox => return self.local.recv_mailbox(max, timeout, cancel, out).await,
-                Queue::Topic(t) => t,
-            };
-            let Some(d) = topics::recv(&self.core, topic, timeout, cancel).await? else {
-                return Ok(None);
-            };
-            out.push(Message::delivered_before(d.payload, d.delivered_before));
-            let origin: Arc<dyn Origin> = Arc::new(RemoteOrigin {
-                topic: topic.to_string(),
-                handle: Mutex::new(Some(d.handle)),
-            });
-            Ok(Some(origin))
+            if !self.unique {
+                return self.take(queue, max, timeout, cancel, out).await;
+            }
+            // A cluster-unique routine takes a message only while this node's lease is
+            // valid: one taken as the lease lapsed (the process was paused) goes back, and
+            // the routine waits until the lease is renewed and its claim checked.
+            loop {
+                self.core.lease.wait_valid(cancel).await?;
+                let origin = self.take(queue, max, timeout, cancel, out).await?;
+                match origin {
+                    Some(o) if !self.core.lease.is_valid() => {
+                        o.hand_back(std::mem::take(out));
+                    }
+                    other => return Ok(other),
+                }
+            }
         }
         .boxed()
     }

@@ -30,6 +30,7 @@ use crate::names::{NameError, validate_routine_name};
 use crate::orchestrator::OrchInner;
 use crate::transport::CallError;
 
+mod lease;
 mod link;
 mod registry;
 mod rpc;
@@ -206,6 +207,8 @@ pub(crate) struct ClusterCore {
     pub(crate) topics: topics::Topics,
     /// Background work (watchers, heartbeat, services, acks of settled messages).
     pub(crate) tasks: TaskTracker,
+    /// This node's lease as this node knows it (fences cluster-unique routines).
+    pub(crate) lease: lease::Lease,
     /// Woken when the connection comes back (receives pull again at once).
     pub(crate) reconnected: Arc<tokio::sync::Notify>,
     /// Acks, naks and terms the server did not confirm after the retries (the message may
@@ -286,6 +289,7 @@ impl Cluster {
         let js_err = |reason: String| ClusterError::JetStream { url: config.url.clone(), reason };
         let node_token = token(&config.node);
         let registry = registry::Registry::open(&js, &config.node).await.map_err(js_err)?;
+        let claimed = tokio::time::Instant::now();
         registry.claim_node(&config.url, &config.node, &node_token).await?;
         let core = Arc::new(ClusterCore {
             node: config.node.clone(),
@@ -301,6 +305,7 @@ impl Cluster {
             tasks: TaskTracker::new(),
             dead_letters_dropped: Default::default(),
             js_problem: Default::default(),
+            lease: lease::Lease::taken(claimed),
             reconnected,
             acks_unconfirmed: Default::default(),
             stop: CancellationToken::new(),
@@ -327,6 +332,15 @@ impl Cluster {
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.core.node
+    }
+
+    /// Completes, with the reason, when this node lost its lease to another process of the
+    /// same node name (this one was away, paused or cut off, past its lease): its
+    /// cluster-unique routines are stopped and it answers no more requests from other
+    /// nodes. The CLI then stops the host and exits non-zero.
+    pub async fn lease_lost(&self) -> String {
+        self.core.lease.lost().await;
+        self.core.lease.lost_reason().unwrap_or_default()
     }
 
     /// True while the NATS connection is up (`/readyz` is 503 otherwise).

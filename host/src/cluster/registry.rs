@@ -12,8 +12,9 @@
 //! Every node watches both buckets and keeps a view in memory, so looking a name up costs
 //! no round trip.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, kv};
@@ -67,6 +68,18 @@ impl View {
     }
 }
 
+/// What a lease renewal found.
+pub(crate) enum Renewal {
+    /// Renewed.
+    Renewed,
+    /// It had expired, and nobody took it: taken again.
+    Retaken,
+    /// Another process of this node's name holds it.
+    Lost(String),
+    /// The server did not answer (why).
+    Failed(String),
+}
+
 enum Event {
     Register { name: String, unique: bool },
     Unregister { name: String },
@@ -82,6 +95,10 @@ pub(crate) struct Registry {
     /// Routine keys this node wrote, with the name and whether it is cluster-unique
     /// (re-asserted after a repair, removed when it leaves).
     mine: Mutex<HashMap<String, (String, bool)>>,
+    /// The cluster-unique routines of this node, known at once (registration is queued).
+    unique_here: Mutex<HashSet<String>>,
+    /// The revision of this node's lease entry: renewals are compare-and-set on it.
+    lease_rev: AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -152,6 +169,8 @@ impl Registry {
             events,
             queue: Mutex::new(Some(queue)),
             mine: Mutex::default(),
+            unique_here: Mutex::default(),
+            lease_rev: AtomicU64::new(0),
         })
     }
 
@@ -168,7 +187,10 @@ impl Registry {
         key: &str,
     ) -> Result<(), ClusterError> {
         match self.nodes.create(key, self.record("", 0)).await {
-            Ok(_) => Ok(()),
+            Ok(rev) => {
+                self.lease_rev.store(rev, Relaxed);
+                Ok(())
+            }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 let at = match self.nodes.get(key).await {
                     Ok(Some(v)) => serde_json::from_slice::<NodeRecord>(&v).map(|r| r.at).ok(),
@@ -188,10 +210,84 @@ impl Registry {
         }
     }
 
-    /// Gives the lease back (a clean stop).
+    /// Gives the lease back (a clean stop), if it is still this process's.
     pub(crate) async fn release_node(&self, key: &str) {
-        if let Err(e) = self.nodes.delete(key).await {
+        let rev = Some(self.lease_rev.load(Relaxed));
+        if let Err(e) = self.nodes.delete_expect_revision(key, rev).await {
             tracing::warn!("cannot release this node's lease: {e}");
+        }
+    }
+
+    /// Renews the lease (compare-and-set on its revision).
+    pub(crate) async fn renew(&self, core: &ClusterCore) -> Renewal {
+        let count = core.orch().map(|o| o.routine_count()).unwrap_or(0);
+        let record = self.record(&core.http_addr, count);
+        let rev = self.lease_rev.load(Relaxed);
+        match self.nodes.update(&core.node_token, record.clone(), rev).await {
+            Ok(rev) => {
+                self.lease_rev.store(rev, Relaxed);
+                Renewal::Renewed
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // It expired (this process was away past its lease), or another process of
+                // this name took it meanwhile.
+                match self.nodes.create(&core.node_token, record).await {
+                    Ok(rev) => {
+                        self.lease_rev.store(rev, Relaxed);
+                        Renewal::Retaken
+                    }
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                        Renewal::Lost(format!(
+                            "the lease of node {:?} was taken by another process while this one \
+                             was away past its lease ({}s): this one stops",
+                            self.node,
+                            LEASE.as_secs()
+                        ))
+                    }
+                    Err(e) => Renewal::Failed(e.to_string()),
+                }
+            }
+            Err(e) => Renewal::Failed(e.to_string()),
+        }
+    }
+
+    /// Whether `name` is a cluster-unique routine of this node.
+    pub(crate) fn is_unique_here(&self, name: &str) -> bool {
+        self.unique_here.lock().contains(name)
+    }
+
+    /// After a lapse: stops each cluster-unique routine of this node whose claim another
+    /// node took meanwhile.
+    pub(crate) async fn verify_claims(&self, core: &ClusterCore) {
+        let unique: Vec<String> = self.unique_here.lock().iter().cloned().collect();
+        for name in unique {
+            let key = format!("u={}", token(&name));
+            let Ok(Some(entry)) = self.routines.entry(key).await else { continue };
+            let owner = String::from_utf8_lossy(&entry.value).into_owned();
+            if entry.operation == kv::Operation::Put && owner != self.node {
+                let reason = format!(
+                    "routine {name:?} is cluster-unique and node {owner:?} took it over while \
+                     this node was away past its lease: this copy stops"
+                );
+                tracing::error!("{reason}");
+                self.unique_here.lock().remove(&name);
+                if let Some(h) = core.orch().and_then(|o| o.get_by_name(&name)) {
+                    h.fail_and_stop(reason);
+                }
+            }
+        }
+    }
+
+    /// The lease is lost to another process of this name: this node's cluster-unique
+    /// routines stop at once (the other process runs them).
+    pub(crate) fn fence(&self, core: &ClusterCore, reason: String) {
+        tracing::error!(node = %self.node, "{reason}");
+        core.lease.lose(reason.clone());
+        let unique: Vec<String> = self.unique_here.lock().drain().collect();
+        for name in unique {
+            if let Some(h) = core.orch().and_then(|o| o.get_by_name(&name)) {
+                h.fail_and_stop(reason.clone());
+            }
         }
     }
 
@@ -241,10 +337,14 @@ impl Registry {
     }
 
     pub(crate) fn register(&self, name: &str, unique: bool) {
+        if unique {
+            self.unique_here.lock().insert(name.to_string());
+        }
         let _ = self.events.send(Event::Register { name: name.to_string(), unique });
     }
 
     pub(crate) fn unregister(&self, name: &str) {
+        self.unique_here.lock().remove(name);
         let _ = self.events.send(Event::Unregister { name: name.to_string() });
     }
 
@@ -253,6 +353,10 @@ impl Registry {
     }
 
     async fn apply(&self, core: &ClusterCore, event: Event) {
+        if core.lease.lost_reason().is_some() {
+            // The entries of this node's name are another process's now.
+            return;
+        }
         match event {
             Event::Register { name, unique } => {
                 let key = self.routine_key(&name);
@@ -321,10 +425,12 @@ impl Registry {
             }
         }
         let count = core.orch().map(|o| o.routine_count()).unwrap_or(0);
-        if let Err(e) = self.nodes.put(&core.node_token, self.record(&core.http_addr, count)).await
-        {
-            tracing::warn!("registry repair: cannot renew this node's lease: {e}");
-            return;
+        match self.nodes.create(&core.node_token, self.record(&core.http_addr, count)).await {
+            Ok(rev) => self.lease_rev.store(rev, Relaxed),
+            Err(e) => {
+                tracing::warn!("registry repair: cannot take this node's lease again: {e}");
+                return;
+            }
         }
         let mine: Vec<(String, bool)> = self.mine.lock().values().cloned().collect();
         for (name, unique) in mine {
@@ -334,8 +440,12 @@ impl Registry {
         tracing::info!(node = %self.node, "registry repaired");
     }
 
-    /// Removes every entry of this node and its lease (a clean stop).
+    /// Removes every entry of this node and its lease (a clean stop); nothing when the lease
+    /// was lost (the entries are the other process's now).
     pub(crate) async fn leave(&self, core: &ClusterCore) {
+        if core.lease.lost_reason().is_some() {
+            return;
+        }
         let names: Vec<String> = {
             let view = self.view.read();
             view.routine_keys
@@ -434,12 +544,31 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
                 _ = hb.stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let count = hb.orch().map(|o| o.routine_count()).unwrap_or(0);
-            let record = hb.registry.record(&hb.http_addr, count);
-            match hb.registry.nodes.put(&hb.node_token, record).await {
-                Ok(_) => *hb.js_problem.lock() = None,
-                Err(e) => {
-                    let e = e.to_string();
+            let sent = tokio::time::Instant::now();
+            let lapsed = hb.lease.lapsed();
+            match hb.registry.renew(&hb).await {
+                Renewal::Renewed => {
+                    *hb.js_problem.lock() = None;
+                    if lapsed {
+                        hb.registry.verify_claims(&hb).await;
+                    }
+                    hb.lease.renewed(sent);
+                }
+                Renewal::Retaken => {
+                    *hb.js_problem.lock() = None;
+                    tracing::warn!(
+                        node = %hb.node,
+                        "this node's lease had expired (was the process paused?): taken again; \
+                         checking the claims of its cluster-unique routines"
+                    );
+                    hb.registry.verify_claims(&hb).await;
+                    hb.lease.renewed(sent);
+                }
+                Renewal::Lost(reason) => {
+                    hb.registry.fence(&hb, reason);
+                    break;
+                }
+                Renewal::Failed(e) => {
                     tracing::debug!("lease renewal failed: {e}");
                     if hb.connected() {
                         // Connected but the bucket does not answer: the server lost its

@@ -31,9 +31,11 @@ fn subject(node: &str, call: &str) -> String {
 /// Answers this node's calls until it leaves.
 pub(crate) async fn serve(core: &Arc<ClusterCore>) -> Result<(), String> {
     for call in ["send", "snapshots"] {
+        // A queue group: two processes of one node name (one paused past its lease) never
+        // both take a request.
         let mut sub = core
             .client
-            .subscribe(subject(&core.node, call))
+            .queue_subscribe(subject(&core.node, call), "gorch-rpc".to_string())
             .await
             .map_err(|e| format!("cannot subscribe: {e}"))?;
         let c = core.clone();
@@ -41,6 +43,8 @@ pub(crate) async fn serve(core: &Arc<ClusterCore>) -> Result<(), String> {
             loop {
                 let msg = tokio::select! {
                     _ = c.stop.cancelled() => break,
+                    // Another process has this node's name now: it answers.
+                    _ = c.lease.lost() => break,
                     m = sub.next() => match m { Some(m) => m, None => break },
                 };
                 let c2 = c.clone();
@@ -58,6 +62,13 @@ async fn answer(core: &ClusterCore, call: &str, msg: async_nats::Message) {
     let body: bytes::Bytes = match call {
         "send" => {
             let to = msg.headers.as_ref().and_then(|h| h.get(TO)).map(|v| v.as_str().to_string());
+            // Not while this node's lease lapsed (a paused process coming back): if it is
+            // lost, another process answers, and the sender's request times out.
+            let never = tokio_util::sync::CancellationToken::new();
+            let valid = tokio::time::timeout(HOLD_FULL, core.lease.wait_valid(&never)).await;
+            if !matches!(valid, Ok(Ok(()))) {
+                return;
+            }
             let target = to.as_deref().and_then(|n| orch.get_by_name(n));
             match target {
                 None => "no-such-routine".into(),

@@ -26,8 +26,8 @@ pub(crate) const KILL_WAIT: Duration = Duration::from_millis(100);
 /// What the driver is handed by whoever keeps the routines (the orchestrator): where a
 /// run's messages travel, and where a routine's past goes.
 pub(crate) trait Keeper: Send + Sync {
-    /// The transport link of a run of the routine whose mailbox is `mailbox`.
-    fn link(&self, mailbox: &Channel<Message>) -> Arc<dyn Link>;
+    /// The transport link of a run of the routine `name`, whose mailbox is `mailbox`.
+    fn link(&self, name: &str, mailbox: &Channel<Message>) -> Arc<dyn Link>;
     /// Keeps `snap` in the history of finished runs and routines.
     fn record_history(&self, snap: Snapshot);
     /// The routine has ended for good in `state`: it leaves the registry.
@@ -58,7 +58,7 @@ pub(crate) async fn drive(
             // Nothing to restore: an upgrade to this code has succeeded by starting it.
             shared.upgrade().settle(Ok(()));
         }
-        let link = keeper.link(shared.mailbox());
+        let link = keeper.link(shared.name(), shared.mailbox());
         let ctx = RoutineContext { shared: shared.clone(), run: run.clone(), link };
         // tokio's clock, so that paused-time tests see real backoff and windows.
         let started = tokio::time::Instant::now();

@@ -134,7 +134,7 @@ impl DeadLetters for LocalTransport {
 pub(crate) struct Local(pub Arc<LocalTransport>);
 
 impl Transport for Local {
-    fn link(&self, mailbox: &Channel<Message>) -> Arc<dyn Link> {
+    fn link(&self, _name: &str, mailbox: &Channel<Message>) -> Arc<dyn Link> {
         let dead: Arc<dyn DeadLetters> = self.0.clone();
         Arc::new(self.0.link_to(mailbox, dead))
     }

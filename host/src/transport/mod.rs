@@ -119,8 +119,8 @@ pub(crate) trait Link: Send + Sync {
 /// Where a host's messages travel: chosen once, behind every routine's [`Link`] and the
 /// HTTP ingress.
 pub(crate) trait Transport: Send + Sync + 'static {
-    /// The link of one run of the routine whose mailbox is `mailbox`.
-    fn link(&self, mailbox: &Channel<Message>) -> Arc<dyn Link>;
+    /// The link of one run of the routine `name`, whose mailbox is `mailbox`.
+    fn link(&self, name: &str, mailbox: &Channel<Message>) -> Arc<dyn Link>;
 
     /// The node that forbids this host to run a routine named `name` (`unique`: this one
     /// must be the only one), if any.

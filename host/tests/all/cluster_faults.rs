@@ -270,11 +270,19 @@ fn nats_restarted_without_its_store_heals() {
         }
         assert_eq!(status, 200, "/readyz after nats-server came back without its store");
         publish_all(&a, "work", "after-", 5).await;
-        assert!(
-            wait_until(Duration::from_secs(60), || seen.lock().len() == 8).await,
-            "{:?}",
-            seen.lock()
-        );
+        let all = wait_until(Duration::from_secs(20), || seen.lock().len() == 8).await;
+        if !all {
+            let client = async_nats::connect(nats.url()).await.unwrap();
+            let js = async_nats::jetstream::new(client);
+            let mut st = js.get_stream("GORCH_T_work").await.unwrap();
+            eprintln!("DEBUG stream {:?}", st.info().await.unwrap().state);
+            let ci = st.consumer_info("gorch").await.unwrap();
+            eprintln!("DEBUG consumer delivered {:?} ackfloor {:?} pending {} ackpending {} redelivered {}", ci.delivered, ci.ack_floor, ci.num_pending, ci.num_ack_pending, ci.num_redelivered);
+            if let Ok(mut dl) = js.get_stream("GORCH_T_dead-letter").await {
+                eprintln!("DEBUG dead letters {:?}", dl.info().await.unwrap().state);
+            }
+        }
+        assert!(all, "{:?}", seen.lock());
         leave(&b, &cb).await;
         leave(&a, &ca).await;
     });
@@ -340,6 +348,106 @@ fn processed_messages_left_by_a_killed_nats_server_are_removed() {
         assert_eq!(wait_end(&h, Duration::from_secs(30)).await, State::Stopped);
         let left = stream.info().await.unwrap().state.messages;
         assert_eq!(left, 0, "processed messages still in the stream");
+        leave(&b, &cb).await;
+    });
+}
+
+/// A plugin directory with one cluster-unique routine `solo` (the testkit guest echoing its
+/// mailbox), for a real `gorch-host` node.
+fn solo_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(gorch_artifacts::path("testkit"), dir.path().join("solo.wasm")).unwrap();
+    std::fs::write(dir.path().join("solo.toml"), "[wasi]\nenv = { MODE = \"echo\" }\n").unwrap();
+    dir
+}
+
+fn signal(host: &crate::common::host::Host, sig: &str) {
+    let pid = host.id().to_string();
+    assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+}
+
+/// Waits until node `who`'s view of the cluster does (or does not) list node `node`.
+async fn sees(who: &gorch_host::Cluster, node: &str, listed: bool) -> bool {
+    wait_until(Duration::from_secs(60), || {
+        who.view().nodes.iter().any(|n| n.node == node) == listed
+    })
+    .await
+}
+
+/// Finding 4b: a cluster-unique routine on a node paused past its lease was claimed by
+/// another node; after SIGCONT both copies ran. Now the paused node's copy stops.
+#[test]
+fn a_unique_routine_of_a_node_paused_past_its_lease_stops_when_it_resumes() {
+    let nats = Nats::start();
+    let dir = solo_dir();
+    let url = nats.url();
+    let (mut host, rx) = run_host(dir.path(), &["--nats", &url, "--node", "a"]);
+    read_until(&mut host, &rx, "metrics: http://");
+    run(async {
+        let (b, cb) = node(&nats, "b").await;
+        assert!(
+            wait_until(Duration::from_secs(30), || cb.nodes_running("solo") == ["a"]).await,
+            "node a's solo is not in the registry"
+        );
+        signal(&host, "-STOP");
+        assert!(sees(&cb, "a", false).await, "a's lease did not expire");
+        // Node a is gone as far as the cluster knows: b takes over the routine.
+        let h = b
+            .spawn(SpawnOptions::new("solo"), |ctx| async move {
+                while ctx.recv(None).await?.is_some() {}
+                Ok::<(), CallError>(())
+            })
+            .unwrap();
+        signal(&host, "-CONT");
+        // a comes back, finds the claim taken and stops its copy.
+        let log = read_until(&mut host, &rx, "took it over while this node was away");
+        assert!(log.contains("routine \"solo\" is cluster-unique and node \"b\""), "{log}");
+        assert!(sees(&cb, "a", true).await, "a did not take its lease again");
+        assert_eq!(h.state(), State::Running);
+        leave(&b, &cb).await;
+    });
+}
+
+/// Finding 4a: a node paused past its lease while a new process took its node name: both
+/// ran, both answered its requests, and the old one deleted the new one's lease when it
+/// left. Now the old one finds its lease taken, stops and exits non-zero.
+#[test]
+fn a_node_whose_name_was_taken_while_it_was_paused_exits() {
+    let nats = Nats::start();
+    let url = nats.url();
+    let (dir1, dir2) = (solo_dir(), solo_dir());
+    let (mut first, rx1) = run_host(dir1.path(), &["--nats", &url, "--node", "a"]);
+    read_until(&mut first, &rx1, "metrics: http://");
+    run(async {
+        let (b, cb) = node(&nats, "b").await;
+        assert!(sees(&cb, "a", true).await);
+        signal(&first, "-STOP");
+        assert!(sees(&cb, "a", false).await, "a's lease did not expire");
+        let (mut second, rx2) = run_host(dir2.path(), &["--nats", &url, "--node", "a"]);
+        let log2 = read_until(&mut second, &rx2, "metrics: http://");
+        let second_addr = format!("127.0.0.1:{}", crate::common::host::port_of(&log2));
+        signal(&first, "-CONT");
+        let exited =
+            wait_until(Duration::from_secs(60), || matches!(first.try_wait(), Ok(Some(_)))).await;
+        let mut log1 = String::new();
+        while let Ok(l) = rx1.try_recv() {
+            log1.push_str(&l);
+            log1.push('\n');
+        }
+        assert!(exited, "the paused node still runs; log:\n{log1}");
+        assert!(!first.try_wait().unwrap().unwrap().success(), "{log1}");
+        assert!(log1.contains("was taken by another process"), "{log1}");
+        // The new process keeps the name, its lease and its routine.
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                cb.view().nodes.iter().any(|n| n.node == "a" && n.addr == second_addr)
+                    && cb.nodes_running("solo") == ["a"]
+            })
+            .await,
+            "{:?}",
+            cb.view()
+        );
+        assert!(matches!(second.try_wait(), Ok(None)), "the new process must keep running");
         leave(&b, &cb).await;
     });
 }
