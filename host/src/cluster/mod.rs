@@ -193,6 +193,21 @@ pub struct NodeRoutines {
     pub error: Option<String>,
 }
 
+/// The times the NATS connection came back.
+#[derive(Default)]
+pub(crate) struct Reconnects {
+    /// Woken at each.
+    pub(crate) notify: tokio::sync::Notify,
+    /// How many so far.
+    pub(crate) epoch: std::sync::atomic::AtomicU64,
+}
+
+impl Reconnects {
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// What a node shares with the others; each node keeps its own handle.
 pub(crate) struct ClusterCore {
     pub(crate) node: String,
@@ -209,8 +224,9 @@ pub(crate) struct ClusterCore {
     pub(crate) tasks: TaskTracker,
     /// This node's lease as this node knows it (fences cluster-unique routines).
     pub(crate) lease: lease::Lease,
-    /// Woken when the connection comes back (receives pull again at once).
-    pub(crate) reconnected: Arc<tokio::sync::Notify>,
+    /// The connection's comings back (receives pull again at once; verdicts check that
+    /// their stream was not created again meanwhile).
+    pub(crate) conn: Arc<Reconnects>,
     /// Acks, naks and terms the server did not confirm after the retries (the message may
     /// be delivered again).
     pub(crate) acks_unconfirmed: std::sync::atomic::AtomicU64,
@@ -283,8 +299,8 @@ impl Cluster {
         if config.ack_wait < MIN_ACK_WAIT {
             return Err(ClusterError::AckWait(config.ack_wait));
         }
-        let reconnected = Arc::new(tokio::sync::Notify::new());
-        let client = connect(&config, reconnected.clone()).await?;
+        let conn = Arc::new(Reconnects::default());
+        let client = connect(&config, conn.clone()).await?;
         let js = jetstream::new(client.clone());
         let js_err = |reason: String| ClusterError::JetStream { url: config.url.clone(), reason };
         let node_token = token(&config.node);
@@ -306,7 +322,7 @@ impl Cluster {
             dead_letters_dropped: Default::default(),
             js_problem: Default::default(),
             lease: lease::Lease::taken(claimed),
-            reconnected,
+            conn,
             acks_unconfirmed: Default::default(),
             stop: CancellationToken::new(),
         });
@@ -422,7 +438,7 @@ impl Cluster {
 
 async fn connect(
     config: &ClusterConfig,
-    reconnected: Arc<tokio::sync::Notify>,
+    conn: Arc<Reconnects>,
 ) -> Result<async_nats::Client, ClusterError> {
     let unreachable = |reason: String| ClusterError::Unreachable {
         url: config.url.clone(),
@@ -435,7 +451,7 @@ async fn connect(
         // Publishes made while disconnected wait in this bounded buffer, then block.
         .client_capacity(4096)
         .event_callback(move |event| {
-            let reconnected = reconnected.clone();
+            let conn = conn.clone();
             async move {
                 match event {
                     async_nats::Event::Disconnected => tracing::warn!(
@@ -444,7 +460,8 @@ async fn connect(
                     async_nats::Event::Connected => {
                         tracing::info!("NATS connection back");
                         // Pulls sent before were lost with the connection: ask again now.
-                        reconnected.notify_waiters();
+                        conn.epoch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        conn.notify.notify_waiters();
                     }
                     other => tracing::debug!("NATS: {other}"),
                 }

@@ -51,6 +51,9 @@ const STATS_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) struct Topic {
     subject: String,
+    /// The stream's name and when the server created it (this incarnation).
+    stream: String,
+    created: i128,
     consumer: consumer::Consumer<pull::Config>,
     /// The consumer's ack wait, as the server has it (what progress acks must beat).
     ack_wait: Duration,
@@ -116,15 +119,51 @@ pub(crate) struct RemoteDelivery {
 pub(crate) struct RemoteMsg {
     acker: Arc<Acker>,
     core: Arc<ClusterCore>,
+    /// Where and when it was taken: a verdict never reaches another stream of the same
+    /// name (a verdict names its message by stream sequence).
+    taken: Taken,
     _progress: DropGuard,
+}
+
+/// The stream a message came from and the connection epoch it was taken in.
+#[derive(Clone)]
+struct Taken {
+    topic: Arc<Topic>,
+    epoch: u64,
+}
+
+impl Taken {
+    /// Whether a verdict may be sent now: the connection is up and, if it came back since
+    /// the message was taken, the stream is still the one it came from (a nats-server that
+    /// lost its store has a new stream of the same name, whose sequence numbers name other
+    /// messages).
+    async fn still_there(&self, core: &ClusterCore) -> Result<bool, String> {
+        if !core.connected() {
+            return Err("not connected".into());
+        }
+        if core.conn.epoch() == self.epoch {
+            return Ok(true);
+        }
+        match core.js.get_stream(&self.topic.stream).await {
+            Ok(s) => Ok(s.cached_info().created.unix_timestamp_nanos() == self.topic.created),
+            Err(e) => match e.kind() {
+                async_nats::jetstream::context::GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    Ok(false)
+                }
+                _ => Err(e.to_string()),
+            },
+        }
+    }
 }
 
 impl RemoteMsg {
     fn verdict(self, kind: AckKind) {
-        let RemoteMsg { acker, core, _progress } = self;
+        let RemoteMsg { acker, core, taken, _progress } = self;
         drop(_progress);
         let c = core.clone();
-        core.spawn(async move { confirm(&c, &acker, kind).await });
+        core.spawn(async move { confirm(&c, &acker, kind, &taken).await });
     }
     /// Processed: removed from the stream.
     pub(crate) fn ack(self) {
@@ -138,7 +177,7 @@ impl RemoteMsg {
     /// (never redelivered). A letter NATS cannot carry is dropped (logged and counted) and
     /// the message terminated all the same: handing it back would bring it straight back.
     pub(crate) fn dead_letter(self, letter: Letter) {
-        let RemoteMsg { acker, core, _progress } = self;
+        let RemoteMsg { acker, core, taken, _progress } = self;
         drop(_progress);
         let c = core.clone();
         core.spawn(async move {
@@ -147,7 +186,7 @@ impl RemoteMsg {
                 DeadLettered::Stored | DeadLettered::Dropped => AckKind::Term,
                 DeadLettered::NotNow => AckKind::Nak(None),
             };
-            confirm(&c, &acker, kind).await;
+            confirm(&c, &acker, kind, &taken).await;
         });
     }
 }
@@ -155,13 +194,23 @@ impl RemoteMsg {
 /// Sends `kind` for a message and waits for the server to confirm it, trying three times
 /// (a verdict lost in a disconnect would make the message come back); one never confirmed
 /// is logged and counted (`gorch_cluster_acks_unconfirmed_total`).
-async fn confirm(core: &ClusterCore, acker: &Acker, kind: AckKind) {
+async fn confirm(core: &ClusterCore, acker: &Acker, kind: AckKind, taken: &Taken) {
     let mut pause = Duration::from_millis(200);
     let mut last = String::new();
     for _ in 0..3 {
-        match acker.double_ack_with(kind).await {
-            Ok(()) => return,
-            Err(e) => last = e.to_string(),
+        match taken.still_there(core).await {
+            Ok(true) => match acker.double_ack_with(kind).await {
+                Ok(()) => return,
+                Err(e) => last = e.to_string(),
+            },
+            Ok(false) => {
+                tracing::debug!(
+                    "a {kind:?} is not sent: the topic's stream was created again since (the \
+                     message went with the lost store)"
+                );
+                return;
+            }
+            Err(e) => last = e,
         }
         tokio::time::sleep(pause).await;
         pause *= 2;
@@ -267,6 +316,8 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
     clean_below_ack_floor(name, &stream, consumer.cached_info()).await;
     let t = Arc::new(Topic {
         subject,
+        stream: stream.cached_info().config.name.clone(),
+        created: stream.cached_info().created.unix_timestamp_nanos(),
         consumer,
         ack_wait,
         blocked_publish: Mutex::default(),
@@ -418,7 +469,7 @@ pub(crate) async fn recv(
             biased;
             _ = cancel.cancelled() => break Err(CallError::Cancelled),
             // A pull sent before a reconnect is lost with the old connection.
-            _ = core.reconnected.notified() => continue,
+            _ = core.conn.notify.notified() => continue,
             m = pull_one(&t, expires) => m,
         };
         let msg = match pulled {
@@ -438,7 +489,7 @@ pub(crate) async fn recv(
         // JetStream numbers this delivery (1 for the first).
         let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
         let (msg, acker) = msg.split();
-        let handle = remote_msg(core, acker, t.ack_wait);
+        let handle = remote_msg(core, acker, &t);
         break Ok(Some(RemoteDelivery {
             payload: msg.payload.to_vec(),
             delivered_before: delivered - 1,
@@ -467,21 +518,29 @@ async fn pull_one(
 }
 
 /// The handle of a message just taken; progress acks keep it ours while it is in flight.
-fn remote_msg(core: &Arc<ClusterCore>, acker: Acker, ack_wait: Duration) -> RemoteMsg {
+fn remote_msg(core: &Arc<ClusterCore>, acker: Acker, topic: &Arc<Topic>) -> RemoteMsg {
     let acker = Arc::new(acker);
     let done = CancellationToken::new();
-    let every = (ack_wait / 3).max(MIN_ACK_WAIT / 3);
-    let (a, d) = (acker.clone(), done.clone());
+    let every = (topic.ack_wait / 3).max(MIN_ACK_WAIT / 3);
+    let taken = Taken { topic: topic.clone(), epoch: core.conn.epoch() };
+    let (a, d, c, t) = (acker.clone(), done.clone(), core.clone(), taken.clone());
     core.spawn(async move {
         loop {
             tokio::select! {
                 _ = d.cancelled() => break,
                 _ = tokio::time::sleep(every) => {}
             }
-            let _ = a.ack_with(AckKind::Progress).await;
+            match t.still_there(&c).await {
+                Ok(true) => {
+                    let _ = a.ack_with(AckKind::Progress).await;
+                }
+                // Its stream is gone: nothing to keep.
+                Ok(false) => break,
+                Err(_) => {}
+            }
         }
     });
-    RemoteMsg { acker, core: core.clone(), _progress: done.drop_guard() }
+    RemoteMsg { acker, core: core.clone(), taken, _progress: done.drop_guard() }
 }
 
 /// Refreshes the topic figures every [`STATS_EVERY`] while the node is in the cluster.

@@ -275,11 +275,14 @@ fn nats_restarted_without_its_store_heals() {
             let client = async_nats::connect(nats.url()).await.unwrap();
             let js = async_nats::jetstream::new(client);
             let mut st = js.get_stream("GORCH_T_work").await.unwrap();
-            eprintln!("DEBUG stream {:?}", st.info().await.unwrap().state);
+            eprintln!("on failure: stream {:?}", st.info().await.unwrap().state);
             let ci = st.consumer_info("gorch").await.unwrap();
-            eprintln!("DEBUG consumer delivered {:?} ackfloor {:?} pending {} ackpending {} redelivered {}", ci.delivered, ci.ack_floor, ci.num_pending, ci.num_ack_pending, ci.num_redelivered);
+            eprintln!(
+                "DEBUG consumer delivered {:?} ackfloor {:?} pending {} ackpending {} redelivered {}",
+                ci.delivered, ci.ack_floor, ci.num_pending, ci.num_ack_pending, ci.num_redelivered
+            );
             if let Ok(mut dl) = js.get_stream("GORCH_T_dead-letter").await {
-                eprintln!("DEBUG dead letters {:?}", dl.info().await.unwrap().state);
+                eprintln!("on failure: dead letters {:?}", dl.info().await.unwrap().state);
             }
         }
         assert!(all, "{:?}", seen.lock());
