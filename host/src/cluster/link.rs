@@ -84,7 +84,7 @@ fn pick(nodes: &[String]) -> Option<String> {
 impl Transport for ClusterTransport {
     fn link(&self, name: &str, mailbox: &Channel<Message>) -> Arc<dyn Link> {
         let local = self.local.link_to(mailbox, self.dead.clone());
-        let unique = self.core.registry.is_unique_here(name);
+        let unique = self.core.registry.is_unique_here(name).then(|| name.to_string());
         Arc::new(ClusterLink { core: self.core.clone(), local, unique })
     }
     fn clash(&self, name: &str, unique: bool) -> Option<String> {
@@ -152,8 +152,9 @@ impl Transport for ClusterTransport {
 struct ClusterLink {
     core: Arc<ClusterCore>,
     local: LocalLink,
-    /// A cluster-unique routine's: its receives are fenced by this node's lease.
-    unique: bool,
+    /// A cluster-unique routine's name: its receives are fenced by this node's lease and
+    /// wait for its claim.
+    unique: Option<String>,
 }
 
 impl ClusterLink {
@@ -232,17 +233,20 @@ impl Link for ClusterLink {
         out: &'a mut Vec<Message>,
     ) -> BoxFuture<'a, Result<Option<Arc<dyn Origin>>, CallError>> {
         async move {
-            if !self.unique {
+            let Some(name) = &self.unique else {
                 return self.take(queue, max, timeout, cancel, out).await;
-            }
+            };
             // A cluster-unique routine takes a message only while this node's lease is
-            // valid: one taken as the lease lapsed (the process was paused) goes back, and
-            // the routine waits until the lease is renewed and its claim checked.
+            // valid and it holds the routine's claim: one taken as the lease lapsed (the
+            // process was paused) goes back, and the routine waits until the lease is
+            // renewed and its claim checked.
+            let (lease, registry) = (&self.core.lease, &self.core.registry);
             loop {
-                self.core.lease.wait_valid(cancel).await?;
+                lease.wait_valid(cancel).await?;
+                registry.wait_claimed(name, cancel).await?;
                 let origin = self.take(queue, max, timeout, cancel, out).await?;
                 match origin {
-                    Some(o) if !self.core.lease.is_valid() => {
+                    Some(o) if !lease.is_valid() || !registry.holds_claim(name) => {
                         o.hand_back(std::mem::take(out));
                     }
                     other => return Ok(other),

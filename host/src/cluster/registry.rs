@@ -97,6 +97,9 @@ pub(crate) struct Registry {
     mine: Mutex<HashMap<String, (String, bool)>>,
     /// The cluster-unique routines of this node, known at once (registration is queued).
     unique_here: Mutex<HashSet<String>>,
+    /// Those whose claim this node holds (their receives wait until then).
+    claimed: Mutex<HashSet<String>>,
+    claims_changed: tokio::sync::Notify,
     /// The revision of this node's lease entry: renewals are compare-and-set on it.
     lease_rev: AtomicU64,
 }
@@ -170,6 +173,8 @@ impl Registry {
             queue: Mutex::new(Some(queue)),
             mine: Mutex::default(),
             unique_here: Mutex::default(),
+            claimed: Mutex::default(),
+            claims_changed: tokio::sync::Notify::new(),
             lease_rev: AtomicU64::new(0),
         })
     }
@@ -256,13 +261,55 @@ impl Registry {
         self.unique_here.lock().contains(name)
     }
 
+    /// Whether this node holds the claim of the cluster-unique name `name`.
+    pub(crate) fn holds_claim(&self, name: &str) -> bool {
+        self.claimed.lock().contains(name)
+    }
+
+    fn set_claimed(&self, name: &str, held: bool) {
+        let changed = if held {
+            self.claimed.lock().insert(name.to_string())
+        } else {
+            self.claimed.lock().remove(name)
+        };
+        if changed {
+            self.claims_changed.notify_waiters();
+        }
+    }
+
+    /// Waits until this node holds the claim of `name` (a routine that lost it is stopped:
+    /// `cancel` fires).
+    pub(crate) async fn wait_claimed(
+        &self,
+        name: &str,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), crate::transport::CallError> {
+        loop {
+            let changed = self.claims_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.holds_claim(name) {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(crate::transport::CallError::Cancelled),
+                _ = changed => {}
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+            }
+        }
+    }
+
     /// After a lapse: stops each cluster-unique routine of this node whose claim another
-    /// node took meanwhile.
+    /// node took meanwhile. A claim that cannot be read now counts as not held (its
+    /// routine's receives wait) until [`claim_missing`](Self::claim_missing) settles it.
     pub(crate) async fn verify_claims(&self, core: &ClusterCore) {
         let unique: Vec<String> = self.unique_here.lock().iter().cloned().collect();
         for name in unique {
             let key = format!("u={}", token(&name));
-            let Ok(Some(entry)) = self.routines.entry(key).await else { continue };
+            let Ok(Some(entry)) = self.routines.entry(key).await else {
+                self.set_claimed(&name, false);
+                continue;
+            };
             let owner = String::from_utf8_lossy(&entry.value).into_owned();
             if entry.operation == kv::Operation::Put && owner != self.node {
                 let reason = format!(
@@ -271,10 +318,58 @@ impl Registry {
                 );
                 tracing::error!("{reason}");
                 self.unique_here.lock().remove(&name);
+                self.set_claimed(&name, false);
                 if let Some(h) = core.orch().and_then(|o| o.get_by_name(&name)) {
                     h.fail_and_stop(reason);
                 }
             }
+        }
+    }
+
+    /// A claim changed: if another node now holds one this node held, this node's copy
+    /// stops (at once, from the watch: it takes no message without the claim).
+    fn seen_claim(&self, core: &ClusterCore, tok: &str, entry: &kv::Entry) {
+        if entry.operation != kv::Operation::Put {
+            return;
+        }
+        let owner = String::from_utf8_lossy(&entry.value);
+        let Some(name) = super::untoken(tok) else { return };
+        if owner == self.node || !self.holds_claim(&name) {
+            return;
+        }
+        let reason = format!(
+            "routine {name:?} is cluster-unique and node {owner:?} took it over while this node \
+             was away past its lease: this copy stops"
+        );
+        tracing::error!("{reason}");
+        self.set_claimed(&name, false);
+        self.unique_here.lock().remove(&name);
+        if let Some(h) = core.orch().and_then(|o| o.get_by_name(&name)) {
+            h.fail_and_stop(reason);
+        }
+    }
+
+    /// Whether `node` holds a live lease, asked of the server (not the local view, which
+    /// a paused process finds stale).
+    async fn holds_lease(&self, node: &str) -> bool {
+        !matches!(self.nodes.get(token(node)).await, Ok(None))
+    }
+
+    /// Claims the cluster-unique names of this node it does not hold yet (a claim that
+    /// failed for want of an answer is tried again at each heartbeat).
+    pub(crate) async fn claim_missing(&self, core: &ClusterCore) {
+        // Only names whose registration was applied (the queue claims the others).
+        let missing: Vec<String> = {
+            let claimed = self.claimed.lock();
+            self.mine
+                .lock()
+                .values()
+                .filter(|(name, unique)| *unique && !claimed.contains(name))
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        for name in missing {
+            self.claim_unique(core, &name).await;
         }
     }
 
@@ -283,6 +378,8 @@ impl Registry {
     pub(crate) fn fence(&self, core: &ClusterCore, reason: String) {
         tracing::error!(node = %self.node, "{reason}");
         core.lease.lose(reason.clone());
+        self.claimed.lock().clear();
+        self.claims_changed.notify_waiters();
         let unique: Vec<String> = self.unique_here.lock().drain().collect();
         for name in unique {
             if let Some(h) = core.orch().and_then(|o| o.get_by_name(&name)) {
@@ -345,6 +442,7 @@ impl Registry {
 
     pub(crate) fn unregister(&self, name: &str) {
         self.unique_here.lock().remove(name);
+        self.set_claimed(name, false);
         let _ = self.events.send(Event::Unregister { name: name.to_string() });
     }
 
@@ -391,13 +489,23 @@ impl Registry {
         let key = format!("u={}", token(name));
         let me = bytes::Bytes::from(self.node.clone().into_bytes());
         if self.routines.create(&key, me.clone()).await.is_ok() {
+            self.set_claimed(name, true);
             return;
         }
         let Ok(Some(entry)) = self.routines.entry(key.clone()).await else { return };
         let owner = String::from_utf8_lossy(&entry.value).into_owned();
-        let takeable =
-            entry.operation != kv::Operation::Put || owner == self.node || !self.is_live(&owner);
+        let takeable = entry.operation != kv::Operation::Put
+            || owner == self.node
+            || (!self.is_live(&owner) && !self.holds_lease(&owner).await);
         if takeable && self.routines.update(&key, me, entry.revision).await.is_ok() {
+            self.set_claimed(name, true);
+            return;
+        }
+        if let Ok(Some(now)) = self.routines.get(key.clone()).await
+            && now.as_ref() == self.node.as_bytes()
+        {
+            // Claimed for this node meanwhile (another attempt of its own).
+            self.set_claimed(name, true);
             return;
         }
         let reason = format!(
@@ -482,7 +590,11 @@ impl Registry {
         }
     }
 
-    fn seen_routine(&self, entry: &kv::Entry) {
+    fn seen_routine(&self, core: &ClusterCore, entry: &kv::Entry) {
+        if let Some(tok) = entry.key.strip_prefix("u=") {
+            self.seen_claim(core, tok, entry);
+            return;
+        }
         if !entry.key.starts_with("r=") {
             return;
         }
@@ -515,7 +627,7 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
     let reg = &core.registry;
     let (nodes_synced, routines_synced) = tokio::join!(
         watch(core, &reg.nodes, |c, e| c.registry.seen_node(e)),
-        watch(core, &reg.routines, |c, e| c.registry.seen_routine(e)),
+        watch(core, &reg.routines, |c, e| c.registry.seen_routine(c, e)),
     );
     let (nodes_synced, routines_synced) = (nodes_synced?, routines_synced?);
     let load = async {
@@ -553,6 +665,7 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
                         hb.registry.verify_claims(&hb).await;
                     }
                     hb.lease.renewed(sent);
+                    hb.registry.claim_missing(&hb).await;
                 }
                 Renewal::Retaken => {
                     *hb.js_problem.lock() = None;
@@ -563,6 +676,7 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
                     );
                     hb.registry.verify_claims(&hb).await;
                     hb.lease.renewed(sent);
+                    hb.registry.claim_missing(&hb).await;
                 }
                 Renewal::Lost(reason) => {
                     hb.registry.fence(&hb, reason);

@@ -401,6 +401,18 @@ fn a_unique_routine_of_a_node_paused_past_its_lease_stops_when_it_resumes() {
                 Ok::<(), CallError>(())
             })
             .unwrap();
+        // b holds the routine's claim before a comes back.
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let kv = async_nats::jetstream::new(client).get_key_value("gorch-routines").await.unwrap();
+        let mut owner = None;
+        for _ in 0..600 {
+            owner = kv.get("u=solo").await.unwrap();
+            if owner.as_deref() == Some(b"b".as_slice()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(owner.as_deref(), Some(b"b".as_slice()), "b did not take the claim");
         signal(&host, "-CONT");
         // a comes back, finds the claim taken and stops its copy.
         let log = read_until(&mut host, &rx, "took it over while this node was away");
