@@ -27,11 +27,14 @@ async fn publish_all(orch: &Orchestrator, topic: &'static str, prefix: &'static 
     assert_eq!(wait_end(&h, Duration::from_secs(30)).await, State::Stopped);
 }
 
-/// Takes every message of `topic` until `want` distinct ones were seen (or a minute passed).
-async fn drain(orch: &Orchestrator, topic: &'static str, want: usize) -> BTreeSet<String> {
-    let seen: Arc<Mutex<BTreeSet<String>>> = Default::default();
+/// What a collector routine has taken.
+type Seen = Arc<Mutex<BTreeSet<String>>>;
+
+/// A routine `name` that takes every message of `topic` into the returned set.
+fn collector(orch: &Orchestrator, name: &str, topic: &'static str) -> Seen {
+    let seen: Seen = Default::default();
     let s = seen.clone();
-    orch.spawn(SpawnOptions::new("drain"), move |ctx| {
+    orch.spawn(SpawnOptions::new(name), move |ctx| {
         let s = s.clone();
         async move {
             loop {
@@ -47,6 +50,12 @@ async fn drain(orch: &Orchestrator, topic: &'static str, want: usize) -> BTreeSe
         }
     })
     .unwrap();
+    seen
+}
+
+/// Takes every message of `topic` until `want` distinct ones were seen (or a minute passed).
+async fn drain(orch: &Orchestrator, topic: &'static str, want: usize) -> BTreeSet<String> {
+    let seen = collector(orch, "drain", topic);
     wait_until(Duration::from_secs(60), || seen.lock().len() >= want).await;
     seen.lock().clone()
 }
@@ -226,24 +235,7 @@ fn nats_restarted_without_its_store_heals() {
         let state = gorch_host::obs::ObsState::new(&a, None);
         state.set_ready(true);
         let app = gorch_host::obs::router(state, &gorch_host::ObsConfig::default());
-        let seen: Arc<Mutex<BTreeSet<String>>> = Default::default();
-        let s = seen.clone();
-        b.spawn(SpawnOptions::new("worker"), move |ctx| {
-            let s = s.clone();
-            async move {
-                loop {
-                    match ctx.bus_recv("work", None).await {
-                        Ok(Some(m)) => {
-                            s.lock().insert(String::from_utf8_lossy(&m).into_owned());
-                        }
-                        Ok(None) => {}
-                        Err(CallError::Cancelled) => return Ok(()),
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
-        })
-        .unwrap();
+        let seen = collector(&b, "worker", "work");
         publish_all(&a, "work", "before-", 3).await;
         assert!(wait_until(Duration::from_secs(30), || seen.lock().len() == 3).await);
         assert_eq!(get(&app, "/readyz", None).await.0, 200);
