@@ -135,6 +135,11 @@ impl RunCmd {
     ) -> anyhow::Result<()> {
         let orch = Orchestrator::new();
         let server = self.start_server(&orch)?;
+        if let Some(url) = &self.cluster.nats {
+            // From the first request: a message taken before the join would stay on the
+            // in-memory bus.
+            server.state().hold_ingress(Some(format!("joining the cluster at {url}")));
+        }
         let scanned = PluginDir::scan(&self.dir)
             .with_context(|| format!("cannot read plugin directory {}", self.dir.display()))?;
         let engine = self.engine_for(&scanned)?;

@@ -198,13 +198,14 @@ pub struct NodeRoutines {
 pub(crate) struct Reconnects {
     /// Woken at each.
     pub(crate) notify: tokio::sync::Notify,
-    /// How many so far.
-    pub(crate) epoch: std::sync::atomic::AtomicU64,
 }
 
-impl Reconnects {
+impl ClusterCore {
+    /// How many times the client connected: counted before the connection state says
+    /// connected (the event callback runs later), so a verdict never sees a new connection
+    /// with an old count.
     pub(crate) fn epoch(&self) -> u64 {
-        self.epoch.load(std::sync::atomic::Ordering::Relaxed)
+        self.client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -460,7 +461,6 @@ async fn connect(
                     async_nats::Event::Connected => {
                         tracing::info!("NATS connection back");
                         // Pulls sent before were lost with the connection: ask again now.
-                        conn.epoch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         conn.notify.notify_waiters();
                     }
                     other => tracing::debug!("NATS: {other}"),

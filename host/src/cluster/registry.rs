@@ -35,6 +35,10 @@ struct NodeRecord {
     routines: usize,
     /// Milliseconds since the Unix epoch when written (the age shown on a name clash).
     at: u64,
+    /// The process that wrote it (random per process): tells this process's own lease
+    /// from another's of the same node name.
+    #[serde(default)]
+    boot: u64,
 }
 
 /// A routine's registry entry.
@@ -74,6 +78,9 @@ pub(crate) enum Renewal {
     Renewed,
     /// It had expired, and nobody took it: taken again.
     Retaken,
+    /// An earlier renewal of this process was stored but its answer lost: its revision is
+    /// taken (the next renewal counts).
+    Adopted,
     /// Another process of this node's name holds it.
     Lost(String),
     /// The server did not answer (why).
@@ -102,6 +109,8 @@ pub(crate) struct Registry {
     claims_changed: tokio::sync::Notify,
     /// The revision of this node's lease entry: renewals are compare-and-set on it.
     lease_rev: AtomicU64,
+    /// This process's part of its lease record.
+    boot: u64,
 }
 
 fn now_ms() -> u64 {
@@ -176,11 +185,18 @@ impl Registry {
             claimed: Mutex::default(),
             claims_changed: tokio::sync::Notify::new(),
             lease_rev: AtomicU64::new(0),
+            boot: rand::random(),
         })
     }
 
     fn record(&self, addr: &str, routines: usize) -> bytes::Bytes {
-        let r = NodeRecord { node: self.node.clone(), addr: addr.into(), routines, at: now_ms() };
+        let r = NodeRecord {
+            node: self.node.clone(),
+            addr: addr.into(),
+            routines,
+            at: now_ms(),
+            boot: self.boot,
+        };
         serde_json::to_vec(&r).unwrap_or_default().into()
     }
 
@@ -234,6 +250,15 @@ impl Registry {
                 Renewal::Renewed
             }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // Our own earlier write whose answer was lost: adopt its revision.
+                if let Ok(Some(entry)) = self.nodes.entry(core.node_token.clone()).await
+                    && entry.operation == kv::Operation::Put
+                    && serde_json::from_slice::<NodeRecord>(&entry.value)
+                        .is_ok_and(|r| r.boot == self.boot)
+                {
+                    self.lease_rev.store(entry.revision, Relaxed);
+                    return Renewal::Adopted;
+                }
                 // It expired (this process was away past its lease), or another process of
                 // this name took it meanwhile.
                 match self.nodes.create(&core.node_token, record).await {
@@ -457,6 +482,10 @@ impl Registry {
         }
         match event {
             Event::Register { name, unique } => {
+                if unique && !self.unique_here.lock().contains(&name) {
+                    // Unregistered before this registration was applied.
+                    return;
+                }
                 let key = self.routine_key(&name);
                 let rec = RoutineRecord { name: name.clone(), node: self.node.clone(), unique };
                 let value: bytes::Bytes = serde_json::to_vec(&rec).unwrap_or_default().into();
@@ -469,6 +498,7 @@ impl Registry {
                 }
             }
             Event::Unregister { name } => {
+                self.set_claimed(&name, false);
                 let key = self.routine_key(&name);
                 self.mine.lock().remove(&key);
                 let _ = self.routines.delete(&key).await;
@@ -494,9 +524,15 @@ impl Registry {
         }
         let Ok(Some(entry)) = self.routines.entry(key.clone()).await else { return };
         let owner = String::from_utf8_lossy(&entry.value).into_owned();
+        let gone = !self.is_live(&owner);
         let takeable = entry.operation != kv::Operation::Put
             || owner == self.node
-            || (!self.is_live(&owner) && !self.holds_lease(&owner).await);
+            || (gone && !self.holds_lease(&owner).await);
+        if !takeable && gone {
+            // The server still holds the owner's lease (its expiry lags this node's view):
+            // the claim is tried again at the next heartbeat.
+            return;
+        }
         if takeable && self.routines.update(&key, me, entry.revision).await.is_ok() {
             self.set_claimed(name, true);
             return;
@@ -678,6 +714,7 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
                     hb.lease.renewed(sent);
                     hb.registry.claim_missing(&hb).await;
                 }
+                Renewal::Adopted => *hb.js_problem.lock() = None,
                 Renewal::Lost(reason) => {
                     hb.registry.fence(&hb, reason);
                     break;

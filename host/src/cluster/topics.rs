@@ -51,6 +51,8 @@ const STATS_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) struct Topic {
     subject: String,
+    /// When this handle was made (a stream listing older than that says nothing of it).
+    opened: Instant,
     /// The stream's name and when the server created it (this incarnation).
     stream: String,
     created: i128,
@@ -141,7 +143,7 @@ impl Taken {
         if !core.connected() {
             return Err("not connected".into());
         }
-        if core.conn.epoch() == self.epoch {
+        if core.epoch() == self.epoch {
             return Ok(true);
         }
         match core.js.get_stream(&self.topic.stream).await {
@@ -316,6 +318,7 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
     clean_below_ack_floor(name, &stream, consumer.cached_info()).await;
     let t = Arc::new(Topic {
         subject,
+        opened: Instant::now(),
         stream: stream.cached_info().config.name.clone(),
         created: stream.cached_info().created.unix_timestamp_nanos(),
         consumer,
@@ -522,7 +525,7 @@ fn remote_msg(core: &Arc<ClusterCore>, acker: Acker, topic: &Arc<Topic>) -> Remo
     let acker = Arc::new(acker);
     let done = CancellationToken::new();
     let every = (topic.ack_wait / 3).max(MIN_ACK_WAIT / 3);
-    let taken = Taken { topic: topic.clone(), epoch: core.conn.epoch() };
+    let taken = Taken { topic: topic.clone(), epoch: core.epoch() };
     let (a, d, c, t) = (acker.clone(), done.clone(), core.clone(), taken.clone());
     core.spawn(async move {
         loop {
@@ -558,6 +561,7 @@ pub(crate) fn start_stats(core: &Arc<ClusterCore>) {
 }
 
 async fn refresh_stats(core: &ClusterCore) {
+    let listed = Instant::now();
     let mut streams = core.js.streams();
     let mut out = Vec::new();
     // Topics whose stream and consumer the server has.
@@ -590,14 +594,14 @@ async fn refresh_stats(core: &ClusterCore) {
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     *core.topics.stats.write() = out;
-    forget_lost(core, &whole);
+    forget_lost(core, &whole, listed);
 }
 
 /// Drops the handles of topics whose stream or consumer the server no longer has (it lost
 /// its store, or someone deleted them): the next publish or receive creates them again.
-fn forget_lost(core: &ClusterCore, whole: &std::collections::HashSet<String>) {
-    core.topics.handles.lock().retain(|name, _| {
-        let kept = whole.contains(name);
+fn forget_lost(core: &ClusterCore, whole: &std::collections::HashSet<String>, listed: Instant) {
+    core.topics.handles.lock().retain(|name, t| {
+        let kept = whole.contains(name) || t.opened >= listed;
         if !kept {
             tracing::warn!(
                 topic = name.as_str(),

@@ -131,6 +131,8 @@ async fn publish(
     }
     // The body before the topic: a refused message must not leave a new topic behind.
     let payload = body(&s, req.into_body()).await?;
+    // Again: the host may have begun to join its cluster while the body came in.
+    held(&s)?;
     let transport = s.orch().transport();
     let never = tokio_util::sync::CancellationToken::new();
     match tokio::time::timeout(INGRESS_WAIT, transport.publish(&topic, payload, &never)).await {
@@ -183,6 +185,8 @@ async fn send(
         return Err(no_routine(&name));
     }
     let payload = body(&s, req.into_body()).await?;
+    held(&s)?;
+    let transport = s.orch().transport();
     let never = tokio_util::sync::CancellationToken::new();
     match tokio::time::timeout(INGRESS_WAIT, transport.send(&name, payload, &never)).await {
         Ok(Ok(())) => {

@@ -324,6 +324,9 @@ fn processed_messages_left_by_a_killed_nats_server_are_removed() {
         let (a, ca) = node(&nats, "a").await;
         publish_all(&a, "done", "m", 60).await;
         assert_eq!(drain(&a, "done", 60).await.len(), 60);
+        // Every ack stored (the last one goes with the collector's next receive).
+        let acked = || a.topics().iter().any(|t| t.name == "done" && t.len == 0);
+        assert!(wait_until(Duration::from_secs(30), acked).await, "{:?}", a.topics());
         // Killed while the node is still in the cluster (its acks were confirmed).
         nats.kill();
         nats.start_again();
@@ -361,6 +364,19 @@ fn signal(host: &crate::common::host::Host, sig: &str) {
     assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
 }
 
+/// Waits until the server no longer holds `node`'s lease (a node's own view may lag).
+async fn lease_gone(nats: &Nats, node: &str) -> bool {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let kv = async_nats::jetstream::new(client).get_key_value("gorch-nodes").await.unwrap();
+    for _ in 0..600 {
+        if matches!(kv.get(node).await, Ok(None)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// Waits until node `who`'s view of the cluster does (or does not) list node `node`.
 async fn sees(who: &gorch_host::Cluster, node: &str, listed: bool) -> bool {
     wait_until(Duration::from_secs(60), || {
@@ -386,6 +402,7 @@ fn a_unique_routine_of_a_node_paused_past_its_lease_stops_when_it_resumes() {
         );
         signal(&host, "-STOP");
         assert!(sees(&cb, "a", false).await, "a's lease did not expire");
+        assert!(lease_gone(&nats, "a").await, "the server still holds a's lease");
         // Node a is gone as far as the cluster knows: b takes over the routine.
         let h = b
             .spawn(SpawnOptions::new("solo"), |ctx| async move {
@@ -430,6 +447,7 @@ fn a_node_whose_name_was_taken_while_it_was_paused_exits() {
         assert!(sees(&cb, "a", true).await);
         signal(&first, "-STOP");
         assert!(sees(&cb, "a", false).await, "a's lease did not expire");
+        assert!(lease_gone(&nats, "a").await, "the server still holds a's lease");
         let (mut second, rx2) = run_host(dir2.path(), &["--nats", &url, "--node", "a"]);
         let log2 = read_until(&mut second, &rx2, "metrics: http://");
         let second_addr = format!("127.0.0.1:{}", crate::common::host::port_of(&log2));
