@@ -287,7 +287,7 @@ impl Series {
             ),
             Series::DeadLettersDropped => (
                 "gorch_dead_letters_dropped_total",
-                "Dead letters that could not be stored: the dead-letter topic was full, or the letter was larger than NATS carries.",
+                "Dead letters that could not be stored: the local dead-letter topic was full, or the letter was larger than NATS carries.",
                 NONE,
                 true,
             ),
