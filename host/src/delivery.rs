@@ -211,13 +211,7 @@ impl InFlightSlot {
         }
         let msg = taken.pop().unwrap_or_default();
         let why = Some("its host died while processing it".to_string());
-        let letter = Letter::new("", why, origin.describe(), msg);
-        tracing::warn!(
-            "message from {} failed {} deliveries: sent to {DEAD_LETTER_TOPIC}",
-            letter.source,
-            letter.deliveries
-        );
-        origin.dead_letter(letter);
+        send_dead_letter(origin, Letter::new("", why, origin.describe(), msg));
         self.unused(std::mem::take(taken));
         true
     }
@@ -267,18 +261,22 @@ pub(crate) fn settle(
     match msgs.pop() {
         Some(msg) if exhausted(msg.deliveries, max) => {
             counted();
-            let letter = Letter::new(routine, error(), origin.describe(), msg);
-            tracing::warn!(
-                routine = %crate::logguard::escape(routine),
-                "message from {} failed {} deliveries: sent to {DEAD_LETTER_TOPIC}",
-                letter.source,
-                letter.deliveries
-            );
-            origin.dead_letter(letter);
+            send_dead_letter(&*origin, Letter::new(routine, error(), origin.describe(), msg));
         }
         Some(msg) => back(vec![msg]),
         None => back(Vec::new()),
     }
+}
+
+/// Logs `letter` and hands it to its origin (to `dead-letter`; the message leaves its queue).
+fn send_dead_letter(origin: &dyn Origin, letter: Letter) {
+    tracing::warn!(
+        routine = %crate::logguard::escape(&letter.routine),
+        "message from {} failed {} deliveries: sent to {DEAD_LETTER_TOPIC}",
+        letter.source,
+        letter.deliveries
+    );
+    origin.dead_letter(letter);
 }
 
 /// A dead letter: the message that failed for good and what is known of why. On the

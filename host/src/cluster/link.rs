@@ -26,7 +26,7 @@ use crate::channel::Channel;
 use crate::delivery::{Letter, Message, Origin};
 use crate::names::validate_routine_name;
 use crate::transport::{
-    CallError, DeadLetters, Link, Local, LocalLink, LocalTransport, Queue, Transport, queued,
+    CallError, DeadLetters, Link, LocalLink, LocalTransport, Queue, Transport, queued,
 };
 
 /// The transport of a host in a cluster.
@@ -138,7 +138,7 @@ impl Transport for ClusterTransport {
     }
     fn dead_letters_dropped(&self) -> u64 {
         let here = self.core.dead_letters_dropped.load(std::sync::atomic::Ordering::Relaxed);
-        Local(self.local.clone()).dead_letters_dropped() + here
+        self.local.dead_letters_dropped() + here
     }
     fn close(&self) {
         self.local.close();

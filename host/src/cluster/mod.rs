@@ -193,13 +193,6 @@ pub struct NodeRoutines {
     pub error: Option<String>,
 }
 
-/// The times the NATS connection came back.
-#[derive(Default)]
-pub(crate) struct Reconnects {
-    /// Woken at each.
-    pub(crate) notify: tokio::sync::Notify,
-}
-
 impl ClusterCore {
     /// How many times the client connected: counted before the connection state says
     /// connected (the event callback runs later), so a verdict never sees a new connection
@@ -225,9 +218,8 @@ pub(crate) struct ClusterCore {
     pub(crate) tasks: TaskTracker,
     /// This node's lease as this node knows it (fences cluster-unique routines).
     pub(crate) lease: lease::Lease,
-    /// The connection's comings back (receives pull again at once; verdicts check that
-    /// their stream was not created again meanwhile).
-    pub(crate) conn: Arc<Reconnects>,
+    /// Woken when the connection comes back (receives pull again at once).
+    pub(crate) reconnected: Arc<tokio::sync::Notify>,
     /// Acks, naks and terms the server did not confirm after the retries (the message may
     /// be delivered again).
     pub(crate) acks_unconfirmed: std::sync::atomic::AtomicU64,
@@ -300,8 +292,8 @@ impl Cluster {
         if config.ack_wait < MIN_ACK_WAIT {
             return Err(ClusterError::AckWait(config.ack_wait));
         }
-        let conn = Arc::new(Reconnects::default());
-        let client = connect(&config, conn.clone()).await?;
+        let reconnected = Arc::new(tokio::sync::Notify::new());
+        let client = connect(&config, reconnected.clone()).await?;
         let js = jetstream::new(client.clone());
         let js_err = |reason: String| ClusterError::JetStream { url: config.url.clone(), reason };
         let node_token = token(&config.node);
@@ -323,7 +315,7 @@ impl Cluster {
             dead_letters_dropped: Default::default(),
             js_problem: Default::default(),
             lease: lease::Lease::taken(claimed),
-            conn,
+            reconnected,
             acks_unconfirmed: Default::default(),
             stop: CancellationToken::new(),
         });
@@ -439,7 +431,7 @@ impl Cluster {
 
 async fn connect(
     config: &ClusterConfig,
-    conn: Arc<Reconnects>,
+    reconnected: Arc<tokio::sync::Notify>,
 ) -> Result<async_nats::Client, ClusterError> {
     let unreachable = |reason: String| ClusterError::Unreachable {
         url: config.url.clone(),
@@ -452,7 +444,7 @@ async fn connect(
         // Publishes made while disconnected wait in this bounded buffer, then block.
         .client_capacity(4096)
         .event_callback(move |event| {
-            let conn = conn.clone();
+            let reconnected = reconnected.clone();
             async move {
                 match event {
                     async_nats::Event::Disconnected => tracing::warn!(
@@ -461,7 +453,7 @@ async fn connect(
                     async_nats::Event::Connected => {
                         tracing::info!("NATS connection back");
                         // Pulls sent before were lost with the connection: ask again now.
-                        conn.notify.notify_waiters();
+                        reconnected.notify_waiters();
                     }
                     other => tracing::debug!("NATS: {other}"),
                 }

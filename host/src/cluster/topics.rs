@@ -472,7 +472,7 @@ pub(crate) async fn recv(
             biased;
             _ = cancel.cancelled() => break Err(CallError::Cancelled),
             // A pull sent before a reconnect is lost with the old connection.
-            _ = core.conn.notify.notified() => continue,
+            _ = core.reconnected.notified() => continue,
             m = pull_one(&t, expires) => m,
         };
         let msg = match pulled {

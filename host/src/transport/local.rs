@@ -112,6 +112,11 @@ impl LocalTransport {
     pub fn count_dropped(&self) {
         self.dropped.fetch_add(1, Relaxed);
     }
+
+    /// Dead letters the in-memory `dead-letter` topic could not take.
+    pub fn dead_letters_dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
+    }
 }
 
 impl DeadLetters for LocalTransport {
@@ -175,7 +180,7 @@ impl Transport for Local {
         None
     }
     fn dead_letters_dropped(&self) -> u64 {
-        self.0.dropped.load(Relaxed)
+        self.0.dead_letters_dropped()
     }
     fn unconfirmed_acks(&self) -> Option<u64> {
         None
