@@ -44,6 +44,8 @@ export class TooLarge extends GorchError {
 export class Limit extends GorchError {}
 /** The topic or routine name is not valid. */
 export class InvalidName extends GorchError {}
+/** The call left the host and no answer came: the message may or may not be delivered. */
+export class OutcomeUnknown extends GorchError {}
 /** A JSON helper could not encode or decode a message. */
 export class Codec extends GorchError {}
 
@@ -57,6 +59,7 @@ function convert(e) {
     case 'too-large': return new TooLarge(Number(v.val));
     case 'limit': return new Limit(v.val);
     case 'invalid-name': return new InvalidName(v.val);
+    case 'outcome-unknown': return new OutcomeUnknown(v.val);
     default: return new GorchError(v.tag);
   }
 }

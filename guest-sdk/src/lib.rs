@@ -229,6 +229,10 @@ pub enum Error {
     Limit(String),
     /// The topic or routine name is not valid.
     InvalidName(String),
+    /// The call left the host and no answer came (a node paused or cut off, NATS gone
+    /// mid-call): the message may or may not be delivered; sending it again may deliver it
+    /// twice.
+    OutcomeUnknown(String),
     /// A typed helper could not encode or decode a message.
     Codec(String),
 }
@@ -242,6 +246,7 @@ impl fmt::Display for Error {
             Error::TooLarge(limit) => write!(f, "payload too large (limit {limit} bytes)"),
             Error::Limit(what) => write!(f, "limit reached: {what}"),
             Error::InvalidName(n) => write!(f, "invalid name: {n}"),
+            Error::OutcomeUnknown(what) => write!(f, "outcome unknown: {what}"),
             Error::Codec(e) => write!(f, "codec: {e}"),
         }
     }
@@ -258,6 +263,7 @@ impl From<types::Error> for Error {
             types::Error::TooLarge(l) => Error::TooLarge(l),
             types::Error::Limit(l) => Error::Limit(l),
             types::Error::InvalidName(n) => Error::InvalidName(n),
+            types::Error::OutcomeUnknown(n) => Error::OutcomeUnknown(n),
         }
     }
 }

@@ -30,14 +30,16 @@ from ._errors import (
     InvalidName,
     Limit,
     NoSuchRoutine,
+    OutcomeUnknown,
     TooLarge,
 )
 from . import bus, mailbox
 
 __all__ = [
     "Cancelled", "Closed", "Codec", "Error", "InvalidName", "Limit", "NoSuchRoutine",
-    "TooLarge", "Level", "add_busy", "beat", "bus", "cancelled", "debug", "error", "id",
-    "info", "log", "mailbox", "name", "restarts", "sleep", "trace", "warn", "worker",
+    "OutcomeUnknown", "TooLarge", "Level", "add_busy", "beat", "bus", "cancelled", "debug",
+    "error", "id", "info", "log", "mailbox", "name", "restarts", "sleep", "trace", "warn",
+    "worker",
 ]
 
 Level = _runtime.Level

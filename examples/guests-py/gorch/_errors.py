@@ -36,6 +36,10 @@ class InvalidName(Error):
     """The topic or routine name is not valid."""
 
 
+class OutcomeUnknown(Error):
+    """The call left the host and no answer came: the message may or may not be delivered."""
+
+
 class Codec(Error):
     """A JSON helper could not encode or decode a message."""
 
@@ -55,6 +59,8 @@ def convert(err: Err) -> Error:
         return Limit(v.value)
     if isinstance(v, _types.Error_InvalidName):
         return InvalidName(v.value)
+    if isinstance(v, _types.Error_OutcomeUnknown):
+        return OutcomeUnknown(v.value)
     return Error(repr(v))
 
 

@@ -152,7 +152,8 @@ impl RunCmd {
         // missed (requests queue until start-up is done).
         let cluster = match self.cluster.config(scanned.cluster.as_ref(), server.local_addr()) {
             None => None,
-            Some(config) => {
+            Some(mut config) => {
+                config.message_bytes = limit;
                 // A message taken before the join would stay on the in-memory bus.
                 let why = format!("joining the cluster at {}", config.url);
                 server.state().hold_ingress(Some(why));

@@ -293,6 +293,8 @@ impl Origin for RemoteOrigin {
 struct ClusterDeadLetters(Arc<ClusterCore>);
 
 impl DeadLetters for ClusterDeadLetters {
+    /// One task per letter: a letter follows `max-deliveries` failed runs, which the
+    /// supervisor's backoff paces, so these stay few.
     fn put(&self, letter: Letter) {
         let c = self.0.clone();
         self.0.spawn(async move {

@@ -55,7 +55,8 @@ pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(10);
 pub const MIN_ACK_WAIT: Duration = Duration::from_secs(1);
 /// Default bound on [`Cluster::leave`].
 pub const DEFAULT_LEAVE_BOUND: Duration = Duration::from_secs(3);
-/// Bound on a mailbox send to another node (then `closed`).
+/// Bound on one request of a mailbox send to another node (then retried while the node is
+/// live; `outcome-unknown` once its lease lapsed).
 pub const REMOTE_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to join a cluster.
@@ -75,6 +76,11 @@ pub struct ClusterConfig {
     pub ack_wait: Duration,
     /// This node's HTTP address, shown to the other nodes.
     pub http_addr: Option<String>,
+    /// The largest message this node's routines may publish (their largest
+    /// `limits.message-bytes`; default [`DEFAULT_MESSAGE_BYTES`](crate::DEFAULT_MESSAGE_BYTES)).
+    /// A topic stream this node creates holds at most its capacity of such messages in
+    /// bytes (`max_bytes`, capped by what NATS carries), so no guest fills the server's disk.
+    pub message_bytes: Option<u64>,
 }
 
 impl ClusterConfig {
@@ -87,6 +93,7 @@ impl ClusterConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             ack_wait: DEFAULT_ACK_WAIT,
             http_addr: None,
+            message_bytes: None,
         }
     }
 }
@@ -208,6 +215,7 @@ pub(crate) struct ClusterCore {
     pub(crate) node_token: String,
     pub(crate) url: String,
     pub(crate) ack_wait: Duration,
+    pub(crate) message_bytes: u64,
     pub(crate) http_addr: String,
     pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
@@ -227,6 +235,11 @@ pub(crate) struct ClusterCore {
     pub(crate) js_problem: parking_lot::Mutex<Option<String>>,
     /// Dead letters larger than NATS carries (dropped, never stored).
     pub(crate) dead_letters_dropped: std::sync::atomic::AtomicU64,
+    /// One permit per topic message taken and not yet settled with a confirmed verdict
+    /// (bounds the progress and verdict tasks: receives wait when none is left).
+    pub(crate) in_flight: Arc<tokio::sync::Semaphore>,
+    /// The ids of the sends from other nodes this node took.
+    pub(crate) sends: rpc::Sends,
     pub(crate) stop: CancellationToken,
 }
 
@@ -234,6 +247,12 @@ impl ClusterCore {
     /// True while the NATS connection is up.
     pub(crate) fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The largest message a publish or a send to another node carries: what NATS carries
+    /// (the server's `max_payload`), less room for the headers.
+    pub(crate) fn max_message(&self) -> usize {
+        self.client.server_info().max_payload.saturating_sub(MESSAGE_OVERHEAD)
     }
 
     pub(crate) fn orch(&self) -> Option<Orchestrator> {
@@ -305,6 +324,9 @@ impl Cluster {
             node_token,
             url: config.url.clone(),
             ack_wait: config.ack_wait,
+            message_bytes: config
+                .message_bytes
+                .unwrap_or(crate::orchestrator::DEFAULT_MESSAGE_BYTES),
             http_addr: config.http_addr.clone().unwrap_or_default(),
             client,
             js,
@@ -317,6 +339,8 @@ impl Cluster {
             lease: lease::Lease::taken(claimed),
             reconnected,
             acks_unconfirmed: Default::default(),
+            sends: Default::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
             stop: CancellationToken::new(),
         });
         let transport = ClusterTransport::new(core.clone(), orch.local_transport());
@@ -514,6 +538,28 @@ pub(crate) fn split_address(to: &str) -> (Option<&str>, &str) {
     match to.split_once('/') {
         Some((node, name)) => (Some(node), name),
         None => (None, to),
+    }
+}
+
+/// The most topic messages a node has taken and not yet settled (with the server's
+/// confirmation): more receives wait.
+const IN_FLIGHT: usize = 4096;
+
+/// Room kept in a NATS message for its headers (a message id, a routine name).
+const MESSAGE_OVERHEAD: usize = 512;
+
+/// Awaits `call`; when `cancel` fires first, gives it `grace` more to answer (a request
+/// under way may have been taken: its answer says whether). `None`: no answer by then.
+pub(crate) async fn answer_or_grace<T>(
+    call: impl Future<Output = T>,
+    cancel: &CancellationToken,
+    grace: Duration,
+) -> Option<T> {
+    tokio::pin!(call);
+    tokio::select! {
+        biased;
+        r = &mut call => Some(r),
+        _ = cancel.cancelled() => tokio::time::timeout(grace, call).await.ok(),
     }
 }
 

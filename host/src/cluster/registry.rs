@@ -20,7 +20,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::mpsc;
 
 use super::{ClusterCore, ClusterError, HEARTBEAT, LEASE, NodeInfo, token};
 
@@ -92,13 +91,36 @@ enum Event {
     Unregister { name: String },
 }
 
+/// The registrations not applied yet: the latest event per name, names in order.
+#[derive(Default)]
+struct Pending {
+    latest: HashMap<String, Event>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Pending {
+    /// Queues `event` for `name`, replacing one not applied yet.
+    fn push(&mut self, name: &str, event: Event) {
+        if self.latest.insert(name.to_string(), event).is_none() {
+            self.order.push_back(name.to_string());
+        }
+    }
+
+    fn pop(&mut self) -> Option<Event> {
+        let name = self.order.pop_front()?;
+        self.latest.remove(&name)
+    }
+}
+
 pub(crate) struct Registry {
     nodes: kv::Store,
     routines: kv::Store,
     node: String,
     view: RwLock<View>,
-    events: mpsc::UnboundedSender<Event>,
-    queue: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
+    /// Registrations not applied yet, the latest per name, oldest name first (bounded by
+    /// the number of names: a name that comes and goes while NATS is away is one entry).
+    pending: Mutex<Pending>,
+    pending_added: tokio::sync::Notify,
     /// Routine keys this node wrote, with the name and whether it is cluster-unique
     /// (re-asserted after a repair, removed when it leaves).
     mine: Mutex<HashMap<String, (String, bool)>>,
@@ -172,14 +194,13 @@ impl Registry {
         let [nodes, routines] = bucket_configs();
         let nodes = bucket(js, nodes).await?;
         let routines = bucket(js, routines).await?;
-        let (events, queue) = mpsc::unbounded_channel();
         Ok(Registry {
             nodes,
             routines,
             node: node.to_string(),
             view: RwLock::default(),
-            events,
-            queue: Mutex::new(Some(queue)),
+            pending: Mutex::default(),
+            pending_added: tokio::sync::Notify::new(),
             mine: Mutex::default(),
             unique_here: Mutex::default(),
             claimed: Mutex::default(),
@@ -462,13 +483,19 @@ impl Registry {
         if unique {
             self.unique_here.lock().insert(name.to_string());
         }
-        let _ = self.events.send(Event::Register { name: name.to_string(), unique });
+        self.queue(name, Event::Register { name: name.to_string(), unique });
+    }
+
+    /// Queues `event` for `name`, replacing one not applied yet.
+    fn queue(&self, name: &str, event: Event) {
+        self.pending.lock().push(name, event);
+        self.pending_added.notify_one();
     }
 
     pub(crate) fn unregister(&self, name: &str) {
         self.unique_here.lock().remove(name);
         self.set_claimed(name, false);
-        let _ = self.events.send(Event::Unregister { name: name.to_string() });
+        self.queue(name, Event::Unregister { name: name.to_string() });
     }
 
     fn routine_key(&self, name: &str) -> String {
@@ -731,19 +758,19 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
             }
         }
     });
-    let queue = reg.queue.lock().take();
-    if let Some(mut queue) = queue {
-        let q = core.clone();
-        core.tasks.spawn(async move {
-            loop {
-                let event = tokio::select! {
+    let q = core.clone();
+    core.tasks.spawn(async move {
+        loop {
+            let next = q.registry.pending.lock().pop();
+            let Some(event) = next else {
+                tokio::select! {
                     _ = q.stop.cancelled() => break,
-                    e = queue.recv() => match e { Some(e) => e, None => break },
-                };
-                q.registry.apply(&q, event).await;
-            }
-        });
-    }
+                    _ = q.registry.pending_added.notified() => continue,
+                }
+            };
+            q.registry.apply(&q, event).await;
+        }
+    });
     Ok(())
 }
 
@@ -797,4 +824,23 @@ async fn watch(
         }
     });
     Ok(synced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_registrations_keep_one_event_per_name() {
+        let mut p = Pending::default();
+        for _ in 0..1000 {
+            p.push("a", Event::Register { name: "a".into(), unique: false });
+            p.push("a", Event::Unregister { name: "a".into() });
+        }
+        p.push("b", Event::Register { name: "b".into(), unique: true });
+        assert_eq!(p.order.len(), 2);
+        assert!(matches!(p.pop(), Some(Event::Unregister { name }) if name == "a"));
+        assert!(matches!(p.pop(), Some(Event::Register { name, unique: true }) if name == "b"));
+        assert!(p.pop().is_none());
+    }
 }

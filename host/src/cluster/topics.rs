@@ -24,13 +24,15 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{self, AckPolicy, pull};
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{ClusterCore, MIN_ACK_WAIT, closed, token, untoken};
+use super::{ClusterCore, MIN_ACK_WAIT, answer_or_grace, closed, token, untoken};
 use crate::bus::{DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY, TopicStats};
 use crate::clock::now_nanos;
 use crate::delivery::Letter;
@@ -44,8 +46,18 @@ const PULL_MAX: Duration = Duration::from_secs(5);
 /// How long JetStream remembers a message id to drop a retried publish (set on every topic
 /// stream: a publish whose acknowledgement was lost is retried within seconds).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
-/// Room kept in a NATS message for the headers of a publish (its message id).
-const PUBLISH_OVERHEAD: usize = 256;
+/// The most pulls waiting on a topic's consumer at once, cluster-wide.
+const MAX_WAITING: i64 = 4096;
+
+/// A topic stream's byte bound: its capacity of the largest messages this node's routines
+/// may publish (capped by what NATS carries), with room for their headers.
+fn max_bytes(core: &ClusterCore) -> i64 {
+    let message = core.message_bytes.min(core.max_message() as u64) + 512;
+    i64::try_from(message.saturating_mul(DEFAULT_TOPIC_CAPACITY as u64)).unwrap_or(i64::MAX)
+}
+
+/// How long a cancelled publish waits for the answer of the attempt under way.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// How often the topic figures of `/gorchestra/api/topics` and `/metrics` are refreshed.
 const STATS_EVERY: Duration = Duration::from_secs(1);
 
@@ -96,12 +108,13 @@ impl Default for Topics {
 }
 
 impl Topics {
-    /// A message id for one publish (kept across its retries): node, boot, sequence.
-    fn next_id(&self, node_token: &str) -> String {
+    /// A message id for one publish or send (kept across its retries): node, boot,
+    /// sequence.
+    pub(crate) fn next_id(&self, node_token: &str) -> String {
         format!("{node_token}.{:016x}.{}", self.boot, self.seq.fetch_add(1, Relaxed))
     }
 
-    /// The figures of every cluster topic (refreshed every second from the streams), with
+    /// The figures of every cluster topic (refreshed from the streams, see `start_stats`), with
     /// this node's blocked times.
     pub(crate) fn stats(&self) -> Vec<TopicStats> {
         self.stats.read().clone()
@@ -121,6 +134,8 @@ pub(crate) struct RemoteDelivery {
 pub(crate) struct RemoteMsg {
     acker: Arc<Acker>,
     core: Arc<ClusterCore>,
+    /// Held until the verdict is confirmed (bounds this node's taken messages).
+    permit: OwnedSemaphorePermit,
     /// Where and when it was taken: a verdict never reaches another stream of the same
     /// name (a verdict names its message by stream sequence).
     taken: Taken,
@@ -162,10 +177,13 @@ impl Taken {
 
 impl RemoteMsg {
     fn verdict(self, kind: AckKind) {
-        let RemoteMsg { acker, core, taken, _progress } = self;
+        let RemoteMsg { acker, core, permit, taken, _progress } = self;
         drop(_progress);
         let c = core.clone();
-        core.spawn(async move { confirm(&c, &acker, kind, &taken).await });
+        core.spawn(async move {
+            confirm(&c, &acker, kind, &taken).await;
+            drop(permit);
+        });
     }
     /// Processed: removed from the stream.
     pub(crate) fn ack(self) {
@@ -179,10 +197,11 @@ impl RemoteMsg {
     /// (never redelivered). A letter NATS cannot carry is dropped (logged and counted) and
     /// the message terminated all the same: handing it back would bring it straight back.
     pub(crate) fn dead_letter(self, letter: Letter) {
-        let RemoteMsg { acker, core, taken, _progress } = self;
+        let RemoteMsg { acker, core, permit, taken, _progress } = self;
         drop(_progress);
         let c = core.clone();
         core.spawn(async move {
+            let _permit = permit;
             // Terminate what reached dead-letter or never can; otherwise redeliver it.
             let kind = match publish_dead_letter(&c, letter).await {
                 DeadLettered::Stored | DeadLettered::Dropped => AckKind::Term,
@@ -235,7 +254,7 @@ pub(crate) enum DeadLettered {
 /// unreachable that long).
 pub(crate) async fn publish_dead_letter(core: &ClusterCore, letter: Letter) -> DeadLettered {
     let topic = crate::delivery::DEAD_LETTER_TOPIC;
-    let max = core.client.server_info().max_payload.saturating_sub(PUBLISH_OVERHEAD);
+    let max = core.max_message();
     let Some(json) = letter.json_within(max) else {
         tracing::error!(
             "a dead letter of a {}-byte message from {} ({} deliveries) is larger than NATS \
@@ -279,6 +298,7 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
         retention: RetentionPolicy::WorkQueue,
         storage: StorageType::File,
         max_messages: DEFAULT_TOPIC_CAPACITY as i64,
+        max_bytes: max_bytes(core),
         discard: DiscardPolicy::New,
         duplicate_window: DUPLICATE_WINDOW,
         ..Default::default()
@@ -289,14 +309,20 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
         ack_policy: AckPolicy::Explicit,
         ack_wait: core.ack_wait,
         max_ack_pending: 65_536,
+        // Pulls waiting at once, cluster-wide (the server's default is 512; a pull beyond
+        // the bound is refused, and the receive tries again after a pause).
+        max_waiting: MAX_WAITING,
         ..Default::default()
     };
     let mut consumer =
         stream.get_or_create_consumer(CONSUMER, consumer_config.clone()).await.map_err(closed)?;
     let found = consumer.cached_info().config.ack_wait;
     if found != core.ack_wait {
-        // Created by a node with another setting: this node's setting applies from now on.
-        match stream.create_consumer(consumer_config).await {
+        // Created by a node with another setting: this node's setting applies from now on
+        // (the rest of the consumer's settings as they are: some cannot change).
+        let was = &consumer.cached_info().config;
+        let update = pull::Config { max_waiting: was.max_waiting, ..consumer_config };
+        match stream.create_consumer(update).await {
             Ok(updated) => {
                 tracing::info!(
                     topic = name,
@@ -357,22 +383,31 @@ fn is_full(e: &impl std::fmt::Display) -> bool {
 }
 
 /// Publishes on the cluster topic `name`: returns once JetStream has stored the message;
-/// waits (with growing pauses) while the topic is full or NATS is unreachable.
+/// waits (with growing pauses) while the topic is full or NATS is unreachable. Cancelled,
+/// it answers `cancelled` when no attempt can have stored the message, `outcome-unknown`
+/// when one went out and its answer did not come.
 pub(crate) async fn publish(
     core: &ClusterCore,
     name: &str,
     payload: Vec<u8>,
     cancel: &CancellationToken,
 ) -> Result<(), CallError> {
-    let max = core.client.server_info().max_payload;
-    if payload.len() + PUBLISH_OVERHEAD > max {
-        return Err(CallError::TooLarge(max.saturating_sub(PUBLISH_OVERHEAD) as u64));
+    let max = core.max_message();
+    if payload.len() > max {
+        return Err(CallError::TooLarge(max as u64));
     }
     let mut t = topic(core, name).await?;
     let id = core.topics.next_id(&core.node_token);
     let payload = bytes::Bytes::from(payload);
     let mut pause = Duration::from_millis(2);
     let mut blocked: Option<Blocked> = None;
+    // An attempt went out and got no verdict (stored or refused): it may be stored.
+    let mut unsure = false;
+    let unknown = |why: &str| {
+        CallError::OutcomeUnknown(format!(
+            "a publish on {name:?} went to NATS and {why}: it may be stored"
+        ))
+    };
     loop {
         if blocked.is_some() {
             // A lost stream is created again (see `forget_lost`).
@@ -382,30 +417,35 @@ pub(crate) async fn publish(
                 Err(e) => break Err(e),
             }
         }
+        if cancel.is_cancelled() {
+            break Err(if unsure { unknown("its answer was lost") } else { CallError::Cancelled });
+        }
         let message = async_nats::jetstream::message::PublishMessage::build()
             .payload(payload.clone())
             .message_id(&id);
         let attempt = async {
-            match core.js.send_publish(t.subject.clone(), message).await {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            }
+            let r = match core.js.send_publish(t.subject.clone(), message).await {
+                Ok(ack) => ack.await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            // Refused (full, or no stream listens) means not stored; anything else (a lost
+            // connection, a timeout) may have been.
+            r.map_err(|e| (e.kind() == PublishErrorKind::StreamNotFound || is_full(&e), e))
         };
-        let r = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break Err(CallError::Cancelled),
-            r = attempt => r,
+        let Some(r) = answer_or_grace(attempt, cancel, CANCEL_GRACE).await else {
+            break Err(unknown("no answer came before it was cancelled"));
         };
         match r {
             Ok(()) => break Ok(()),
-            Err(e) => {
+            Err((refused, e)) => {
+                unsure |= !refused;
                 if !is_full(&e) {
                     tracing::debug!(topic = name, "publish to NATS failed, retrying: {e}");
                 }
                 blocked.get_or_insert_with(|| Blocked::new(&t));
                 tokio::select! {
                     biased;
-                    _ = cancel.cancelled() => break Err(CallError::Cancelled),
+                    _ = cancel.cancelled() => {}
                     _ = tokio::time::sleep(pause) => {}
                 }
                 pause = (pause * 2).min(Duration::from_millis(250));
@@ -451,6 +491,14 @@ pub(crate) async fn recv(
     let mut t = topic(core, name).await?;
     let start = Instant::now();
     let deadline = timeout.map(|d| start + d);
+    // Room for one more taken message (their verdicts are still being confirmed otherwise).
+    let room = core.in_flight.clone().acquire_owned();
+    let permit = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return Err(CallError::Cancelled),
+        p = room => p.map_err(|_| CallError::Closed)?,
+    };
+    let mut permit = Some(permit);
     let mut first = true;
     let result = loop {
         if !first {
@@ -492,7 +540,7 @@ pub(crate) async fn recv(
         // JetStream numbers this delivery (1 for the first).
         let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
         let (msg, acker) = msg.split();
-        let handle = remote_msg(core, acker, &t);
+        let handle = remote_msg(core, acker, permit.take().expect("one message"), &t);
         break Ok(Some(RemoteDelivery {
             payload: msg.payload.to_vec(),
             delivered_before: delivered - 1,
@@ -521,7 +569,12 @@ async fn pull_one(
 }
 
 /// The handle of a message just taken; progress acks keep it ours while it is in flight.
-fn remote_msg(core: &Arc<ClusterCore>, acker: Acker, topic: &Arc<Topic>) -> RemoteMsg {
+fn remote_msg(
+    core: &Arc<ClusterCore>,
+    acker: Acker,
+    permit: OwnedSemaphorePermit,
+    topic: &Arc<Topic>,
+) -> RemoteMsg {
     let acker = Arc::new(acker);
     let done = CancellationToken::new();
     let every = (topic.ack_wait / 3).max(MIN_ACK_WAIT / 3);
@@ -543,18 +596,21 @@ fn remote_msg(core: &Arc<ClusterCore>, acker: Acker, topic: &Arc<Topic>) -> Remo
             }
         }
     });
-    RemoteMsg { acker, core: core.clone(), taken, _progress: done.drop_guard() }
+    RemoteMsg { acker, core: core.clone(), permit, taken, _progress: done.drop_guard() }
 }
 
-/// Refreshes the topic figures every [`STATS_EVERY`] while the node is in the cluster.
+/// Refreshes the topic figures while the node is in the cluster: every [`STATS_EVERY`]
+/// times the number of live nodes, so that the cluster as a whole lists the streams about
+/// once per [`STATS_EVERY`], however many nodes it has.
 pub(crate) fn start_stats(core: &Arc<ClusterCore>) {
     let c = core.clone();
     core.tasks.spawn(async move {
         loop {
             refresh_stats(&c).await;
+            let nodes = c.registry.live_nodes().len().clamp(1, 60) as u32;
             tokio::select! {
                 _ = c.stop.cancelled() => break,
-                _ = tokio::time::sleep(STATS_EVERY) => {}
+                _ = tokio::time::sleep(STATS_EVERY * nodes) => {}
             }
         }
     });

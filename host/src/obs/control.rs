@@ -33,6 +33,26 @@ use crate::transport::CallError;
 /// How long a publish or send waits for room before answering 503.
 pub const INGRESS_WAIT: Duration = Duration::from_millis(500);
 
+/// Runs a publish or send given `INGRESS_WAIT`: then it is cancelled, and its own answer
+/// says whether anything was delivered (`cancelled`: no; `outcome-unknown`: maybe).
+async fn within_wait<'a>(
+    call: impl FnOnce(
+        &'a tokio_util::sync::CancellationToken,
+    ) -> futures::future::BoxFuture<'a, Result<(), CallError>>,
+    cancel: &'a tokio_util::sync::CancellationToken,
+) -> Result<(), CallError> {
+    let call = call(cancel);
+    tokio::pin!(call);
+    tokio::select! {
+        biased;
+        r = &mut call => r,
+        _ = tokio::time::sleep(INGRESS_WAIT) => {
+            cancel.cancel();
+            call.await
+        }
+    }
+}
+
 /// The write routes, guarded: `open` is false when the server listens on a non-loopback
 /// address without a token (every write is then refused with 403).
 pub(super) fn routes(state: ObsState, open: bool) -> Router<ObsState> {
@@ -108,11 +128,16 @@ fn held(s: &ObsState) -> Result<(), ApiError> {
     }
 }
 
-/// 503 with `Retry-After`: the queue stayed full.
-fn full(what: String) -> ApiError {
+/// 503 with `Retry-After`: the queue stayed full (or, in a cluster, NATS or the node did
+/// not take the message within the wait); nothing was delivered.
+fn full(what: &str) -> ApiError {
     ApiError {
         status: StatusCode::SERVICE_UNAVAILABLE,
-        message: format!("{what} is full; retry later"),
+        message: format!(
+            "{what} is full (or did not take the message within {} ms); it was not delivered: \
+             retry later",
+            INGRESS_WAIT.as_millis()
+        ),
         retry_after: true,
     }
 }
@@ -134,13 +159,10 @@ async fn publish(
     // Again: the host may have begun to join its cluster while the body came in.
     held(&s)?;
     let transport = s.orch().transport();
-    let never = tokio_util::sync::CancellationToken::new();
-    match tokio::time::timeout(INGRESS_WAIT, transport.publish(&topic, payload, &never)).await {
-        Ok(Ok(())) => {
-            Ok(accepted(json!({ "topic": topic, "queueLen": transport.topic_len(&topic) })))
-        }
-        Ok(Err(e)) => Err(refused(&format!("topic {topic:?}"), e)),
-        Err(_) => Err(full(format!("topic {topic:?}"))),
+    let cancel = tokio_util::sync::CancellationToken::new();
+    match within_wait(|c| transport.publish(&topic, payload, c), &cancel).await {
+        Ok(()) => Ok(accepted(json!({ "topic": topic, "queueLen": transport.topic_len(&topic) }))),
+        Err(e) => Err(refused(&format!("topic {topic:?}"), e)),
     }
 }
 
@@ -150,10 +172,17 @@ fn refused(what: &str, e: CallError) -> ApiError {
         CallError::InvalidName(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
         CallError::NoSuchRoutine(_) => error(StatusCode::NOT_FOUND, e.to_string()),
         CallError::TooLarge(_) => error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
-        CallError::Limit(_) | CallError::Cancelled => {
-            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-        }
+        CallError::Limit(_) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        // Cut short by the wait: nothing was delivered.
+        CallError::Cancelled => full(what),
         CallError::Closed => error(StatusCode::SERVICE_UNAVAILABLE, format!("{what} is closed")),
+        CallError::OutcomeUnknown(why) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the outcome is unknown for {what}: {why}; the message may still be delivered \
+                 (sending it again may deliver it twice)"
+            ),
+        ),
     }
 }
 
@@ -187,17 +216,17 @@ async fn send(
     let payload = body(&s, req.into_body()).await?;
     held(&s)?;
     let transport = s.orch().transport();
-    let never = tokio_util::sync::CancellationToken::new();
-    match tokio::time::timeout(INGRESS_WAIT, transport.send(&name, payload, &never)).await {
-        Ok(Ok(())) => {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    match within_wait(|c| transport.send(&name, payload, c), &cancel).await {
+        Ok(()) => {
             let len = s.orch().get_by_name(&name).map(|h| h.mailbox().len());
             Ok(accepted(json!({ "routine": name, "queueLen": len })))
         }
-        Ok(Err(CallError::Closed)) => {
+        Err(CallError::Closed) => {
             Err(error(StatusCode::NOT_FOUND, format!("routine {name:?} has ended")))
         }
-        Ok(Err(e)) => Err(refused(&format!("routine {name:?}"), e)),
-        Err(_) => Err(full(format!("the mailbox of {name:?}"))),
+        Err(CallError::Cancelled) => Err(full(&format!("the mailbox of {name:?}"))),
+        Err(e) => Err(refused(&format!("routine {name:?}"), e)),
     }
 }
 

@@ -47,6 +47,10 @@ pub enum CallError {
     /// The topic or routine name is not valid.
     #[error("invalid name: {0}")]
     InvalidName(String),
+    /// The call left this host and no answer came in time (a node paused or cut off, NATS
+    /// gone mid-call): the message may or may not be delivered.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
 }
 
 /// Which host limit a call reached ([`CallError::Limit`]).

@@ -59,6 +59,7 @@ fn wit_error(e: CallError) -> types::Error {
         CallError::TooLarge(n) => types::Error::TooLarge(n),
         CallError::Limit(l) => types::Error::Limit(l.to_string()),
         CallError::InvalidName(n) => types::Error::InvalidName(n),
+        CallError::OutcomeUnknown(n) => types::Error::OutcomeUnknown(n),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The cluster under faults, with real `nats-server` processes: a node restarted at once,
 //! NATS gone at shutdown. Each case is bounded in time (deadlines, never sleeps that hope).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -218,8 +218,23 @@ fn the_ack_wait_is_checked_and_the_consumer_takes_the_setting() {
         let stream = js.get_stream("GORCH_T_waits").await.unwrap();
         let info = stream.consumer_info("gorch").await.unwrap();
         assert_eq!(info.config.ack_wait, Duration::from_secs(7));
+        // Finding 10: the waiting pulls and the stream's bytes are bounded.
+        assert_eq!(info.config.max_waiting, 4096);
+        let mut stream = stream;
+        let max_bytes = stream.info().await.unwrap().config.max_bytes;
+        assert!(max_bytes > 0, "the topic stream has no byte bound");
         leave(&b, &cb).await;
         leave(&a, &ca).await;
+
+        // A node whose plugins send at most 1,000 bytes bounds the streams it creates by that.
+        let mut small = gorch_host::ClusterConfig::new(nats.url(), "c");
+        small.message_bytes = Some(1000);
+        let c = Orchestrator::new();
+        let cc = gorch_host::Cluster::join(&c, small).await.unwrap();
+        publish_all(&c, "small", "m", 1).await;
+        let mut stream = js.get_stream("GORCH_T_small").await.unwrap();
+        assert_eq!(stream.info().await.unwrap().config.max_bytes, 1024 * (1000 + 512));
+        leave(&c, &cc).await;
     });
 }
 
@@ -474,5 +489,213 @@ fn a_node_whose_name_was_taken_while_it_was_paused_exits() {
         );
         assert!(matches!(second.try_wait(), Ok(None)), "the new process must keep running");
         leave(&b, &cb).await;
+    });
+}
+
+/// Every copy a routine `name` took from its mailbox, counted.
+fn tally(orch: &Orchestrator, name: &str) -> Arc<Mutex<BTreeMap<String, usize>>> {
+    let got: Arc<Mutex<BTreeMap<String, usize>>> = Default::default();
+    let g = got.clone();
+    orch.spawn(SpawnOptions::new(name), move |ctx| {
+        let g = g.clone();
+        async move {
+            while let Some(m) = ctx.recv(None).await? {
+                *g.lock().entry(String::from_utf8_lossy(&m).into_owned()).or_default() += 1;
+            }
+            Ok::<(), CallError>(())
+        }
+    })
+    .unwrap();
+    got
+}
+
+/// Finding 8: a send to a node paused with the request under way answered `closed` (and
+/// HTTP 503 "full"), though the node took the message when it resumed. Now the routine's
+/// send says the outcome is unknown, HTTP answers 504, and no message arrives twice.
+#[test]
+fn a_send_to_a_paused_node_has_an_unknown_outcome() {
+    let nats = Nats::start();
+    let dir = solo_dir();
+    let url = nats.url();
+    let (mut host, rx) = run_host(dir.path(), &["--nats", &url, "--node", "a"]);
+    read_until(&mut host, &rx, "metrics: http://");
+    run(async {
+        let (b, cb) = node(&nats, "b").await;
+        assert!(
+            wait_until(Duration::from_secs(30), || cb.nodes_running("solo") == ["a"]).await,
+            "node a's solo is not in the registry"
+        );
+        // solo (echo) publishes what it takes on `testkit-out`: count every copy.
+        let copies: Arc<Mutex<BTreeMap<String, usize>>> = Default::default();
+        let c = copies.clone();
+        b.spawn(SpawnOptions::new("counter"), move |ctx| {
+            let c = c.clone();
+            async move {
+                while let Some(m) = ctx.bus_recv("testkit-out", None).await? {
+                    *c.lock().entry(String::from_utf8_lossy(&m).into_owned()).or_default() += 1;
+                }
+                Ok::<(), CallError>(())
+            }
+        })
+        .unwrap();
+        let send = |what: &'static str| {
+            let result = Arc::new(Mutex::new(None));
+            let r = result.clone();
+            b.spawn(SpawnOptions::new(format!("send-{what}")), move |ctx| {
+                let r = r.clone();
+                async move {
+                    *r.lock() = Some(ctx.send("solo", what.as_bytes().to_vec()).await);
+                    Ok::<(), CallError>(())
+                }
+            })
+            .unwrap();
+            result
+        };
+        // Finding 8: sizes are checked before the call (it answered 404 "has ended").
+        let big = vec![b'x'; 1_048_300];
+        let too_large = b
+            .spawn(SpawnOptions::new("big"), move |ctx| {
+                let big = big.clone();
+                async move {
+                    match ctx.send("solo", big).await {
+                        Err(CallError::TooLarge(_)) => Ok(()),
+                        other => Err(format!("{other:?}")),
+                    }
+                }
+            })
+            .unwrap();
+        let end = wait_end(&too_large, Duration::from_secs(30)).await;
+        assert_eq!(end, State::Stopped, "{}", crate::common::last_error(&b, "big"));
+        let before = send("before");
+        assert!(wait_until(Duration::from_secs(30), || copies.lock().contains_key("before")).await);
+        assert!(matches!(*before.lock(), Some(Ok(()))));
+
+        let state = gorch_host::obs::ObsState::new(&b, None);
+        state.set_ready(true);
+        let app = gorch_host::obs::router(state, &gorch_host::ObsConfig::default());
+        let (status, body) = crate::common::http::post(
+            &app,
+            "/gorchestra/api/routines/solo/mailbox",
+            &"x".repeat(1_048_300),
+        )
+        .await;
+        assert_eq!(status, 413, "{body}");
+        signal(&host, "-STOP");
+        let paused = send("paused");
+        let (status, body) =
+            crate::common::http::post(&app, "/gorchestra/api/routines/solo/mailbox", "by-http")
+                .await;
+        assert_eq!(status, 504, "{body}");
+        assert!(body.contains("outcome is unknown"), "{body}");
+        assert!(wait_until(Duration::from_secs(60), || paused.lock().is_some()).await);
+        let result = paused.lock().take().unwrap();
+        assert!(matches!(result, Err(CallError::OutcomeUnknown(_))), "{result:?}");
+
+        signal(&host, "-CONT");
+        assert!(sees(&cb, "a", true).await, "a did not take its lease again");
+        let after = send("after");
+        let arrived = wait_until(Duration::from_secs(60), || {
+            matches!(*after.lock(), Some(Ok(()))) && copies.lock().contains_key("after")
+        })
+        .await;
+        assert!(arrived, "{:?} {:?}", after.lock(), copies.lock());
+        assert!(copies.lock().values().all(|&n| n == 1), "a message arrived twice: {copies:?}");
+        leave(&b, &cb).await;
+    });
+}
+
+/// Finding 8: a send whose answer was lost when nats-server went away answered `closed`
+/// though its message had been delivered. Now a send's answer keeps its word across a
+/// restart of nats-server: `ok` is delivered once, `closed` and `no-such-routine` are not
+/// delivered, `outcome-unknown` at most once (a lost answer is retried with the send's id,
+/// which the receiving node never takes twice).
+#[test]
+fn sends_keep_their_word_across_a_nats_restart() {
+    let mut nats = Nats::start();
+    run(async {
+        let (a, ca) = node(&nats, "a").await;
+        let (b, cb) = node(&nats, "b").await;
+        let got = tally(&a, "sink");
+        assert!(
+            wait_until(Duration::from_secs(30), || cb.nodes_running("sink") == ["a"]).await,
+            "sink is not in the registry"
+        );
+        type Sent = Arc<Mutex<Vec<(String, Result<(), CallError>)>>>;
+        let sent: Sent = Default::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut senders = Vec::new();
+        for k in 0..8 {
+            let (sent, stop) = (sent.clone(), stop.clone());
+            let h = b
+                .spawn(SpawnOptions::new(format!("sender-{k}")), move |ctx| {
+                    let (sent, stop) = (sent.clone(), stop.clone());
+                    async move {
+                        for i in 0.. {
+                            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                                break;
+                            }
+                            let m = format!("s{k}-{i}");
+                            let r = ctx.send("sink", m.clone().into_bytes()).await;
+                            if matches!(r, Err(CallError::Cancelled)) {
+                                break;
+                            }
+                            sent.lock().push((m, r));
+                        }
+                        Ok::<(), CallError>(())
+                    }
+                })
+                .unwrap();
+            senders.push(h);
+        }
+        assert!(wait_until(Duration::from_secs(30), || sent.lock().len() >= 200).await);
+        nats.kill();
+        assert!(wait_until(Duration::from_secs(30), || !cb.is_connected()).await);
+        nats.start_again();
+        assert!(
+            wait_until(Duration::from_secs(60), || ca.is_connected() && cb.is_connected()).await
+        );
+        let at_restart = sent.lock().len();
+        assert!(
+            wait_until(Duration::from_secs(60), || sent
+                .lock()
+                .iter()
+                .skip(at_restart)
+                .any(|(_, r)| r.is_ok()))
+            .await,
+            "no send succeeded after the restart"
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for h in &senders {
+            assert_eq!(wait_end(h, Duration::from_secs(60)).await, State::Stopped);
+        }
+        let sent = sent.lock().clone();
+        let acked: Vec<&String> = sent.iter().filter(|(_, r)| r.is_ok()).map(|(m, _)| m).collect();
+        let all = wait_until(Duration::from_secs(30), || {
+            let got = got.lock();
+            acked.iter().all(|m| got.contains_key(*m))
+        })
+        .await;
+        let got = got.lock().clone();
+        assert!(all, "a send answered ok was not delivered");
+        for (m, r) in &sent {
+            let n = got.get(m).copied().unwrap_or(0);
+            match r {
+                Ok(()) => assert_eq!(n, 1, "{m}: ok, delivered {n} times"),
+                Err(CallError::OutcomeUnknown(_)) => assert!(n <= 1, "{m}: delivered {n} times"),
+                Err(e) => assert_eq!(n, 0, "{m}: {e}, yet delivered {n} times"),
+            }
+        }
+        let unknown = sent.iter().filter(|(_, r)| matches!(r, Err(CallError::OutcomeUnknown(_))));
+        eprintln!(
+            "{} sends: {} ok, {} outcome unknown, {} refused",
+            sent.len(),
+            acked.len(),
+            unknown.count(),
+            sent.iter()
+                .filter(|(_, r)| matches!(r, Err(e) if !matches!(e, CallError::OutcomeUnknown(_))))
+                .count()
+        );
+        leave(&b, &cb).await;
+        leave(&a, &ca).await;
     });
 }

@@ -165,6 +165,7 @@ fn run() -> Result<(), String> {
                 Error::TooLarge(l) => format!("too-large({l})"),
                 Error::Limit(_) => "limit".to_string(),
                 Error::InvalidName(n) => format!("invalid-name({n})"),
+                Error::OutcomeUnknown(n) => format!("outcome-unknown({n})"),
                 Error::Codec(c) => format!("codec({c})"),
             };
             seen.push(mailbox::send("nobody", b"x").map_err(name).err().unwrap_or_default());
