@@ -133,6 +133,9 @@ pub(crate) struct Registry {
     lease_rev: AtomicU64,
     /// This process's part of its lease record.
     boot: u64,
+    /// Bumped when the buckets were created again (a server that lost its store): the
+    /// watches start over (theirs would wait for the old sequence numbers).
+    rewatch: tokio::sync::watch::Sender<u64>,
 }
 
 fn now_ms() -> u64 {
@@ -206,6 +209,7 @@ impl Registry {
             claimed: Mutex::default(),
             claims_changed: tokio::sync::Notify::new(),
             lease_rev: AtomicU64::new(0),
+            rewatch: tokio::sync::watch::Sender::new(0),
             boot: rand::random(),
         })
     }
@@ -352,10 +356,33 @@ impl Registry {
         let unique: Vec<String> = self.unique_here.lock().iter().cloned().collect();
         for name in unique {
             let key = format!("u={}", token(&name));
-            let Ok(Some(entry)) = self.routines.entry(key).await else {
+            let Ok(Some(mut entry)) = self.routines.entry(key.clone()).await else {
                 self.set_claimed(&name, false);
                 continue;
             };
+            if entry.operation == kv::Operation::Put && entry.value.as_ref() == self.node.as_bytes()
+            {
+                // Still ours: touched with compare-and-set, so that a node taking it over
+                // with the revision it read fails (or this touch fails, if it came first).
+                let me = bytes::Bytes::from(self.node.clone().into_bytes());
+                match self.routines.update(&key, me, entry.revision).await {
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        match self.routines.entry(key.clone()).await {
+                            Ok(Some(now)) => entry = now,
+                            _ => {
+                                self.set_claimed(&name, false);
+                                continue;
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        // Checked again at the next heartbeat (`claim_missing`).
+                        self.set_claimed(&name, false);
+                        continue;
+                    }
+                }
+            }
             let owner = String::from_utf8_lossy(&entry.value).into_owned();
             if entry.operation == kv::Operation::Put && owner != self.node {
                 let reason = format!(
@@ -603,12 +630,25 @@ impl Registry {
                 return;
             }
         }
+        // The heartbeat sees the new, lower lease revision and re-registers (`store_reset`).
+        *core.js_problem.lock() = None;
+        tracing::info!(node = %self.node, "registry repaired");
+    }
+
+    /// The buckets were created again since the last renewal (this node's lease revision
+    /// went down: a server that lost its store, repaired by this node or another): the
+    /// watches start over and this node's routines and claims are registered again.
+    async fn store_reset(&self, core: &ClusterCore) {
+        tracing::warn!(
+            node = %self.node,
+            "the registry buckets were created again (did nats-server lose its store?): \
+             reading them anew and re-registering this node's routines"
+        );
+        self.rewatch.send_modify(|n| *n += 1);
         let mine: Vec<(String, bool)> = self.mine.lock().values().cloned().collect();
         for (name, unique) in mine {
             self.apply(core, Event::Register { name, unique }).await;
         }
-        *core.js_problem.lock() = None;
-        tracing::info!(node = %self.node, "registry repaired");
     }
 
     /// Removes every entry of this node and its lease (a clean stop); nothing when the lease
@@ -721,6 +761,7 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
             }
             let sent = tokio::time::Instant::now();
             let lapsed = hb.lease.lapsed();
+            let rev = hb.registry.lease_rev.load(Relaxed);
             match hb.registry.renew(&hb).await {
                 Renewal::Renewed => {
                     *hb.js_problem.lock() = None;
@@ -756,6 +797,9 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
                     }
                 }
             }
+            if hb.registry.lease_rev.load(Relaxed) < rev {
+                hb.registry.store_reset(&hb).await;
+            }
         }
     });
     let q = core.clone();
@@ -783,6 +827,7 @@ async fn watch(
     seen: fn(&ClusterCore, &kv::Entry),
 ) -> Result<tokio::sync::oneshot::Receiver<()>, String> {
     let (synced_tx, synced) = tokio::sync::oneshot::channel();
+    let mut rewatch = core.registry.rewatch.subscribe();
     let existing = store.status().await.map_err(|e| e.to_string())?.values();
     let mut entries = store.watch_with_history(">").await.map_err(|e| e.to_string())?;
     let mut synced_tx = Some(synced_tx);
@@ -797,6 +842,8 @@ async fn watch(
         loop {
             let entry = tokio::select! {
                 _ = core.stop.cancelled() => break,
+                // The bucket was created again: read it anew.
+                _ = rewatch.changed() => None,
                 e = entries.next() => e,
             };
             match entry {

@@ -276,6 +276,31 @@ fn nats_restarted_without_its_store_heals() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(status, 200, "/readyz after nats-server came back without its store");
+        // Each node registers its routines again in the new buckets, and reads them anew: a
+        // routine started now is seen by the other node (the watches started over).
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        let mut registered = false;
+        for _ in 0..600 {
+            if let Ok(kv) = js.get_key_value("gorch-routines").await
+                && matches!(kv.get("r=worker=b").await, Ok(Some(_)))
+            {
+                registered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(registered, "b's worker is not in the new registry");
+        let late = b
+            .spawn(SpawnOptions::new("late"), |ctx| async move {
+                while ctx.recv(None).await?.is_some() {}
+                Ok::<(), CallError>(())
+            })
+            .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(30), || ca.nodes_running("late") == ["b"]).await,
+            "node a does not see a routine started after the store was lost"
+        );
+        late.stop();
         publish_all(&a, "work", "after-", 5).await;
         let all = wait_until(Duration::from_secs(20), || seen.lock().len() == 8).await;
         if !all {
