@@ -48,8 +48,8 @@ pub enum SpawnError {
     /// A live routine of this name runs on another node of the cluster, and this one or
     /// that one is cluster-unique.
     #[error(
-        "a routine named {name:?} already runs on node {node:?} of the cluster (names are \
-         cluster-unique unless the plugin sets cluster-unique = false)"
+        "a routine named {name:?} already runs on node {node:?} of the cluster, and it is \
+         cluster-unique there or here (cluster-unique = true runs a name on one node only)"
     )]
     NameTakenInCluster {
         /// The name.
@@ -90,8 +90,8 @@ pub struct SpawnOptions {
     pub supervision: Supervision,
     /// The group the routine belongs to, if any.
     pub group: Option<Group>,
-    /// In a cluster: whether the name must be unique across nodes (default true). With
-    /// false, several nodes may run it and a plain-name send reaches one of them.
+    /// In a cluster: whether the name runs on one node only (default false: several nodes
+    /// may run it, and a plain-name send reaches one of them, this node's first).
     pub cluster_unique: bool,
 }
 
@@ -119,10 +119,11 @@ impl SpawnOptions {
             message_bytes: DEFAULT_MESSAGE_BYTES,
             supervision: Supervision::default(),
             group: None,
-            cluster_unique: true,
+            cluster_unique: false,
         }
     }
-    /// Lets several nodes of a cluster run this name (see [`cluster_unique`](Self::cluster_unique)).
+    /// Whether this name runs on one node of a cluster only (see
+    /// [`cluster_unique`](Self::cluster_unique)).
     pub fn cluster_unique(mut self, unique: bool) -> Self {
         self.cluster_unique = unique;
         self

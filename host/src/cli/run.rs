@@ -96,6 +96,10 @@ impl ClusterArgs {
         if let Some(w) = file.and_then(|f| f.ack_wait) {
             c.ack_wait = w;
         }
+        if let Some(f) = file {
+            c.local_topics = f.local_topics.clone();
+            c.replicas = f.replicas.unwrap_or(c.replicas);
+        }
         c.http_addr = Some(addr.to_string());
         Some(c)
     }

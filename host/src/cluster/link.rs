@@ -115,13 +115,23 @@ impl Transport for ClusterTransport {
         payload: Vec<u8>,
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<(), CallError>> {
+        if self.core.is_local(topic) {
+            return self.local.publish(topic, payload, cancel).boxed();
+        }
         topics::publish(&self.core, topic, payload, cancel).boxed()
     }
     fn topic_len(&self, topic: &str) -> usize {
+        if self.core.is_local(topic) {
+            return self.local.bus().get(topic).map_or(0, |ch| ch.len());
+        }
         self.core.topics.stats().iter().find(|t| t.name == topic).map_or(0, |t| t.len)
     }
+    /// The cluster's topics, and this node's node-local ones.
     fn topics(&self) -> Vec<TopicStats> {
-        self.core.topics.stats()
+        let mut all = self.core.topics.stats();
+        all.extend(self.local.bus().topics().into_iter().filter(|t| self.core.is_local(&t.name)));
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
     fn problem(&self) -> Option<String> {
         if !self.core.connected() {
@@ -169,6 +179,9 @@ impl ClusterLink {
     ) -> Result<Option<Arc<dyn Origin>>, CallError> {
         let topic = match queue {
             Queue::Mailbox => return self.local.recv_mailbox(max, timeout, cancel, out).await,
+            Queue::Topic(t) if self.core.is_local(t) => {
+                return self.local.recv(queue, max, timeout, cancel, out).await;
+            }
             Queue::Topic(t) => t,
         };
         let Some(d) = topics::recv(&self.core, topic, timeout, cancel).await? else {
@@ -182,8 +195,11 @@ impl ClusterLink {
 
 impl Link for ClusterLink {
     /// A topic's stream is opened by the receive itself (after the acknowledgement).
-    fn open(&self, _queue: Queue<'_>) -> Result<(), CallError> {
-        Ok(())
+    fn open(&self, queue: Queue<'_>) -> Result<(), CallError> {
+        match queue {
+            Queue::Topic(t) if self.core.is_local(t) => self.local.open(queue),
+            _ => Ok(()),
+        }
     }
 
     fn send<'a>(
@@ -201,6 +217,9 @@ impl Link for ClusterLink {
         payload: Vec<u8>,
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<(), CallError>> {
+        if self.core.is_local(topic) {
+            return self.local.publish(topic, payload, cancel);
+        }
         topics::publish(&self.core, topic, payload, cancel).boxed()
     }
 
@@ -210,6 +229,9 @@ impl Link for ClusterLink {
         payloads: Vec<Vec<u8>>,
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, (usize, Result<(), CallError>)> {
+        if self.core.is_local(topic) {
+            return self.local.publish_batch(topic, payloads, cancel);
+        }
         async move {
             let mut done = 0;
             for p in payloads {

@@ -81,6 +81,14 @@ pub struct ClusterConfig {
     /// A topic stream this node creates holds at most its capacity of such messages in
     /// bytes (`max_bytes`, capped by what NATS carries), so no guest fills the server's disk.
     pub message_bytes: Option<u64>,
+    /// Node-local topics (`[cluster] local-topics`): names, or patterns where `*` matches
+    /// any run of characters. Such a topic stays in this node's memory, at local speed, and
+    /// dies with the host; every other topic is cluster-wide.
+    pub local_topics: Vec<String>,
+    /// Replicas of the streams and key-value buckets this node creates (`[cluster]
+    /// replicas`, 1 to 5; default 1). With 3 on a NATS cluster of three servers, losing one
+    /// server loses nothing.
+    pub replicas: usize,
 }
 
 impl ClusterConfig {
@@ -94,6 +102,8 @@ impl ClusterConfig {
             ack_wait: DEFAULT_ACK_WAIT,
             http_addr: None,
             message_bytes: None,
+            local_topics: Vec::new(),
+            replicas: 1,
         }
     }
 }
@@ -144,6 +154,14 @@ pub enum ClusterError {
         humantime::format_duration(MIN_ACK_WAIT)
     )]
     AckWait(Duration),
+    /// A `[cluster]` setting is out of range.
+    #[error("[cluster] {key}: {reason}")]
+    Setting {
+        /// The setting's key.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A JetStream call failed while joining.
     #[error("NATS JetStream at {url}: {reason} (is the server started with -js?)")]
     JetStream {
@@ -216,6 +234,8 @@ pub(crate) struct ClusterCore {
     pub(crate) url: String,
     pub(crate) ack_wait: Duration,
     pub(crate) message_bytes: u64,
+    pub(crate) local_topics: Vec<String>,
+    pub(crate) replicas: usize,
     pub(crate) http_addr: String,
     pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
@@ -247,6 +267,11 @@ impl ClusterCore {
     /// True while the NATS connection is up.
     pub(crate) fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Whether `topic` is node-local (`[cluster] local-topics`).
+    pub(crate) fn is_local(&self, topic: &str) -> bool {
+        self.local_topics.iter().any(|p| glob(p, topic))
     }
 
     /// The largest message a publish or a send to another node carries: what NATS carries
@@ -311,12 +336,22 @@ impl Cluster {
         if config.ack_wait < MIN_ACK_WAIT {
             return Err(ClusterError::AckWait(config.ack_wait));
         }
+        if !(1..=5).contains(&config.replicas) {
+            let reason =
+                format!("{} is not 1 to 5 (JetStream keeps 1 to 5 copies)", config.replicas);
+            return Err(ClusterError::Setting { key: "replicas", reason });
+        }
+        if let Some(p) = config.local_topics.iter().find(|p| p.is_empty()) {
+            let reason = format!("{p:?} is empty (a topic name, or a pattern with *)");
+            return Err(ClusterError::Setting { key: "local-topics", reason });
+        }
         let reconnected = Arc::new(tokio::sync::Notify::new());
         let client = connect(&config, reconnected.clone()).await?;
         let js = jetstream::new(client.clone());
         let js_err = |reason: String| ClusterError::JetStream { url: config.url.clone(), reason };
         let node_token = token(&config.node);
-        let registry = registry::Registry::open(&js, &config.node).await.map_err(js_err)?;
+        let registry =
+            registry::Registry::open(&js, &config.node, config.replicas).await.map_err(js_err)?;
         let claimed = tokio::time::Instant::now();
         registry.claim_node(&config.url, &config.node, &node_token).await?;
         let core = Arc::new(ClusterCore {
@@ -327,6 +362,8 @@ impl Cluster {
             message_bytes: config
                 .message_bytes
                 .unwrap_or(crate::orchestrator::DEFAULT_MESSAGE_BYTES),
+            local_topics: config.local_topics.clone(),
+            replicas: config.replicas,
             http_addr: config.http_addr.clone().unwrap_or_default(),
             client,
             js,
@@ -489,7 +526,13 @@ async fn connect(
             .await
             .map_err(|e| unreachable(format!("credentials file {}: {e}", creds.display())))?;
     }
-    match tokio::time::timeout(config.connect_timeout, opts.connect(config.url.as_str())).await {
+    let servers = config
+        .url
+        .split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unreachable(format!("invalid URL: {e}")))?;
+    match tokio::time::timeout(config.connect_timeout, opts.connect(servers)).await {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(e)) => Err(unreachable(e.to_string())),
         Err(_) => Err(unreachable("timed out".into())),
@@ -545,6 +588,22 @@ pub(crate) fn split_address(to: &str) -> (Option<&str>, &str) {
 /// confirmation): more receives wait.
 const IN_FLIGHT: usize = 4096;
 
+/// Whether `name` matches `pattern`, where `*` matches any run of characters.
+pub(crate) fn glob(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(first) else { return false };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else { return rest.is_empty() };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
 /// Room kept in a NATS message for its headers (a message id, a routine name).
 const MESSAGE_OVERHEAD: usize = 512;
 
@@ -583,6 +642,20 @@ mod tests {
         assert_ne!(token("a.b"), token("a_b"));
         let long = "x".repeat(200);
         assert!(token(&long).len() < 50);
+    }
+
+    #[test]
+    fn local_topic_patterns_match_names_and_stars() {
+        assert!(glob("progress", "progress"));
+        assert!(!glob("progress", "progress2"));
+        assert!(glob("metrics.*", "metrics.cpu"));
+        assert!(glob("metrics.*", "metrics."));
+        assert!(!glob("metrics.*", "metric"));
+        assert!(glob("*.tmp", "a.b.tmp"));
+        assert!(glob("a*b*c", "aXbYc"));
+        assert!(!glob("a*b*c", "aXcYb"));
+        assert!(!glob("ab*ba", "aba"));
+        assert!(glob("*", "anything"));
     }
 
     #[test]

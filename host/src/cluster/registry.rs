@@ -86,6 +86,7 @@ pub(crate) enum Renewal {
     Failed(String),
 }
 
+#[derive(Clone)]
 enum Event {
     Register { name: String, unique: bool },
     Unregister { name: String },
@@ -159,7 +160,7 @@ async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store
         allow_rollup: true,
         deny_delete: true,
         allow_direct: true,
-        num_replicas: 1,
+        num_replicas: config.num_replicas,
         discard: jetstream::stream::DiscardPolicy::New,
         ..Default::default()
     };
@@ -171,8 +172,8 @@ async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store
     })
 }
 
-/// The settings of the two buckets.
-fn bucket_configs() -> [kv::Config; 2] {
+/// The settings of the two buckets, with `replicas` copies.
+fn bucket_configs(replicas: usize) -> [kv::Config; 2] {
     [
         kv::Config {
             bucket: NODES_BUCKET.into(),
@@ -180,6 +181,7 @@ fn bucket_configs() -> [kv::Config; 2] {
             history: 1,
             max_age: LEASE,
             storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas,
             ..Default::default()
         },
         kv::Config {
@@ -187,14 +189,19 @@ fn bucket_configs() -> [kv::Config; 2] {
             description: "gorch-host routine registry".into(),
             history: 1,
             storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas,
             ..Default::default()
         },
     ]
 }
 
 impl Registry {
-    pub(crate) async fn open(js: &jetstream::Context, node: &str) -> Result<Registry, String> {
-        let [nodes, routines] = bucket_configs();
+    pub(crate) async fn open(
+        js: &jetstream::Context,
+        node: &str,
+        replicas: usize,
+    ) -> Result<Registry, String> {
+        let [nodes, routines] = bucket_configs(replicas);
         let nodes = bucket(js, nodes).await?;
         let routines = bucket(js, routines).await?;
         Ok(Registry {
@@ -529,39 +536,49 @@ impl Registry {
         format!("r={}={}", token(name), token(&self.node))
     }
 
-    async fn apply(&self, core: &ClusterCore, event: Event) {
+    /// Writes `event` to the registry; false when the server did not take it (to be tried
+    /// again).
+    async fn apply(&self, core: &ClusterCore, event: Event) -> bool {
         if core.lease.lost_reason().is_some() {
             // The entries of this node's name are another process's now.
-            return;
+            return true;
         }
         match event {
             Event::Register { name, unique } => {
                 if unique && !self.unique_here.lock().contains(&name) {
                     // Unregistered before this registration was applied.
-                    return;
+                    return true;
                 }
                 let key = self.routine_key(&name);
                 let rec = RoutineRecord { name: name.clone(), node: self.node.clone(), unique };
                 let value: bytes::Bytes = serde_json::to_vec(&rec).unwrap_or_default().into();
+                self.mine.lock().insert(key.clone(), (name.clone(), unique));
                 if let Err(e) = self.routines.put(&key, value).await {
-                    tracing::warn!(routine = %name, "cannot register in the cluster: {e}");
+                    tracing::warn!(
+                        routine = %name,
+                        "cannot register in the cluster (tried again in a second): {e}"
+                    );
+                    return false;
                 }
-                self.mine.lock().insert(key, (name.clone(), unique));
                 if unique {
                     self.claim_unique(core, &name).await;
                 }
+                true
             }
             Event::Unregister { name } => {
                 self.set_claimed(&name, false);
                 let key = self.routine_key(&name);
                 self.mine.lock().remove(&key);
-                let _ = self.routines.delete(&key).await;
+                if self.routines.delete(&key).await.is_err() {
+                    return false;
+                }
                 let claim = format!("u={}", token(&name));
                 if let Ok(Some(owner)) = self.routines.get(&claim).await
                     && owner.as_ref() == self.node.as_bytes()
                 {
-                    let _ = self.routines.delete(&claim).await;
+                    return self.routines.delete(&claim).await.is_ok();
                 }
+                true
             }
         }
     }
@@ -599,8 +616,8 @@ impl Registry {
             return;
         }
         let reason = format!(
-            "routine {name:?} also runs on node {owner:?}: it is cluster-unique (mark its plugin \
-             cluster-unique = false to run it on several nodes)"
+            "routine {name:?} also runs on node {owner:?}: it is cluster-unique (its plugin says \
+             cluster-unique = true: one node only)"
         );
         tracing::error!("{reason}");
         if let Some(h) = core.orch().and_then(|o| o.get_by_name(name)) {
@@ -616,7 +633,7 @@ impl Registry {
             "the registry buckets do not answer (did nats-server lose its store?): creating \
              them again and re-registering this node's routines"
         );
-        for config in bucket_configs() {
+        for config in bucket_configs(core.replicas) {
             if let Err(e) = bucket(&core.js, config).await {
                 tracing::warn!("registry repair: {e}");
                 return;
@@ -630,25 +647,30 @@ impl Registry {
                 return;
             }
         }
-        // The heartbeat sees the new, lower lease revision and re-registers (`store_reset`).
         *core.js_problem.lock() = None;
+        self.store_reset();
         tracing::info!(node = %self.node, "registry repaired");
     }
 
-    /// The buckets were created again since the last renewal (this node's lease revision
-    /// went down: a server that lost its store, repaired by this node or another): the
-    /// watches start over and this node's routines and claims are registered again.
-    async fn store_reset(&self, core: &ClusterCore) {
-        tracing::warn!(
+    /// This node's lease entry was gone (it expired while the process was away, or the
+    /// buckets were created again: a server that lost its store, repaired by this node or
+    /// another): the watches start over and this node's routines are registered again.
+    fn store_reset(&self) {
+        tracing::info!(
             node = %self.node,
-            "the registry buckets were created again (did nats-server lose its store?): \
-             reading them anew and re-registering this node's routines"
+            "reading the registry anew and registering this node's routines again"
         );
         self.rewatch.send_modify(|n| *n += 1);
+        // Through the queue, behind any change of the same name not applied yet.
         let mine: Vec<(String, bool)> = self.mine.lock().values().cloned().collect();
+        let mut pending = self.pending.lock();
         for (name, unique) in mine {
-            self.apply(core, Event::Register { name, unique }).await;
+            if !pending.latest.contains_key(&name) {
+                pending.push(&name.clone(), Event::Register { name, unique });
+            }
         }
+        drop(pending);
+        self.pending_added.notify_one();
     }
 
     /// Removes every entry of this node and its lease (a clean stop); nothing when the lease
@@ -673,6 +695,35 @@ impl Registry {
             let _ = self.routines.delete(&key).await;
         }
         self.release_node(&core.node_token).await;
+    }
+
+    /// Forgets the nodes whose keys are not in `keys` (a bucket read anew).
+    fn keep_nodes(&self, keys: &HashSet<String>) {
+        let mut view = self.view.write();
+        let gone: Vec<String> =
+            view.node_keys.keys().filter(|k| !keys.contains(*k)).cloned().collect();
+        for key in gone {
+            if let Some(node) = view.node_keys.remove(&key) {
+                view.nodes.remove(&node);
+            }
+        }
+    }
+
+    /// Forgets the routine entries whose keys are not in `keys` (a bucket read anew).
+    fn keep_routines(&self, keys: &HashSet<String>) {
+        let mut view = self.view.write();
+        let gone: Vec<String> =
+            view.routine_keys.keys().filter(|k| !keys.contains(*k)).cloned().collect();
+        for key in gone {
+            if let Some((name, node)) = view.routine_keys.remove(&key)
+                && let Some(h) = view.names.get_mut(&name)
+            {
+                h.remove(&node);
+                if h.is_empty() {
+                    view.names.remove(&name);
+                }
+            }
+        }
     }
 
     fn seen_node(&self, entry: &kv::Entry) {
@@ -729,8 +780,13 @@ impl Registry {
 pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
     let reg = &core.registry;
     let (nodes_synced, routines_synced) = tokio::join!(
-        watch(core, &reg.nodes, |c, e| c.registry.seen_node(e)),
-        watch(core, &reg.routines, |c, e| c.registry.seen_routine(c, e)),
+        watch(core, &reg.nodes, |c, e| c.registry.seen_node(e), |c, k| c.registry.keep_nodes(k)),
+        watch(
+            core,
+            &reg.routines,
+            |c, e| c.registry.seen_routine(c, e),
+            |c, k| c.registry.keep_routines(k)
+        ),
     );
     let (nodes_synced, routines_synced) = (nodes_synced?, routines_synced?);
     let load = async {
@@ -761,7 +817,6 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
             }
             let sent = tokio::time::Instant::now();
             let lapsed = hb.lease.lapsed();
-            let rev = hb.registry.lease_rev.load(Relaxed);
             match hb.registry.renew(&hb).await {
                 Renewal::Renewed => {
                     *hb.js_problem.lock() = None;
@@ -780,6 +835,7 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
                     );
                     hb.registry.verify_claims(&hb).await;
                     hb.lease.renewed(sent);
+                    hb.registry.store_reset();
                     hb.registry.claim_missing(&hb).await;
                 }
                 Renewal::Adopted => *hb.js_problem.lock() = None,
@@ -797,9 +853,6 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
                     }
                 }
             }
-            if hb.registry.lease_rev.load(Relaxed) < rev {
-                hb.registry.store_reset(&hb).await;
-            }
         }
     });
     let q = core.clone();
@@ -812,7 +865,23 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
                     _ = q.registry.pending_added.notified() => continue,
                 }
             };
-            q.registry.apply(&q, event).await;
+            let name = match &event {
+                Event::Register { name, .. } | Event::Unregister { name } => name.clone(),
+            };
+            if !q.registry.apply(&q, event.clone()).await {
+                // Not taken (NATS away, a bucket being created again): again, unless the
+                // name changed meanwhile.
+                {
+                    let mut pending = q.registry.pending.lock();
+                    if !pending.latest.contains_key(&name) {
+                        pending.push(&name, event);
+                    }
+                }
+                tokio::select! {
+                    _ = q.stop.cancelled() => break,
+                    _ = tokio::time::sleep(HEARTBEAT) => {}
+                }
+            }
         }
     });
     Ok(())
@@ -821,10 +890,15 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
 /// Watches every key of `store` with `seen`, starting from each key's current value (in
 /// async-nats 0.51 `watch_all` sees only later changes); the receiver completes once the
 /// entries that existed at the start have been seen.
+///
+/// When the bucket was created again (`rewatch`), it is read anew, and once the new reading
+/// is current `keep` is given the keys it holds: what the view has beyond them went with the
+/// lost store.
 async fn watch(
     core: &Arc<ClusterCore>,
     store: &kv::Store,
     seen: fn(&ClusterCore, &kv::Entry),
+    keep: fn(&ClusterCore, &HashSet<String>),
 ) -> Result<tokio::sync::oneshot::Receiver<()>, String> {
     let (synced_tx, synced) = tokio::sync::oneshot::channel();
     let mut rewatch = core.registry.rewatch.subscribe();
@@ -838,20 +912,31 @@ async fn watch(
     }
     let core = core.clone();
     let store = store.clone();
+    // The keys of a new reading, until it is current.
+    let mut rereading: Option<HashSet<String>> = None;
     core.tasks.clone().spawn(async move {
         loop {
             let entry = tokio::select! {
                 _ = core.stop.cancelled() => break,
                 // The bucket was created again: read it anew.
-                _ = rewatch.changed() => None,
+                _ = rewatch.changed() => {
+                    rereading = Some(HashSet::new());
+                    None
+                }
                 e = entries.next() => e,
             };
             match entry {
                 Some(Ok(entry)) => {
                     seen(&core, &entry);
-                    if (entry.delta == 0 || entry.seen_current)
-                        && let Some(tx) = synced_tx.take()
-                    {
+                    let current = entry.delta == 0 || entry.seen_current;
+                    if let Some(keys) = &mut rereading {
+                        keys.insert(entry.key.clone());
+                        if current {
+                            keep(&core, keys);
+                            rereading = None;
+                        }
+                    }
+                    if current && let Some(tx) = synced_tx.take() {
                         let _ = tx.send(());
                     }
                 }
@@ -862,8 +947,12 @@ async fn watch(
                         _ = core.stop.cancelled() => return,
                         _ = tokio::time::sleep(HEARTBEAT) => {}
                     }
+                    let empty = store.status().await.is_ok_and(|s| s.values() == 0);
                     if let Ok(w) = store.watch_with_history(">").await {
                         entries = w;
+                        if empty && let Some(keys) = rereading.take() {
+                            keep(&core, &keys);
+                        }
                         break;
                     }
                 },

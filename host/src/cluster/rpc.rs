@@ -5,8 +5,10 @@
 //! - `snapshots`: the node's routine snapshots as JSON (for `ps --cluster`).
 //!
 //! A send whose request gets no answer is retried with its id while the registry says its
-//! node is live (the node remembers the ids it took for [`REMEMBER_SENDS`] and answers `ok`
-//! again without taking the message twice). It ends `closed` when nothing can have taken it
+//! node is live, for at most half of [`REMEMBER_SENDS`] (the node remembers the ids it took
+//! that long, at most 65,536 of them, and answers `ok` again without taking the message
+//! twice; the ids live in the process, so a new process of the node's name does not know
+//! them). It ends `closed` when nothing can have taken it
 //! (no node listens), and `outcome-unknown` when a request went out and no answer came
 //! (the node paused or cut off past its lease): the message may still be delivered.
 
@@ -130,7 +132,11 @@ pub(crate) async fn serve(core: &Arc<ClusterCore>) -> Result<(), String> {
 
 async fn answer(core: &ClusterCore, call: &str, msg: async_nats::Message) {
     let Some(reply) = msg.reply.clone() else { return };
-    let Some(orch) = core.orch() else { return };
+    let Some(orch) = core.orch() else {
+        // The host is going away: nothing here takes messages any more.
+        let _ = core.client.publish(reply, "closed".into()).await;
+        return;
+    };
     let body: bytes::Bytes = match call {
         "send" => {
             let header = |h: &str| {
@@ -206,6 +212,8 @@ pub(crate) async fn send(
     let payload = bytes::Bytes::from(payload);
     // A request went out and got no answer: the node may have taken it.
     let mut unanswered = false;
+    // Retries stop well within the time the node remembers the id.
+    let started = tokio::time::Instant::now();
     let unknown = |why: &str| {
         CallError::OutcomeUnknown(format!("node {node:?} did not answer a send to {name:?}: {why}"))
     };
@@ -248,6 +256,9 @@ pub(crate) async fn send(
         }
         if unanswered && !core.registry.is_live(node) {
             return Err(unknown("its lease lapsed (paused, cut off or gone)"));
+        }
+        if unanswered && started.elapsed() > REMEMBER_SENDS / 2 {
+            return Err(unknown("no answer for a minute"));
         }
         tokio::select! {
             _ = cancel.cancelled() => {}

@@ -49,11 +49,12 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// The most pulls waiting on a topic's consumer at once, cluster-wide.
 const MAX_WAITING: i64 = 4096;
 
-/// A topic stream's byte bound: its capacity of the largest messages this node's routines
-/// may publish (capped by what NATS carries), with room for their headers.
-fn max_bytes(core: &ClusterCore) -> i64 {
-    let message = core.message_bytes.min(core.max_message() as u64) + 512;
-    i64::try_from(message.saturating_mul(DEFAULT_TOPIC_CAPACITY as u64)).unwrap_or(i64::MAX)
+/// A topic stream's largest message: the largest this node's routines may publish (capped
+/// by what NATS carries). With the stream's message count it bounds the stream's bytes, and
+/// unlike a `max_bytes` it reserves none of the server's storage.
+fn max_message_size(core: &ClusterCore) -> i32 {
+    let message = core.message_bytes.min(core.max_message() as u64);
+    i32::try_from(message).unwrap_or(i32::MAX)
 }
 
 /// How long a cancelled publish waits for the answer of the attempt under way.
@@ -71,6 +72,8 @@ pub(crate) struct Topic {
     consumer: consumer::Consumer<pull::Config>,
     /// The consumer's ack wait, as the server has it (what progress acks must beat).
     ack_wait: Duration,
+    /// The stream's largest message (`max_msg_size`; -1 or 0: no limit of its own).
+    max_message_size: i32,
     /// Publishers' blocked time: nanoseconds of the waits that ended, the publishes blocked
     /// now and the sum of their start times (`clock::now_nanos`), read together so that what
     /// they have waited so far counts before they end.
@@ -266,14 +269,34 @@ pub(crate) async fn publish_dead_letter(core: &ClusterCore, letter: Letter) -> D
         core.dead_letters_dropped.fetch_add(1, Relaxed);
         return DeadLettered::Dropped;
     };
-    let never = CancellationToken::new();
-    let published =
-        tokio::time::timeout(Duration::from_secs(30), publish(core, topic, json, &never)).await;
-    if matches!(published, Ok(Ok(()))) {
-        return DeadLettered::Stored;
+    let give_up = CancellationToken::new();
+    let _timer = give_up.clone().drop_guard();
+    let publishing = publish(core, topic, json, &give_up);
+    tokio::pin!(publishing);
+    let published = tokio::select! {
+        r = &mut publishing => r,
+        _ = tokio::time::sleep(Duration::from_secs(30)) => {
+            give_up.cancel();
+            publishing.await
+        }
+    };
+    match published {
+        Ok(()) => DeadLettered::Stored,
+        Err(CallError::OutcomeUnknown(why)) => {
+            tracing::error!(
+                "a dead letter may or may not be on the cluster's {topic} topic ({why}): the \
+                 message is handed back (it may be dead-lettered twice)"
+            );
+            DeadLettered::NotNow
+        }
+        Err(e) => {
+            tracing::error!(
+                "a dead letter could not be published on the cluster's {topic} topic within \
+                 30 s ({e}): the message is handed back"
+            );
+            DeadLettered::NotNow
+        }
     }
-    tracing::error!("a dead letter could not be published on the cluster's {topic} topic");
-    DeadLettered::NotNow
 }
 
 fn stream_name(topic: &str) -> String {
@@ -298,7 +321,8 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
         retention: RetentionPolicy::WorkQueue,
         storage: StorageType::File,
         max_messages: DEFAULT_TOPIC_CAPACITY as i64,
-        max_bytes: max_bytes(core),
+        max_message_size: max_message_size(core),
+        num_replicas: core.replicas,
         discard: DiscardPolicy::New,
         duplicate_window: DUPLICATE_WINDOW,
         ..Default::default()
@@ -349,6 +373,7 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
         created: stream.cached_info().created.unix_timestamp_nanos(),
         consumer,
         ack_wait,
+        max_message_size: stream.cached_info().config.max_message_size,
         blocked_publish: Mutex::default(),
         blocked_recv_ns: AtomicU64::new(0),
     });
@@ -375,6 +400,27 @@ async fn clean_below_ack_floor(name: &str, stream: &stream::Stream, consumer: &c
         Ok(_) => {}
         Err(e) => tracing::warn!(topic = name, "cannot remove processed messages: {e}"),
     }
+}
+
+/// Drops the handle of `name` if it is still `t` (its stream or consumer is gone): the next
+/// publish or receive creates them again.
+fn forget(core: &ClusterCore, name: &str, t: &Arc<Topic>) {
+    let mut handles = core.topics.handles.lock();
+    if handles.get(name).is_some_and(|h| Arc::ptr_eq(h, t)) {
+        handles.remove(name);
+        tracing::warn!(
+            topic = name,
+            "the topic's stream or consumer is gone from NATS (did nats-server lose its \
+             store?): creating them again"
+        );
+    }
+}
+
+/// The limit a payload of `len` bytes is over, if the topic's stream takes smaller messages
+/// (it was created by a node whose plugins send smaller ones).
+fn too_large_for(t: &Topic, len: usize) -> Option<u64> {
+    let max = t.max_message_size;
+    (max > 0 && len > max as usize).then_some(max as u64)
 }
 
 fn is_full(e: &impl std::fmt::Display) -> bool {
@@ -432,13 +478,21 @@ pub(crate) async fn publish(
             // connection, a timeout) may have been.
             r.map_err(|e| (e.kind() == PublishErrorKind::StreamNotFound || is_full(&e), e))
         };
+        if let Some(limit) = too_large_for(&t, payload.len()) {
+            break Err(CallError::TooLarge(limit));
+        }
         let Some(r) = answer_or_grace(attempt, cancel, CANCEL_GRACE).await else {
             break Err(unknown("no answer came before it was cancelled"));
         };
         match r {
             Ok(()) => break Ok(()),
             Err((refused, e)) => {
-                unsure |= !refused;
+                // A refusal comes after JetStream's duplicate check: an earlier attempt that
+                // was stored would have been answered as a duplicate.
+                unsure = !refused;
+                if e.kind() == PublishErrorKind::StreamNotFound {
+                    forget(core, name, &t);
+                }
                 if !is_full(&e) {
                     tracing::debug!(topic = name, "publish to NATS failed, retrying: {e}");
                 }
@@ -491,14 +545,13 @@ pub(crate) async fn recv(
     let mut t = topic(core, name).await?;
     let start = Instant::now();
     let deadline = timeout.map(|d| start + d);
-    // Room for one more taken message (their verdicts are still being confirmed otherwise).
-    let room = core.in_flight.clone().acquire_owned();
-    let permit = tokio::select! {
+    // Room for one more taken message: wait until there is (a receive that only waits holds
+    // none; the permit is taken with the message).
+    tokio::select! {
         biased;
         _ = cancel.cancelled() => return Err(CallError::Cancelled),
-        p = room => p.map_err(|_| CallError::Closed)?,
-    };
-    let mut permit = Some(permit);
+        p = core.in_flight.acquire() => drop(p.map_err(|_| CallError::Closed)?),
+    }
     let mut first = true;
     let result = loop {
         if !first {
@@ -529,7 +582,10 @@ pub(crate) async fn recv(
             Ok(None) => continue,
             Err(()) => {
                 // Pull requests fail at once while disconnected or while the consumer is
-                // missing: pace the retries.
+                // missing: pace the retries, and forget a consumer the server no longer has.
+                if core.connected() && t.consumer.clone().info().await.is_err() {
+                    forget(core, name, &t);
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => break Err(CallError::Cancelled),
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -540,7 +596,14 @@ pub(crate) async fn recv(
         // JetStream numbers this delivery (1 for the first).
         let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
         let (msg, acker) = msg.split();
-        let handle = remote_msg(core, acker, permit.take().expect("one message"), &t);
+        // Usually free at once (checked before the pull).
+        let permit = match core.in_flight.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                core.in_flight.clone().acquire_owned().await.map_err(|_| CallError::Closed)?
+            }
+        };
+        let handle = remote_msg(core, acker, permit, &t);
         break Ok(Some(RemoteDelivery {
             payload: msg.payload.to_vec(),
             delivered_before: delivered - 1,

@@ -171,6 +171,13 @@ pub struct ClusterSection {
     /// JetStream ack wait of the topic consumers.
     #[serde(default, with = "humantime_serde")]
     pub ack_wait: Option<Duration>,
+    /// Node-local topics: names, or patterns where `*` matches any run of characters. They
+    /// stay in this node's memory (local speed; lost with the host).
+    #[serde(default)]
+    pub local_topics: Vec<String>,
+    /// Replicas of the streams and key-value buckets this node creates (1 for one
+    /// nats-server; 3 for a NATS cluster of three or more).
+    pub replicas: Option<usize>,
 }
 
 /// One `[groups.NAME]` table.

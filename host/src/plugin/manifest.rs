@@ -399,7 +399,7 @@ fn routine_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Er
 /// idle-timeout = "0s"         # 0 = watchdog off
 /// queue-capacity = 128        # mailbox
 /// max-deliveries = 3
-/// cluster-unique = true       # with --nats: false lets several nodes run these names
+/// cluster-unique = false      # with --nats: true runs these names on one node only
 /// [backoff]
 /// initial = "200ms"
 /// max = "5s"
@@ -449,8 +449,9 @@ pub struct PluginManifest {
     pub limits: Limits,
     /// WASI grants.
     pub wasi: WasiGrants,
-    /// In a cluster (`--nats`): whether the routine names must be unique across nodes
-    /// (default true; false lets several nodes run them, a plain-name send reaching one).
+    /// In a cluster (`--nats`): whether the routine names run on one node only (default
+    /// false: the same plugin runs on every node that has it, and a plain-name send
+    /// reaches one of them, this node's first).
     pub cluster_unique: bool,
 }
 
@@ -470,7 +471,7 @@ impl Default for PluginManifest {
             intensity: sup.intensity,
             limits: Limits::default(),
             wasi: WasiGrants::default(),
-            cluster_unique: true,
+            cluster_unique: false,
         }
     }
 }

@@ -186,7 +186,7 @@ fn sends_reach_routines_on_other_nodes_and_fail_clearly_elsewhere() {
 }
 
 #[test]
-fn names_clash_across_nodes_unless_the_plugin_allows_it() {
+fn cluster_unique_names_clash_across_nodes_and_others_run_everywhere() {
     let nats = Nats::start();
     run(async {
         let (a, ca) = node(&nats, "a").await;
@@ -200,15 +200,17 @@ fn names_clash_across_nodes_unless_the_plugin_allows_it() {
             ctx.cancelled().await;
             Ok::<(), CallError>(())
         };
-        a.spawn(SpawnOptions::new("solo"), idle).unwrap();
+        a.spawn(SpawnOptions::new("solo").cluster_unique(true), idle).unwrap();
         assert!(wait_until(Duration::from_secs(10), || cb.nodes_running("solo") == ["a"]).await);
         let e = b.spawn(SpawnOptions::new("solo"), idle).unwrap_err();
         assert!(e.to_string().contains("already runs on node \"a\""), "{e}");
+        let e = b.spawn(SpawnOptions::new("solo").cluster_unique(true), idle).unwrap_err();
+        assert!(e.to_string().contains("already runs on node \"a\""), "{e}");
 
-        // cluster-unique = false: both run it, and a third node's send reaches one of them.
+        // The default: both run it, and a third node's send reaches one of them.
         let shared = |o: &Orchestrator, seen: &Seen| {
             let seen = seen.clone();
-            o.spawn(SpawnOptions::new("shared").cluster_unique(false), move |ctx| {
+            o.spawn(SpawnOptions::new("shared"), move |ctx| {
                 let seen = seen.clone();
                 async move {
                     while let Ok(Some(m)) = ctx.recv(None).await {
@@ -388,4 +390,120 @@ fn a_killed_node_s_messages_finish_on_another_node() {
         drop((a, ca));
         assert_no_leaked_tasks().await;
     });
+}
+
+/// One plugin directory for every node: `relay` consumes the cluster topic `testkit-in`,
+/// `echo` forwards its mailbox, `local` the node-local topic `local.in` (`[cluster]
+/// local-topics`), each to the cluster topic `testkit-out`.
+fn identical_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, env) in [
+        ("relay", "MODE = \"bus-relay\""),
+        ("echo", "MODE = \"echo\""),
+        ("local", "MODE = \"poison\", SOURCE = \"local.in\""),
+    ] {
+        std::fs::copy(gorch_artifacts::path("testkit"), dir.path().join(format!("{name}.wasm")))
+            .unwrap();
+        std::fs::write(
+            dir.path().join(format!("{name}.toml")),
+            format!("[wasi]\nenv = {{ {env} }}\n"),
+        )
+        .unwrap();
+    }
+    std::fs::write(dir.path().join("gorch.toml"), "[cluster]\nlocal-topics = [\"local.*\"]\n")
+        .unwrap();
+    dir
+}
+
+/// How many messages the routine `name` of the host on `port` took.
+fn taken_by(port: &str, name: &str) -> u64 {
+    let snaps: Vec<gorch_host::Snapshot> =
+        serde_json::from_str(&http_get(port, "/gorchestra/api/routines")).unwrap();
+    snaps.iter().filter(|s| s.name == name).map(|s| s.messages_in).sum()
+}
+
+/// Issue 22: the same plugin directory on two nodes starts on both (the default is no longer
+/// one node per name); both consume the shared topic; a plain-name send reaches one
+/// instance; a node-local topic stays on its node.
+#[test]
+fn identical_nodes_all_run_and_local_topics_stay_home() {
+    let nats = Nats::start();
+    let dir = identical_dir();
+    let url = nats.url();
+    let (mut ha, rxa) = run_host(dir.path(), &["--nats", &url, "--node", "a"]);
+    let loga = read_until(&mut ha, &rxa, "metrics: http://");
+    let (mut hb, rxb) = run_host(dir.path(), &["--nats", &url, "--node", "b"]);
+    let logb = read_until(&mut hb, &rxb, "metrics: http://");
+    let (pa, pb) = (port_of(&loga), port_of(&logb));
+    for (port, log) in [(&pa, &loga), (&pb, &logb)] {
+        assert!(!log.contains("already runs"), "{log}");
+        let ready = wait_until_blocking(Duration::from_secs(30), || {
+            http_get(port, "/readyz").starts_with("ready")
+        });
+        assert!(ready, "{}", http_get(port, "/readyz"));
+    }
+    let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
+    let (c, cc) = rt.block_on(node(&nats, "c"));
+    let _guard = rt.enter();
+    let seen: Seen = Default::default();
+    collector(&c, "out", "testkit-out", &seen);
+    // Both nodes run relay, echo and local.
+    let both = wait_until_blocking(Duration::from_secs(30), || {
+        ["relay", "echo", "local"].iter().all(|n| cc.nodes_running(n) == ["a", "b"])
+    });
+    assert!(both, "{:?}", cc.view());
+
+    // Both consume the shared topic.
+    publisher(&c, "testkit-in", 200);
+    let relayed = wait_until_blocking(Duration::from_secs(60), || distinct(&[&seen]) == all(200));
+    assert!(relayed, "{} of 200", distinct(&[&seen]).len());
+    let (ra, rb) = (taken_by(&pa, "relay"), taken_by(&pb, "relay"));
+    assert_eq!(ra + rb, 200);
+    assert!(ra > 0 && rb > 0, "one node took them all: a {ra}, b {rb}");
+
+    // A plain-name send reaches one instance.
+    seen.lock().clear();
+    let h = c
+        .spawn(SpawnOptions::new("sender"), |ctx| async move {
+            for i in 0..20 {
+                ctx.send("echo", format!("e{i}").into_bytes()).await?;
+            }
+            Ok::<(), CallError>(())
+        })
+        .unwrap();
+    rt.block_on(wait_end(&h, Duration::from_secs(30)));
+    let sent: BTreeSet<String> = (0..20).map(|i| format!("e{i}")).collect();
+    assert!(wait_until_blocking(Duration::from_secs(30), || distinct(&[&seen]) == sent));
+    assert!(wait_until_blocking(Duration::from_secs(30), || {
+        taken_by(&pa, "echo") + taken_by(&pb, "echo") == 20
+    }));
+    assert_eq!(seen.lock().len(), 20, "a send was delivered twice");
+
+    // A node-local topic: what node a publishes on it is taken by a's routine only.
+    seen.lock().clear();
+    let addr_a = format!("127.0.0.1:{pa}");
+    for i in 0..10 {
+        let out = Command::new(BIN)
+            .args(["publish", "local.in", &format!("l{i}"), "--addr", &addr_a])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let sent: BTreeSet<String> = (0..10).map(|i| format!("l{i}")).collect();
+    assert!(wait_until_blocking(Duration::from_secs(30), || distinct(&[&seen]) == sent));
+    assert_eq!((taken_by(&pa, "local"), taken_by(&pb, "local")), (10, 0));
+    let topics = http_get(&pa, "/gorchestra/api/topics");
+    assert!(topics.contains("\"local.in\""), "{topics}");
+    // No stream for it on the server.
+    rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        assert!(js.get_stream("GORCH_T_local_2ein").await.is_err());
+    });
+
+    for h in [&mut ha, &mut hb] {
+        let pid = h.id().to_string();
+        assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+        assert!(h.wait().unwrap().success());
+    }
+    rt.block_on(leave(&c, &cc));
 }

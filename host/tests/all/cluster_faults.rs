@@ -221,11 +221,8 @@ fn the_ack_wait_is_checked_and_the_consumer_takes_the_setting() {
         // Finding 10: the waiting pulls and the stream's bytes are bounded.
         assert_eq!(info.config.max_waiting, 4096);
         let mut stream = stream;
-        let max_bytes = stream.info().await.unwrap().config.max_bytes;
-        assert!(max_bytes > 0, "the topic stream has no byte bound");
-        leave(&b, &cb).await;
-        leave(&a, &ca).await;
-
+        let largest = stream.info().await.unwrap().config.max_message_size;
+        assert!(largest > 0, "the topic stream takes messages of any size");
         // A node whose plugins send at most 1,000 bytes bounds the streams it creates by that.
         let mut small = gorch_host::ClusterConfig::new(nats.url(), "c");
         small.message_bytes = Some(1000);
@@ -233,8 +230,21 @@ fn the_ack_wait_is_checked_and_the_consumer_takes_the_setting() {
         let cc = gorch_host::Cluster::join(&c, small).await.unwrap();
         publish_all(&c, "small", "m", 1).await;
         let mut stream = js.get_stream("GORCH_T_small").await.unwrap();
-        assert_eq!(stream.info().await.unwrap().config.max_bytes, 1024 * (1000 + 512));
+        assert_eq!(stream.info().await.unwrap().config.max_message_size, 1000);
+        // A node whose plugins send larger messages is told the stream's limit.
+        let big = a
+            .spawn(SpawnOptions::new("big"), |ctx| async move {
+                match ctx.publish("small", vec![0; 2000]).await {
+                    Err(CallError::TooLarge(1000)) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            })
+            .unwrap();
+        let end = wait_end(&big, Duration::from_secs(30)).await;
+        assert_eq!(end, State::Stopped, "{}", crate::common::last_error(&a, "big"));
         leave(&c, &cc).await;
+        leave(&b, &cb).await;
+        leave(&a, &ca).await;
     });
 }
 
@@ -435,10 +445,12 @@ fn a_nats_restart_mid_stream_loses_nothing() {
 
 /// A plugin directory with one cluster-unique routine `solo` (the testkit guest echoing its
 /// mailbox), for a real `gorch-host` node.
+const SOLO: &str = "cluster-unique = true\n[wasi]\nenv = { MODE = \"echo\" }\n";
+
 fn solo_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(gorch_artifacts::path("testkit"), dir.path().join("solo.wasm")).unwrap();
-    std::fs::write(dir.path().join("solo.toml"), "[wasi]\nenv = { MODE = \"echo\" }\n").unwrap();
+    std::fs::write(dir.path().join("solo.toml"), SOLO).unwrap();
     dir
 }
 
@@ -488,7 +500,7 @@ fn a_unique_routine_of_a_node_paused_past_its_lease_stops_when_it_resumes() {
         assert!(lease_gone(&nats, "a").await, "the server still holds a's lease");
         // Node a is gone as far as the cluster knows: b takes over the routine.
         let h = b
-            .spawn(SpawnOptions::new("solo"), |ctx| async move {
+            .spawn(SpawnOptions::new("solo").cluster_unique(true), |ctx| async move {
                 while ctx.recv(None).await?.is_some() {}
                 Ok::<(), CallError>(())
             })
@@ -763,6 +775,52 @@ fn sends_keep_their_word_across_a_nats_restart() {
                 .filter(|(_, r)| matches!(r, Err(e) if !matches!(e, CallError::OutcomeUnknown(_))))
                 .count()
         );
+        leave(&b, &cb).await;
+        leave(&a, &ca).await;
+    });
+}
+
+/// Issue 22: with `replicas = 3` on a three-server NATS cluster, one server killed with
+/// SIGKILL while 2,000 messages flow loses nothing, and the stream goes on.
+#[test]
+fn a_nats_server_killed_under_replicas_3_loses_nothing() {
+    let mut nats = crate::common::nats::NatsCluster::start();
+    run(async {
+        let join = |name: &'static str| {
+            let urls = nats.urls();
+            async move {
+                let mut config = gorch_host::ClusterConfig::new(urls, name);
+                config.replicas = 3;
+                config.ack_wait = Duration::from_secs(2);
+                let orch = Orchestrator::new();
+                // The servers elect their JetStream leader first.
+                let mut last = String::new();
+                for _ in 0..600 {
+                    match gorch_host::Cluster::join(&orch, config.clone()).await {
+                        Ok(c) => return (orch, c),
+                        Err(e) => last = e.to_string(),
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                panic!("node {name} could not join the NATS cluster: {last}");
+            }
+        };
+        let (a, ca) = join("a").await;
+        let (b, cb) = join("b").await;
+        let seen = collector(&b, "consumer", "flow3");
+        let publisher = tokio::spawn({
+            let a = a.clone();
+            async move { publish_all(&a, "flow3", "m", 2000).await }
+        });
+        assert!(wait_until(Duration::from_secs(60), || seen.lock().len() >= 300).await);
+        nats.servers[0].kill();
+        publisher.await.unwrap();
+        let all = wait_until(Duration::from_secs(120), || seen.lock().len() == 2000).await;
+        assert!(all, "{} of 2000 delivered", seen.lock().len());
+        let js =
+            async_nats::jetstream::new(async_nats::connect(nats.servers[1].url()).await.unwrap());
+        let mut stream = js.get_stream("GORCH_T_flow3").await.unwrap();
+        assert_eq!(stream.info().await.unwrap().config.num_replicas, 3);
         leave(&b, &cb).await;
         leave(&a, &ca).await;
     });

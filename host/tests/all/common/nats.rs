@@ -28,6 +28,10 @@ impl Nats {
     }
 
     fn spawn(port: u16, store: &std::path::Path) -> Child {
+        Self::spawn_with(port, store, &[])
+    }
+
+    fn spawn_with(port: u16, store: &std::path::Path, extra: &[String]) -> Child {
         // Debian installs it in /usr/sbin, not always on a user's PATH.
         let bin = ["nats-server", "/usr/sbin/nats-server"]
             .into_iter()
@@ -36,6 +40,7 @@ impl Nats {
         let child = Command::new(bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(store)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -73,6 +78,48 @@ impl Drop for Nats {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Three `nats-server -js` routed into one JetStream cluster (`gorch`), each with its own
+/// port and store; killed when dropped.
+pub struct NatsCluster {
+    pub servers: Vec<Nats>,
+}
+
+impl NatsCluster {
+    pub fn start() -> NatsCluster {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let routes = ports
+            .iter()
+            .map(|(_, c)| format!("nats://127.0.0.1:{c}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let servers = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(port, cluster))| {
+                let store = tempfile::tempdir().unwrap();
+                let extra = [
+                    "--server_name".to_string(),
+                    format!("n{i}"),
+                    "--cluster_name".into(),
+                    "gorch".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{cluster}"),
+                    "--routes".into(),
+                    routes.clone(),
+                ];
+                let child = Nats::spawn_with(port, store.path(), &extra);
+                Nats { child, port, store }
+            })
+            .collect();
+        NatsCluster { servers }
+    }
+
+    /// Every server's URL, comma-separated (what a node is given).
+    pub fn urls(&self) -> String {
+        self.servers.iter().map(Nats::url).collect::<Vec<_>>().join(",")
     }
 }
 
