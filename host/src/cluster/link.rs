@@ -11,6 +11,7 @@
 //!   dead letter published before the message is terminated.
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::topics::{self, RemoteMsg};
+use super::topics::{self, RemoteDelivery, RemoteMsg};
 use super::{ClusterCore, split_address};
 use crate::bus::TopicStats;
 use crate::channel::Channel;
@@ -85,7 +86,7 @@ impl Transport for ClusterTransport {
     fn link(&self, name: &str, mailbox: &Channel<Message>) -> Arc<dyn Link> {
         let local = self.local.link_to(mailbox, self.dead.clone());
         let unique = self.core.registry.is_unique_here(name).then(|| name.to_string());
-        Arc::new(ClusterLink { core: self.core.clone(), local, unique })
+        Arc::new(ClusterLink { core: self.core.clone(), local, unique, stash: Mutex::default() })
     }
     fn clash(&self, name: &str, unique: bool) -> Option<String> {
         self.core.registry.conflict(name, unique)
@@ -165,10 +166,24 @@ struct ClusterLink {
     /// A cluster-unique routine's name: its receives are fenced by this node's lease and
     /// wait for its claim.
     unique: Option<String>,
+    /// Messages a batch receive took but did not hand out (they follow one that was
+    /// delivered before, which goes alone): the next receives of their topic take them
+    /// first. Handed back when the run ends.
+    stash: Mutex<VecDeque<(String, RemoteDelivery)>>,
+}
+
+impl Drop for ClusterLink {
+    fn drop(&mut self) {
+        for (_, d) in self.stash.get_mut().drain(..) {
+            d.handle.nak();
+        }
+    }
 }
 
 impl ClusterLink {
-    /// One receive (a cluster topic hands out one message).
+    /// One receive: a message, or a batch of messages delivered for the first time (one
+    /// delivered before goes alone, so that one that crashes its receiver is found and
+    /// counted alone, as on a single host).
     async fn take(
         &self,
         queue: Queue<'_>,
@@ -184,12 +199,50 @@ impl ClusterLink {
             }
             Queue::Topic(t) => t,
         };
-        let Some(d) = topics::recv(&self.core, topic, timeout, cancel).await? else {
-            return Ok(None);
-        };
-        out.push(Message::delivered_before(d.payload, d.delivered_before));
-        let handle = Mutex::new(Some(d.handle));
-        Ok(Some(Arc::new(RemoteOrigin { topic: topic.to_string(), handle })))
+        let mut taken = self.stashed(topic, max);
+        if taken.is_empty() {
+            let Some(first) = topics::recv(&self.core, topic, timeout, cancel).await? else {
+                return Ok(None);
+            };
+            let more = max > 1 && first.delivered_before == 0;
+            taken.push(first);
+            if more {
+                let mut rest = topics::take_more(&self.core, topic, max - 1).await.into_iter();
+                for d in rest.by_ref() {
+                    if d.delivered_before > 0 {
+                        self.stash.lock().push_back((topic.to_string(), d));
+                        break;
+                    }
+                    taken.push(d);
+                }
+                self.stash.lock().extend(rest.map(|d| (topic.to_string(), d)));
+            }
+        }
+        let mut handles = Vec::with_capacity(taken.len());
+        for d in taken {
+            out.push(Message::delivered_before(d.payload, d.delivered_before));
+            handles.push(d.handle);
+        }
+        Ok(Some(Arc::new(RemoteOrigin { topic: topic.to_string(), handles: Mutex::new(handles) })))
+    }
+
+    /// Stashed messages of `topic` for a receive of up to `max`: one delivered before
+    /// alone, else those delivered for the first time, in order.
+    fn stashed(&self, topic: &str, max: usize) -> Vec<RemoteDelivery> {
+        let mut stash = self.stash.lock();
+        let mut taken = Vec::new();
+        while taken.len() < max {
+            let Some(i) = stash.iter().position(|(t, _)| t == topic) else { break };
+            let again = stash[i].1.delivered_before > 0;
+            if again && !taken.is_empty() {
+                break;
+            }
+            taken.push(stash.remove(i).expect("found").1);
+            if again {
+                break;
+            }
+        }
+        taken
     }
 }
 
@@ -232,20 +285,10 @@ impl Link for ClusterLink {
         if self.core.is_local(topic) {
             return self.local.publish_batch(topic, payloads, cancel);
         }
-        async move {
-            let mut done = 0;
-            for p in payloads {
-                if let Err(e) = topics::publish(&self.core, topic, p, cancel).await {
-                    return (done, Err(e));
-                }
-                done += 1;
-            }
-            (done, Ok(()))
-        }
-        .boxed()
+        topics::publish_many(&self.core, topic, payloads, cancel).boxed()
     }
 
-    /// A cluster topic hands out one message per receive.
+    /// A cluster topic hands out what its stream has now, up to `max` (see `take`).
     fn recv<'a>(
         &'a self,
         queue: Queue<'a>,
@@ -254,6 +297,14 @@ impl Link for ClusterLink {
         cancel: &'a CancellationToken,
         out: &'a mut Vec<Message>,
     ) -> BoxFuture<'a, Result<Option<Arc<dyn Origin>>, CallError>> {
+        let local = match queue {
+            Queue::Mailbox => true,
+            Queue::Topic(t) => self.core.is_local(t),
+        };
+        if local && self.unique.is_none() {
+            // In memory, as on a single host.
+            return self.local.recv(queue, max, timeout, cancel, out);
+        }
         async move {
             let Some(name) = &self.unique else {
                 return self.take(queue, max, timeout, cancel, out).await;
@@ -279,10 +330,11 @@ impl Link for ClusterLink {
     }
 }
 
-/// A message of a cluster topic, settled through its JetStream handle.
+/// Messages of a cluster topic taken by one receive, settled through their JetStream
+/// handles.
 struct RemoteOrigin {
     topic: String,
-    handle: Mutex<Option<RemoteMsg>>,
+    handles: Mutex<Vec<RemoteMsg>>,
 }
 
 impl Origin for RemoteOrigin {
@@ -290,23 +342,27 @@ impl Origin for RemoteOrigin {
         format!("topic:{}", self.topic)
     }
     fn ack(&self) {
-        if let Some(h) = self.handle.lock().take() {
-            h.ack();
-        }
+        RemoteMsg::ack_all(std::mem::take(&mut *self.handles.lock()));
     }
     fn counts_deliveries(&self) -> bool {
         true
     }
+    /// JetStream keeps the messages and counts their deliveries itself (a crashed batch
+    /// counts one against each of its messages).
     fn hand_back(&self, _msgs: Vec<Message>) -> usize {
-        // JetStream keeps the message and counts its deliveries itself.
-        if let Some(h) = self.handle.lock().take() {
+        for h in std::mem::take(&mut *self.handles.lock()) {
             h.nak();
         }
         0
     }
+    /// Called for a message taken alone.
     fn dead_letter(&self, letter: Letter) {
-        if let Some(h) = self.handle.lock().take() {
+        let mut handles = std::mem::take(&mut *self.handles.lock()).into_iter();
+        if let Some(h) = handles.next() {
             h.dead_letter(letter);
+        }
+        for h in handles {
+            h.nak();
         }
     }
 }

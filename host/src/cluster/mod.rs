@@ -234,7 +234,8 @@ pub(crate) struct ClusterCore {
     pub(crate) url: String,
     pub(crate) ack_wait: Duration,
     pub(crate) message_bytes: u64,
-    pub(crate) local_topics: Vec<String>,
+    /// `[cluster] local-topics`, each split at its `*`s.
+    pub(crate) local_topics: Vec<Vec<String>>,
     pub(crate) replicas: usize,
     pub(crate) http_addr: String,
     pub(crate) client: async_nats::Client,
@@ -271,7 +272,7 @@ impl ClusterCore {
 
     /// Whether `topic` is node-local (`[cluster] local-topics`).
     pub(crate) fn is_local(&self, topic: &str) -> bool {
-        self.local_topics.iter().any(|p| glob(p, topic))
+        !self.local_topics.is_empty() && self.local_topics.iter().any(|p| glob(p, topic))
     }
 
     /// The largest message a publish or a send to another node carries: what NATS carries
@@ -362,7 +363,11 @@ impl Cluster {
             message_bytes: config
                 .message_bytes
                 .unwrap_or(crate::orchestrator::DEFAULT_MESSAGE_BYTES),
-            local_topics: config.local_topics.clone(),
+            local_topics: config
+                .local_topics
+                .iter()
+                .map(|p| p.split('*').map(str::to_string).collect())
+                .collect(),
             replicas: config.replicas,
             http_addr: config.http_addr.clone().unwrap_or_default(),
             client,
@@ -588,20 +593,19 @@ pub(crate) fn split_address(to: &str) -> (Option<&str>, &str) {
 /// confirmation): more receives wait.
 const IN_FLIGHT: usize = 4096;
 
-/// Whether `name` matches `pattern`, where `*` matches any run of characters.
-pub(crate) fn glob(pattern: &str, name: &str) -> bool {
-    let mut parts = pattern.split('*');
-    let first = parts.next().unwrap_or_default();
-    let Some(mut rest) = name.strip_prefix(first) else { return false };
-    let parts: Vec<&str> = parts.collect();
+/// Whether `name` matches a pattern given as its parts between `*`s (`*` matches any run
+/// of characters).
+pub(crate) fn glob(parts: &[String], name: &str) -> bool {
+    let Some((first, parts)) = parts.split_first() else { return name.is_empty() };
+    let Some(mut rest) = name.strip_prefix(first.as_str()) else { return false };
     let Some((last, middle)) = parts.split_last() else { return rest.is_empty() };
     for part in middle {
-        match rest.find(part) {
+        match rest.find(part.as_str()) {
             Some(i) => rest = &rest[i + part.len()..],
             None => return false,
         }
     }
-    rest.len() >= last.len() && rest.ends_with(last)
+    rest.len() >= last.len() && rest.ends_with(last.as_str())
 }
 
 /// Room kept in a NATS message for its headers (a message id, a routine name).
@@ -642,6 +646,11 @@ mod tests {
         assert_ne!(token("a.b"), token("a_b"));
         let long = "x".repeat(200);
         assert!(token(&long).len() < 50);
+    }
+
+    fn glob(pattern: &str, name: &str) -> bool {
+        let parts: Vec<String> = pattern.split('*').map(str::to_string).collect();
+        super::glob(&parts, name)
     }
 
     #[test]

@@ -142,7 +142,8 @@ pub(crate) struct RemoteMsg {
     /// Where and when it was taken: a verdict never reaches another stream of the same
     /// name (a verdict names its message by stream sequence).
     taken: Taken,
-    _progress: DropGuard,
+    /// Stops the progress acks of the messages taken with it once all are settled.
+    _progress: Arc<DropGuard>,
 }
 
 /// The stream a message came from and the connection epoch it was taken in.
@@ -191,6 +192,41 @@ impl RemoteMsg {
     /// Processed: removed from the stream.
     pub(crate) fn ack(self) {
         self.verdict(AckKind::Ack);
+    }
+
+    /// Processed, all of them (taken together, in stream order): every ack but the last is
+    /// sent without waiting for the server's answer, and the last one's confirmation
+    /// confirms them all (the server handles a connection's acks in order). If it does not
+    /// come, each is confirmed on its own.
+    pub(crate) fn ack_all(mut msgs: Vec<RemoteMsg>) {
+        let Some(last) = msgs.pop() else { return };
+        if msgs.is_empty() {
+            return last.ack();
+        }
+        let core = last.core.clone();
+        let c = core.clone();
+        core.spawn(async move {
+            let epoch = c.epoch();
+            let mut sent = true;
+            for m in &msgs {
+                sent &= m.acker.ack_with(AckKind::Ack).await.is_ok();
+            }
+            let RemoteMsg { acker, permit, taken, _progress, .. } = last;
+            let confirmed = sent
+                && c.epoch() == epoch
+                && taken.still_there(&c).await == Ok(true)
+                && acker.double_ack_with(AckKind::Ack).await.is_ok();
+            drop((permit, _progress));
+            if confirmed {
+                return;
+            }
+            confirm(&c, &acker, AckKind::Ack, &taken).await;
+            for m in msgs {
+                let RemoteMsg { acker, permit, taken, _progress, .. } = m;
+                confirm(&c, &acker, AckKind::Ack, &taken).await;
+                drop((permit, _progress));
+            }
+        });
     }
     /// Not processed: redelivered now, to any node.
     pub(crate) fn nak(self) {
@@ -442,9 +478,83 @@ pub(crate) async fn publish(
     if payload.len() > max {
         return Err(CallError::TooLarge(max as u64));
     }
-    let mut t = topic(core, name).await?;
+    let t = topic(core, name).await?;
     let id = core.topics.next_id(&core.node_token);
-    let payload = bytes::Bytes::from(payload);
+    publish_with_id(core, name, t, payload.into(), &id, cancel).await
+}
+
+/// Most publishes of one batch whose acknowledgements are awaited together.
+const PUBLISH_WINDOW: usize = 256;
+
+/// Publishes `payloads` on the cluster topic `name`: each window of them is sent before
+/// their acknowledgements are awaited together, and one that was not stored is retried on
+/// its own (with its message id, in order, waiting while the topic is full). Returns how
+/// many were stored before the first that could not be; nothing is published if one is
+/// over the size limit.
+pub(crate) async fn publish_many(
+    core: &ClusterCore,
+    name: &str,
+    payloads: Vec<Vec<u8>>,
+    cancel: &CancellationToken,
+) -> (usize, Result<(), CallError>) {
+    let max = core.max_message();
+    if payloads.iter().any(|p| p.len() > max) {
+        return (0, Err(CallError::TooLarge(max as u64)));
+    }
+    let t = match topic(core, name).await {
+        Ok(t) => t,
+        Err(e) => return (0, Err(e)),
+    };
+    if let Some(limit) = payloads.iter().find_map(|p| too_large_for(&t, p.len())) {
+        return (0, Err(CallError::TooLarge(limit)));
+    }
+    let payloads: Vec<bytes::Bytes> = payloads.into_iter().map(Into::into).collect();
+    let mut done = 0;
+    for window in payloads.chunks(PUBLISH_WINDOW) {
+        let ids: Vec<String> =
+            window.iter().map(|_| core.topics.next_id(&core.node_token)).collect();
+        let mut acks = Vec::with_capacity(window.len());
+        for (payload, id) in window.iter().zip(&ids) {
+            let message = async_nats::jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(id);
+            acks.push(core.js.send_publish(t.subject.clone(), message).await.ok());
+        }
+        let mut stored = 0;
+        for ack in acks {
+            let ok = match ack {
+                Some(ack) => ack.await.is_ok(),
+                None => false,
+            };
+            if !ok {
+                break;
+            }
+            stored += 1;
+        }
+        done += stored;
+        // The first not stored, and those after it, one by one (the stored ones among them
+        // are dropped by JetStream as duplicates).
+        for (payload, id) in window.iter().zip(&ids).skip(stored) {
+            let fresh = topic(core, name).await.unwrap_or_else(|_| t.clone());
+            if let Err(e) = publish_with_id(core, name, fresh, payload.clone(), id, cancel).await {
+                return (done, Err(e));
+            }
+            done += 1;
+        }
+    }
+    (done, Ok(()))
+}
+
+/// Publishes `payload` with the message id `id` (kept across retries) on the topic `name`
+/// whose handle is `t`.
+async fn publish_with_id(
+    core: &ClusterCore,
+    name: &str,
+    mut t: Arc<Topic>,
+    payload: bytes::Bytes,
+    id: &str,
+    cancel: &CancellationToken,
+) -> Result<(), CallError> {
     let mut pause = Duration::from_millis(2);
     let mut blocked: Option<Blocked> = None;
     // An attempt went out and got no verdict (stored or refused): it may be stored.
@@ -468,7 +578,7 @@ pub(crate) async fn publish(
         }
         let message = async_nats::jetstream::message::PublishMessage::build()
             .payload(payload.clone())
-            .message_id(&id);
+            .message_id(id);
         let attempt = async {
             let r = match core.js.send_publish(t.subject.clone(), message).await {
                 Ok(ack) => ack.await.map(|_| ()),
@@ -603,7 +713,7 @@ pub(crate) async fn recv(
                 core.in_flight.clone().acquire_owned().await.map_err(|_| CallError::Closed)?
             }
         };
-        let handle = remote_msg(core, acker, permit, &t);
+        let handle = remote_msgs(core, vec![(acker, permit)], &t).pop().expect("one handle");
         break Ok(Some(RemoteDelivery {
             payload: msg.payload.to_vec(),
             delivered_before: delivered - 1,
@@ -631,18 +741,19 @@ async fn pull_one(
     }
 }
 
-/// The handle of a message just taken; progress acks keep it ours while it is in flight.
-fn remote_msg(
+/// The handles of messages just taken together; one progress loop keeps them ours while
+/// any of them is in flight.
+fn remote_msgs(
     core: &Arc<ClusterCore>,
-    acker: Acker,
-    permit: OwnedSemaphorePermit,
+    taken: Vec<(Acker, OwnedSemaphorePermit)>,
     topic: &Arc<Topic>,
-) -> RemoteMsg {
-    let acker = Arc::new(acker);
+) -> Vec<RemoteMsg> {
     let done = CancellationToken::new();
     let every = (topic.ack_wait / 3).max(MIN_ACK_WAIT / 3);
-    let taken = Taken { topic: topic.clone(), epoch: core.epoch() };
-    let (a, d, c, t) = (acker.clone(), done.clone(), core.clone(), taken.clone());
+    let from = Taken { topic: topic.clone(), epoch: core.epoch() };
+    let (ackers, permits): (Vec<Arc<Acker>>, Vec<OwnedSemaphorePermit>) =
+        taken.into_iter().map(|(a, p)| (Arc::new(a), p)).unzip();
+    let (all, d, c, t) = (ackers.clone(), done.clone(), core.clone(), from.clone());
     core.spawn(async move {
         loop {
             tokio::select! {
@@ -651,7 +762,10 @@ fn remote_msg(
             }
             match t.still_there(&c).await {
                 Ok(true) => {
-                    let _ = a.ack_with(AckKind::Progress).await;
+                    // Those still held by a handle (the others are settled).
+                    for a in all.iter().filter(|a| Arc::strong_count(a) > 1) {
+                        let _ = a.ack_with(AckKind::Progress).await;
+                    }
                 }
                 // Its stream is gone: nothing to keep.
                 Ok(false) => break,
@@ -659,7 +773,59 @@ fn remote_msg(
             }
         }
     });
-    RemoteMsg { acker, core: core.clone(), permit, taken, _progress: done.drop_guard() }
+    let guard = Arc::new(done.drop_guard());
+    ackers
+        .into_iter()
+        .zip(permits)
+        .map(|(acker, permit)| RemoteMsg {
+            acker,
+            core: core.clone(),
+            permit,
+            taken: from.clone(),
+            _progress: guard.clone(),
+        })
+        .collect()
+}
+
+/// Up to `max` more messages of the cluster topic `name` that are there now (one request,
+/// no wait): what a batch receive adds to its first message.
+pub(crate) async fn take_more(
+    core: &Arc<ClusterCore>,
+    name: &str,
+    max: usize,
+) -> Vec<RemoteDelivery> {
+    let Ok(t) = topic(core, name).await else { return Vec::new() };
+    let mut got = Vec::new();
+    if let Ok(mut batch) = t.consumer.fetch().max_messages(max).messages().await {
+        while let Some(Ok(m)) = batch.next().await {
+            got.push(m);
+        }
+    }
+    let mut taken = Vec::with_capacity(got.len());
+    let mut payloads = Vec::with_capacity(got.len());
+    for m in got {
+        let permit = match core.in_flight.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => match core.in_flight.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let delivered = m.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+        let (m, acker) = m.split();
+        payloads.push((m.payload.to_vec(), delivered - 1));
+        taken.push((acker, permit));
+    }
+    let handles = remote_msgs(core, taken, &t);
+    payloads
+        .into_iter()
+        .zip(handles)
+        .map(|((payload, delivered_before), handle)| RemoteDelivery {
+            payload,
+            delivered_before,
+            handle,
+        })
+        .collect()
 }
 
 /// Refreshes the topic figures while the node is in the cluster: every [`STATS_EVERY`]

@@ -507,3 +507,60 @@ fn identical_nodes_all_run_and_local_topics_stay_home() {
     }
     rt.block_on(leave(&c, &cc));
 }
+
+/// Issue 22: `publish-batch` on a cluster topic sends the batch before awaiting its
+/// acknowledgements, and `recv-batch` takes what the stream has (it handed out one message
+/// per call). A poison message in a batch is still found alone and dead-lettered, the rest
+/// processed: after the crash each message comes back alone (JetStream counted a delivery of
+/// each).
+#[test]
+fn cluster_batches_flow_and_a_poison_in_one_is_found_alone() {
+    let nats = Nats::start();
+    run(async {
+        let (a, ca) = node(&nats, "a").await;
+        let (b, cb) = node(&nats, "b").await;
+        let (out, letters): (Seen, Seen) = Default::default();
+        collector(&a, "out", "testkit-out", &out);
+        collector(&a, "letters", gorch_host::DEAD_LETTER_TOPIC, &letters);
+        let h = a
+            .spawn(SpawnOptions::new("batcher"), |ctx| async move {
+                let batch = ["a", "b", "poison", "c", "d"].map(|m| m.as_bytes().to_vec());
+                ctx.publish_batch("trap-in", batch.to_vec()).await
+            })
+            .unwrap();
+        assert_eq!(wait_end(&h, Duration::from_secs(30)).await, gorch_host::State::Stopped);
+        let supervision = gorch_host::Supervision {
+            restart: gorch_host::RestartPolicy::OnFailure,
+            backoff: gorch_host::Backoff {
+                initial: Duration::ZERO,
+                max: Duration::ZERO,
+                multiplier: 1.0,
+                jitter: 0.0,
+                stable_after: Duration::from_secs(30),
+            },
+            max_deliveries: 3,
+            ..Default::default()
+        };
+        let wasm =
+            gorch_host::WasmOptions::default().env("SOURCE", "trap-in").env("POISON", "always");
+        let opts = SpawnOptions::new("trap").supervision(supervision);
+        let trap = crate::common::spawn_mode_with(&b, opts, "batch-trap", wasm);
+        let done = wait_until(Duration::from_secs(60), || {
+            let out = out.lock();
+            ["c", "d"].iter().all(|m| out.iter().any(|l| l.ends_with(&format!(" {m}"))))
+                && !letters.lock().is_empty()
+        })
+        .await;
+        assert!(done, "out {:?}, letters {:?}", out.lock(), letters.lock());
+        let out = out.lock().clone();
+        assert_eq!(out[..2], ["r0 n5 a", "r0 n5 b"], "the first receive took the batch: {out:?}");
+        assert!(out[2..].iter().all(|l| l.contains(" n1 ")), "then one at a time: {out:?}");
+        let letters = letters.lock().clone();
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        let letter: serde_json::Value = serde_json::from_str(&letters[0]).unwrap();
+        assert_eq!(letter["payload"], serde_json::json!(b"poison".to_vec()), "{letter}");
+        trap.stop();
+        leave(&b, &cb).await;
+        leave(&a, &ca).await;
+    });
+}
