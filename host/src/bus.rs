@@ -53,6 +53,23 @@ pub struct TopicStats {
     pub blocked_publish_seconds: f64,
     /// Seconds receivers spent waiting for a message.
     pub blocked_recv_seconds: f64,
+    /// A cluster topic's JetStream figures (only with `--nats`; not for node-local topics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterTopicStats>,
+}
+
+/// The JetStream figures of a cluster topic (`cluster` in `/gorchestra/api/topics`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterTopicStats {
+    /// Messages handed to a consumer (on any node) and not yet acknowledged.
+    pub pending_ack: u64,
+    /// Of those, messages delivered more than once.
+    pub redelivered: u64,
+    /// Messages of the topic this node sent to `dead-letter`.
+    pub dead_lettered: u64,
+    /// Messages this node took from the stream in a batch and holds for its next receives.
+    pub prefetched: u64,
 }
 
 impl TopicStats {
@@ -66,6 +83,7 @@ impl TopicStats {
             received: s.recvs,
             blocked_publish_seconds: s.blocked_send_ns as f64 / 1e9,
             blocked_recv_seconds: s.blocked_recv_ns as f64 / 1e9,
+            cluster: None,
         }
     }
 }

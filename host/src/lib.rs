@@ -58,7 +58,7 @@ mod supervisor;
 mod transport;
 mod wasm;
 
-pub use bus::{Bus, BusError, TopicStats};
+pub use bus::{Bus, BusError, ClusterTopicStats, TopicStats};
 pub use channel::{Channel, ChannelStats, RecvError, SendError, Sizer};
 pub use cluster::{
     Cluster, ClusterConfig, ClusterError, ClusterRoutines, ClusterView, NodeInfo, NodeRoutines,

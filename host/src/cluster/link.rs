@@ -175,6 +175,7 @@ struct ClusterLink {
 impl Drop for ClusterLink {
     fn drop(&mut self) {
         for (_, d) in self.stash.get_mut().drain(..) {
+            d.held(false);
             d.handle.nak();
         }
     }
@@ -208,14 +209,19 @@ impl ClusterLink {
             taken.push(first);
             if more {
                 let mut rest = topics::take_more(&self.core, topic, max - 1).await.into_iter();
+                let mut stash = self.stash.lock();
                 for d in rest.by_ref() {
                     if d.delivered_before > 0 {
-                        self.stash.lock().push_back((topic.to_string(), d));
+                        d.held(true);
+                        stash.push_back((topic.to_string(), d));
                         break;
                     }
                     taken.push(d);
                 }
-                self.stash.lock().extend(rest.map(|d| (topic.to_string(), d)));
+                for d in rest {
+                    d.held(true);
+                    stash.push_back((topic.to_string(), d));
+                }
             }
         }
         let mut handles = Vec::with_capacity(taken.len());
@@ -237,7 +243,9 @@ impl ClusterLink {
             if again && !taken.is_empty() {
                 break;
             }
-            taken.push(stash.remove(i).expect("found").1);
+            let d = stash.remove(i).expect("found").1;
+            d.held(false);
+            taken.push(d);
             if again {
                 break;
             }

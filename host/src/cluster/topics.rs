@@ -33,7 +33,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{ClusterCore, MIN_ACK_WAIT, answer_or_grace, closed, token, untoken};
-use crate::bus::{DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY, TopicStats};
+use crate::bus::{ClusterTopicStats, DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY, TopicStats};
 use crate::clock::now_nanos;
 use crate::delivery::Letter;
 use crate::names::validate_topic_name;
@@ -79,6 +79,10 @@ pub(crate) struct Topic {
     /// they have waited so far counts before they end.
     blocked_publish: Mutex<(u64, u64, u64)>,
     blocked_recv_ns: AtomicU64,
+    /// Messages of this topic this node sent to `dead-letter`.
+    dead_lettered: AtomicU64,
+    /// Messages of this topic held in runs' stashes (see `link`).
+    prefetched: AtomicU64,
 }
 
 impl Topic {
@@ -130,6 +134,19 @@ pub(crate) struct RemoteDelivery {
     /// How many times JetStream handed it out before this time.
     pub(crate) delivered_before: u32,
     pub(crate) handle: RemoteMsg,
+}
+
+impl RemoteDelivery {
+    /// Counts the message in (or out of) its topic's `prefetched` figure: a run holds it
+    /// for a later receive.
+    pub(crate) fn held(&self, held: bool) {
+        let n = &self.handle.taken.topic.prefetched;
+        if held {
+            n.fetch_add(1, Relaxed);
+        } else {
+            n.fetch_sub(1, Relaxed);
+        }
+    }
 }
 
 /// The acknowledgement handle of an in-flight cluster message. Dropping it without a
@@ -243,7 +260,10 @@ impl RemoteMsg {
             let _permit = permit;
             // Terminate what reached dead-letter or never can; otherwise redeliver it.
             let kind = match publish_dead_letter(&c, letter).await {
-                DeadLettered::Stored | DeadLettered::Dropped => AckKind::Term,
+                DeadLettered::Stored | DeadLettered::Dropped => {
+                    taken.topic.dead_lettered.fetch_add(1, Relaxed);
+                    AckKind::Term
+                }
                 DeadLettered::NotNow => AckKind::Nak(None),
             };
             confirm(&c, &acker, kind, &taken).await;
@@ -412,6 +432,8 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
         max_message_size: stream.cached_info().config.max_message_size,
         blocked_publish: Mutex::default(),
         blocked_recv_ns: AtomicU64::new(0),
+        dead_lettered: AtomicU64::new(0),
+        prefetched: AtomicU64::new(0),
     });
     Ok(core.topics.handles.lock().entry(name.to_string()).or_insert(t).clone())
 }
@@ -863,6 +885,23 @@ async fn refresh_stats(core: &ClusterCore) {
             local.as_ref().map(|t| f(t).load(Relaxed) as f64 / 1e9).unwrap_or(0.0)
         };
         let s = &info.state;
+        // The consumer's figures: one more request per topic.
+        let consumer = if info.state.consumer_count > 0 {
+            core.js
+                .get_consumer_from_stream::<pull::Config, _, _>(CONSUMER, &info.config.name)
+                .await
+                .ok()
+        } else {
+            None
+        };
+        let counted =
+            |f: fn(&Topic) -> &AtomicU64| local.as_ref().map(|t| f(t).load(Relaxed)).unwrap_or(0);
+        let cluster = ClusterTopicStats {
+            pending_ack: consumer.as_ref().map_or(0, |c| c.cached_info().num_ack_pending as u64),
+            redelivered: consumer.as_ref().map_or(0, |c| c.cached_info().num_redelivered as u64),
+            dead_lettered: counted(|t| &t.dead_lettered),
+            prefetched: counted(|t| &t.prefetched),
+        };
         out.push(TopicStats {
             len: s.messages as usize,
             cap: info.config.max_messages.max(0) as usize,
@@ -874,6 +913,7 @@ async fn refresh_stats(core: &ClusterCore) {
                 .map(|t| t.blocked_publish_ns() as f64 / 1e9)
                 .unwrap_or(0.0),
             blocked_recv_seconds: ns(|t| &t.blocked_recv_ns),
+            cluster: Some(cluster),
             name,
         });
     }

@@ -47,6 +47,10 @@ enum Series {
     TopicReceived,
     TopicBlockedPublish,
     TopicBlockedRecv,
+    TopicPendingAck,
+    TopicRedelivered,
+    TopicDeadLettered,
+    TopicPrefetched,
     DeadLetters,
     Upgrades,
     PluginRoutines,
@@ -74,7 +78,7 @@ struct Spec {
 }
 
 impl Series {
-    const ALL: [Series; 36] = [
+    const ALL: [Series; 40] = [
         Series::Routines,
         Series::RoutineInfo,
         Series::RoutineUp,
@@ -95,6 +99,10 @@ impl Series {
         Series::TopicReceived,
         Series::TopicBlockedPublish,
         Series::TopicBlockedRecv,
+        Series::TopicPendingAck,
+        Series::TopicRedelivered,
+        Series::TopicDeadLettered,
+        Series::TopicPrefetched,
         Series::DeadLetters,
         Series::Upgrades,
         Series::PluginRoutines,
@@ -200,6 +208,30 @@ impl Series {
                 "Time receivers waited for a message.",
                 TOPIC,
                 true,
+            ),
+            Series::TopicPendingAck => (
+                "gorch_topic_pending_ack",
+                "Cluster topic messages handed to a consumer and not yet acknowledged (only with --nats).",
+                TOPIC,
+                false,
+            ),
+            Series::TopicRedelivered => (
+                "gorch_topic_redelivered",
+                "Of the pending ones, cluster topic messages delivered more than once (only with --nats).",
+                TOPIC,
+                false,
+            ),
+            Series::TopicDeadLettered => (
+                "gorch_topic_dead_lettered_total",
+                "Cluster topic messages this node sent to dead-letter (only with --nats).",
+                TOPIC,
+                true,
+            ),
+            Series::TopicPrefetched => (
+                "gorch_topic_prefetched",
+                "Cluster topic messages this node took in a batch and holds for its next receives (only with --nats).",
+                TOPIC,
+                false,
             ),
             Series::DeadLetters => (
                 "gorch_dead_letters_total",
@@ -444,6 +476,12 @@ fn visit(orch: &Orchestrator, routine_limit: usize, mut sink: impl FnMut(Series,
         f(Series::TopicReceived, &[topic], t.received as f64);
         f(Series::TopicBlockedPublish, &[topic], t.blocked_publish_seconds);
         f(Series::TopicBlockedRecv, &[topic], t.blocked_recv_seconds);
+        if let Some(c) = &t.cluster {
+            f(Series::TopicPendingAck, &[topic], c.pending_ack as f64);
+            f(Series::TopicRedelivered, &[topic], c.redelivered as f64);
+            f(Series::TopicDeadLettered, &[topic], c.dead_lettered as f64);
+            f(Series::TopicPrefetched, &[topic], c.prefetched as f64);
+        }
     }
     let transport = orch.transport();
     if let Some(nodes) = transport.nodes() {

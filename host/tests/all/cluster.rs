@@ -559,6 +559,22 @@ fn cluster_batches_flow_and_a_poison_in_one_is_found_alone() {
         assert_eq!(letters.len(), 1, "{letters:?}");
         let letter: serde_json::Value = serde_json::from_str(&letters[0]).unwrap();
         assert_eq!(letter["payload"], serde_json::json!(b"poison".to_vec()), "{letter}");
+        // The topic's figures: b dead-lettered one message of it.
+        let figures = wait_until(Duration::from_secs(30), || {
+            b.topics().iter().any(|t| {
+                t.name == "trap-in" && t.cluster.as_ref().is_some_and(|c| c.dead_lettered == 1)
+            })
+        })
+        .await;
+        assert!(figures, "{:?}", b.topics());
+        let state = gorch_host::obs::ObsState::new(&b, None);
+        let app = gorch_host::obs::router(state, &gorch_host::ObsConfig::default());
+        let (_, metrics) = get(&app, "/metrics", None).await;
+        assert!(
+            metrics.contains("gorch_topic_dead_lettered_total{topic=\"trap-in\"} 1"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("gorch_topic_pending_ack{topic=\"trap-in\"}"), "{metrics}");
         trap.stop();
         leave(&b, &cb).await;
         leave(&a, &ca).await;
