@@ -14,8 +14,10 @@ use anyhow::{Context, bail};
 use crate::names::validate_routine_name;
 use crate::wasm::DEFAULT_MEMORY_LIMIT;
 
-/// Where a Rust project gets `gorch-guest-sdk` from by default (the workspace repository).
-pub const SDK_GIT: &str = "https://example.invalid/gorch-host";
+/// The directory of a Rust project that holds its copy of `gorch-guest-sdk`.
+pub const SDK_DIR: &str = "gorch-guest-sdk";
+/// The wit-bindgen version the SDK is built with (the workspace's).
+const WIT_BINDGEN: &str = "0.60";
 
 /// `gorch-host new NAME [--lang rust|python|js] [--dir D]`.
 #[derive(Debug, clap::Args)]
@@ -29,8 +31,8 @@ pub struct NewCmd {
     /// Directory to create the project in (as DIR/NAME; it must not exist yet).
     #[arg(long, value_name = "DIR", default_value = ".")]
     pub dir: PathBuf,
-    /// Rust only: depend on the gorch-guest-sdk crate at this path instead of the git
-    /// repository (a clone's `guest-sdk` directory; offline builds).
+    /// Rust only: depend on the gorch-guest-sdk crate at this path (a clone's `guest-sdk`
+    /// directory) instead of the copy written into the project.
     #[arg(long, env = "GORCH_SDK_PATH", value_name = "PATH")]
     pub sdk_path: Option<PathBuf>,
 }
@@ -54,6 +56,9 @@ const GITIGNORE: &str = include_str!("templates/gitignore");
 const RUST_CARGO: &str = include_str!("templates/rust/Cargo.toml");
 const RUST_LIB: &str = include_str!("templates/rust/lib.rs");
 const RUST_BUILD: &str = include_str!("templates/rust/build.sh");
+const SDK_CARGO: &str = include_str!("templates/rust/sdk-Cargo.toml");
+const SDK_LIB: &str = include_str!("../../../guest-sdk/src/lib.rs");
+const SDK_README: &str = include_str!("../../../guest-sdk/README.md");
 
 const PY_APP: &str = include_str!("templates/python/app.py");
 const PY_BUILD: &str = include_str!("templates/python/build.sh");
@@ -104,7 +109,7 @@ impl NewCmd {
                     .with_context(|| format!("--sdk-path {}", p.display()))?;
                 format!("gorch-guest-sdk = {{ path = {} }}", toml_string(&p.to_string_lossy()))
             }
-            None => format!("gorch-guest-sdk = {{ git = {} }}", toml_string(SDK_GIT)),
+            None => format!("gorch-guest-sdk = {{ path = {} }}", toml_string(SDK_DIR)),
         };
         let fill = |t: &str| {
             t.replace("{{name}}", name)
@@ -121,12 +126,26 @@ impl NewCmd {
                 files.push(("Cargo.toml".into(), fill(RUST_CARGO), false));
                 files.push(("src/lib.rs".into(), fill(RUST_LIB), false));
                 files.push(("build.sh".into(), fill(RUST_BUILD), true));
+                if self.sdk_path.is_none() {
+                    let cargo = SDK_CARGO
+                        .replace("{{version}}", env!("CARGO_PKG_VERSION"))
+                        .replace("{{wit_bindgen}}", WIT_BINDGEN);
+                    files.push((format!("{SDK_DIR}/Cargo.toml"), cargo, false));
+                    files.push((format!("{SDK_DIR}/src/lib.rs"), SDK_LIB.to_string(), false));
+                    files.push((format!("{SDK_DIR}/wit/worker.wit"), WIT.to_string(), false));
+                    files.push((format!("{SDK_DIR}/README.md"), SDK_README.to_string(), false));
+                }
                 (
                     "src/lib.rs",
                     "`cargo build --release --target wasm32-wasip2`, then a copy (cargo names \
                      the file after the crate, with `-` as `_`)",
                     "\n`build.sh` needs rustup's `wasm32-wasip2` target once: `rustup target add\n\
-                     wasm32-wasip2`. The SDK's API: `cargo doc --open` (`gorch_guest_sdk`).\n",
+                     wasm32-wasip2` (it adds it when rustup is there). The SDK's API: `cargo doc\n\
+                     --open` (`gorch_guest_sdk`). `gorch-guest-sdk/` is the SDK this gorch-host\n\
+                     carries, WIT included, so the project builds wherever it is; to follow\n\
+                     another copy, point the `gorch-guest-sdk` dependency in `Cargo.toml` at it\n\
+                     (`path = \"...\"` or `git = \"...\"`) and delete the directory\n\
+                     (`gorch-host new --sdk-path DIR` writes such a path).\n",
                 )
             }
             Lang::Python => {

@@ -1,8 +1,8 @@
 //! `gorch-host new`: the real binary writes each language's project, the project's own
-//! `build.sh` builds it (Rust: against this repository's `guest-sdk` through
-//! `--sdk-path`, offline; Python and JavaScript: with the tools the example build scripts
-//! installed), and the host runs `plugins/NAME.wasm` with `plugins/NAME.toml` until the
-//! worker has beaten, logged and published.
+//! `build.sh` builds it (Rust: against the SDK copy written into the project, with no flag;
+//! Python and JavaScript: with the tools the example build scripts installed), and the host
+//! runs `plugins/NAME.wasm` with `plugins/NAME.toml` until the worker has beaten, logged and
+//! published.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -93,11 +93,18 @@ fn run_project(dir: &Path, name: &str) {
 }
 
 #[test]
-fn a_new_rust_project_builds_offline_against_the_sdk_and_runs() {
-    let sdk = repo_root().join("guest-sdk");
-    let (_tmp, dir) = generate("job-producer", "rust", &["--sdk-path", sdk.to_str().unwrap()]);
+fn a_new_rust_project_builds_with_no_flag_and_runs() {
+    let (_tmp, dir) = generate("job-producer", "rust", &[]);
     let cargo_toml = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
-    assert!(cargo_toml.contains("gorch-guest-sdk = { path = "), "{cargo_toml}");
+    assert!(
+        cargo_toml.contains("gorch-guest-sdk = { path = \"gorch-guest-sdk\" }"),
+        "{cargo_toml}"
+    );
+    // The copy is the repository's SDK, WIT included.
+    let copy = std::fs::read_to_string(dir.join("gorch-guest-sdk/src/lib.rs")).unwrap();
+    let sdk = std::fs::read_to_string(repo_root().join("guest-sdk/src/lib.rs")).unwrap();
+    assert_eq!(copy, sdk);
+    assert!(dir.join("gorch-guest-sdk/wit/worker.wit").is_file());
     // A target directory kept between runs: the SDK and its dependencies build once.
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("new-project-target");
     build(&dir, &[("CARGO_TARGET_DIR", &target)], &["--offline"]);
@@ -122,10 +129,14 @@ fn a_new_javascript_project_builds_and_runs() {
 }
 
 #[test]
-fn the_default_dependency_is_the_git_repository() {
+fn sdk_path_points_the_dependency_elsewhere_and_the_readme_says_how() {
+    let sdk = repo_root().join("guest-sdk");
+    let (_tmp, other) = generate("other", "rust", &["--sdk-path", sdk.to_str().unwrap()]);
+    let cargo_toml = std::fs::read_to_string(other.join("Cargo.toml")).unwrap();
+    let expected = format!("gorch-guest-sdk = {{ path = {:?} }}", sdk.to_str().unwrap());
+    assert!(cargo_toml.contains(&expected), "{cargo_toml}");
+    assert!(!other.join("gorch-guest-sdk").exists(), "no copy with --sdk-path");
     let (_tmp, dir) = generate("hello", "rust", &[]);
-    let cargo_toml = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
-    assert!(cargo_toml.contains("gorch-guest-sdk = { git = \"https://"), "{cargo_toml}");
     let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
     for cmd in ["./build.sh", "gorch-host check plugins/hello.wasm", "gorch-host run plugins/"] {
         assert!(readme.contains(cmd), "README lacks {cmd:?}:\n{readme}");
