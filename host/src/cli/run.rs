@@ -37,6 +37,10 @@ pub struct RunCmd {
     /// Require `Authorization: Bearer TOKEN` on every route but /healthz.
     #[arg(long, env = "GORCH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A host name the server answers to besides loopback names and its address (repeat
+    /// for several; requests naming any other host get 421, against DNS rebinding).
+    #[arg(long, value_name = "NAME")]
+    pub allowed_host: Vec<String>,
     /// Watch DIR and apply each change live (new, changed and removed plugins; see
     /// `gorch-host reload`). SIGHUP applies the directory on request, with or without it.
     #[arg(long)]
@@ -235,6 +239,7 @@ impl RunCmd {
             pprof: self.pprof,
             token: self.token.clone(),
             metrics_routine_limit: self.metrics_routine_limit,
+            allowed_hosts: self.allowed_host.clone(),
         };
         let server = ObsServer::start(orch, &config)
             .with_context(|| format!("cannot listen on {}", self.addr))?;

@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::orchestrator::Orchestrator;
 
 mod control;
+mod guard;
 mod metrics;
 mod process;
 mod profile;
@@ -59,6 +60,9 @@ pub struct ObsConfig {
     /// Up to this many live routines `/metrics` has per-routine series; beyond, per-plugin
     /// series only (default [`metrics::DEFAULT_ROUTINE_LIMIT`]).
     pub metrics_routine_limit: usize,
+    /// Host names the server answers to besides loopback ones and its address
+    /// (`--allowed-host`; see the README, "Observability": what a web page may do).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for ObsConfig {
@@ -69,6 +73,7 @@ impl Default for ObsConfig {
             pprof: false,
             token: None,
             metrics_routine_limit: metrics::DEFAULT_ROUTINE_LIMIT,
+            allowed_hosts: Vec::new(),
         }
     }
 }

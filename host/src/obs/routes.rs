@@ -49,10 +49,13 @@ pub fn router(state: ObsState, config: &ObsConfig) -> Router {
     let open = config.addr.ip().is_loopback() || state.token.is_some();
     r = r.merge(super::control::routes(state.clone(), open));
     // Routes added after the auth layer are not behind it.
+    let guard = super::guard::Guard::new(config.addr, &config.allowed_hosts);
     r.layer(middleware::from_fn_with_state(state.clone(), auth))
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+        // Outermost: every route, before the token (a page must not learn which it needs).
+        .layer(middleware::from_fn_with_state(guard, super::guard::check))
 }
 
 async fn auth(AxState(s): AxState<ObsState>, req: Request, next: Next) -> Response {

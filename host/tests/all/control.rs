@@ -219,3 +219,61 @@ fn messages_are_refused_while_ingress_is_held() {
         shutdown(&orch).await;
     })
 }
+
+/// Issue 25, finding 1: a web page in a browser on this machine could steer the host: a
+/// cross-origin `text/plain` POST reached a mailbox and stopped a routine, and a foreign
+/// `Host` (DNS rebinding) was served. Through the real binary: refused now, while the CLI
+/// and same-origin requests with a non-simple content type work.
+#[test]
+fn web_pages_cannot_steer_the_host() {
+    use crate::common::host::{BIN, http_request, port_of, read_until, run_host};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(gorch_artifacts::path("testkit"), dir.path().join("inbox.wasm")).unwrap();
+    std::fs::write(dir.path().join("inbox.toml"), "[wasi]\nenv = { MODE = \"echo\" }\n").unwrap();
+    let (mut host, rx) = run_host(dir.path(), &["--allowed-host", "box.lan"]);
+    let log = read_until(&mut host, &rx, "metrics: http://");
+    let port = port_of(&log);
+    let taken = || -> u64 {
+        let (_, body) = http_request(&port, "GET", "/gorchestra/api/routines", &[], "");
+        let snaps: Vec<gorch_host::Snapshot> = serde_json::from_str(&body).unwrap();
+        snaps.iter().map(|s| s.messages_in).sum()
+    };
+    let evil = [("Origin", "http://evil.example"), ("Content-Type", "text/plain")];
+    let (status, body) =
+        http_request(&port, "POST", "/gorchestra/api/routines/inbox/mailbox", &evil, "x");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("evil.example"), "{body}");
+    let (status, _) = http_request(&port, "POST", "/gorchestra/api/routines/inbox/stop", &evil, "");
+    assert_eq!(status, 403);
+    // DNS rebinding: a page of attacker.example whose name now points at 127.0.0.1.
+    for path in ["/metrics", "/healthz", "/gorchestra/api/routines"] {
+        let rebound = [("Host", "attacker.example:9090")];
+        let (status, body) = http_request(&port, "GET", path, &rebound, "");
+        assert_eq!(status, 421, "{path}: {body}");
+    }
+    // Same origin, but a content type any page can send without a preflight.
+    let own = format!("http://127.0.0.1:{port}");
+    let simple = [("Origin", own.as_str()), ("Content-Type", "text/plain")];
+    let (status, body) =
+        http_request(&port, "POST", "/gorchestra/api/routines/inbox/mailbox", &simple, "x");
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(taken(), 0, "a refused request reached the routine");
+    // What is allowed: the marker header, a configured name, and the CLI.
+    let marked =
+        [("Origin", own.as_str()), ("Content-Type", "text/plain"), ("X-Gorch-Request", "1")];
+    let (status, body) =
+        http_request(&port, "POST", "/gorchestra/api/routines/inbox/mailbox", &marked, "a");
+    assert_eq!(status, 202, "{body}");
+    let named = [("Host", "box.lan:9090")];
+    assert_eq!(http_request(&port, "GET", "/healthz", &named, "").0, 200);
+    let addr = format!("127.0.0.1:{port}");
+    let out = std::process::Command::new(BIN)
+        .args(["send", "inbox", "b", "--addr", &addr])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(wait_until_blocking(Duration::from_secs(30), || taken() == 2));
+    let pid = host.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    assert!(host.wait().unwrap().success());
+}
