@@ -166,9 +166,9 @@ struct ClusterLink {
     /// A cluster-unique routine's name: its receives are fenced by this node's lease and
     /// wait for its claim.
     unique: Option<String>,
-    /// Messages a batch receive took but did not hand out (they follow one that was
-    /// delivered before, which goes alone): the next receives of their topic take them
-    /// first. Handed back when the run ends.
+    /// Messages delivered before that a batch receive took (a message delivered before goes
+    /// alone): the next receives of their topic take them first, one each. Handed back
+    /// when the run ends.
     stash: Mutex<VecDeque<(String, RemoteDelivery)>>,
 }
 
@@ -208,19 +208,17 @@ impl ClusterLink {
             let more = max > 1 && first.delivered_before == 0;
             taken.push(first);
             if more {
-                let mut rest = topics::take_more(&self.core, topic, max - 1).await.into_iter();
+                // Those delivered before wait in the stash for receives of their own; the
+                // others come in this batch.
+                let rest = topics::take_more(&self.core, topic, max - 1).await;
                 let mut stash = self.stash.lock();
-                for d in rest.by_ref() {
+                for d in rest {
                     if d.delivered_before > 0 {
                         d.held(true);
                         stash.push_back((topic.to_string(), d));
-                        break;
+                    } else {
+                        taken.push(d);
                     }
-                    taken.push(d);
-                }
-                for d in rest {
-                    d.held(true);
-                    stash.push_back((topic.to_string(), d));
                 }
             }
         }

@@ -223,26 +223,35 @@ impl RemoteMsg {
         let core = last.core.clone();
         let c = core.clone();
         core.spawn(async move {
-            let epoch = c.epoch();
-            let mut sent = true;
-            for m in &msgs {
-                sent &= m.acker.ack_with(AckKind::Ack).await.is_ok();
+            // Only on the connection the batch was taken on (a verdict names its message by
+            // stream sequence: after a reconnect the stream may be another one).
+            let epoch = last.taken.epoch;
+            let mut sent = c.connected() && c.epoch() == epoch;
+            if sent {
+                for m in &msgs {
+                    sent &= m.acker.ack_with(AckKind::Ack).await.is_ok();
+                }
             }
             let RemoteMsg { acker, permit, taken, _progress, .. } = last;
             let confirmed = sent
                 && c.epoch() == epoch
-                && taken.still_there(&c).await == Ok(true)
-                && acker.double_ack_with(AckKind::Ack).await.is_ok();
+                && acker.double_ack_with(AckKind::Ack).await.is_ok()
+                // Not reconnected meanwhile (acks in the old connection's buffer are lost).
+                && c.epoch() == epoch;
             drop((permit, _progress));
             if confirmed {
                 return;
             }
             confirm(&c, &acker, AckKind::Ack, &taken).await;
-            for m in msgs {
-                let RemoteMsg { acker, permit, taken, _progress, .. } = m;
-                confirm(&c, &acker, AckKind::Ack, &taken).await;
-                drop((permit, _progress));
-            }
+            let each = msgs.into_iter().map(|m| {
+                let c = c.clone();
+                async move {
+                    let RemoteMsg { acker, permit, taken, _progress, .. } = m;
+                    confirm(&c, &acker, AckKind::Ack, &taken).await;
+                    drop((permit, _progress));
+                }
+            });
+            futures::future::join_all(each).await;
         });
     }
     /// Not processed: redelivered now, to any node.
@@ -384,6 +393,15 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
         ..Default::default()
     };
     let stream = core.js.get_or_create_stream(config).await.map_err(closed)?;
+    let replicas = stream.cached_info().config.num_replicas;
+    if replicas < core.replicas {
+        tracing::warn!(
+            topic = name,
+            "the topic's stream keeps {replicas} replica(s), fewer than [cluster] replicas = {} \
+             (it was created before; `nats stream edit` can raise it)",
+            core.replicas
+        );
+    }
     let consumer_config = pull::Config {
         durable_name: Some(CONSUMER.into()),
         ack_policy: AckPolicy::Explicit,
@@ -817,22 +835,22 @@ pub(crate) async fn take_more(
     max: usize,
 ) -> Vec<RemoteDelivery> {
     let Ok(t) = topic(core, name).await else { return Vec::new() };
+    // Room first, without waiting: as many as there are permits for.
+    let mut permits: Vec<OwnedSemaphorePermit> =
+        std::iter::from_fn(|| core.in_flight.clone().try_acquire_owned().ok()).take(max).collect();
+    if permits.is_empty() {
+        return Vec::new();
+    }
     let mut got = Vec::new();
-    if let Ok(mut batch) = t.consumer.fetch().max_messages(max).messages().await {
+    if let Ok(mut batch) = t.consumer.fetch().max_messages(permits.len()).messages().await {
         while let Some(Ok(m)) = batch.next().await {
             got.push(m);
         }
     }
+    permits.truncate(got.len());
     let mut taken = Vec::with_capacity(got.len());
     let mut payloads = Vec::with_capacity(got.len());
-    for m in got {
-        let permit = match core.in_flight.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => match core.in_flight.clone().acquire_owned().await {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
+    for (m, permit) in got.into_iter().zip(permits) {
         let delivered = m.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
         let (m, acker) = m.split();
         payloads.push((m.payload.to_vec(), delivered - 1));

@@ -46,7 +46,7 @@ impl Guard {
         if name == "localhost" || name.ends_with(".localhost") {
             return true;
         }
-        if self.allowed.iter().any(|a| *a == name) {
+        if self.allowed.contains(&name) {
             return true;
         }
         let ip = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok();

@@ -122,7 +122,8 @@ impl RoutineContext {
     }
 
     /// Up to `max` messages from `topic`, like [`recv_batch`](Self::recv_batch). A topic
-    /// shared by several nodes (`--nats`) hands out one message per call.
+    /// shared by several nodes (`--nats`) hands out what its stream holds; a message
+    /// delivered before comes alone.
     pub async fn bus_recv_batch(
         &self,
         topic: &str,
@@ -135,7 +136,9 @@ impl RoutineContext {
 
     /// Publishes each payload on `topic` in order, waiting while it is full. Nothing is
     /// published if one payload is over the size limit; after another error, the payloads
-    /// before the failing one were published.
+    /// before the failing one were published. On a cluster topic a window of payloads goes
+    /// out before their acknowledgements: one the full topic refused is stored after those
+    /// behind it, and after an error some of those behind the failing one may be stored.
     pub async fn publish_batch(
         &self,
         topic: &str,
