@@ -454,7 +454,8 @@ pub mod bus {
     }
 
     /// Waits for the next message on `topic`, then takes up to `max` in all of what is
-    /// queued there (never empty; a cluster topic gives one at a time). Acknowledged like
+    /// queued there (never empty; on a cluster topic a message delivered before comes
+    /// alone). Acknowledged like
     /// [`mailbox::recv_batch`](crate::mailbox::recv_batch): redelivered whole after a crash,
     /// one message at a time.
     pub fn recv_batch(topic: &str, max: u32) -> Result<Vec<Vec<u8>>> {

@@ -6,9 +6,12 @@
 //!   else goes to the node the registry names, through [`rpc`](super::rpc).
 //! - Topics are JetStream streams ([`topics`](super::topics)): every publish and receive goes
 //!   through them (no same-node shortcut: a message handed over in memory would be lost with
-//!   this host). A received message's origin maps the settle operations of
+//!   this host), except the node-local topics (`[cluster] local-topics`), which stay on the
+//!   in-memory bus. A receive's origin maps the settle operations of
 //!   [`delivery`](crate::delivery) onto JetStream: ack, nak (redelivered to any node), and a
-//!   dead letter published before the message is terminated.
+//!   dead letter published before the message is terminated. A batch receive takes what the
+//!   stream holds in one request; messages delivered before wait in the run's stash and go
+//!   out alone.
 
 use std::any::Any;
 use std::collections::VecDeque;

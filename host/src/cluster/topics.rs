@@ -16,7 +16,8 @@
 //! joined, and a sequence: a node restarted within the window never reuses an id.
 //!
 //! There is no same-node shortcut: a message handed to a local consumer without going
-//! through the stream would be lost with this host.
+//! through the stream would be lost with this host (a topic that may be lost with it is
+//! declared node-local instead, and never reaches this module).
 
 use std::collections::HashMap;
 use std::sync::Arc;
