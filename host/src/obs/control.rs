@@ -148,6 +148,13 @@ async fn publish(
     req: Request,
 ) -> Result<Response, ApiError> {
     held(&s)?;
+    if topic == crate::delivery::DEAD_LETTER_TOPIC {
+        // Only the host writes there: a forged letter could push real ones out.
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            format!("{topic:?} is reserved for the host's dead letters"),
+        ));
+    }
     if let Err(reason) = validate_topic_name(&topic) {
         return Err(error(
             StatusCode::BAD_REQUEST,

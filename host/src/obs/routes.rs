@@ -64,7 +64,10 @@ async fn auth(AxState(s): AxState<ObsState>, req: Request, next: Next) -> Respon
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.trim().split_once(' '))
+            // The scheme is case-insensitive (RFC 9110).
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim());
         // A browser cannot send a header when it opens a page: the dashboard page itself
         // also accepts `?token=T` (its script then sends the header on every API call).
         let query_token = (req.uri().path() == "/gorchestra")
@@ -82,8 +85,12 @@ async fn auth(AxState(s): AxState<ObsState>, req: Request, next: Next) -> Respon
     next.run(req).await
 }
 
+/// Compares the SHA-256 digests of `a` and `b` in constant time: neither the length nor
+/// the first differing byte of the token shows in the time taken.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::Digest;
+    let (a, b) = (sha2::Sha256::digest(a), sha2::Sha256::digest(b));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn metrics(AxState(s): AxState<ObsState>) -> impl IntoResponse {

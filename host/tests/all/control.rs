@@ -60,6 +60,10 @@ fn publish_puts_the_body_on_the_topic_within_the_limits() {
         );
         let long = format!("/gorchestra/api/topics/{}", "t".repeat(300));
         assert_eq!(post(&app, &long, "x").await.0, StatusCode::BAD_REQUEST);
+        // Issue 25, finding 7: dead letters cannot be forged (nor pushed out by forgeries).
+        let (status, body) = post(&app, "/gorchestra/api/topics/dead-letter", "{}").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert!(body.contains("reserved"), "{body}");
         assert_eq!(orch.topics().len(), 1, "no topic was created by bad input");
         // A wrong method.
         let (status, _, _) = call(&app, Method::GET, "/gorchestra/api/topics/jobs", "").await;

@@ -256,6 +256,21 @@ fn the_token_guards_every_route_but_healthz() {
             assert_ne!(get(&app, path, Some("s3cret")).await.0, StatusCode::UNAUTHORIZED, "{path}");
         }
         assert_eq!(get(&app, "/healthz", None).await.0, StatusCode::OK);
+        // Issue 25, finding 8: the scheme is case-insensitive; a prefix of the token is not it.
+        for (header, status) in [
+            ("bearer s3cret", StatusCode::OK),
+            ("BEARER  s3cret", StatusCode::OK),
+            ("Bearer s3cre", StatusCode::UNAUTHORIZED),
+            ("Bearer s3crett", StatusCode::UNAUTHORIZED),
+            ("Basic s3cret", StatusCode::UNAUTHORIZED),
+        ] {
+            let req = axum::http::Request::get("/metrics")
+                .header(axum::http::header::AUTHORIZATION, header)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let resp = tower::ServiceExt::oneshot(app.clone(), req).await.unwrap();
+            assert_eq!(resp.status(), status, "{header}");
+        }
         assert_eq!(get(&app, "/gorchestra?token=s3cret", None).await.0, StatusCode::OK);
         assert_eq!(
             get(&app, "/gorchestra/api/routines?token=s3cret", None).await.0,
