@@ -193,6 +193,12 @@ impl RoutineContext {
         let start = timeout.map(|_| tokio::time::Instant::now());
         loop {
             let mut buf = in_flight.ack();
+            if self.run.cancel.is_cancelled() {
+                // Asked to stop (or being upgraded): nothing more leaves the queue in this
+                // run, whatever is queued.
+                in_flight.unused(buf);
+                return Err(CallError::Cancelled);
+            }
             let r = self.link.recv(queue, max, left, &self.run.cancel, &mut buf).await;
             let origin = match r {
                 Ok(Some(origin)) => origin,

@@ -406,3 +406,39 @@ fn a_batch_with_one_payload_too_large_publishes_nothing() {
         shutdown(&orch).await;
     })
 }
+
+/// Issue 25, finding 10: a routine asked to stop that ignores it and receives again was
+/// still handed queued messages during its grace period. Now every receive answers
+/// `cancelled` at once, and the queue keeps its messages for the next run.
+#[test]
+fn a_routine_asked_to_stop_takes_nothing_more() {
+    run(async {
+        let orch = Orchestrator::new();
+        let after_stop = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let seen = after_stop.clone();
+        let h = orch
+            .spawn(SpawnOptions::new("stubborn"), move |ctx| {
+                let seen = seen.clone();
+                async move {
+                    ctx.recv(None).await?;
+                    ctx.cancelled().await;
+                    // Ignores the request and asks for more, as a careless guest would.
+                    for _ in 0..3 {
+                        let r = ctx.recv(Some(Duration::from_millis(10))).await;
+                        seen.lock().push(r.map(|m| m.map(|_| ())));
+                    }
+                    Ok::<(), CallError>(())
+                }
+            })
+            .unwrap();
+        for i in 0..7 {
+            h.mailbox().send(Message::new(format!("m{i}").into_bytes())).await.unwrap();
+        }
+        assert!(wait_until(Duration::from_secs(10), || h.mailbox().len() == 6).await);
+        h.stop();
+        assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Stopped);
+        assert_eq!(*after_stop.lock(), vec![Err(CallError::Cancelled); 3]);
+        assert_eq!(h.mailbox().len(), 6, "queued messages left the queue after the stop");
+        shutdown(&orch).await;
+    })
+}
