@@ -286,5 +286,7 @@ fn watch_sighup_and_reload_upgrade_a_running_host() {
 
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    assert!(child.wait().unwrap().success());
+    let exit = child.wait().unwrap();
+    let rest = rx.iter().collect::<Vec<_>>().join("\n");
+    assert!(exit.success(), "exit {exit:?}; the log after the last upgrade:\n{rest}");
 }
