@@ -22,6 +22,19 @@ pub struct CheckCmd {
     pub engine: EngineArgs,
 }
 
+/// The `build.sh` of a project made by `gorch-host new` that builds `file` (as
+/// `plugins/NAME.wasm`), if there is one.
+fn build_script_for(file: &std::path::Path) -> Option<std::path::PathBuf> {
+    let plugins = file.parent()?;
+    if plugins.file_name()? != "plugins" {
+        return None;
+    }
+    let project = plugins.parent()?;
+    let project = if project.as_os_str().is_empty() { std::path::Path::new(".") } else { project };
+    let script = project.join("build.sh");
+    script.is_file().then_some(script)
+}
+
 impl CheckCmd {
     /// Validates each file; fails if any is bad.
     pub fn run(self) -> anyhow::Result<()> {
@@ -64,6 +77,15 @@ impl CheckCmd {
                 Err(e) => {
                     bad += 1;
                     writeln!(out, "error: {e}")?;
+                    if !f.exists()
+                        && let Some(build) = build_script_for(f)
+                    {
+                        writeln!(
+                            out,
+                            "  the component is not built yet: run {} first",
+                            build.display()
+                        )?;
+                    }
                 }
             }
         }

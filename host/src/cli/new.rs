@@ -78,6 +78,17 @@ const JS_LOCK: &str = include_str!("../../../examples/guests-js/package-lock.jso
 /// The example's package name, replaced by the project's in package.json and its lock.
 const JS_EXAMPLE_NAME: &str = "\"name\": \"gorch-guests-js\"";
 
+/// The Python project's requirements: the example's pins, with the project's own comment
+/// (the example's names the repository's build script).
+fn py_requirements() -> String {
+    let pins: String = PY_REQUIREMENTS
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    format!("# The build tool (build.sh installs it into .venv here).\n{pins}")
+}
+
 /// The default `limits.memory` as the manifest writes it ("64MiB"): the Python and
 /// JavaScript interpreters fit in it too.
 fn default_memory() -> String {
@@ -151,7 +162,7 @@ impl NewCmd {
             Lang::Python => {
                 files.push(("app.py".into(), fill(PY_APP), false));
                 files.push(("build.sh".into(), fill(PY_BUILD), true));
-                files.push(("requirements.txt".into(), PY_REQUIREMENTS.to_string(), false));
+                files.push(("requirements.txt".into(), py_requirements(), false));
                 files.push(("wit/worker.wit".into(), WIT.to_string(), false));
                 for (path, text) in PY_GORCH {
                     files.push(((*path).into(), (*text).to_string(), false));
@@ -286,5 +297,12 @@ mod tests {
         assert_eq!(JS_PACKAGE.matches(JS_EXAMPLE_NAME).count(), 1);
         assert_eq!(JS_LOCK.matches(JS_EXAMPLE_NAME).count(), 2);
         assert_eq!(JS_PACKAGE.matches("../../scripts/build-guests-js.sh").count(), 1);
+    }
+
+    #[test]
+    fn the_python_requirements_keep_the_pins_but_not_the_repository_s_comment() {
+        let r = py_requirements();
+        assert!(r.contains("componentize-py=="), "{r}");
+        assert!(!r.contains("scripts/") && !r.contains("target/"), "{r}");
     }
 }

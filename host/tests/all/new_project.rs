@@ -137,6 +137,15 @@ fn sdk_path_points_the_dependency_elsewhere_and_the_readme_says_how() {
     assert!(cargo_toml.contains(&expected), "{cargo_toml}");
     assert!(!other.join("gorch-guest-sdk").exists(), "no copy with --sdk-path");
     let (_tmp, dir) = generate("hello", "rust", &[]);
+    // Checked before it is built: the check says how to build it.
+    let out = Command::new(BIN)
+        .args(["check", "--no-cache", "plugins/hello.wasm"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(text.contains("not built yet: run ./build.sh first"), "{text}");
     let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
     for cmd in ["./build.sh", "gorch-host check plugins/hello.wasm", "gorch-host run plugins/"] {
         assert!(readme.contains(cmd), "README lacks {cmd:?}:\n{readme}");
