@@ -195,7 +195,7 @@ fn refused(what: &str, e: CallError) -> ApiError {
 
 fn routine(s: &ObsState, name: &str) -> Result<crate::RoutineHandle, ApiError> {
     valid_routine_name(name)?;
-    s.orch().get_by_name(name).ok_or_else(|| no_routine(name))
+    s.orch().get_by_name(name).ok_or_else(|| no_routine(s, name))
 }
 
 fn valid_routine_name(name: &str) -> Result<(), ApiError> {
@@ -203,8 +203,34 @@ fn valid_routine_name(name: &str) -> Result<(), ApiError> {
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid routine name {name:?}: {e}")))
 }
 
-fn no_routine(name: &str) -> ApiError {
-    error(StatusCode::NOT_FOUND, format!("no routine named {name:?}"))
+/// 404, suggesting the live routine whose name is closest to `name` (a typo), as cargo
+/// does for commands.
+fn no_routine(s: &ObsState, name: &str) -> ApiError {
+    let closest = s
+        .orch()
+        .snapshots()
+        .into_iter()
+        .map(|snap| (edit_distance(name, &snap.name), snap.name))
+        .filter(|(d, other)| *d <= (other.chars().count() / 3).max(1))
+        .min();
+    let hint = closest.map(|(_, n)| format!("; did you mean {n:?}?")).unwrap_or_default();
+    error(StatusCode::NOT_FOUND, format!("no routine named {name:?}{hint}"))
+}
+
+/// Levenshtein distance between `a` and `b`, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let up = row[j + 1];
+            row[j + 1] = (up + 1).min(row[j] + 1).min(diag + usize::from(ca != *cb));
+            diag = up;
+        }
+    }
+    row[b.len()]
 }
 
 async fn send(
@@ -218,7 +244,7 @@ async fn send(
     let transport = s.orch().transport();
     if !transport.resolves(&name) {
         valid_routine_name(&name)?;
-        return Err(no_routine(&name));
+        return Err(no_routine(&s, &name));
     }
     let payload = body(&s, req.into_body()).await?;
     held(&s)?;

@@ -111,6 +111,10 @@ fn send_reaches_a_routine_and_restart_and_stop_steer_it() {
         assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
         let err: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(err["error"], "no routine named \"nobody\"");
+        // Issue 26, finding 7: a typo gets the closest name.
+        let (status, body) = post(&app, "/gorchestra/api/routines/wrker%201/stop", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert!(body.contains("did you mean \\\"worker 1\\\"?"), "{body}");
         assert_eq!(
             post(&app, "/gorchestra/api/routines/nobody/restart", "").await.0,
             StatusCode::NOT_FOUND
