@@ -203,7 +203,7 @@ impl ClusterLink {
             }
             Queue::Topic(t) => t,
         };
-        let mut taken = self.stashed(topic, max);
+        let mut taken: Vec<RemoteDelivery> = self.stashed(topic).into_iter().collect();
         if taken.is_empty() {
             let Some(first) = topics::recv(&self.core, topic, timeout, cancel).await? else {
                 return Ok(None);
@@ -233,25 +233,13 @@ impl ClusterLink {
         Ok(Some(Arc::new(RemoteOrigin { topic: topic.to_string(), handles: Mutex::new(handles) })))
     }
 
-    /// Stashed messages of `topic` for a receive of up to `max`: one delivered before
-    /// alone, else those delivered for the first time, in order.
-    fn stashed(&self, topic: &str, max: usize) -> Vec<RemoteDelivery> {
+    /// The first stashed message of `topic` (it was delivered before: it goes alone).
+    fn stashed(&self, topic: &str) -> Option<RemoteDelivery> {
         let mut stash = self.stash.lock();
-        let mut taken = Vec::new();
-        while taken.len() < max {
-            let Some(i) = stash.iter().position(|(t, _)| t == topic) else { break };
-            let again = stash[i].1.delivered_before > 0;
-            if again && !taken.is_empty() {
-                break;
-            }
-            let d = stash.remove(i).expect("found").1;
-            d.held(false);
-            taken.push(d);
-            if again {
-                break;
-            }
-        }
-        taken
+        let i = stash.iter().position(|(t, _)| t == topic)?;
+        let (_, d) = stash.remove(i)?;
+        d.held(false);
+        Some(d)
     }
 }
 

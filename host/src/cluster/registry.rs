@@ -107,6 +107,13 @@ impl Pending {
         }
     }
 
+    /// Queues `event` for `name` unless a later change of the name waits already.
+    fn push_unless_pending(&mut self, name: &str, event: Event) {
+        if !self.latest.contains_key(name) {
+            self.push(name, event);
+        }
+    }
+
     fn pop(&mut self) -> Option<Event> {
         let name = self.order.pop_front()?;
         self.latest.remove(&name)
@@ -665,9 +672,7 @@ impl Registry {
         let mine: Vec<(String, bool)> = self.mine.lock().values().cloned().collect();
         let mut pending = self.pending.lock();
         for (name, unique) in mine {
-            if !pending.latest.contains_key(&name) {
-                pending.push(&name.clone(), Event::Register { name, unique });
-            }
+            pending.push_unless_pending(&name.clone(), Event::Register { name, unique });
         }
         drop(pending);
         self.pending_added.notify_one();
@@ -871,12 +876,7 @@ pub(crate) async fn start(core: &Arc<ClusterCore>) -> Result<(), String> {
             if !q.registry.apply(&q, event.clone()).await {
                 // Not taken (NATS away, a bucket being created again): again, unless the
                 // name changed meanwhile.
-                {
-                    let mut pending = q.registry.pending.lock();
-                    if !pending.latest.contains_key(&name) {
-                        pending.push(&name, event);
-                    }
-                }
+                q.registry.pending.lock().push_unless_pending(&name, event);
                 tokio::select! {
                     _ = q.stop.cancelled() => break,
                     _ = tokio::time::sleep(HEARTBEAT) => {}

@@ -485,12 +485,16 @@ fn forget(core: &ClusterCore, name: &str, t: &Arc<Topic>) {
     let mut handles = core.topics.handles.lock();
     if handles.get(name).is_some_and(|h| Arc::ptr_eq(h, t)) {
         handles.remove(name);
-        tracing::warn!(
-            topic = name,
-            "the topic's stream or consumer is gone from NATS (did nats-server lose its \
-             store?): creating them again"
-        );
+        warn_gone(name);
     }
+}
+
+fn warn_gone(topic: &str) {
+    tracing::warn!(
+        topic,
+        "the topic's stream or consumer is gone from NATS (did nats-server lose its store?): \
+         creating them again"
+    );
 }
 
 /// The limit a payload of `len` bytes is over, if the topic's stream takes smaller messages
@@ -576,8 +580,10 @@ pub(crate) async fn publish_many(
         // The first not stored, and those after it, one by one (the stored ones among them
         // are dropped by JetStream as duplicates).
         for (payload, id) in window.iter().zip(&ids).skip(stored) {
-            let fresh = topic(core, name).await.unwrap_or_else(|_| t.clone());
-            if let Err(e) = publish_with_id(core, name, fresh, payload.clone(), id, cancel).await {
+            // `publish_with_id` takes a re-created stream's handle when it must wait.
+            if let Err(e) =
+                publish_with_id(core, name, t.clone(), payload.clone(), id, cancel).await
+            {
                 return (done, Err(e));
             }
             done += 1;
@@ -947,11 +953,7 @@ fn forget_lost(core: &ClusterCore, whole: &std::collections::HashSet<String>, li
     core.topics.handles.lock().retain(|name, t| {
         let kept = whole.contains(name) || t.opened >= listed;
         if !kept {
-            tracing::warn!(
-                topic = name.as_str(),
-                "the topic's stream or consumer is gone from NATS (did nats-server lose its \
-                 store?): creating them again"
-            );
+            warn_gone(name);
         }
         kept
     });

@@ -8,10 +8,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gorch_host::{CallError, Cluster, ClusterConfig, ClusterError, Orchestrator, SpawnOptions};
+use gorch_host::{
+    CallError, Cluster, ClusterConfig, ClusterError, Orchestrator, RoutineHandle, SpawnOptions,
+};
 use parking_lot::Mutex;
 
-use crate::common::host::{BIN, free_port, http_get, port_of, read_until, run_host};
+use crate::common::host::{
+    BIN, free_port, http_get, port_of, read_until, run_host, stop_cleanly, taken_by,
+};
 use crate::common::http::get;
 use crate::common::nats::{Nats, config, leave, node};
 use crate::common::{assert_no_leaked_tasks, run, wait_end, wait_until, wait_until_blocking};
@@ -48,6 +52,17 @@ fn publisher(orch: &Orchestrator, topic: &'static str, n: usize) {
         Ok::<(), CallError>(())
     })
     .unwrap();
+}
+
+/// A routine on `orch` that sends `prefix0..prefix{n-1}` to `to` and ends.
+fn sender(orch: &Orchestrator, to: &'static str, prefix: &'static str, n: usize) -> RoutineHandle {
+    orch.spawn(SpawnOptions::new("sender"), move |ctx| async move {
+        for i in 0..n {
+            ctx.send(to, format!("{prefix}{i}").into_bytes()).await?;
+        }
+        Ok::<(), CallError>(())
+    })
+    .unwrap()
 }
 
 fn all(n: usize) -> BTreeSet<String> {
@@ -228,14 +243,7 @@ fn cluster_unique_names_clash_across_nodes_and_others_run_everywhere() {
         assert!(
             wait_until(Duration::from_secs(10), || cc.nodes_running("shared") == ["a", "b"]).await
         );
-        let h = c
-            .spawn(SpawnOptions::new("sender"), |ctx| async move {
-                for i in 0..20 {
-                    ctx.send("shared", format!("m{i}").into_bytes()).await?;
-                }
-                Ok::<(), CallError>(())
-            })
-            .unwrap();
+        let h = sender(&c, "shared", "m", 20);
         wait_end(&h, Duration::from_secs(30)).await;
         assert!(wait_until(Duration::from_secs(10), || distinct(&[&sa, &sb]) == all(20)).await);
         leave(&c, &cc).await;
@@ -415,13 +423,6 @@ fn identical_dir() -> tempfile::TempDir {
     dir
 }
 
-/// How many messages the routine `name` of the host on `port` took.
-fn taken_by(port: &str, name: &str) -> u64 {
-    let snaps: Vec<gorch_host::Snapshot> =
-        serde_json::from_str(&http_get(port, "/gorchestra/api/routines")).unwrap();
-    snaps.iter().filter(|s| s.name == name).map(|s| s.messages_in).sum()
-}
-
 /// Issue 22: the same plugin directory on two nodes starts on both (the default is no longer
 /// one node per name); both consume the shared topic; a plain-name send reaches one
 /// instance; a node-local topic stays on its node.
@@ -463,14 +464,7 @@ fn identical_nodes_all_run_and_local_topics_stay_home() {
 
     // A plain-name send reaches one instance.
     seen.lock().clear();
-    let h = c
-        .spawn(SpawnOptions::new("sender"), |ctx| async move {
-            for i in 0..20 {
-                ctx.send("echo", format!("e{i}").into_bytes()).await?;
-            }
-            Ok::<(), CallError>(())
-        })
-        .unwrap();
+    let h = sender(&c, "echo", "e", 20);
     rt.block_on(wait_end(&h, Duration::from_secs(30)));
     let sent: BTreeSet<String> = (0..20).map(|i| format!("e{i}")).collect();
     assert!(wait_until_blocking(Duration::from_secs(30), || distinct(&[&seen]) == sent));
@@ -500,11 +494,8 @@ fn identical_nodes_all_run_and_local_topics_stay_home() {
         assert!(js.get_stream("GORCH_T_local_2ein").await.is_err());
     });
 
-    for h in [&mut ha, &mut hb] {
-        let pid = h.id().to_string();
-        assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-        assert!(h.wait().unwrap().success());
-    }
+    stop_cleanly(&mut ha);
+    stop_cleanly(&mut hb);
     rt.block_on(leave(&c, &cc));
 }
 
@@ -529,21 +520,9 @@ fn cluster_batches_flow_and_a_poison_in_one_is_found_alone() {
             })
             .unwrap();
         assert_eq!(wait_end(&h, Duration::from_secs(30)).await, gorch_host::State::Stopped);
-        let supervision = gorch_host::Supervision {
-            restart: gorch_host::RestartPolicy::OnFailure,
-            backoff: gorch_host::Backoff {
-                initial: Duration::ZERO,
-                max: Duration::ZERO,
-                multiplier: 1.0,
-                jitter: 0.0,
-                stable_after: Duration::from_secs(30),
-            },
-            max_deliveries: 3,
-            ..Default::default()
-        };
         let wasm =
             gorch_host::WasmOptions::default().env("SOURCE", "trap-in").env("POISON", "always");
-        let opts = SpawnOptions::new("trap").supervision(supervision);
+        let opts = SpawnOptions::new("trap").supervision(crate::common::restart_at_once(3));
         let trap = crate::common::spawn_mode_with(&b, opts, "batch-trap", wasm);
         let done = wait_until(Duration::from_secs(60), || {
             let out = out.lock();

@@ -53,6 +53,31 @@ fn collector(orch: &Orchestrator, name: &str, topic: &'static str) -> Seen {
     seen
 }
 
+/// What a routine has taken, with how many copies of each.
+type Copies = Arc<Mutex<BTreeMap<String, usize>>>;
+
+/// A routine `name` that counts every copy it takes from `topic` (`None`: its mailbox).
+fn tally(orch: &Orchestrator, name: &str, topic: Option<&'static str>) -> Copies {
+    let got: Copies = Default::default();
+    let g = got.clone();
+    orch.spawn(SpawnOptions::new(name), move |ctx| {
+        let g = g.clone();
+        async move {
+            loop {
+                let m = match topic {
+                    Some(t) => ctx.bus_recv(t, None).await?,
+                    None => ctx.recv(None).await?,
+                };
+                let Some(m) = m else { break };
+                *g.lock().entry(String::from_utf8_lossy(&m).into_owned()).or_default() += 1;
+            }
+            Ok::<(), CallError>(())
+        }
+    })
+    .unwrap();
+    got
+}
+
 /// Takes every message of `topic` until `want` distinct ones were seen (or a minute passed).
 async fn drain(orch: &Orchestrator, topic: &'static str, want: usize) -> BTreeSet<String> {
     let seen = collector(orch, "drain", topic);
@@ -411,18 +436,7 @@ fn a_nats_restart_mid_stream_loses_nothing() {
     run(async {
         let (a, ca) = node(&nats, "a").await;
         let (b, cb) = node(&nats, "b").await;
-        let copies: Arc<Mutex<BTreeMap<String, usize>>> = Default::default();
-        let c = copies.clone();
-        b.spawn(SpawnOptions::new("consumer"), move |ctx| {
-            let c = c.clone();
-            async move {
-                while let Some(m) = ctx.bus_recv("flow", None).await? {
-                    *c.lock().entry(String::from_utf8_lossy(&m).into_owned()).or_default() += 1;
-                }
-                Ok::<(), CallError>(())
-            }
-        })
-        .unwrap();
+        let copies = tally(&b, "consumer", Some("flow"));
         publish_all(&a, "flow", "first-", 100).await;
         assert!(wait_until(Duration::from_secs(30), || copies.lock().len() >= 20).await);
         nats.kill();
@@ -572,23 +586,6 @@ fn a_node_whose_name_was_taken_while_it_was_paused_exits() {
     });
 }
 
-/// Every copy a routine `name` took from its mailbox, counted.
-fn tally(orch: &Orchestrator, name: &str) -> Arc<Mutex<BTreeMap<String, usize>>> {
-    let got: Arc<Mutex<BTreeMap<String, usize>>> = Default::default();
-    let g = got.clone();
-    orch.spawn(SpawnOptions::new(name), move |ctx| {
-        let g = g.clone();
-        async move {
-            while let Some(m) = ctx.recv(None).await? {
-                *g.lock().entry(String::from_utf8_lossy(&m).into_owned()).or_default() += 1;
-            }
-            Ok::<(), CallError>(())
-        }
-    })
-    .unwrap();
-    got
-}
-
 /// Finding 8: a send to a node paused with the request under way answered `closed` (and
 /// HTTP 503 "full"), though the node took the message when it resumed. Now the routine's
 /// send says the outcome is unknown, HTTP answers 504, and no message arrives twice.
@@ -606,18 +603,7 @@ fn a_send_to_a_paused_node_has_an_unknown_outcome() {
             "node a's solo is not in the registry"
         );
         // solo (echo) publishes what it takes on `testkit-out`: count every copy.
-        let copies: Arc<Mutex<BTreeMap<String, usize>>> = Default::default();
-        let c = copies.clone();
-        b.spawn(SpawnOptions::new("counter"), move |ctx| {
-            let c = c.clone();
-            async move {
-                while let Some(m) = ctx.bus_recv("testkit-out", None).await? {
-                    *c.lock().entry(String::from_utf8_lossy(&m).into_owned()).or_default() += 1;
-                }
-                Ok::<(), CallError>(())
-            }
-        })
-        .unwrap();
+        let copies = tally(&b, "counter", Some("testkit-out"));
         let send = |what: &'static str| {
             let result = Arc::new(Mutex::new(None));
             let r = result.clone();
@@ -695,7 +681,7 @@ fn sends_keep_their_word_across_a_nats_restart() {
     run(async {
         let (a, ca) = node(&nats, "a").await;
         let (b, cb) = node(&nats, "b").await;
-        let got = tally(&a, "sink");
+        let got = tally(&a, "sink", None);
         assert!(
             wait_until(Duration::from_secs(30), || cb.nodes_running("sink") == ["a"]).await,
             "sink is not in the registry"

@@ -234,18 +234,14 @@ fn messages_are_refused_while_ingress_is_held() {
 /// and same-origin requests with a non-simple content type work.
 #[test]
 fn web_pages_cannot_steer_the_host() {
-    use crate::common::host::{BIN, http_request, port_of, read_until, run_host};
+    use crate::common::host::{BIN, http_request, port_of, read_until, run_host, stop_cleanly};
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(gorch_artifacts::path("testkit"), dir.path().join("inbox.wasm")).unwrap();
     std::fs::write(dir.path().join("inbox.toml"), "[wasi]\nenv = { MODE = \"echo\" }\n").unwrap();
     let (mut host, rx) = run_host(dir.path(), &["--allowed-host", "box.lan"]);
     let log = read_until(&mut host, &rx, "metrics: http://");
     let port = port_of(&log);
-    let taken = || -> u64 {
-        let (_, body) = http_request(&port, "GET", "/gorchestra/api/routines", &[], "");
-        let snaps: Vec<gorch_host::Snapshot> = serde_json::from_str(&body).unwrap();
-        snaps.iter().map(|s| s.messages_in).sum()
-    };
+    let taken = || crate::common::host::taken_by(&port, "inbox");
     let evil = [("Origin", "http://evil.example"), ("Content-Type", "text/plain")];
     let (status, body) =
         http_request(&port, "POST", "/gorchestra/api/routines/inbox/mailbox", &evil, "x");
@@ -281,7 +277,5 @@ fn web_pages_cannot_steer_the_host() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(wait_until_blocking(Duration::from_secs(30), || taken() == 2));
-    let pid = host.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-    assert!(host.wait().unwrap().success());
+    stop_cleanly(&mut host);
 }

@@ -268,22 +268,6 @@ fn a_guest_receives_its_mailbox_in_batches() {
     })
 }
 
-/// Zero backoff, restart on failure, `max_deliveries` deliveries before `dead-letter`.
-fn restart_at_once(max_deliveries: u32) -> gorch_host::Supervision {
-    gorch_host::Supervision {
-        restart: gorch_host::RestartPolicy::OnFailure,
-        backoff: gorch_host::Backoff {
-            initial: Duration::ZERO,
-            max: Duration::ZERO,
-            multiplier: 1.0,
-            jitter: 0.0,
-            stable_after: Duration::from_secs(30),
-        },
-        max_deliveries,
-        ..Default::default()
-    }
-}
-
 /// Topic `batch-in` holding "a", "b", "poison", "c", the `testkit-out` topic, and the
 /// options of a `batch-trap` guest reading `batch-in` in batches of up to 16.
 async fn poisoned_batch(orch: &Orchestrator) -> (Channel<Message>, Channel<Message>, WasmOptions) {

@@ -140,3 +140,17 @@ pub fn http_request(
     let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }
+
+/// How many messages the routine(s) named `name` of the host on `port` took.
+pub fn taken_by(port: &str, name: &str) -> u64 {
+    let snaps: Vec<gorch_host::Snapshot> =
+        serde_json::from_str(&http_get(port, "/gorchestra/api/routines")).unwrap();
+    snaps.iter().filter(|s| s.name == name).map(|s| s.messages_in).sum()
+}
+
+/// Stops `host` with SIGINT and checks that it exits 0.
+pub fn stop_cleanly(host: &mut Host) {
+    let pid = host.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    assert!(host.wait().unwrap().success());
+}

@@ -154,6 +154,22 @@ pub async fn shutdown(orch: &Orchestrator) {
     assert!(r.unstoppable.is_empty(), "unstoppable: {:?}", r.unstoppable);
 }
 
+/// Zero backoff, restart on failure, `max_deliveries` deliveries before `dead-letter`.
+pub fn restart_at_once(max_deliveries: u32) -> gorch_host::Supervision {
+    gorch_host::Supervision {
+        restart: gorch_host::RestartPolicy::OnFailure,
+        backoff: gorch_host::Backoff {
+            initial: Duration::ZERO,
+            max: Duration::ZERO,
+            multiplier: 1.0,
+            jitter: 0.0,
+            stable_after: Duration::from_secs(30),
+        },
+        max_deliveries,
+        ..Default::default()
+    }
+}
+
 /// Restarts on failure after an hour of backoff: a failed routine stays in `BACKOFF` (for
 /// tests of what cuts a backoff short).
 pub fn hour_backoff() -> gorch_host::Supervision {
