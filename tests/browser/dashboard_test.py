@@ -2,8 +2,7 @@
 chromium-driver) opens /gorchestra of a host running the example plugins, checks that the
 table lists them, sorts by a column, sees a value change, and saves a PNG screenshot.
 
-Run by .ci/run after `cargo test` (which builds the demo example, target/debug/examples/demo,
-and the guests):
+Run by .ci/run after `cargo build -p gorch-demo` (the demo, target/debug/demo, and the guests):
     python3 tests/browser/dashboard_test.py [SCREENSHOT.png]
 """
 
@@ -20,7 +19,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.join(ROOT, "target", "debug", "examples", "demo")
+BIN = os.path.join(ROOT, "target", "debug", "demo")
 EXPECTED = {"ticker", "echo", "producer", "consumer-1", "consumer-2", "crasher", "spinner"}
 
 

@@ -3,7 +3,7 @@
 //! for `wasm32-wasip2` by its build script).
 //!
 //! ```sh
-//! cargo run --release -p gorch-host --example demo [-- --addr 127.0.0.1:9191 ...]
+//! cargo run --release -p gorch-demo [-- --addr 127.0.0.1:9191 ...]
 //! ```
 //!
 //! Extra arguments are passed on to `gorch-host run` after the directory; the dashboard is
