@@ -129,6 +129,28 @@ export const mailbox = {
   recvTimeout(ms) {
     return call(wmailbox.recv, millis(ms));
   },
+  /**
+   * Waits for the next message, then takes up to `max` in all of what is queued (an array of
+   * Uint8Array, never empty): one host call for the whole batch. The batch stays in flight
+   * until the next receive or a clean return; after a crash it is delivered again, one
+   * message per batch.
+   */
+  recvBatch(max) {
+    const b = call(wmailbox.recvBatch, max, undefined);
+    if (b.length === 0) throw new Closed('closed');
+    return b;
+  },
+  /** Like recvBatch, waiting up to `ms` for the first message: an empty array if none came. */
+  recvBatchTimeout(max, ms) {
+    return call(wmailbox.recvBatch, max, millis(ms));
+  },
+  /**
+   * The mailbox's messages one by one, received `max` at a time; ends when the routine is
+   * asked to stop: `for (const msg of mailbox.batched(64)) bus.publish('out', msg);`
+   */
+  batched(max) {
+    return batched(() => this.recvBatch(max));
+  },
   /** Delivers `payload` to the routine named `to`, waiting while its mailbox is full. */
   send(to, payload) {
     call(wmailbox.send, to, bytes(payload));
@@ -162,6 +184,31 @@ export const bus = {
   recvTimeout(topic, ms) {
     return call(wbus.recv, topic, millis(ms));
   },
+  /**
+   * Waits for the next message on `topic`, then takes up to `max` in all of what is queued
+   * there (never empty); acknowledged like mailbox.recvBatch.
+   */
+  recvBatch(topic, max) {
+    const b = call(wbus.recvBatch, topic, max, undefined);
+    if (b.length === 0) throw new Closed('closed');
+    return b;
+  },
+  /** Like recvBatch, waiting up to `ms` for the first message: an empty array if none came. */
+  recvBatchTimeout(topic, max, ms) {
+    return call(wbus.recvBatch, topic, max, millis(ms));
+  },
+  /** The messages of `topic` one by one, `max` at a time; ends when the routine is asked to stop. */
+  batched(topic, max) {
+    return batched(() => this.recvBatch(topic, max));
+  },
+  /**
+   * Publishes the payloads (Uint8Array or string) in order with one host call, waiting while
+   * the topic is full. Nothing is published if one is over the size limit (TooLarge); after
+   * another error, those before it were published.
+   */
+  publishBatch(topic, payloads) {
+    call(wbus.publishBatch, topic, Array.from(payloads, bytes));
+  },
   publishJson(topic, value) {
     this.publish(topic, toJson(value));
   },
@@ -173,6 +220,19 @@ export const bus = {
     return m === undefined ? undefined : fromJson(m);
   },
 };
+
+function* batched(take) {
+  for (;;) {
+    let batch;
+    try {
+      batch = take();
+    } catch (e) {
+      if (e instanceof Cancelled) return;
+      throw e;
+    }
+    yield* batch;
+  }
+}
 
 /**
  * The world's `run` export, running `main()`: returning (or throwing `Cancelled`) ends the

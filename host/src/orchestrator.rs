@@ -528,6 +528,9 @@ impl Orchestrator {
     }
 }
 
+/// How long a shutdown waits quietly before it logs which routines it still waits for.
+const SLOW_STOP: Duration = Duration::from_millis(250);
+
 async fn shutdown_inner(inner: Arc<OrchInner>, timeout: Duration) -> ShutdownReport {
     let start = tokio::time::Instant::now();
     let deadline = start + timeout;
@@ -537,6 +540,22 @@ async fn shutdown_inner(inner: Arc<OrchInner>, timeout: Duration) -> ShutdownRep
     let live: Vec<Arc<RoutineShared>> = inner.routines.read().values().cloned().collect();
     for r in &live {
         r.request_stop();
+    }
+    // Say what the wait is for when it is not over at once (a guest that does not answer
+    // the stop request is killed after its grace period): an exit that lags looks hung.
+    let soon = (start + SLOW_STOP).min(kill_at);
+    if tokio::time::timeout_at(soon, inner.tracker.wait()).await.is_err() {
+        let mut names: Vec<String> =
+            inner.routines.read().values().map(|r| r.name().to_string()).collect();
+        names.sort();
+        if !names.is_empty() {
+            tracing::info!(
+                "waiting for {} routine(s) to stop: {} (a routine that does not stop is \
+                 killed after its grace period)",
+                names.len(),
+                names.join(", ")
+            );
+        }
     }
     let mut killed = Vec::new();
     if tokio::time::timeout_at(kill_at, inner.tracker.wait()).await.is_err() {

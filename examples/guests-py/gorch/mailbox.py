@@ -4,7 +4,7 @@ import json
 
 from wit_world.imports import mailbox as _mailbox
 
-from ._errors import Closed, Codec, call, millis
+from ._errors import Cancelled, Closed, Codec, call, millis
 
 
 def recv() -> bytes:
@@ -18,6 +18,42 @@ def recv() -> bytes:
 def recv_timeout(seconds: float):
     """Waits up to `seconds` for the next message: bytes, or None if none came in time."""
     return call(_mailbox.recv, millis(seconds))
+
+
+def recv_batch(max: int) -> list:
+    """Waits for the next message, then takes up to `max` in all of what is queued (a list
+    of bytes, never empty): one host call for the whole batch. The batch stays in flight
+    until the next receive or a clean return; after a crash it is delivered again, one
+    message per batch."""
+    batch = call(_mailbox.recv_batch, max, None)
+    if not batch:
+        raise Closed("closed")
+    return batch
+
+
+def recv_batch_timeout(max: int, seconds: float) -> list:
+    """Like `recv_batch`, waiting up to `seconds` for the first message: an empty list if
+    none came in time."""
+    return call(_mailbox.recv_batch, max, millis(seconds))
+
+
+def batched(max: int):
+    """The mailbox's messages one by one, received `max` at a time (`recv_batch`); ends when
+    the routine is asked to stop:
+
+        for msg in mailbox.batched(64):
+            bus.publish("out", msg)
+    """
+    return _batched(lambda: recv_batch(max))
+
+
+def _batched(take):
+    while True:
+        try:
+            batch = take()
+        except Cancelled:
+            return
+        yield from batch
 
 
 def send(to: str, payload) -> None:

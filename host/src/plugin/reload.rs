@@ -174,8 +174,28 @@ impl Reloader {
     }
 
     /// Re-scans the directory and applies what changed. Concurrent calls run one after
-    /// the other; during shutdown the reload is refused (one failed entry says so).
+    /// the other; during shutdown the reload is refused (one failed entry says so). Each
+    /// change and a summary line are logged.
     pub async fn apply(&self) -> ReloadReport {
+        let mut report = self.apply_quietly().await;
+        report.plugins.sort_by(|a, b| a.file.cmp(&b.file));
+        for c in &report.plugins {
+            match c.action {
+                ReloadAction::Unchanged => {}
+                ReloadAction::Failed => {
+                    let why = c.error.as_deref().unwrap_or("failed");
+                    tracing::error!("reload: {}", super::status::about_file(&c.file, why))
+                }
+                _ => tracing::info!("reload: {}: {}", c.file, c.action.as_str()),
+            }
+        }
+        // One result line for every reload, even one that changed nothing (a SIGHUP would
+        // otherwise leave no trace of its outcome).
+        tracing::info!("reload: {}", report.summary());
+        report
+    }
+
+    async fn apply_quietly(&self) -> ReloadReport {
         let inner = &*self.inner;
         let mut guard = inner.applied.lock().await;
         let mut report = ReloadReport::default();
@@ -243,18 +263,27 @@ impl Reloader {
                 inner.board.remove(&p.plugin);
             }
         }
-        report.plugins.sort_by(|a, b| a.file.cmp(&b.file));
-        for c in &report.plugins {
-            match c.action {
-                ReloadAction::Unchanged => {}
-                ReloadAction::Failed => {
-                    let why = c.error.as_deref().unwrap_or("failed");
-                    tracing::error!("reload: {}", super::status::about_file(&c.file, why))
-                }
-                _ => tracing::info!("reload: {}: {}", c.file, c.action.as_str()),
-            }
-        }
         report
+    }
+}
+
+impl ReloadReport {
+    /// One line: how many plugins, and how many of them each action took, such as `6
+    /// plugin(s): 1 upgraded, 5 unchanged`.
+    pub fn summary(&self) -> String {
+        use ReloadAction::*;
+        let counts: Vec<String> =
+            [Started, Upgraded, Scaled, Stopped, NeedsRestart, Failed, Unchanged]
+                .into_iter()
+                .filter_map(|a| {
+                    let n = self.plugins.iter().filter(|c| c.action == a).count();
+                    (n > 0).then(|| format!("{n} {}", a.as_str()))
+                })
+                .collect();
+        match counts.is_empty() {
+            true => "nothing to apply".to_string(),
+            false => format!("{} plugin(s): {}", self.plugins.len(), counts.join(", ")),
+        }
     }
 }
 

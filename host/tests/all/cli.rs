@@ -283,6 +283,10 @@ fn watch_sighup_and_reload_upgrade_a_running_host() {
     assert!(snaps.contains("\"upgrades\":2"), "{snaps}");
     let metrics = http_get(&port, "/metrics");
     assert!(metrics.contains("gorch_routine_upgrades_total{name=\"svc\"} 2"), "{metrics}");
+    // A SIGHUP that changes nothing still logs its result.
+    let status = Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    read_until(&mut child, &rx, "reload: 1 plugin(s): 1 unchanged");
 
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());

@@ -2,7 +2,8 @@
 //! `build.sh` builds it (Rust: against the SDK copy written into the project, with no flag;
 //! Python and JavaScript: with the tools the example build scripts installed), and the host
 //! runs `plugins/NAME.wasm` with `plugins/NAME.toml` until the worker has beaten, logged and
-//! published.
+//! published; then the project's README is followed with the real binary (`gorch-host
+//! check`, `gorch-host run plugins/`, `gorch-host send NAME hello`), as a newcomer would.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,7 +13,7 @@ use gorch_host::{Message, Orchestrator, PluginManifest, State};
 
 use crate::common::fs::repo_root;
 use crate::common::guests::{Lang, build_example, load, run_logged};
-use crate::common::host::BIN;
+use crate::common::host::{BIN, port_of, read_until, spawn_logged, stop_cleanly, taken_by};
 use crate::common::*;
 
 /// Runs `gorch-host new` with `args` in `dir`.
@@ -90,6 +91,28 @@ fn run_project(dir: &Path, name: &str) {
     });
     assert!(log.contains(&format!("{name} starting (restarts: 0)")), "{log}");
     assert!(log.contains("message 1: hello"), "{log}");
+    follow_the_readme(dir, name);
+}
+
+/// The generated README's commands through the real binary: `check`, `run plugins/` and,
+/// from "another terminal", `send NAME hello`, whose line the host's log shows.
+fn follow_the_readme(dir: &Path, name: &str) {
+    let wasm = dir.join(format!("plugins/{name}.wasm"));
+    let out = Command::new(BIN).arg("check").arg(&wasm).output().unwrap();
+    assert!(out.status.success(), "check: {}", String::from_utf8_lossy(&out.stderr));
+    // A compile cache kept between runs (an 18 MB Python component compiles for a while).
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("new-project-cache");
+    let args = ["run", "--addr", "127.0.0.1:0", "--cache-dir"].map(std::ffi::OsStr::new);
+    let plugins = dir.join("plugins");
+    let (mut host, rx) =
+        spawn_logged(&[&args[..], &[cache.as_os_str(), plugins.as_os_str()]].concat());
+    let port = port_of(&read_until(&mut host, &rx, "metrics: http://"));
+    let addr = format!("127.0.0.1:{port}");
+    let out = Command::new(BIN).args(["send", name, "hello", "--addr", &addr]).output().unwrap();
+    assert!(out.status.success(), "send: {}", String::from_utf8_lossy(&out.stderr));
+    read_until(&mut host, &rx, "message 1: hello");
+    assert_eq!(taken_by(&port, name), 1);
+    stop_cleanly(&mut host);
 }
 
 #[test]

@@ -34,10 +34,18 @@ fn exercise(component: &WasmComponent, name: &str, topic: &str, lang: &str) -> S
         let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
         assert_eq!(v, serde_json::json!({"worker": name, "lang": lang}));
 
-        // ... echoes its mailbox on its topic ...
+        // ... echoes its mailbox on its topic (taken and republished in batches by the
+        // helpers' recv_batch_timeout and publish_batch), in order ...
         h.mailbox().send(Message::new(b"ping from the test".to_vec())).await.unwrap();
         let m = out.recv_timeout(PATIENCE).await.expect("no echo");
         assert_eq!(m.payload, b"ping from the test");
+        for i in 0..10 {
+            h.mailbox().send(Message::new(format!("batch {i}").into_bytes())).await.unwrap();
+        }
+        for i in 0..10 {
+            let m = out.recv_timeout(PATIENCE).await.expect("no echo of the batch");
+            assert_eq!(m.payload, format!("batch {i}").into_bytes());
+        }
 
         // ... and beats while it waits (the host's own beat at the start of the run is not
         // enough: the last beat must be well after it).

@@ -10,7 +10,12 @@ fn run() -> Result<(), gorch::Error> {
         n += 1;
         gorch::info!("tick {n} (restarts: {})", gorch::restarts());
         while let Some(m) = bus::recv_timeout("echo", Duration::ZERO)? {
-            gorch::debug!("echoed: {}", String::from_utf8_lossy(&m));
+            let text = String::from_utf8_lossy(&m);
+            if text.starts_with("job ") {
+                gorch::debug!("echoed: {text}");
+            } else {
+                gorch::info!("echoed: {text:?}");
+            }
         }
         if !gorch::sleep(Duration::from_secs(1)) {
             gorch::info!("stopping after {n} ticks");
