@@ -61,6 +61,23 @@ pub enum PluginError {
         /// The second.
         second: String,
     },
+    /// Two plugins ask for one routine name: the later one (or the one not running) is
+    /// refused, and nothing of it starts.
+    #[error(
+        "{}: routine name {name:?} is already taken by {} ({}): give one of them another \
+         `name` in its manifest",
+        path.display(), other.display(), if *running { "running" } else { "first in file order" }
+    )]
+    NameClash {
+        /// The refused plugin's component.
+        path: PathBuf,
+        /// The routine name both ask for.
+        name: String,
+        /// The component of the plugin that keeps the name.
+        other: PathBuf,
+        /// Whether the other one already runs (a reload), or only comes first.
+        running: bool,
+    },
     /// The component could not be loaded (read, compiled, or fitted to the world).
     #[error("{0}")]
     Load(#[from] crate::wasm::LoadError),
@@ -87,7 +104,7 @@ impl PluginError {
     pub fn path(&self) -> &Path {
         match self {
             PluginError::Manifest(e) | PluginError::DirConfig(e) => &e.path,
-            PluginError::Orphan { path, .. } => path,
+            PluginError::Orphan { path, .. } | PluginError::NameClash { path, .. } => path,
             PluginError::UnknownMember { config, .. } | PluginError::TwoGroups { config, .. } => {
                 config
             }
@@ -222,7 +239,64 @@ impl PluginDir {
     /// Finds every `*.wasm` in `dir` with its optional `NAME.toml`. A `NAME.wasm` that is
     /// not a regular file is reported ([`LoadError::NotRegularFile`]) and skipped, and so is a
     /// plugin whose manifest is not one; neither is opened.
+    ///
+    /// Two plugins asking for one routine name are a [`PluginError::NameClash`]: the first
+    /// file in name order keeps it (see [`scan_owned`](Self::scan_owned) for a running host).
     pub fn scan(dir: &Path) -> std::io::Result<PluginDir> {
+        PluginDir::scan_owned(dir, &BTreeMap::new())
+    }
+
+    /// Like [`scan`](Self::scan) on a directory some of whose plugins run: `owned` maps each
+    /// running routine name to its plugin (file stem) and component file. A name keeps its
+    /// owner; a plugin asking for a name another plugin owns, or one an earlier file asks
+    /// for, is refused as a [`PluginError::NameClash`] naming both files.
+    pub fn scan_owned(
+        dir: &Path,
+        owned: &BTreeMap<String, (String, PathBuf)>,
+    ) -> std::io::Result<PluginDir> {
+        let mut out = PluginDir::scan_files(dir)?;
+        out.refuse_name_clashes(owned);
+        Ok(out)
+    }
+
+    /// Moves every plugin that asks for a routine name taken before it to `errors`: the
+    /// plugins that own names in `owned` claim theirs first, the others follow in file order.
+    fn refuse_name_clashes(&mut self, owned: &BTreeMap<String, (String, PathBuf)>) {
+        let mut claims: BTreeMap<String, (&str, &Path, bool)> = owned
+            .iter()
+            .map(|(n, (stem, path))| (n.clone(), (stem.as_str(), path.as_path(), true)))
+            .collect();
+        let owns = |p: &PluginSpec| owned.values().any(|(stem, _)| stem == &p.stem);
+        let order =
+            self.plugins.iter().filter(|p| owns(p)).chain(self.plugins.iter().filter(|p| !owns(p)));
+        let mut refused = Vec::new();
+        for spec in order {
+            let names = spec.manifest.routine_names(&spec.stem);
+            let clash = names.iter().find_map(|n| match claims.get(n) {
+                Some(&(stem, other, running)) if stem != spec.stem => Some((n, other, running)),
+                _ => None,
+            });
+            match clash {
+                Some((name, other, running)) => refused.push(PluginError::NameClash {
+                    path: spec.wasm.clone(),
+                    name: name.clone(),
+                    other: other.to_path_buf(),
+                    running,
+                }),
+                None => {
+                    for n in names {
+                        claims.entry(n).or_insert((spec.stem.as_str(), spec.wasm.as_path(), false));
+                    }
+                }
+            }
+        }
+        let gone: Vec<PathBuf> = refused.iter().map(|e| e.path().to_path_buf()).collect();
+        self.plugins.retain(|p| !gone.contains(&p.wasm));
+        self.errors.extend(refused);
+    }
+
+    /// The plugins and manifests of `dir`, read (see [`scan`](Self::scan)).
+    fn scan_files(dir: &Path) -> std::io::Result<PluginDir> {
         let mut out = PluginDir::default();
         let config_path = dir.join(DIR_CONFIG);
         if config_path.exists() {

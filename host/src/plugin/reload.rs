@@ -159,7 +159,9 @@ impl Reloader {
         *self.inner.groups.lock() = started.groups.clone();
         let orch = &self.inner.orch;
         let mut running = self.inner.applied.lock().await;
-        running.plugins.retain(|_, p| match p.routines.iter().find_map(|n| orch.get_by_name(n)) {
+        // A routine of that name started from another file (a name clash) is not this one's.
+        let own = |stem: &str, n: &String| orch.get_by_name(n).filter(|h| h.plugin() == stem);
+        running.plugins.retain(|stem, p| match p.routines.iter().find_map(|n| own(stem, n)) {
             Some(h) => {
                 p.version = h.version();
                 true
@@ -209,7 +211,18 @@ impl Reloader {
             ));
             return report;
         }
-        let scanned = match PluginDir::scan(&inner.dir) {
+        // The names that run keep their plugin: a new file asking for one is refused.
+        let owned: BTreeMap<String, (String, PathBuf)> = guard
+            .plugins
+            .iter()
+            .map(|(stem, a)| (stem, a, inner.dir.join(format!("{stem}.wasm"))))
+            // A plugin whose file is gone stops in this reload: its names are free.
+            .filter(|(_, _, wasm)| wasm.exists())
+            .flat_map(|(stem, a, wasm)| {
+                a.routines.iter().map(move |n| (n.clone(), (stem.clone(), wasm.clone())))
+            })
+            .collect();
+        let scanned = match PluginDir::scan_owned(&inner.dir, &owned) {
             Ok(s) => s,
             Err(e) => {
                 let why = format!("cannot read {}: {e}", inner.dir.display());
@@ -242,13 +255,10 @@ impl Reloader {
             }
             report.push(change(stem, e.path(), ReloadAction::Failed, None, Some(why)));
         }
-        for spec in &scanned.plugins {
-            let c = inner.apply_one(spec, &scanned, applied).await;
-            report.push(c);
-        }
         let present = |stem: &String| {
             scanned.plugins.iter().any(|p| &p.stem == stem) || broken.contains(stem)
         };
+        // What left the directory stops first: its routine names are free for the others.
         let gone: Vec<String> = applied.keys().filter(|s| !present(s)).cloned().collect();
         for stem in gone {
             let old = applied.remove(&stem).expect("listed above");
@@ -256,6 +266,10 @@ impl Reloader {
             inner.board.remove(&stem);
             let file = inner.dir.join(format!("{stem}.wasm"));
             report.push(change(&stem, &file, ReloadAction::Stopped, Some(old.version), None));
+        }
+        for spec in &scanned.plugins {
+            let c = inner.apply_one(spec, &scanned, applied).await;
+            report.push(c);
         }
         // What is neither in the directory nor running leaves the board (and /readyz).
         for p in inner.board.list() {
@@ -390,7 +404,18 @@ impl Inner {
         let version = component.version().to_string();
         let (action, note) = match &old {
             None => {
-                self.spawn_all(spec, scanned, &component, &names);
+                if let Err(e) = self.spawn_all(spec, scanned, &component, &names) {
+                    // Nothing of a plugin that did not start whole keeps running: the next
+                    // reload tries it again.
+                    let started: Vec<String> = names
+                        .iter()
+                        .filter(|n| self.orch.get_by_name(n).is_some_and(|h| h.plugin() == stem))
+                        .cloned()
+                        .collect();
+                    self.stop_all(&started).await;
+                    self.board.failed(stem, &spec.wasm.display().to_string(), e.clone());
+                    return fail(e);
+                }
                 (ReloadAction::Started, None)
             }
             Some(old) => {
@@ -435,16 +460,22 @@ impl Inner {
         .unwrap_or_else(|e| Err(format!("loading panicked: {e}")))
     }
 
-    /// Spawns `names` of `spec`, in its group if `gorch.toml` puts it in one.
+    /// Spawns `names` of `spec`, in its group if `gorch.toml` puts it in one; the reasons
+    /// of those that did not start, joined.
     fn spawn_all(
         &self,
         spec: &PluginSpec,
         scanned: &PluginDir,
         component: &WasmComponent,
         names: &[String],
-    ) {
+    ) -> Result<(), String> {
         let group = scanned.group_of(spec).and_then(|g| self.groups.lock().get(g).cloned());
-        super::start::spawn_routines(&self.orch, spec, component, names, group.as_ref());
+        let (_, errors) =
+            super::start::spawn_routines(&self.orch, spec, component, names, group.as_ref());
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(errors.join("; ")),
+        }
     }
 
     /// Rolling replacement: the instances that stay are upgraded one at a time (when the
@@ -473,11 +504,11 @@ impl Inner {
                             .map_err(|e| format!("{name}: {e}"))?;
                     }
                     // It ended meanwhile (by its policy): start the new version.
-                    None => self.spawn_all(spec, scanned, component, std::slice::from_ref(name)),
+                    None => self.spawn_all(spec, scanned, component, std::slice::from_ref(name))?,
                 }
             }
         }
-        self.spawn_all(spec, scanned, component, &added);
+        self.spawn_all(spec, scanned, component, &added)?;
         self.stop_all(&removed).await;
         Ok(())
     }

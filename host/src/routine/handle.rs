@@ -94,6 +94,10 @@ impl RoutineHandle {
     pub fn upgrades(&self) -> u64 {
         self.shared.upgrades()
     }
+    /// The plugin it runs (the file stem it was started from; empty for a native routine).
+    pub fn plugin(&self) -> &str {
+        self.shared.plugin()
+    }
     /// The version of the code it runs (see [`Snapshot::version`]).
     pub fn version(&self) -> String {
         self.shared.version()

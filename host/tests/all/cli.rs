@@ -4,7 +4,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::guests::slow_component;
-use crate::common::host::{BIN, http_get, port_of, read_until, run_host, spawn_logged};
+use crate::common::host::{
+    BIN, http_get, port_of, read_until, run_host, spawn_logged, stop_cleanly,
+};
 use crate::common::wait_until_blocking;
 
 #[test]
@@ -293,4 +295,67 @@ fn watch_sighup_and_reload_upgrade_a_running_host() {
     let exit = child.wait().unwrap();
     let rest = rx.iter().collect::<Vec<_>>().join("\n");
     assert!(exit.success(), "exit {exit:?}; the log after the last upgrade:\n{rest}");
+}
+
+/// The status and body of GET /readyz.
+fn readyz(port: &str) -> (u16, String) {
+    crate::common::host::http_request(port, "GET", "/readyz", &[], "")
+}
+
+#[test]
+fn two_plugins_asking_for_one_routine_name_are_a_failed_plugin_naming_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let idler = std::fs::read(gorch_artifacts::path("idler")).unwrap();
+    let echo = std::fs::read(gorch_artifacts::path("echo")).unwrap();
+    let ticker = std::fs::read(gorch_artifacts::path("ticker")).unwrap();
+    std::fs::write(d.join("relay.wasm"), &idler).unwrap();
+    let (mut child, rx) = run_host(d, &[]);
+    let port = port_of(&read_until(&mut child, &rx, "metrics: http://"));
+    let addr = format!("127.0.0.1:{port}");
+    let v1 = version_of(&port, "relay");
+
+    // A second plugin asking for the running name: refused, in the report and on /readyz,
+    // naming both files; relay's routine is untouched.
+    std::fs::write(d.join("dup.wasm"), &echo).unwrap();
+    std::fs::write(d.join("dup.toml"), "name = \"relay\"\n").unwrap();
+    let (ok, out, err) = client(&["reload", "--addr", &addr], None);
+    assert!(!ok, "{out}");
+    assert!(err.contains("dup.wasm") && err.contains("relay.wasm (running)"), "{err}");
+    let (status, body) = readyz(&port);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("dup.wasm") && body.contains("already taken by"), "{body}");
+    // A new version of the refused file does not upgrade relay.
+    std::fs::write(d.join("dup.wasm"), &ticker).unwrap();
+    let (ok, _, err) = client(&["reload", "--addr", &addr], None);
+    assert!(!ok && err.contains("already taken by"), "{err}");
+    assert_eq!(version_of(&port, "relay"), v1);
+
+    // Removing the refused plugin leaves relay running and the host ready.
+    std::fs::remove_file(d.join("dup.wasm")).unwrap();
+    std::fs::remove_file(d.join("dup.toml")).unwrap();
+    let (ok, out, err) = client(&["reload", "--addr", &addr], None);
+    assert!(ok, "{out}{err}");
+    assert_eq!(version_of(&port, "relay"), v1);
+    assert_eq!(readyz(&port), (200, "ready\n".to_string()));
+
+    // Once relay.wasm is gone, the other plugin may take the name.
+    std::fs::remove_file(d.join("relay.wasm")).unwrap();
+    std::fs::write(d.join("dup.wasm"), &echo).unwrap();
+    std::fs::write(d.join("dup.toml"), "name = \"relay\"\n").unwrap();
+    let (ok, out, err) = client(&["reload", "--addr", &addr], None);
+    assert!(ok, "{out}{err}");
+    let v2 = version_of(&port, "relay");
+    assert!(!v2.is_empty() && v2 != v1, "{v2}");
+    stop_cleanly(&mut child);
+
+    // At start-up the first file in name order keeps the name, whichever compiles first.
+    std::fs::write(d.join("relay.wasm"), &idler).unwrap();
+    let (mut child, rx) = run_host(d, &[]);
+    let port = port_of(&read_until(&mut child, &rx, "metrics: http://"));
+    assert_eq!(version_of(&port, "relay"), v2);
+    let (status, body) = readyz(&port);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("relay.wasm") && body.contains("first in file order"), "{body}");
+    stop_cleanly(&mut child);
 }
