@@ -160,6 +160,7 @@ fn restart_latency(testkit: &gorch_host::WasmComponent) {
         },
         intensity: Intensity { max_restarts: 1_000_000, within: Duration::from_secs(3600) },
         max_deliveries: 3,
+        rollback_window: Duration::ZERO,
     };
     let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
     println!("## restart latency (end of a run → next run started, zero backoff)");

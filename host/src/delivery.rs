@@ -268,6 +268,30 @@ pub(crate) fn settle(
     }
 }
 
+/// A routine that gave up for good leaves `msgs` queued in its mailbox (`origin`): each goes
+/// to `dead-letter` with `why` (`counted` is called for each), with one log line for all.
+pub(crate) fn dead_letter_queued(
+    origin: &dyn Origin,
+    routine: &str,
+    why: Option<String>,
+    msgs: Vec<Message>,
+    counted: impl Fn(),
+) {
+    if msgs.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        routine = %crate::logguard::escape(routine),
+        "{} queued message(s) of {} sent to {DEAD_LETTER_TOPIC}: the routine gave up",
+        msgs.len(),
+        origin.describe()
+    );
+    for msg in msgs {
+        counted();
+        origin.dead_letter(Letter::new(routine, why.clone(), origin.describe(), msg));
+    }
+}
+
 /// Logs `letter` and hands it to its origin (to `dead-letter`; the message leaves its queue).
 fn send_dead_letter(origin: &dyn Origin, letter: Letter) {
     tracing::warn!(

@@ -13,7 +13,7 @@ pub(super) use super::parse::{parse_toml, read_toml};
 
 use crate::names::validate_routine_name;
 use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, DEFAULT_QUEUE_CAPACITY, SpawnOptions};
-use crate::supervisor::{Backoff, Intensity, RestartPolicy, Supervision};
+use crate::supervisor::{Backoff, Intensity, MAX_POLICY_DURATION, RestartPolicy, Supervision};
 use crate::wasm::{DEFAULT_MEMORY_LIMIT, EngineConfig, Metering, WasmOptions};
 
 /// The most `instances` one manifest, and all the manifests of a directory together, may ask
@@ -382,6 +382,18 @@ fn positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     Ok(v)
 }
 
+fn rollback_window<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let v: Duration = humantime_serde::deserialize(d)?;
+    if v > MAX_POLICY_DURATION {
+        return Err(custom(format!(
+            "rollback-window must be at most {} (MAX_POLICY_DURATION), got {}",
+            humantime::format_duration(MAX_POLICY_DURATION),
+            humantime::format_duration(v)
+        )));
+    }
+    Ok(v)
+}
+
 fn routine_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let v = String::deserialize(d)?;
     validate_routine_name(&v)
@@ -399,6 +411,7 @@ fn routine_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Er
 /// idle-timeout = "0s"         # 0 = watchdog off
 /// queue-capacity = 128        # mailbox
 /// max-deliveries = 3
+/// rollback-window = "60s"     # 0 = off
 /// cluster-unique = false      # with --nats: true runs these names on one node only
 /// [backoff]
 /// initial = "200ms"
@@ -441,6 +454,9 @@ pub struct PluginManifest {
     /// default [`DEFAULT_MAX_DELIVERIES`](crate::defaults::DEFAULT_MAX_DELIVERIES)).
     #[serde(deserialize_with = "positive_u32")]
     pub max_deliveries: u32,
+    /// See [`Supervision::rollback_window`]; zero turns the automatic rollback off.
+    #[serde(deserialize_with = "rollback_window")]
+    pub rollback_window: Duration,
     /// Backoff between restarts.
     pub backoff: Backoff,
     /// Restart intensity limit.
@@ -467,6 +483,7 @@ impl Default for PluginManifest {
             idle_timeout: Duration::ZERO,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             max_deliveries: sup.max_deliveries,
+            rollback_window: sup.rollback_window,
             backoff: sup.backoff,
             intensity: sup.intensity,
             limits: Limits::default(),
@@ -508,6 +525,7 @@ impl PluginManifest {
                 backoff: self.backoff.clone(),
                 intensity: self.intensity.clone(),
                 max_deliveries: self.max_deliveries,
+                rollback_window: self.rollback_window,
             });
         if !self.idle_timeout.is_zero() {
             o = o.idle_timeout(self.idle_timeout);

@@ -378,7 +378,8 @@ impl Inner {
         if let Some(old) = &old {
             if old.wasm_hash == wasm_hash && old.toml_hash == toml_hash {
                 let v = Some(old.version.clone());
-                return change(stem, &spec.wasm, ReloadAction::Unchanged, v, None);
+                let note = self.rolled_back(stem, old);
+                return change(stem, &spec.wasm, ReloadAction::Unchanged, v, note);
             }
             if let Some(why) = renames(&old.manifest, &spec.manifest) {
                 let v = Some(old.version.clone());
@@ -445,6 +446,25 @@ impl Inner {
             Applied { wasm_hash, toml_hash, manifest, routines: names, version: version.clone() };
         applied.insert(stem.to_string(), entry);
         change(stem, &spec.wasm, action, Some(version), note)
+    }
+
+    /// A note when routines of `stem` run another version than the one applied: the new
+    /// version gave up within its rollback window and the previous one came back. The file
+    /// is not tried again until it changes; the board says so.
+    fn rolled_back(&self, stem: &str, old: &Applied) -> Option<String> {
+        let running = old
+            .routines
+            .iter()
+            .filter_map(|n| self.orch.get_by_name(n))
+            .find(|h| h.plugin() == stem && h.version() != old.version)?
+            .version();
+        let note = format!(
+            "version {} gave up after its upgrade and version {running} runs again; the file is \
+             tried again when it changes",
+            old.version
+        );
+        self.board.note(stem, note.clone());
+        Some(note)
     }
 
     /// Compiles and checks `bytes` (the file as hashed) on the blocking pool, for the engine

@@ -28,6 +28,9 @@ pub(crate) struct Settling {
 pub(crate) struct UpgradeSlot {
     pending: Mutex<Option<(u64, Arc<dyn Work>)>>,
     settling: Mutex<Option<Settling>>,
+    /// The last upgrade that settled, and when: within the rollback window, a new version
+    /// that gives up goes back to its `previous` ([`crash_rollback`](Self::crash_rollback)).
+    settled: Mutex<Option<(Settling, tokio::time::Instant)>>,
     handover: Mutex<Option<Vec<u8>>>,
     seq: AtomicU64,
     upgrades: AtomicU64,
@@ -41,6 +44,7 @@ impl UpgradeSlot {
         UpgradeSlot {
             pending: Mutex::new(None),
             settling: Mutex::new(None),
+            settled: Mutex::new(None),
             handover: Mutex::new(None),
             seq: AtomicU64::new(0),
             upgrades: AtomicU64::new(0),
@@ -88,11 +92,34 @@ impl UpgradeSlot {
         match result {
             Ok(()) => {
                 let seq = s.seq;
-                *settling = None;
+                let done = settling.take().expect("matched above");
+                *self.settled.lock() = Some((done, tokio::time::Instant::now()));
                 self.upgrades.fetch_add(1, Relaxed);
                 self.done.send_replace((seq, None));
             }
             Err(e) => s.failed = Some(e),
+        }
+    }
+
+    /// The version that ran gave up: if its upgrade settled within `window`, that upgrade
+    /// is undone like a failed `restore` (the driver's next [`take_rollback`](Self::take_rollback)
+    /// brings back the previous code and its saved state) and true is returned.
+    pub fn crash_rollback(&self, window: std::time::Duration, why: String) -> bool {
+        let Some((mut s, at)) = self.settled.lock().take() else { return false };
+        if window.is_zero() || at.elapsed() > window || self.is_pending() {
+            return false;
+        }
+        s.failed = Some(why);
+        *self.settling.lock() = Some(s);
+        true
+    }
+
+    /// Lets go of the previous version of an upgrade settled more than `window` ago (it can
+    /// no longer come back).
+    pub fn forget_settled_after(&self, window: std::time::Duration) {
+        let mut settled = self.settled.lock();
+        if settled.as_ref().is_some_and(|(_, at)| at.elapsed() > window) {
+            *settled = None;
         }
     }
 

@@ -17,7 +17,7 @@ use crate::logguard::{Kind, escape};
 use crate::routine::{Outcome, RoutineContext, RoutineShared, RunControl, Snapshot, State, Work};
 use crate::supervisor::group::GroupInner;
 use crate::supervisor::policy::RestartWindow;
-use crate::transport::Link;
+use crate::transport::{Link, Queue};
 
 /// How long after the kill signal a wasm instance gets to reach an epoch check before its
 /// future is dropped (it may be blocked in a host call that does not watch cancellation).
@@ -49,7 +49,8 @@ pub(crate) async fn drive(
     let state = loop {
         // A live upgrade swaps the code between runs (also when it finds us in BACKOFF); a
         // failed one (the new version's `restore` refused the state) swaps it back.
-        rollback(&shared, &mut work);
+        rollback(&*keeper, &shared, last, &mut work);
+        shared.upgrade().forget_settled_after(shared.supervision().rollback_window);
         if shared.upgrade_pending() {
             upgrade(&*keeper, &shared, last, &mut work);
         }
@@ -76,14 +77,49 @@ pub(crate) async fn drive(
             Step::End(state) => break state,
             Step::Restart(delay) => delay,
             Step::Upgrade => continue,
+            Step::RollBack => {
+                // The version that comes back starts afresh: no backoff, a new window.
+                restarts = Restarts::default();
+                continue;
+            }
         };
         if !wait_backoff(&shared, delay).await {
             break State::Stopped;
         }
         shared.count_restart();
     };
+    if shared.stop_requested() {
+        // Stopped on request (a stop, a removed plugin, shutdown): what is queued ends
+        // with it, said out loud.
+        let left = shared.mailbox().len();
+        if left > 0 {
+            tracing::warn!(
+                routine = %escape(shared.name()),
+                "dropped {left} queued message(s) of its mailbox: the routine was stopped"
+            );
+        }
+    } else {
+        dead_letter_mailbox(&*keeper, &shared).await;
+    }
     guard.armed = false;
     keeper.retire(&shared, state);
+}
+
+/// The routine ended for good on its own (it gave up, or its policy does not restart it):
+/// its mailbox closes, and what is queued there goes to `dead-letter` (counted) instead of
+/// vanishing with it.
+async fn dead_letter_mailbox(keeper: &dyn Keeper, shared: &RoutineShared) {
+    shared.mailbox().close();
+    let link = keeper.link(shared.name(), shared.mailbox());
+    let never = tokio_util::sync::CancellationToken::new();
+    let mut out = Vec::new();
+    while let Ok(Some(origin)) =
+        link.recv(Queue::Mailbox, usize::MAX, Some(Duration::ZERO), &never, &mut out).await
+    {
+        let msgs = std::mem::take(&mut out);
+        let counted = || shared.count_dead_letter();
+        delivery::dead_letter_queued(&*origin, shared.name(), shared.last_error(), msgs, counted);
+    }
 }
 
 /// The restart history of one routine: the backoff attempt and the intensity window.
@@ -98,6 +134,9 @@ enum Step {
     Restart(Duration),
     /// New code replaces the old at once (a live upgrade).
     Upgrade,
+    /// The upgraded version gave up within the rollback window: the previous one comes back
+    /// at once.
+    RollBack,
 }
 
 /// Swaps in the upgrade's code; the old version's last run (which ended in `state`) goes
@@ -118,9 +157,11 @@ fn upgrade(keeper: &dyn Keeper, shared: &RoutineShared, state: State, work: &mut
     *work = new;
 }
 
-/// Undoes an upgrade whose new version refused the handed-over state: the old code runs
-/// again and restores that state; the error is the routine's last error.
-fn rollback(shared: &RoutineShared, work: &mut Arc<dyn Work>) {
+/// Undoes an upgrade whose new version refused the handed-over state, or gave up within the
+/// rollback window: the old code runs again and restores that state; the error is the
+/// routine's last error, and the new version's last run (which ended in `state`) goes to the
+/// history with it.
+fn rollback(keeper: &dyn Keeper, shared: &RoutineShared, state: State, work: &mut Arc<dyn Work>) {
     let Some(s) = shared.upgrade().take_rollback() else { return };
     let why = s.failed.unwrap_or_default();
     let msg = format!(
@@ -128,6 +169,11 @@ fn rollback(shared: &RoutineShared, work: &mut Arc<dyn Work>) {
         work.version(),
         s.previous_version
     );
+    let mut snap = shared.snapshot();
+    snap.state = state;
+    snap.version = work.version();
+    snap.last_error = Some(msg.clone());
+    keeper.record_history(snap);
     tracing::warn!(routine = %escape(shared.name()), "{msg}");
     shared.set_last_error(Some(msg));
     shared.set_counts_fuel(s.previous.counts_fuel());
@@ -181,11 +227,20 @@ fn next_step(
         }
         None => {
             if !restarts.window.allow(&sup.intensity, now) {
-                shared.set_last_error(Some(format!(
+                let gave_up = format!(
                     "gave up: more than {} restarts within {}; last: {last}",
                     sup.intensity.max_restarts,
                     humantime::format_duration(sup.intensity.within)
-                )));
+                );
+                let window = sup.rollback_window;
+                let why = format!(
+                    "it {gave_up} (within {} of the upgrade: rolled back)",
+                    humantime::format_duration(window)
+                );
+                if shared.upgrade().crash_rollback(window, why) {
+                    return Step::RollBack;
+                }
+                shared.set_last_error(Some(gave_up));
                 return Step::End(State::Failed);
             }
         }

@@ -30,6 +30,6 @@ mod policy;
 pub(crate) use group::GroupInner;
 pub use group::{Group, Strategy};
 pub use policy::{
-    Backoff, DEFAULT_MAX_DELIVERIES, Intensity, MAX_POLICY_DURATION, PolicyError, RestartPolicy,
-    Supervision,
+    Backoff, DEFAULT_MAX_DELIVERIES, DEFAULT_ROLLBACK_WINDOW, Intensity, MAX_POLICY_DURATION,
+    PolicyError, RestartPolicy, Supervision,
 };

@@ -234,7 +234,14 @@ pub struct Supervision {
     /// Deliveries of one message before it goes to `dead-letter` (at least 1: 0 counts as
     /// 1).
     pub max_deliveries: u32,
+    /// A live-upgraded routine that gives up (its restart intensity exceeded) within this
+    /// long after the upgrade is put back on the version it ran before, mailbox and all,
+    /// instead of ending `FAILED`; zero turns it off. Default [`DEFAULT_ROLLBACK_WINDOW`].
+    pub rollback_window: Duration,
 }
+
+/// Default [`Supervision::rollback_window`].
+pub const DEFAULT_ROLLBACK_WINDOW: Duration = Duration::from_secs(60);
 
 /// Default `max-deliveries`.
 pub const DEFAULT_MAX_DELIVERIES: u32 = 3;
@@ -246,6 +253,7 @@ impl Default for Supervision {
             backoff: Backoff::default(),
             intensity: Intensity::default(),
             max_deliveries: DEFAULT_MAX_DELIVERIES,
+            rollback_window: DEFAULT_ROLLBACK_WINDOW,
         }
     }
 }

@@ -359,3 +359,62 @@ fn two_plugins_asking_for_one_routine_name_are_a_failed_plugin_naming_both_files
     assert!(body.contains("relay.wasm") && body.contains("first in file order"), "{body}");
     stop_cleanly(&mut child);
 }
+
+/// How many messages were published on `topic` of the host on `port`.
+fn published(port: &str, topic: &str) -> u64 {
+    let topics: serde_json::Value =
+        serde_json::from_str(&http_get(port, "/gorchestra/api/topics")).unwrap();
+    let found = topics.as_array().unwrap().iter().find(|t| t["name"] == topic);
+    found.map_or(0, |t| t["published"].as_u64().unwrap())
+}
+
+#[test]
+fn an_upgrade_that_crash_loops_is_rolled_back_with_its_mailbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // relay republishes its mailbox on the `echo` topic; it gives up after 3 quick failures.
+    let echo = std::fs::read(gorch_artifacts::path("echo")).unwrap();
+    // testkit with no MODE fails at once, without receiving: a version that loads but
+    // crashes.
+    let crashes = std::fs::read(gorch_artifacts::path("testkit")).unwrap();
+    std::fs::write(d.join("relay.wasm"), &echo).unwrap();
+    let manifest = "queue-capacity = 1000\n[backoff]\ninitial = \"10ms\"\nmax = \"20ms\"\n\
+                    [intensity]\nmax-restarts = 2\nwithin = \"1m\"\n";
+    std::fs::write(d.join("relay.toml"), manifest).unwrap();
+    let (mut child, rx) = run_host(d, &[]);
+    let port = port_of(&read_until(&mut child, &rx, "metrics: http://"));
+    let addr = format!("127.0.0.1:{port}");
+    let send = |i: usize| {
+        let (ok, out, err) = client(&["send", "relay", &format!("m{i}"), "--addr", &addr], None);
+        assert!(ok, "send m{i}: {out}{err}");
+    };
+    let v1 = version_of(&port, "relay");
+    for i in 0..20 {
+        send(i);
+    }
+    wait_for("the first 20 echoed", || published(&port, "echo") == 20);
+
+    // The crashing version goes in; messages keep coming while it fails.
+    std::fs::write(d.join("relay.wasm"), &crashes).unwrap();
+    let (ok, out, err) = client(&["reload", "--addr", &addr], None);
+    assert!(ok && out.contains("upgraded"), "{out}{err}");
+    for i in 20..60 {
+        send(i);
+    }
+    // It gives up, the previous version comes back with the mailbox: nothing is lost.
+    wait_for("the rollback", || version_of(&port, "relay") == v1);
+    wait_for("all 60 echoed", || published(&port, "echo") == 60);
+    read_until(&mut child, &rx, "rolled back");
+    let snaps: Vec<gorch_host::Snapshot> =
+        serde_json::from_str(&http_get(&port, "/gorchestra/api/routines")).unwrap();
+    let relay = snaps.iter().find(|s| s.name == "relay").unwrap();
+    assert!(relay.last_error.as_deref().unwrap_or("").contains("rolled back"), "{relay:?}");
+    let history = http_get(&port, "/gorchestra/api/history");
+    assert!(history.contains("rolled back"), "{history}");
+    // The bad version is not tried again until its file changes; the report says why.
+    let (ok, out, err) = client(&["reload", "--addr", &addr], None);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("unchanged") && out.contains("gave up after its upgrade"), "{out}");
+    assert_eq!(version_of(&port, "relay"), v1);
+    stop_cleanly(&mut child);
+}

@@ -201,6 +201,7 @@ fn the_manifest_lists_every_key_commented_with_its_default() {
             "idle-timeout",
             "queue-capacity",
             "max-deliveries",
+            "rollback-window",
             "[backoff]",
             "initial",
             "max",

@@ -25,6 +25,7 @@ fn sup(restart: RestartPolicy, initial_ms: u64, max_ms: u64) -> Supervision {
         },
         intensity: Intensity { max_restarts: 100, within: Duration::from_secs(3600) },
         max_deliveries: 3,
+        rollback_window: Duration::ZERO,
     }
 }
 
@@ -243,6 +244,7 @@ fn poison_supervision() -> Supervision {
         },
         intensity: Intensity { max_restarts: 100, within: Duration::from_secs(60) },
         max_deliveries: 3,
+        rollback_window: Duration::ZERO,
     }
 }
 
@@ -411,4 +413,45 @@ fn the_group_intensity_limit_ends_the_whole_group() {
         }
         shutdown(&orch).await;
     })
+}
+
+/// A routine that ends for good on its own (here: it fails and its policy does not restart
+/// it) loses nothing silently: what is queued in its mailbox goes to `dead-letter`, each
+/// letter naming the routine, the mailbox and why.
+#[test]
+fn a_routine_that_gives_up_sends_its_queued_messages_to_dead_letter() {
+    run(async {
+        let orch = Orchestrator::new();
+        let dead = orch.bus().topic(gorch_host::DEAD_LETTER_TOPIC, 64).unwrap();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let g = gate.clone();
+        let opts = SpawnOptions::new("quitter").supervision(sup(RestartPolicy::Never, 0, 0));
+        let h = orch
+            .spawn(opts, move |_ctx| {
+                let g = g.clone();
+                async move {
+                    g.notified().await;
+                    Err::<(), _>("quitter failed")
+                }
+            })
+            .unwrap();
+        for i in 0..5 {
+            h.mailbox().send(format!("q{i}").as_str().into()).await.unwrap();
+        }
+        gate.notify_one();
+        assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Failed);
+        for i in 0..5 {
+            let m = tokio::time::timeout(Duration::from_secs(10), dead.recv())
+                .await
+                .expect("a dead letter")
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(v["routine"], "quitter");
+            assert_eq!(v["source"], "mailbox");
+            assert_eq!(v["payload"], serde_json::json!(format!("q{i}").into_bytes()));
+            assert!(v["error"].as_str().unwrap().contains("quitter failed"), "{v}");
+        }
+        assert_eq!(dead.len(), 0);
+        shutdown(&orch).await;
+    });
 }
