@@ -16,6 +16,7 @@ mod completions;
 mod new;
 mod ps;
 mod run;
+mod watch;
 
 pub use act::{PublishCmd, ReloadCmd, RoutineCmd, SendCmd};
 pub use check::CheckCmd;

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::watch::{Request, reload_loop, watch_dir};
 use super::{EngineArgs, LogFormat};
 use crate::cluster::{Cluster, ClusterConfig, DEFAULT_LEAVE_BOUND};
 use crate::obs::{DEFAULT_ADDR, ObsConfig, ObsServer};
@@ -138,8 +139,8 @@ impl RunCmd {
     async fn serve(
         &self,
         stop: &CancellationToken,
-        reload_tx: mpsc::Sender<()>,
-        reload_rx: mpsc::Receiver<()>,
+        reload_tx: mpsc::Sender<Request>,
+        reload_rx: mpsc::Receiver<Request>,
     ) -> anyhow::Result<()> {
         let orch = Orchestrator::new();
         let server = self.start_server(&orch)?;
@@ -330,7 +331,7 @@ impl Signals {
     }
 
     /// The next SIGINT or SIGTERM; each SIGHUP meanwhile asks for a reload.
-    async fn next(&mut self, reload: &mpsc::Sender<()>) {
+    async fn next(&mut self, reload: &mpsc::Sender<Request>) {
         #[cfg(unix)]
         loop {
             tokio::select! {
@@ -338,7 +339,7 @@ impl Signals {
                 _ = self.term.recv() => return,
                 _ = self.hup.recv() => {
                     tracing::info!("SIGHUP: applying the plugin directory");
-                    let _ = reload.try_send(());
+                    let _ = reload.try_send(Request::Now);
                 }
             }
         }
@@ -349,54 +350,13 @@ impl Signals {
         }
     }
 
-    async fn watch(mut self, stop: CancellationToken, reload: mpsc::Sender<()>) {
+    async fn watch(mut self, stop: CancellationToken, reload: mpsc::Sender<Request>) {
         self.next(&reload).await;
         stop.cancel();
         self.next(&reload).await;
         eprintln!("second signal: killing at once");
         std::process::exit(130);
     }
-}
-
-/// How long the directory must stay quiet before a change is applied: editors and deploy
-/// tools write a temporary file and rename it, or write several files.
-const DEBOUNCE: Duration = Duration::from_millis(300);
-
-/// Applies the directory on each request (SIGHUP, `--watch`), once the requests have
-/// stopped coming for [`DEBOUNCE`]; one reload at a time.
-async fn reload_loop(
-    reloader: Reloader,
-    mut requests: mpsc::Receiver<()>,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = requests.recv() => if r.is_none() { return },
-        }
-        while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, requests.recv()).await {}
-        if stop.is_cancelled() {
-            return;
-        }
-        // It logs each change and a summary line.
-        reloader.apply().await;
-    }
-}
-
-/// Watches `dir` (not recursively) and asks for a reload on every change in it.
-fn watch_dir(dir: &Path, reload: mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
-            let _ = reload.try_send(());
-        }
-    })
-    .context("cannot watch the plugin directory")?;
-    watcher
-        .watch(dir, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("cannot watch {}", dir.display()))?;
-    tracing::info!("watching {} for changes", dir.display());
-    Ok(watcher)
 }
 
 /// `HOST:PORT` with a name (`localhost:9090`) or an address (`127.0.0.1:9090`, `[::1]:9090`).

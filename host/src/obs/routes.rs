@@ -143,7 +143,7 @@ async fn readyz(AxState(s): AxState<ObsState>) -> impl IntoResponse {
     let starting = s.plugins.in_state(LoadState::Starting);
     let failed = s.plugins.in_state(LoadState::Failed);
     let up = s.ready.load(Relaxed);
-    let problem = s.orch.transport().problem();
+    let problem = s.orch.transport().problem().or_else(|| dead_letters_full(&s));
     if up && failed.is_empty() && problem.is_none() {
         return (StatusCode::OK, "ready\n".to_string());
     }
@@ -163,6 +163,19 @@ async fn readyz(AxState(s): AxState<ObsState>) -> impl IntoResponse {
         body.push_str(&format!("failed: {}\n", about_file(&p.file, &why)));
     }
     (StatusCode::SERVICE_UNAVAILABLE, body)
+}
+
+/// A full in-memory `dead-letter` topic: the next dead letter would be dropped (counted in
+/// `gorch_dead_letters_dropped_total`), so readiness says so until it is drained.
+fn dead_letters_full(s: &ObsState) -> Option<String> {
+    let topic = crate::delivery::DEAD_LETTER_TOPIC;
+    let t = s.orch.transport().topics().into_iter().find(|t| t.name == topic)?;
+    (t.cluster.is_none() && t.cap > 0 && t.len >= t.cap).then(|| {
+        format!(
+            "the {topic} topic is full ({} of {}): further dead letters are dropped; drain it",
+            t.len, t.cap
+        )
+    })
 }
 
 #[derive(serde::Deserialize)]

@@ -418,3 +418,54 @@ fn an_upgrade_that_crash_loops_is_rolled_back_with_its_mailbox() {
     assert_eq!(version_of(&port, "relay"), v1);
     stop_cleanly(&mut child);
 }
+
+/// The names of the live routines of the host on `port`.
+fn routine_names(port: &str) -> Vec<String> {
+    let snaps: Vec<gorch_host::Snapshot> =
+        serde_json::from_str(&http_get(port, "/gorchestra/api/routines")).unwrap();
+    snaps.into_iter().map(|s| s.name).collect()
+}
+
+#[test]
+fn watch_applies_under_constant_writes_and_follows_a_replaced_directory() {
+    let root = tempfile::tempdir().unwrap();
+    let d = root.path().join("plugins");
+    std::fs::create_dir(&d).unwrap();
+    let idler = std::fs::read(gorch_artifacts::path("idler")).unwrap();
+    let echo = std::fs::read(gorch_artifacts::path("echo")).unwrap();
+    std::fs::write(d.join("svc.wasm"), &idler).unwrap();
+    std::fs::write(d.join("svc.toml"), "queue-capacity = 16\n").unwrap();
+    let (mut child, rx) = run_host(&d, &["--watch"]);
+    let port = port_of(&read_until(&mut child, &rx, "metrics: http://"));
+    let v1 = version_of(&port, "svc");
+
+    // Noise every 20 ms: a log file (not watched) and the manifest rewritten unchanged
+    // (watched): the directory is never quiet, and the change still lands.
+    let noise_on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let noise = {
+        let (d, on) = (d.clone(), noise_on.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while on.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let _ = std::fs::write(d.join("app.log"), format!("line {n}\n"));
+                let _ = std::fs::write(d.join("svc.toml"), "queue-capacity = 16\n");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let tmp = d.join(".svc.wasm.part");
+    std::fs::write(&tmp, &echo).unwrap();
+    std::fs::rename(&tmp, d.join("svc.wasm")).unwrap();
+    wait_for("the upgrade under constant writes", || version_of(&port, "svc") != v1);
+    noise_on.store(false, std::sync::atomic::Ordering::Relaxed);
+    noise.join().unwrap();
+
+    // The directory replaced by another: the watcher follows it and applies it.
+    std::fs::rename(&d, root.path().join("plugins.old")).unwrap();
+    std::fs::create_dir(&d).unwrap();
+    std::fs::write(d.join("other.wasm"), &idler).unwrap();
+    read_until(&mut child, &rx, "was replaced: watching the new directory");
+    wait_for("the new directory applied", || routine_names(&port) == ["other"]);
+    stop_cleanly(&mut child);
+}

@@ -221,6 +221,17 @@ fn json_api_health_readiness_and_a_hostile_name() {
         state.set_ready(true);
         assert_eq!(get(&app, "/readyz", None).await.0, StatusCode::OK);
         assert_eq!(get(&app, "/gorchestra/api/topics", None).await.1, "[]");
+        // A full dead-letter topic is not a silent drop: /readyz says so until it drains.
+        let dead = orch.bus().topic(gorch_host::DEAD_LETTER_TOPIC, 2).unwrap();
+        for _ in 0..2 {
+            dead.send("letter".into()).await.unwrap();
+        }
+        let (status, body) = get(&app, "/readyz", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("dead-letter topic is full (2 of 2)"), "{body}");
+        dead.recv().await.unwrap();
+        assert_eq!(get(&app, "/readyz", None).await.0, StatusCode::OK);
+        dead.recv().await.unwrap();
         h.stop();
         h.wait().await;
         let (_, hist) = get(&app, "/gorchestra/api/history", None).await;
