@@ -132,8 +132,20 @@ async fn process() -> impl IntoResponse {
     axum::Json(super::process::read())
 }
 
+/// The board, with each running plugin's `routines` counted live (a routine stopped on
+/// request or ended by its policy is no longer counted).
 async fn plugins(AxState(s): AxState<ObsState>) -> impl IntoResponse {
-    axum::Json(s.plugins.list())
+    let mut live: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for r in s.orch.shared_list() {
+        *live.entry(r.plugin().to_string()).or_default() += 1;
+    }
+    let mut list = s.plugins.list();
+    for p in &mut list {
+        if p.status == LoadState::Running {
+            p.routines = live.get(&p.plugin).copied().unwrap_or(0);
+        }
+    }
+    axum::Json(list)
 }
 
 /// 200 `ready` once start-up is done and no plugin of the directory failed; otherwise 503

@@ -369,17 +369,32 @@ impl Inner {
     ) -> PluginChange {
         let stem = spec.stem.as_str();
         let fail = |why: String| change(stem, &spec.wasm, ReloadAction::Failed, None, Some(why));
+        let file = spec.wasm.display().to_string();
         let (bytes, wasm_hash, toml_hash) =
             match read_hashed(spec, self.engine.max_component_bytes()) {
                 Ok(h) => h,
-                Err(e) => return fail(e),
+                Err(e) => {
+                    // On the board too (a file made unreadable, say), not only in the report.
+                    match applied.contains_key(stem) {
+                        true => {
+                            self.board.note(stem, format!("{e}; the running version keeps running"))
+                        }
+                        false => self.board.failed(stem, &file, e.clone()),
+                    }
+                    return fail(e);
+                }
             };
         let old = applied.get(stem).cloned();
         if let Some(old) = &old {
             if old.wasm_hash == wasm_hash && old.toml_hash == toml_hash {
                 let v = Some(old.version.clone());
-                let note = self.rolled_back(stem, old);
-                return change(stem, &spec.wasm, ReloadAction::Unchanged, v, note);
+                let ended: Vec<String> =
+                    old.routines.iter().filter(|n| !self.runs(stem, n)).cloned().collect();
+                if ended.is_empty() {
+                    let note = self.rolled_back(stem, old);
+                    return change(stem, &spec.wasm, ReloadAction::Unchanged, v, note);
+                }
+                return self.restart_ended(spec, scanned, bytes, &ended).await;
             }
             if let Some(why) = renames(&old.manifest, &spec.manifest) {
                 let v = Some(old.version.clone());
@@ -408,11 +423,8 @@ impl Inner {
                 if let Err(e) = self.spawn_all(spec, scanned, &component, &names) {
                     // Nothing of a plugin that did not start whole keeps running: the next
                     // reload tries it again.
-                    let started: Vec<String> = names
-                        .iter()
-                        .filter(|n| self.orch.get_by_name(n).is_some_and(|h| h.plugin() == stem))
-                        .cloned()
-                        .collect();
+                    let started: Vec<String> =
+                        names.iter().filter(|n| self.runs(stem, n)).cloned().collect();
                     self.stop_all(&started).await;
                     self.board.failed(stem, &spec.wasm.display().to_string(), e.clone());
                     return fail(e);
@@ -446,6 +458,36 @@ impl Inner {
             Applied { wasm_hash, toml_hash, manifest, routines: names, version: version.clone() };
         applied.insert(stem.to_string(), entry);
         change(stem, &spec.wasm, action, Some(version), note)
+    }
+
+    /// Whether the routine `name` of plugin `stem` is live.
+    fn runs(&self, stem: &str, name: &str) -> bool {
+        self.orch.get_by_name(name).is_some_and(|h| h.plugin() == stem)
+    }
+
+    /// An unchanged plugin some of whose routines ended (stopped on request, or ended by
+    /// their policy): the directory says they run, so they start again.
+    async fn restart_ended(
+        &self,
+        spec: &PluginSpec,
+        scanned: &PluginDir,
+        bytes: Vec<u8>,
+        ended: &[String],
+    ) -> PluginChange {
+        let stem = spec.stem.as_str();
+        let fail = |why: String| change(stem, &spec.wasm, ReloadAction::Failed, None, Some(why));
+        let component = match self.load(spec, bytes).await {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        };
+        if let Err(e) = self.spawn_all(spec, scanned, &component, ended) {
+            return fail(e);
+        }
+        let names = spec.manifest.routine_names(stem);
+        self.board.running(stem, names.iter().filter(|n| self.runs(stem, n)).count());
+        let note = format!("{} of its routines had ended: started again", ended.len());
+        let v = Some(component.version().to_string());
+        change(stem, &spec.wasm, ReloadAction::Started, v, Some(note))
     }
 
     /// A note when routines of `stem` run another version than the one applied: the new

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -66,7 +66,7 @@ pub async fn start_plugins(
         tracing::warn!("no *.wasm components in {}", dir.display());
     }
     let mut starter = Starter::new(orch, scanned, board, report);
-    let mut loads = spawn_loads(engine, scanned, cancel);
+    let (_workers, mut loads) = spawn_loads(engine, scanned, cancel);
     loop {
         let next = tokio::select! {
             biased;
@@ -74,12 +74,11 @@ pub async fn start_plugins(
                 starter.report.interrupted = true;
                 break;
             }
-            next = loads.join_next() => next,
+            next = loads.recv() => next,
         };
         match next {
             None => break,
-            Some(Ok((i, result, took))) => starter.handle(i, result, took),
-            Some(Err(e)) => tracing::error!("a plugin load task failed: {e}"),
+            Some((i, result, took)) => starter.handle(i, result, took),
         }
     }
     if let Some(cache) = engine.cache_dir() {
@@ -170,51 +169,81 @@ impl<'a> Starter<'a> {
     }
 }
 
-/// Starts a load task per plugin: at most one per core compiles at a time, on the blocking
-/// pool, so guests keep running and the control plane stays responsive.
+/// Loads the plugins on one worker per core, **smallest component first**, off the threads
+/// that run guests (the blocking pool), so guests keep running and the control plane stays
+/// responsive; each result is sent as it is ready. Smallest first keeps small plugins from
+/// waiting for a large one: an 18 MB Python component compiles for tens of seconds, and its
+/// many function jobs would fill wasmtime's parallel-compilation pool ahead of a small
+/// component's. The workers stop when the returned set is dropped.
 fn spawn_loads(
     engine: &WasmEngine,
     scanned: &PluginDir,
     cancel: &CancellationToken,
-) -> JoinSet<Loaded> {
+) -> (JoinSet<()>, mpsc::UnboundedReceiver<Loaded>) {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let permits = Arc::new(Semaphore::new(cores));
-    // On a terminal, say when each compile begins too: a large component (a Python guest is
-    // about 18 MB) takes tens of seconds on a small machine. Logs keep one line per plugin.
+    // On a terminal, say when each compile begins too (debug level otherwise): a large
+    // component takes a while on a small machine. Logs keep one line per plugin.
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let mut loads = JoinSet::new();
-    for (i, spec) in scanned.plugins.iter().enumerate() {
-        let engine = engine.clone();
-        let path = spec.wasm.clone();
-        // Compiled for the engine its manifest asks for (`limits.metering`).
-        let metering = spec.manifest.limits.metering;
-        let permits = permits.clone();
-        let cancel = cancel.clone();
-        loads.spawn(async move {
-            let _permit = permits.acquire_owned().await;
-            if cancel.is_cancelled() {
-                return (
-                    i,
-                    Err(format!("{}: start-up interrupted", path.display())),
-                    Duration::ZERO,
-                );
+    let size = |i: usize| std::fs::metadata(&scanned.plugins[i].wasm).map_or(0, |m| m.len());
+    let mut order: Vec<(u64, usize)> = (0..scanned.plugins.len()).map(|i| (size(i), i)).collect();
+    order.sort();
+    let jobs: Vec<Job> = order
+        .into_iter()
+        .map(|(size, i)| {
+            let spec = &scanned.plugins[i];
+            // Compiled for the engine its manifest asks for (`limits.metering`).
+            Job { i, size, path: spec.wasm.clone(), metering: spec.manifest.limits.metering }
+        })
+        .collect();
+    let queue = Arc::new(parking_lot::Mutex::new(std::collections::VecDeque::from(jobs)));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut workers = JoinSet::new();
+    for _ in 0..cores.min(scanned.plugins.len()) {
+        let (engine, queue, tx, cancel) =
+            (engine.clone(), queue.clone(), tx.clone(), cancel.clone());
+        workers.spawn(async move {
+            loop {
+                // Taken and announced under the lock: the log shows the order of the queue.
+                let job = {
+                    let mut q = queue.lock();
+                    let job = q.pop_front();
+                    if let Some(j) = &job {
+                        let (path, size) = (j.path.display(), kib(j.size));
+                        match progress {
+                            true => tracing::info!("loading {path} ({size})..."),
+                            false => tracing::debug!("loading {path} ({size})..."),
+                        }
+                    }
+                    job
+                };
+                let Some(Job { i, path, metering, .. }) = job else { return };
+                if cancel.is_cancelled() {
+                    let why = Err(format!("{}: start-up interrupted", path.display()));
+                    let _ = tx.send((i, why, Duration::ZERO));
+                    continue;
+                }
+                let started = Instant::now();
+                let engine = engine.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    engine
+                        .load_file_metered(&path, metering)
+                        .map_err(|e| PluginError::from(e).to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("loading panicked: {e}")));
+                let _ = tx.send((i, result, started.elapsed()));
             }
-            if progress {
-                let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-                tracing::info!("loading {} ({})...", path.display(), kib(size));
-            }
-            let started = Instant::now();
-            let result = tokio::task::spawn_blocking(move || {
-                engine
-                    .load_file_metered(&path, metering)
-                    .map_err(|e| PluginError::from(e).to_string())
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("loading panicked: {e}")));
-            (i, result, started.elapsed())
         });
     }
-    loads
+    (workers, rx)
+}
+
+/// One plugin to load: its index in the scan, its size, its file and its metering.
+struct Job {
+    i: usize,
+    size: u64,
+    path: std::path::PathBuf,
+    metering: crate::wasm::Metering,
 }
 
 fn report_scan_error(board: &PluginBoard, e: &PluginError) {

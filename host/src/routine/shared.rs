@@ -132,7 +132,7 @@ impl RoutineShared {
             grace: opts.grace,
             message_bytes: opts.message_bytes,
             mailbox: Channel::new(opts.queue_capacity),
-            supervision: opts.supervision,
+            supervision: opts.supervision.clone(),
             group: opts.group,
             current_run: Mutex::new(None),
             in_flight: InFlightSlot::default(),
@@ -142,7 +142,7 @@ impl RoutineShared {
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
             restart_wake: tokio::sync::Notify::new(),
-            upgrade: UpgradeSlot::new(version),
+            upgrade: UpgradeSlot::new(version, opts.supervision.rollback_window),
 
             done: watch::channel(None).0,
         }

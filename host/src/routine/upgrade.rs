@@ -30,7 +30,11 @@ pub(crate) struct UpgradeSlot {
     settling: Mutex<Option<Settling>>,
     /// The last upgrade that settled, and when: within the rollback window, a new version
     /// that gives up goes back to its `previous` ([`crash_rollback`](Self::crash_rollback)).
+    /// The driver lets go of it when the window ends ([`expire`](Self::expire)): the
+    /// previous component is not kept in memory longer.
     settled: Mutex<Option<(Settling, tokio::time::Instant)>>,
+    settled_changed: tokio::sync::Notify,
+    rollback_window: std::time::Duration,
     handover: Mutex<Option<Vec<u8>>>,
     seq: AtomicU64,
     upgrades: AtomicU64,
@@ -40,11 +44,13 @@ pub(crate) struct UpgradeSlot {
 }
 
 impl UpgradeSlot {
-    pub fn new(version: String) -> Self {
+    pub fn new(version: String, rollback_window: std::time::Duration) -> Self {
         UpgradeSlot {
             pending: Mutex::new(None),
             settling: Mutex::new(None),
             settled: Mutex::new(None),
+            settled_changed: tokio::sync::Notify::new(),
+            rollback_window,
             handover: Mutex::new(None),
             seq: AtomicU64::new(0),
             upgrades: AtomicU64::new(0),
@@ -93,7 +99,7 @@ impl UpgradeSlot {
             Ok(()) => {
                 let seq = s.seq;
                 let done = settling.take().expect("matched above");
-                *self.settled.lock() = Some((done, tokio::time::Instant::now()));
+                self.keep_for_rollback(done);
                 self.upgrades.fetch_add(1, Relaxed);
                 self.done.send_replace((seq, None));
             }
@@ -101,26 +107,57 @@ impl UpgradeSlot {
         }
     }
 
+    /// Keeps the previous version of the upgrade that just settled for the rollback window.
+    fn keep_for_rollback(&self, done: Settling) {
+        if self.rollback_window.is_zero() {
+            return;
+        }
+        *self.settled.lock() = Some((done, tokio::time::Instant::now()));
+        self.settled_changed.notify_waiters();
+    }
+
+    /// Whether a previous version is kept, or may be once the upgrade being settled settles.
+    pub fn keeps_previous(&self) -> bool {
+        !self.rollback_window.is_zero()
+            && (self.settled.lock().is_some() || self.settling.lock().is_some())
+    }
+
+    /// Lets go of each kept previous version when its rollback window ends; never returns
+    /// (the driver runs it beside each run).
+    pub async fn expire(&self) {
+        loop {
+            let changed = self.settled_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let end = self.settled.lock().as_ref().map(|(_, at)| *at + self.rollback_window);
+            match end {
+                Some(end) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(end) => {
+                            let mut s = self.settled.lock();
+                            if s.as_ref().is_some_and(|(_, at)| *at + self.rollback_window <= end) {
+                                *s = None;
+                            }
+                        }
+                        _ = changed => {}
+                    }
+                }
+                None => changed.await,
+            }
+        }
+    }
+
     /// The version that ran gave up: if its upgrade settled within `window`, that upgrade
     /// is undone like a failed `restore` (the driver's next [`take_rollback`](Self::take_rollback)
     /// brings back the previous code and its saved state) and true is returned.
-    pub fn crash_rollback(&self, window: std::time::Duration, why: String) -> bool {
+    pub fn crash_rollback(&self, why: String) -> bool {
         let Some((mut s, at)) = self.settled.lock().take() else { return false };
-        if window.is_zero() || at.elapsed() > window || self.is_pending() {
+        if at.elapsed() > self.rollback_window || self.is_pending() {
             return false;
         }
         s.failed = Some(why);
         *self.settling.lock() = Some(s);
         true
-    }
-
-    /// Lets go of the previous version of an upgrade settled more than `window` ago (it can
-    /// no longer come back).
-    pub fn forget_settled_after(&self, window: std::time::Duration) {
-        let mut settled = self.settled.lock();
-        if settled.as_ref().is_some_and(|(_, at)| at.elapsed() > window) {
-            *settled = None;
-        }
     }
 
     /// Whether the upgrade being settled failed (the driver must go back).

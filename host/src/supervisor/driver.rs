@@ -50,7 +50,6 @@ pub(crate) async fn drive(
         // A live upgrade swaps the code between runs (also when it finds us in BACKOFF); a
         // failed one (the new version's `restore` refused the state) swaps it back.
         rollback(&*keeper, &shared, last, &mut work);
-        shared.upgrade().forget_settled_after(shared.supervision().rollback_window);
         if shared.upgrade_pending() {
             upgrade(&*keeper, &shared, last, &mut work);
         }
@@ -63,7 +62,16 @@ pub(crate) async fn drive(
         let ctx = RoutineContext { shared: shared.clone(), run: run.clone(), link };
         // tokio's clock, so that paused-time tests see real backoff and windows.
         let started = tokio::time::Instant::now();
-        let state = run_once(&shared, &run, ctx, &*work).await;
+        let state = match shared.upgrade().keeps_previous() {
+            false => run_once(&shared, &run, ctx, &*work).await,
+            true => tokio::select! {
+                biased;
+                state = run_once(&shared, &run, ctx, &*work) => state,
+                // Never ends: lets go of the previous version when the rollback window is
+                // over (only after an upgrade: other runs do not pay for it).
+                _ = shared.upgrade().expire() => unreachable!(),
+            },
+        };
         // A new version that ended before settling (it failed to start) is still the code.
         shared.upgrade().settle(Ok(()));
         last = state;
@@ -237,7 +245,7 @@ fn next_step(
                     "it {gave_up} (within {} of the upgrade: rolled back)",
                     humantime::format_duration(window)
                 );
-                if shared.upgrade().crash_rollback(window, why) {
+                if shared.upgrade().crash_rollback(why) {
                     return Step::RollBack;
                 }
                 shared.set_last_error(Some(gave_up));

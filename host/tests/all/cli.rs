@@ -469,3 +469,43 @@ fn watch_applies_under_constant_writes_and_follows_a_replaced_directory() {
     wait_for("the new directory applied", || routine_names(&port) == ["other"]);
     stop_cleanly(&mut child);
 }
+
+#[test]
+fn plugins_load_smallest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // testkit is about three times the size of the others: it is loaded last whatever its
+    // name, so the small plugins never wait behind a large compile.
+    let big = "a-big";
+    std::fs::copy(gorch_artifacts::path("testkit"), d.join(format!("{big}.wasm"))).unwrap();
+    std::fs::write(d.join(format!("{big}.toml")), "[wasi]\nenv = { MODE = \"idle\" }\n").unwrap();
+    let small = ["idler", "ticker", "echo", "spinner", "producer"];
+    for name in small {
+        std::fs::copy(gorch_artifacts::path(name), d.join(format!("{name}.wasm"))).unwrap();
+    }
+    let args = ["run", "--no-cache", "--addr", "127.0.0.1:0"].map(std::ffi::OsStr::new);
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).arg(d).env("RUST_LOG", "info,gorch_host::plugin::start=debug");
+    cmd.env("NO_COLOR", "1").stderr(Stdio::piped()).stdout(Stdio::null());
+    let mut child = crate::common::host::Host(cmd.spawn().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let log = read_until(&mut child, &rx, "metrics: http://");
+    let order: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("loading ").nth(1))
+        .filter_map(|rest| rest.split(".wasm").next())
+        .filter_map(|p| p.rsplit('/').next())
+        .collect();
+    assert_eq!(order.len(), small.len() + 1, "{log}");
+    assert_eq!(order.last(), Some(&big), "{log}");
+    stop_cleanly(&mut child);
+}

@@ -261,3 +261,47 @@ fn a_plugin_starts_with_time_metering_and_a_reload_switches_it_live() {
         shutdown(&orch).await;
     });
 }
+
+#[test]
+fn a_reload_starts_again_what_was_stopped_and_reports_an_unreadable_file_on_the_board() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let echo = std::fs::read(gorch_artifacts::path("echo")).unwrap();
+        std::fs::write(d.join("relay.wasm"), &echo).unwrap();
+        std::fs::write(d.join("other.wasm"), &echo).unwrap();
+        let orch = Orchestrator::new();
+        let board = PluginBoard::new();
+        let reloader = started_with(&orch, d, &board).await;
+        let relay = orch.get_by_name("relay").unwrap();
+        relay.stop();
+        relay.wait().await;
+
+        // The directory says relay runs: the reload starts it again and says why.
+        let report = reloader.apply().await;
+        assert_eq!(action(&report, "relay"), ReloadAction::Started, "{report:?}");
+        let c = report.plugins.iter().find(|c| c.plugin == "relay").unwrap();
+        assert_eq!(c.error.as_deref(), Some("1 of its routines had ended: started again"));
+        assert_eq!(action(&report, "other"), ReloadAction::Unchanged);
+        assert!(orch.get_by_name("relay").is_some());
+
+        // A component the host cannot read is reported on the board too, not only in the
+        // report (the running version keeps running).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let path = d.join("other.wasm");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap();
+            if std::fs::read(&path).is_err() {
+                let report = reloader.apply().await;
+                assert_eq!(action(&report, "other"), ReloadAction::Failed, "{report:?}");
+                let status = board.list().into_iter().find(|p| p.plugin == "other").unwrap();
+                let note = status.error.unwrap_or_default();
+                assert!(note.contains("the running version keeps running"), "{note}");
+                assert!(orch.get_by_name("other").is_some());
+            } // else: running as root, permissions do not stop a read
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        shutdown(&orch).await;
+    });
+}
