@@ -42,6 +42,11 @@ pub struct RunCmd {
     /// for several; requests naming any other host get 421, against DNS rebinding).
     #[arg(long, value_name = "NAME")]
     pub allowed_host: Vec<String>,
+    /// How long a client may take to send a whole request, headers and body: a slower body
+    /// is cut off (the server also keeps at most half the descriptor limit of connections,
+    /// closing the oldest for a new one).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub request_timeout: Duration,
     /// Watch DIR and apply each change live (new, changed and removed plugins; see
     /// `gorch-host reload`). SIGHUP applies the directory on request, with or without it.
     #[arg(long)]
@@ -241,6 +246,7 @@ impl RunCmd {
             token: self.token.clone(),
             metrics_routine_limit: self.metrics_routine_limit,
             allowed_hosts: self.allowed_host.clone(),
+            request_timeout: self.request_timeout,
         };
         let server = ObsServer::start(orch, &config)
             .with_context(|| format!("cannot listen on {}", self.addr))?;

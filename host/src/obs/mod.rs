@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -31,6 +30,7 @@ mod process;
 mod profile;
 mod routes;
 mod state;
+mod timed;
 
 pub use control::INGRESS_WAIT;
 pub use metrics::{
@@ -44,6 +44,10 @@ pub use state::ObsState;
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9090";
 /// How long a client may take to send its request headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`ObsConfig::request_timeout`].
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most connections the server keeps open, whatever the descriptor limit allows.
+pub const MAX_CONNECTIONS: usize = 1024;
 
 /// Settings of the observability server. `Default` is the safe default: 127.0.0.1:9090,
 /// dashboard on, profiling off, no token.
@@ -63,6 +67,9 @@ pub struct ObsConfig {
     /// Host names the server answers to besides loopback ones and its address
     /// (`--allowed-host`; see the README, "Observability": what a web page may do).
     pub allowed_hosts: Vec<String>,
+    /// How long a client may take to send a whole request, headers and body (a request
+    /// body trickled slower is cut off). Default [`DEFAULT_REQUEST_TIMEOUT`].
+    pub request_timeout: Duration,
 }
 
 impl Default for ObsConfig {
@@ -74,6 +81,7 @@ impl Default for ObsConfig {
             token: None,
             metrics_routine_limit: metrics::DEFAULT_ROUTINE_LIMIT,
             allowed_hosts: Vec::new(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
@@ -105,7 +113,8 @@ impl ObsServer {
         let app = router(state.clone(), config);
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(accept_loop(listener, app, cancel.clone(), tracker.clone()));
+        let limits = ConnLimits { max: connection_cap(), request_timeout: config.request_timeout };
+        tracker.spawn(accept_loop(listener, app, limits, cancel.clone(), tracker.clone()));
         Ok(ObsServer { addr, state, cancel, tracker })
     }
 
@@ -132,12 +141,43 @@ impl ObsServer {
     }
 }
 
+/// Bounds on the server's connections.
+#[derive(Clone, Copy)]
+struct ConnLimits {
+    /// Open connections at most: past it, the oldest is closed for the new one.
+    max: usize,
+    request_timeout: Duration,
+}
+
+/// Half the process's descriptor limit (the other half stays for plugin files, the compile
+/// cache, NATS and the reloads), between 16 and [`MAX_CONNECTIONS`].
+fn connection_cap() -> usize {
+    #[cfg(unix)]
+    {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        let half = limit.map_or(MAX_CONNECTIONS, |n| usize::try_from(n / 2).unwrap_or(usize::MAX));
+        half.clamp(16, MAX_CONNECTIONS)
+    }
+    #[cfg(not(unix))]
+    MAX_CONNECTIONS
+}
+
+/// The open connections, oldest first: at the cap, the oldest is closed so that a new
+/// client (a health check) is served even while slow clients hold every slot.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    conns: std::collections::VecDeque<(u64, CancellationToken)>,
+}
+
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     app: Router,
+    limits: ConnLimits,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let open = std::sync::Arc::new(parking_lot::Mutex::new(Open::default()));
     loop {
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -150,20 +190,49 @@ async fn accept_loop(
                 }
             },
         };
-        let svc = TowerToHyperService::new(app.clone());
-        let cancel = cancel.clone();
-        tracker.spawn(async move {
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-            let conn = b.serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = cancel.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
-                }
+        let (id, mine) = {
+            let mut o = open.lock();
+            if o.conns.len() >= limits.max
+                && let Some((_, oldest)) = o.conns.pop_front()
+            {
+                oldest.cancel();
             }
+            o.next += 1;
+            let (id, mine) = (o.next, cancel.child_token());
+            o.conns.push_back((id, mine.clone()));
+            (id, mine)
+        };
+        let app = app.clone();
+        let open = open.clone();
+        tracker.spawn(async move {
+            serve(stream, app, limits.request_timeout, &mine).await;
+            open.lock().conns.retain(|(i, _)| *i != id);
         });
+    }
+}
+
+/// Serves one connection until it ends, or until `cancel` (the server closing: a graceful
+/// end, in-flight requests get a second; or the connection evicted at the cap).
+async fn serve(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    request_timeout: Duration,
+    cancel: &CancellationToken,
+) {
+    use tower::ServiceExt;
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let req = req.map(|body| timed::TimedBody::new(body, request_timeout));
+        app.clone().oneshot(req)
+    });
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    let conn = b.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        }
     }
 }

@@ -67,7 +67,9 @@ pub async fn start_plugins(
     }
     let mut starter = Starter::new(orch, scanned, board, report);
     let (_workers, mut loads) = spawn_loads(engine, scanned, cancel);
-    loop {
+    // Until every plugin is handled (not until the workers are gone: a signal in between
+    // would look like one during start-up).
+    while starter.handled < scanned.plugins.len() {
         let next = tokio::select! {
             biased;
             _ = cancel.cancelled() => {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::guests::slow_component;
 use crate::common::host::{
-    BIN, http_get, port_of, read_until, run_host, spawn_logged, stop_cleanly,
+    BIN, http_get, port_of, read_until, run_host, spawn_command, spawn_logged, stop_cleanly,
 };
 use crate::common::wait_until_blocking;
 
@@ -483,21 +483,10 @@ fn plugins_load_smallest_first() {
     for name in small {
         std::fs::copy(gorch_artifacts::path(name), d.join(format!("{name}.wasm"))).unwrap();
     }
-    let args = ["run", "--no-cache", "--addr", "127.0.0.1:0"].map(std::ffi::OsStr::new);
     let mut cmd = Command::new(BIN);
-    cmd.args(args).arg(d).env("RUST_LOG", "info,gorch_host::plugin::start=debug");
-    cmd.env("NO_COLOR", "1").stderr(Stdio::piped()).stdout(Stdio::null());
-    let mut child = crate::common::host::Host(cmd.spawn().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    cmd.args(["run", "--no-cache", "--addr", "127.0.0.1:0"]).arg(d);
+    let (mut child, rx) =
+        spawn_command(cmd.env("RUST_LOG", "info,gorch_host::plugin::start=debug"));
     let log = read_until(&mut child, &rx, "metrics: http://");
     let order: Vec<&str> = log
         .lines()
@@ -507,5 +496,42 @@ fn plugins_load_smallest_first() {
         .collect();
     assert_eq!(order.len(), small.len() + 1, "{log}");
     assert_eq!(order.last(), Some(&big), "{log}");
+    stop_cleanly(&mut child);
+}
+
+#[test]
+fn slow_clients_cannot_starve_health_checks_or_reloads_under_a_low_descriptor_limit() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(gorch_artifacts::path("idler"), dir.path().join("idle.wasm")).unwrap();
+    // 128 descriptors: the server keeps at most 64 connections.
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "ulimit -n 128 && exec \"$0\" \"$@\"", BIN, "run", "--no-cache"]);
+    cmd.args(["--addr", "127.0.0.1:0", "--request-timeout", "2s"]).arg(dir.path());
+    let (mut child, rx) = spawn_command(cmd.env("RUST_LOG", "info"));
+    let port = port_of(&read_until(&mut child, &rx, "metrics: http://"));
+    // 100 clients that send their headers and one byte of a 100-byte body, then nothing.
+    let slow: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+            let head = format!(
+                "POST /gorchestra/api/topics/slow HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+                 X-Gorch-Request: 1\r\nContent-Length: 100\r\n\r\na"
+            );
+            s.write_all(head.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    // A health check and a reload are still served.
+    assert_eq!(http_get(&port, "/healthz").trim(), "ok");
+    let status = Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    read_until(&mut child, &rx, "reload: 1 plugin(s): 1 unchanged");
+    // Every slow client is cut off: evicted for newer ones, or at the request timeout.
+    for mut s in slow {
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf); // EOF (or a reset) ends it; a hang fails the test
+    }
     stop_cleanly(&mut child);
 }

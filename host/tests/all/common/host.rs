@@ -35,14 +35,14 @@ impl Drop for Host {
 
 /// Runs the binary with `args`, collecting stderr lines on a channel.
 pub fn spawn_logged(args: &[&std::ffi::OsStr]) -> (Host, std::sync::mpsc::Receiver<String>) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut cmd = Command::new(BIN);
+    spawn_command(cmd.args(args).env("RUST_LOG", "info"))
+}
+
+/// Runs `cmd` (the binary, or a shell that execs it), collecting stderr lines on a channel.
+pub fn spawn_command(cmd: &mut Command) -> (Host, std::sync::mpsc::Receiver<String>) {
+    let mut child =
+        cmd.env("NO_COLOR", "1").stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
