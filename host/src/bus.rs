@@ -171,6 +171,17 @@ impl<T: Sizer + Send> Bus<T> {
         }
     }
 
+    /// Removes the topics that are empty and that nobody holds (no routine has used them
+    /// since its run began, no receiver waits): they are created again on first use.
+    /// Returns how many were removed.
+    pub fn remove_unused(&self) -> usize {
+        let mut topics = self.inner.topics.write();
+        let before = topics.len();
+        // Under the write lock nobody can take a new handle: one handle is the registry's.
+        topics.retain(|_, ch| !(ch.is_empty() && ch.handles() == 1));
+        before - topics.len()
+    }
+
     /// Every topic with its stats, sorted by name.
     pub fn topics(&self) -> Vec<TopicStats> {
         let topics: Vec<(String, Channel<T>)> =

@@ -490,6 +490,11 @@ impl<T: Sizer + Send> Channel<T> {
         self.inner.not_full.notify_waiters();
     }
 
+    /// How many handles of this channel exist (clones, this one included).
+    pub(crate) fn handles(&self) -> usize {
+        Arc::strong_count(&self.inner)
+    }
+
     /// True once [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
         self.inner.closed.load(std::sync::atomic::Ordering::Acquire)

@@ -14,7 +14,7 @@ use super::{EngineArgs, LogFormat};
 use crate::cluster::{Cluster, ClusterConfig, DEFAULT_LEAVE_BOUND};
 use crate::obs::{DEFAULT_ADDR, ObsConfig, ObsServer};
 use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, Orchestrator};
-use crate::plugin::ClusterSection;
+use crate::plugin::{ByteSize, ClusterSection};
 use crate::plugin::{LoadState, PluginBoard, PluginDir, Reloader, StartReport, start_plugins};
 use crate::wasm::WasmEngine;
 
@@ -47,6 +47,10 @@ pub struct RunCmd {
     /// closing the oldest for a new one).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub request_timeout: Duration,
+    /// The largest message body the write routes accept, whatever the manifests'
+    /// `limits.message-bytes` (the largest of which applies when smaller).
+    #[arg(long, default_value = "16MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub max_body: ByteSize,
     /// Watch DIR and apply each change live (new, changed and removed plugins; see
     /// `gorch-host reload`). SIGHUP applies the directory on request, with or without it.
     #[arg(long)]
@@ -158,9 +162,11 @@ impl RunCmd {
             .with_context(|| format!("cannot read plugin directory {}", self.dir.display()))?;
         let engine = self.engine_for(&scanned)?;
         let board = server.state().plugins().clone();
-        // Ingress takes messages as large as the largest any plugin may send.
+        // Ingress takes messages as large as the largest any plugin may send, up to
+        // --max-body whatever a manifest says.
         let limit = scanned.plugins.iter().map(|p| p.manifest.limits.message_bytes.0).max();
-        server.state().set_message_limit(limit.unwrap_or(DEFAULT_MESSAGE_BYTES));
+        let body_limit = limit.unwrap_or(DEFAULT_MESSAGE_BYTES).min(self.max_body.0);
+        server.state().set_message_limit(body_limit);
         // Live upgrade (SIGHUP, `reload`, the route, `--watch`): the reloader takes the files
         // as scanned, and the watcher runs from now on, so no change made during start-up is
         // missed (requests queue until start-up is done).
@@ -363,6 +369,11 @@ impl Signals {
         eprintln!("second signal: killing at once");
         std::process::exit(130);
     }
+}
+
+/// A size such as `16MiB` (B, KiB, MiB, GiB, KB, MB, GB).
+fn parse_size(s: &str) -> Result<ByteSize, String> {
+    ByteSize::parse(s).map_err(|e| e.to_string())
 }
 
 /// `HOST:PORT` with a name (`localhost:9090`) or an address (`127.0.0.1:9090`, `[::1]:9090`).

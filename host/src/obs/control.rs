@@ -33,6 +33,17 @@ use crate::transport::CallError;
 /// How long a publish or send waits for room before answering 503.
 pub const INGRESS_WAIT: Duration = Duration::from_millis(500);
 
+/// The most bytes ingress queues in one in-memory topic or mailbox: past it, 503 with
+/// `Retry-After` (a topic nobody drains cannot take the host's memory).
+pub const INGRESS_QUEUE_BYTES: u64 = 64 << 20;
+
+/// The most bytes all in-memory topics may hold for ingress to publish more.
+pub const INGRESS_TOTAL_BYTES: u64 = 256 << 20;
+
+/// Ingress creates a new topic only while there are fewer than this many (half the bus's
+/// cap: the other half stays for the routines), after removing empty unused ones.
+pub const INGRESS_TOPIC_SHARE: usize = crate::bus::DEFAULT_MAX_TOPICS / 2;
+
 /// Runs a publish or send given `INGRESS_WAIT`: then it is cancelled, and its own answer
 /// says whether anything was delivered (`cancelled`: no; `outcome-unknown`: maybe).
 async fn within_wait<'a>(
@@ -113,7 +124,55 @@ async fn body(s: &ObsState, body: Body) -> Result<Vec<u8>, ApiError> {
     let bytes = axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .await
         .map_err(|_| too_large())?;
-    Ok(bytes.to_vec())
+    // Without a copy when the buffer is this body's alone (it is, once read whole).
+    Ok(Vec::from(bytes))
+}
+
+/// 503 with `Retry-After`: the message would take ingress's queues past a bound.
+fn no_room(message: String) -> ApiError {
+    ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message, retry_after: true }
+}
+
+/// The bounds of ingress on the in-memory topics (a cluster topic is bounded by its stream):
+/// bytes queued in `topic` and in all, and new topics only within their share.
+fn room_in_topics(s: &ObsState, topic: &str, size: usize) -> Result<(), ApiError> {
+    let transport = s.orch().transport();
+    let mut topics = transport.topics();
+    let size = size as u64;
+    if !topics.iter().any(|t| t.name == topic) && topics.len() >= INGRESS_TOPIC_SHARE {
+        // Room first: topics left empty and unused are created again on first use.
+        if s.orch().bus().remove_unused() > 0 {
+            topics = transport.topics();
+        }
+        if topics.len() >= INGRESS_TOPIC_SHARE {
+            return Err(no_room(format!(
+                "there are {} topics: ingress creates new ones only while there are fewer \
+                 than {INGRESS_TOPIC_SHARE}; publish to an existing topic",
+                topics.len()
+            )));
+        }
+    }
+    let local = topics.iter().filter(|t| t.cluster.is_none());
+    let (mut here, mut total) = (0u64, 0u64);
+    for t in local {
+        total += t.bytes as u64;
+        if t.name == topic {
+            here = t.bytes as u64;
+        }
+    }
+    if here + size > INGRESS_QUEUE_BYTES {
+        return Err(no_room(format!(
+            "topic {topic:?} holds {here} bytes: ingress queues at most {INGRESS_QUEUE_BYTES} \
+             bytes in one topic; retry when it drains"
+        )));
+    }
+    if total + size > INGRESS_TOTAL_BYTES {
+        return Err(no_room(format!(
+            "the topics hold {total} bytes: ingress queues at most {INGRESS_TOTAL_BYTES} bytes \
+             in all; retry when they drain"
+        )));
+    }
+    Ok(())
 }
 
 /// 503 with `Retry-After` while messages are held (see [`ObsState::hold_ingress`]).
@@ -165,6 +224,7 @@ async fn publish(
     let payload = body(&s, req.into_body()).await?;
     // Again: the host may have begun to join its cluster while the body came in.
     held(&s)?;
+    room_in_topics(&s, &topic, payload.len())?;
     let transport = s.orch().transport();
     let cancel = tokio_util::sync::CancellationToken::new();
     match within_wait(|c| transport.publish(&topic, payload, c), &cancel).await {
@@ -248,6 +308,15 @@ async fn send(
     }
     let payload = body(&s, req.into_body()).await?;
     held(&s)?;
+    if let Some(h) = s.orch().get_by_name(&name) {
+        let queued = h.mailbox().stats().approx_bytes as u64;
+        if queued + payload.len() as u64 > INGRESS_QUEUE_BYTES {
+            return Err(no_room(format!(
+                "the mailbox of {name:?} holds {queued} bytes: ingress queues at most \
+                 {INGRESS_QUEUE_BYTES} bytes in one mailbox; retry when it drains"
+            )));
+        }
+    }
     let transport = s.orch().transport();
     let cancel = tokio_util::sync::CancellationToken::new();
     match within_wait(|c| transport.send(&name, payload, c), &cancel).await {

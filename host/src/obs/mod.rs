@@ -32,7 +32,7 @@ mod routes;
 mod state;
 mod timed;
 
-pub use control::INGRESS_WAIT;
+pub use control::{INGRESS_QUEUE_BYTES, INGRESS_TOPIC_SHARE, INGRESS_TOTAL_BYTES, INGRESS_WAIT};
 pub use metrics::{
     DEFAULT_ROUTINE_LIMIT, GorchCollector, register, registry, render, render_with, write_text,
     write_text_with,

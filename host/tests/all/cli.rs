@@ -191,7 +191,9 @@ fn client(args: &[&str], stdin: Option<&[u8]>) -> (bool, String, String) {
 fn publish_send_restart_stop_and_ps_act_on_a_running_host() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(gorch_artifacts::path("echo"), dir.path().join("echo.wasm")).unwrap();
-    let (mut child, rx) = run_host(dir.path(), &[]);
+    // A manifest allowing huge messages does not raise the body limit past --max-body.
+    std::fs::write(dir.path().join("echo.toml"), "[limits]\nmessage-bytes = \"4GiB\"\n").unwrap();
+    let (mut child, rx) = run_host(dir.path(), &["--max-body", "1KiB"]);
     let log = read_until(&mut child, &rx, "metrics: http://");
     let port = log
         .rsplit("metrics: http://127.0.0.1:")
@@ -217,6 +219,8 @@ fn publish_send_restart_stop_and_ps_act_on_a_running_host() {
     let (ok, _, err) = client(&["stop", "nobody", a[0], a[1]], None);
     assert!(!ok);
     assert!(err.contains("HTTP 404 Not Found: no routine named \"nobody\""), "{err}");
+    let (ok, _, err) = client(&["publish", "jobs", a[0], a[1]], Some(&[b'x'; 2048]));
+    assert!(!ok && err.contains("larger than the limit of 1024 bytes"), "{err}");
     let (ok, _, err) = client(&["publish", "bad topic", "x", a[0], a[1]], None);
     assert!(!ok && err.contains("invalid topic name \"bad topic\""), "{err}");
     let (ok, _, err) = client(&["ps", "--addr", "127.0.0.1"], None);

@@ -279,3 +279,49 @@ fn web_pages_cannot_steer_the_host() {
     assert!(wait_until_blocking(Duration::from_secs(30), || taken() == 2));
     stop_cleanly(&mut host);
 }
+
+/// Ingress cannot take the host's memory: bytes queued in a topic and a mailbox are
+/// bounded (503 with `Retry-After`), and new topics only within their share of the cap,
+/// after empty unused ones are removed.
+#[test]
+fn ingress_bounds_queued_bytes_and_new_topics() {
+    use gorch_host::obs::{INGRESS_QUEUE_BYTES, INGRESS_TOPIC_SHARE};
+    run(async {
+        let orch = Orchestrator::new();
+        let state = ObsState::new(&orch, None);
+        state.set_message_limit(8 << 20);
+        let app = router(state, &ObsConfig::default());
+        let big = vec![b'x'; 8 << 20];
+        let fits = (INGRESS_QUEUE_BYTES / (8 << 20)) as usize;
+        for _ in 0..fits {
+            let (status, body) = post(&app, "/gorchestra/api/topics/sink", big.clone()).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        }
+        let (status, body, retry) =
+            call(&app, Method::POST, "/gorchestra/api/topics/sink", big.clone()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("ingress queues at most"), "{body}");
+        assert_eq!(retry.as_deref(), Some("1"));
+        assert_eq!(orch.bus().get("sink").unwrap().len(), fits);
+        orch.bus().remove("sink");
+
+        // New topics: up to the share; a full one is refused until a topic is left empty
+        // and unused, which goes to make room.
+        for i in 1..INGRESS_TOPIC_SHARE {
+            let (status, body) = post(&app, &format!("/gorchestra/api/topics/t{i}"), "m").await;
+            assert_eq!(status, StatusCode::ACCEPTED, "t{i}: {body}");
+        }
+        let (status, _) = post(&app, "/gorchestra/api/topics/t0", "m").await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let (status, body) = post(&app, "/gorchestra/api/topics/one-too-many", "m").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("publish to an existing topic"), "{body}");
+        // An existing topic still takes messages.
+        assert_eq!(post(&app, "/gorchestra/api/topics/t1", "m").await.0, StatusCode::ACCEPTED);
+        orch.bus().get("t0").unwrap().try_recv().unwrap();
+        let (status, body) = post(&app, "/gorchestra/api/topics/one-too-many", "m").await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        assert!(orch.bus().get("t0").is_none(), "the empty unused topic was removed");
+        shutdown(&orch).await;
+    });
+}
