@@ -260,8 +260,8 @@ impl RunCmd {
         if !addr.ip().is_loopback() && self.token.is_none() {
             tracing::warn!(
                 "listening on {addr} without --token: anyone who can reach this address can \
-                 read the metrics and the routines, and steering routes are refused (set \
-                 --token or GORCH_TOKEN)"
+                 read the metrics and the routines, and steering routes are refused to other \
+                 machines (set --token or GORCH_TOKEN)"
             );
         }
         Ok(server)

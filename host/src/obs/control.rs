@@ -64,9 +64,18 @@ async fn within_wait<'a>(
     }
 }
 
-/// The write routes, guarded: `open` is false when the server listens on a non-loopback
-/// address without a token (every write is then refused with 403).
-pub(super) fn routes(state: ObsState, open: bool) -> Router<ObsState> {
+/// Who may write: with a token, whoever has it; without one, peers on loopback only (the
+/// peer is what counts, not the bound address: a server on 0.0.0.0 takes writes from this
+/// machine, and refuses other machines). A request with no known peer (in-process) counts
+/// as coming from the bound address.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Writes {
+    pub token: bool,
+    pub bound_loopback: bool,
+}
+
+/// The write routes, guarded by [`Writes`] (a refused write answers 403).
+pub(super) fn routes(state: ObsState, writes: Writes) -> Router<ObsState> {
     Router::new()
         .route("/gorchestra/api/topics/{topic}", post(publish))
         .route("/gorchestra/api/routines/{name}/mailbox", post(send))
@@ -75,16 +84,22 @@ pub(super) fn routes(state: ObsState, open: bool) -> Router<ObsState> {
         .route("/gorchestra/api/reload", post(reload))
         // The limit is the plugins' largest message, known after start-up: checked below.
         .layer(DefaultBodyLimit::disable())
-        .layer(middleware::from_fn_with_state(open, guard))
+        .layer(middleware::from_fn_with_state(writes, guard))
         .with_state(state)
 }
 
-async fn guard(AxState(open): AxState<bool>, req: Request, next: Next) -> Response {
-    if !open {
+async fn guard(AxState(writes): AxState<Writes>, req: Request, next: Next) -> Response {
+    use axum::extract::ConnectInfo;
+    let peer = req.extensions().get::<ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+    let local = peer.map_or(writes.bound_loopback, |ip| ip.is_loopback());
+    if !writes.token && !local {
+        let from = peer.map(|ip| format!(" from {ip}")).unwrap_or_default();
         return error(
             StatusCode::FORBIDDEN,
-            "write routes are refused: this server listens on a non-loopback address \
-             without --token (start it with --token to allow them)",
+            format!(
+                "write routes are refused{from}: without --token this server takes writes \
+                 from this machine (loopback) only (start it with --token to allow them)"
+            ),
         )
         .into_response();
     }

@@ -220,8 +220,13 @@ async fn serve(
     cancel: &CancellationToken,
 ) {
     use tower::ServiceExt;
+    // The peer, for the rule on writes (see `control`); unknown only if the socket is gone.
+    let peer = stream.peer_addr().ok().map(axum::extract::ConnectInfo);
     let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let req = req.map(|body| timed::TimedBody::new(body, request_timeout));
+        let mut req = req.map(|body| timed::TimedBody::new(body, request_timeout));
+        if let Some(p) = peer {
+            req.extensions_mut().insert(p);
+        }
         app.clone().oneshot(req)
     });
     let mut b = hyper::server::conn::http1::Builder::new();

@@ -46,8 +46,11 @@ pub fn router(state: ObsState, config: &ObsConfig) -> Router {
         r = r.route("/debug/pprof/profile", get(profile));
     }
     // Steering is refused on a non-loopback address without a token (see `control`).
-    let open = config.addr.ip().is_loopback() || state.token.is_some();
-    r = r.merge(super::control::routes(state.clone(), open));
+    let writes = super::control::Writes {
+        token: state.token.is_some(),
+        bound_loopback: config.addr.ip().is_loopback(),
+    };
+    r = r.merge(super::control::routes(state.clone(), writes));
     // Routes added after the auth layer are not behind it.
     let guard = super::guard::Guard::new(config.addr, &config.allowed_hosts);
     r.layer(middleware::from_fn_with_state(state.clone(), auth))

@@ -325,3 +325,40 @@ fn ingress_bounds_queued_bytes_and_new_topics() {
         shutdown(&orch).await;
     });
 }
+
+/// Without a token, what decides a write is the peer: a host on 0.0.0.0 takes writes from
+/// this machine and refuses them from another address.
+#[test]
+fn without_a_token_writes_come_from_loopback_peers_only() {
+    use crate::common::host::{free_port, http_request, read_until, spawn_logged, stop_cleanly};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(gorch_artifacts::path("idler"), dir.path().join("idle.wasm")).unwrap();
+    let port = free_port().to_string();
+    let addr = format!("0.0.0.0:{port}");
+    let args = ["run", "--no-cache", "--addr", &addr].map(std::ffi::OsStr::new);
+    let (mut host, rx) = spawn_logged(&[&args[..], &[dir.path().as_os_str()]].concat());
+    read_until(&mut host, &rx, "metrics: http://");
+    let (status, body) = http_request(&port, "POST", "/gorchestra/api/topics/jobs", &[], "x");
+    assert_eq!(status, 202, "{body}");
+    // This machine's address on a non-loopback interface, if it has one (no packet is sent).
+    let ours = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("10.255.255.255:9").map(|_| s))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified());
+    if let Some(ip) = ours {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect((ip, port.parse::<u16>().unwrap())).unwrap();
+        let req = format!(
+            "POST /gorchestra/api/topics/jobs HTTP/1.0\r\nHost: {ip}:{port}\r\n\
+             Content-Length: 1\r\n\r\nx"
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.0 403"), "{out}");
+        assert!(out.contains(&format!("refused from {ip}")), "{out}");
+    }
+    stop_cleanly(&mut host);
+}
