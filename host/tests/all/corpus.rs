@@ -1,7 +1,7 @@
 //! The hostile corpus, all at once: one plugin directory holding two good plugins beside a
 //! memory bomb, a stack overflow, a `loop {}` without host calls, a topic flood, an
 //! oversized message, a sandbox escape attempt, log forgery, garbage, a core module, special
-//! files and a copy of every invalid manifest of `tests/manifests/invalid`, started the way
+//! files, a plugin claiming another's routine name and a copy of every invalid manifest of `tests/manifests/invalid`, started the way
 //! `gorch-host run` starts a directory (`PluginDir::scan`, then `start_plugins`).
 //!
 //! The host must stay up, the good plugins must keep answering while the hostile ones crash
@@ -125,6 +125,13 @@ fn write_corpus(dir: &Path) -> Vec<Bad> {
     file("cut.wasm", b"\0asm\x0d\0\x01\0\x01\x7f", "");
     // An orphan manifest.
     file("orphan.toml", b"instances = 1\n", "manifest without a component");
+    // A plugin asking for the routine name of another (echo.wasm, first in file order).
+    std::fs::write(dir.join("zz-clash.toml"), "name = \"echo\"\n").unwrap();
+    file(
+        "zz-clash.wasm",
+        &std::fs::read(&testkit).unwrap(),
+        "routine name \"echo\" is already taken by",
+    );
     // Every invalid manifest value, each beside a component that would run.
     let invalid = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/manifests/invalid");
     let mut tomls: Vec<PathBuf> = std::fs::read_dir(&invalid)
