@@ -13,6 +13,7 @@ mod act;
 mod check;
 mod client;
 mod completions;
+mod local_nats;
 mod new;
 mod ps;
 mod run;

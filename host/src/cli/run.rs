@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::local_nats::{LocalNats, default_data_dir};
 use super::watch::{Request, reload_loop, watch_dir};
 use super::{EngineArgs, LogFormat};
 use crate::cluster::{Cluster, ClusterConfig, DEFAULT_LEAVE_BOUND};
@@ -80,7 +81,8 @@ pub struct RunCmd {
 pub struct ClusterArgs {
     /// Join a cluster through this NATS server (JetStream on; `nats://` or `tls://`, several
     /// comma-separated): topics span the nodes, sends reach routines on other nodes. Also
-    /// `[cluster] nats` in gorch.toml; the flag wins.
+    /// `[cluster] nats` in gorch.toml; the flag wins. `local` starts a nats-server of this
+    /// host's own (loopback only, its store under --data-dir): topics survive a restart.
     #[arg(long, env = "GORCH_NATS", value_name = "URL")]
     pub nats: Option<String>,
     /// This node's name, unique in the cluster [default: [cluster] node, else the host name].
@@ -89,16 +91,31 @@ pub struct ClusterArgs {
     /// A NATS credentials file (also `[cluster] creds`).
     #[arg(long, value_name = "FILE")]
     pub nats_creds: Option<PathBuf>,
+    /// With `--nats local`: where nats-server keeps its store [default:
+    /// $XDG_DATA_HOME/gorch-host, else ~/.local/share/gorch-host].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Bound on reaching NATS at start (then exit non-zero).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub nats_timeout: Duration,
 }
 
 impl ClusterArgs {
+    /// The NATS URL from these flags and `[cluster]` of gorch.toml (the flag wins), if any
+    /// (`local` for `--nats local`).
+    pub fn url(&self, file: Option<&ClusterSection>) -> Option<String> {
+        self.nats.clone().or_else(|| file.and_then(|f| f.nats.clone()))
+    }
+
     /// The cluster to join, from these flags and `[cluster]` of gorch.toml (flags win);
-    /// `None` without a NATS URL.
-    pub fn config(&self, file: Option<&ClusterSection>, addr: SocketAddr) -> Option<ClusterConfig> {
-        let url = self.nats.clone().or_else(|| file.and_then(|f| f.nats.clone()))?;
+    /// `None` without a NATS URL. `local` stands for the URL of `--nats local`'s server.
+    pub fn config(
+        &self,
+        file: Option<&ClusterSection>,
+        addr: SocketAddr,
+        local: Option<String>,
+    ) -> Option<ClusterConfig> {
+        let url = local.or_else(|| self.url(file))?;
         let node = self
             .node
             .clone()
@@ -170,7 +187,20 @@ impl RunCmd {
         // Live upgrade (SIGHUP, `reload`, the route, `--watch`): the reloader takes the files
         // as scanned, and the watcher runs from now on, so no change made during start-up is
         // missed (requests queue until start-up is done).
-        let cluster = match self.cluster.config(scanned.cluster.as_ref(), server.local_addr()) {
+        // `--nats local`: this host's own nats-server, started before the join.
+        let local_nats = match self.cluster.url(scanned.cluster.as_ref()).as_deref() {
+            Some("local") => {
+                let data = match &self.cluster.data_dir {
+                    Some(d) => d.clone(),
+                    None => default_data_dir()?,
+                };
+                Some(LocalNats::start(&data).await?)
+            }
+            _ => None,
+        };
+        let url = local_nats.as_ref().map(|n| n.url().to_string());
+        let cluster = match self.cluster.config(scanned.cluster.as_ref(), server.local_addr(), url)
+        {
             None => None,
             Some(mut config) => {
                 config.message_bytes = limit;
@@ -179,7 +209,7 @@ impl RunCmd {
                 server.state().hold_ingress(Some(why));
                 let joined = tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
-                    joined = Cluster::join(&orch, config) => joined?,
+                    joined = join(&orch, config, local_nats.is_some()) => joined?,
                 };
                 server.state().hold_ingress(None);
                 Some(joined)
@@ -225,6 +255,9 @@ impl RunCmd {
         let report = orch.shutdown(self.shutdown_timeout - leaving).await;
         if let Some(c) = &cluster {
             c.leave_within(leaving).await;
+        }
+        if let Some(n) = local_nats {
+            n.stop().await;
         }
         server.shutdown().await;
         if !report.killed.is_empty() {
@@ -297,6 +330,30 @@ impl RunCmd {
             tracing::info!("dashboard: http://{addr}/gorchestra");
         }
         tracing::info!("metrics: http://{addr}/metrics");
+    }
+}
+
+/// Joins the cluster. With `--nats local` the data directory's lock proves that no other
+/// host runs with this store, so a live lease of this node's name is the previous run's (a
+/// host killed moments ago): the join waits for it to lapse instead of failing.
+async fn join(orch: &Orchestrator, config: ClusterConfig, local: bool) -> anyhow::Result<Cluster> {
+    use crate::cluster::ClusterError;
+    let mut tries = 0;
+    loop {
+        match Cluster::join(orch, config.clone()).await {
+            Err(ClusterError::NodeTaken { seconds, lease, .. }) if local && tries < 2 => {
+                tries += 1;
+                let wait = Duration::from_secs_f64((lease as f64 - seconds).max(0.0) + 0.5);
+                tracing::info!(
+                    "the lease of node {:?} from the previous run is still live: joining in \
+                     {:.1}s",
+                    config.node,
+                    wait.as_secs_f64()
+                );
+                tokio::time::sleep(wait).await;
+            }
+            r => return Ok(r?),
+        }
     }
 }
 

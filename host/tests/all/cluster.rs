@@ -559,3 +559,57 @@ fn cluster_batches_flow_and_a_poison_in_one_is_found_alone() {
         leave(&a, &ca).await;
     });
 }
+
+/// `--nats local`: the host starts its own nats-server (loopback, store under --data-dir).
+/// 1,000 messages queued on a topic survive the host killed with SIGKILL: the next start on
+/// the same data directory stops the nats-server the killed one left behind, starts its
+/// own on the same store, and a consumer receives all 1,000.
+#[test]
+fn nats_local_keeps_queued_topic_messages_across_a_killed_host() {
+    use crate::common::host::{http_request, port_of, read_until, spawn_logged, stop_cleanly};
+    let data = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    std::fs::copy(gorch_artifacts::path("idler"), plugins.path().join("idle.wasm")).unwrap();
+    let run = |plugins: &std::path::Path| {
+        let args = ["run", "--no-cache", "--addr", "127.0.0.1:0", "--nats", "local", "--node"];
+        let mut args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        args.extend(["solo".as_ref(), "--data-dir".as_ref(), data.path().as_os_str()]);
+        args.push(plugins.as_os_str());
+        spawn_logged(&args)
+    };
+    let (mut host, rx) = run(plugins.path());
+    let log = read_until(&mut host, &rx, "metrics: http://");
+    assert!(log.contains("started ") && log.contains("nats-server"), "{log}");
+    let port = port_of(&log);
+    for i in 0..1000 {
+        let (status, body) =
+            http_request(&port, "POST", "/gorchestra/api/topics/work", &[], &format!("m{i}"));
+        assert_eq!(status, 202, "m{i}: {body}");
+    }
+    // SIGKILL: its nats-server is left behind, holding the store.
+    host.kill().unwrap();
+    host.wait().unwrap();
+    let pid: u32 = std::fs::read_to_string(data.path().join("nats-server.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "left behind");
+
+    // Started again with a consumer of all 1,000.
+    std::fs::copy(gorch_artifacts::path("testkit"), plugins.path().join("drain.wasm")).unwrap();
+    std::fs::write(
+        plugins.path().join("drain.toml"),
+        "[wasi]\nenv = { MODE = \"drain\", TOPIC = \"work\", COUNT = \"1000\" }\n",
+    )
+    .unwrap();
+    let (mut host, rx) = run(plugins.path());
+    let log = read_until(&mut host, &rx, "routine ended: STOPPED routine=drain");
+    assert!(log.contains(&format!("left behind (pid {pid})")), "{log}");
+    stop_cleanly(&mut host);
+    // Its nats-server stopped with it.
+    let pid: Option<u32> = std::fs::read_to_string(data.path().join("nats-server.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    assert_eq!(pid, None, "the pid file is removed when nats-server stops");
+}
