@@ -18,7 +18,6 @@
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Request, State as AxState};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -36,6 +35,10 @@ pub const INGRESS_WAIT: Duration = Duration::from_millis(500);
 /// The most bytes ingress queues in one in-memory topic or mailbox: past it, 503 with
 /// `Retry-After` (a topic nobody drains cannot take the host's memory).
 pub const INGRESS_QUEUE_BYTES: u64 = 64 << 20;
+
+/// The most bytes of request bodies read at once (reserved before reading: the declared
+/// `Content-Length`, or the message limit when there is none): past it, 503.
+pub const INGRESS_READING_BYTES: u64 = 64 << 20;
 
 /// The most bytes all in-memory topics may hold for ingress to publish more.
 pub const INGRESS_TOTAL_BYTES: u64 = 256 << 20;
@@ -91,7 +94,7 @@ pub(super) fn routes(state: ObsState, writes: Writes) -> Router<ObsState> {
 async fn guard(AxState(writes): AxState<Writes>, req: Request, next: Next) -> Response {
     use axum::extract::ConnectInfo;
     let peer = req.extensions().get::<ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
-    let local = peer.map_or(writes.bound_loopback, |ip| ip.is_loopback());
+    let local = peer.map_or(writes.bound_loopback, |ip| ip.to_canonical().is_loopback());
     if !writes.token && !local {
         let from = peer.map(|ip| format!(" from {ip}")).unwrap_or_default();
         return error(
@@ -127,8 +130,13 @@ fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
     ApiError { status, message: message.into(), retry_after: false }
 }
 
-/// The request body, or 413 when it is over the message limit.
-async fn body(s: &ObsState, body: Body) -> Result<Vec<u8>, ApiError> {
+/// The request body, with its bytes reserved until the permit is dropped (after the
+/// message is queued); 413 over the message limit, 408 when it did not arrive in time, 503
+/// when too many bytes of bodies are being read at once.
+async fn body(
+    s: &ObsState,
+    req: Request,
+) -> Result<(Vec<u8>, tokio::sync::OwnedSemaphorePermit), ApiError> {
     let limit = s.message_limit();
     let too_large = || {
         error(
@@ -136,11 +144,40 @@ async fn body(s: &ObsState, body: Body) -> Result<Vec<u8>, ApiError> {
             format!("the message is larger than the limit of {limit} bytes"),
         )
     };
-    let bytes = axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let reserve = declared.unwrap_or(limit).min(INGRESS_READING_BYTES).div_ceil(1024).max(1);
+    let permit = s.reading.clone().try_acquire_many_owned(reserve as u32).map_err(|_| {
+        no_room(format!(
+            "{INGRESS_READING_BYTES} bytes of request bodies are being read already; retry later"
+        ))
+    })?;
+    let bytes = axum::body::to_bytes(req.into_body(), usize::try_from(limit).unwrap_or(usize::MAX))
         .await
-        .map_err(|_| too_large())?;
+        .map_err(|e| body_error(e, too_large))?;
     // Without a copy when the buffer is this body's alone (it is, once read whole).
-    Ok(Vec::from(bytes))
+    Ok((Vec::from(bytes), permit))
+}
+
+/// Why a body could not be read: over the limit (413), too slow (408), or cut (400).
+fn body_error(e: axum::Error, too_large: impl FnOnce() -> ApiError) -> ApiError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return too_large();
+        }
+        if c.is::<super::timed::TooSlow>() {
+            return error(StatusCode::REQUEST_TIMEOUT, c.to_string());
+        }
+        cause = c.source();
+    }
+    error(StatusCode::BAD_REQUEST, format!("the request body could not be read: {e}"))
 }
 
 /// 503 with `Retry-After`: the message would take ingress's queues past a bound.
@@ -236,7 +273,7 @@ async fn publish(
         ));
     }
     // The body before the topic: a refused message must not leave a new topic behind.
-    let payload = body(&s, req.into_body()).await?;
+    let (payload, _reserved) = body(&s, req).await?;
     // Again: the host may have begun to join its cluster while the body came in.
     held(&s)?;
     room_in_topics(&s, &topic, payload.len())?;
@@ -321,7 +358,7 @@ async fn send(
         valid_routine_name(&name)?;
         return Err(no_routine(&s, &name));
     }
-    let payload = body(&s, req.into_body()).await?;
+    let (payload, _reserved) = body(&s, req).await?;
     held(&s)?;
     if let Some(h) = s.orch().get_by_name(&name) {
         let queued = h.mailbox().stats().approx_bytes as u64;

@@ -32,12 +32,26 @@ pub(crate) struct Guard {
     bound: SocketAddr,
     /// `--allowed-host` names, lower case, without port.
     allowed: Vec<String>,
+    /// Whether writes need a token (then a rebound page cannot write: it has no token).
+    token: bool,
 }
 
 impl Guard {
-    pub(crate) fn new(bound: SocketAddr, allowed: &[String]) -> Arc<Guard> {
+    pub(crate) fn new(bound: SocketAddr, allowed: &[String], token: bool) -> Arc<Guard> {
         let allowed = allowed.iter().map(|h| normalize(h)).collect();
-        Arc::new(Guard { bound, allowed })
+        Arc::new(Guard { bound, allowed, token })
+    }
+
+    /// For a write without a token, whatever the bound address: `host` must be an IP
+    /// literal, a loopback name or an allowed name. A page can rebind a name of its own to
+    /// any address this server listens on, never an IP literal.
+    fn write_host_ok(&self, host: &str) -> bool {
+        let name = normalize(strip_port(host));
+        let literal = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok();
+        literal
+            || name == "localhost"
+            || name.ends_with(".localhost")
+            || self.allowed.contains(&name)
     }
 
     /// Whether a request naming `host` (the `Host` header) is for this server.
@@ -112,6 +126,21 @@ pub(crate) async fn check(State(g): State<Arc<Guard>>, req: Request, next: Next)
         );
     }
     let write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if write
+        && !g.token
+        && let Some(h) = host
+        && !g.write_host_ok(h)
+    {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "a write naming Host {h:?} is refused without --token (a page of another site \
+                 may have rebound its name to this address); use an IP address, a loopback \
+                 name, --allowed-host {}, or --token",
+                normalize(strip_port(h))
+            ),
+        );
+    }
     if write {
         let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
         if let Some(o) = origin {
@@ -150,7 +179,7 @@ mod tests {
 
     #[test]
     fn loopback_servers_take_loopback_names_only() {
-        let g = Guard::new("127.0.0.1:9090".parse().unwrap(), &[]);
+        let g = Guard::new("127.0.0.1:9090".parse().unwrap(), &[], false);
         for ok in [
             "127.0.0.1:9090",
             "localhost:9090",
@@ -167,17 +196,29 @@ mod tests {
         {
             assert!(!g.host_ok(bad), "{bad}");
         }
-        let named = Guard::new("127.0.0.1:9090".parse().unwrap(), &["Box.Lan".into()]);
+        let named = Guard::new("127.0.0.1:9090".parse().unwrap(), &["Box.Lan".into()], false);
         assert!(named.host_ok("box.lan:9090"));
     }
 
     #[test]
     fn other_addresses_check_names_once_configured() {
-        let open = Guard::new("0.0.0.0:9090".parse().unwrap(), &[]);
+        let open = Guard::new("0.0.0.0:9090".parse().unwrap(), &[], false);
         assert!(open.host_ok("anything.example:9090"));
-        let named = Guard::new("0.0.0.0:9090".parse().unwrap(), &["metrics.internal".into()]);
+        let named =
+            Guard::new("0.0.0.0:9090".parse().unwrap(), &["metrics.internal".into()], false);
         assert!(named.host_ok("metrics.internal:9090"));
         assert!(named.host_ok("10.1.2.3:9090"));
         assert!(!named.host_ok("attacker.example"));
+    }
+
+    #[test]
+    fn writes_without_a_token_need_an_address_or_a_known_name() {
+        let open = Guard::new("0.0.0.0:9090".parse().unwrap(), &["box.lan".into()], false);
+        for ok in ["192.0.2.2:9090", "[::1]:9090", "localhost:9090", "box.lan:9090"] {
+            assert!(open.write_host_ok(ok), "{ok}");
+        }
+        for bad in ["attacker.example:9090", "127.0.0.1.nip.io"] {
+            assert!(!open.write_host_ok(bad), "{bad}");
+        }
     }
 }

@@ -198,26 +198,27 @@ async fn accept_loop(
                 oldest.cancel();
             }
             o.next += 1;
-            let (id, mine) = (o.next, cancel.child_token());
-            o.conns.push_back((id, mine.clone()));
-            (id, mine)
+            let (id, evict) = (o.next, CancellationToken::new());
+            o.conns.push_back((id, evict.clone()));
+            (id, evict)
         };
-        let app = app.clone();
-        let open = open.clone();
+        let (app, open, cancel) = (app.clone(), open.clone(), cancel.clone());
         tracker.spawn(async move {
-            serve(stream, app, limits.request_timeout, &mine).await;
+            serve(stream, app, limits.request_timeout, &cancel, &mine).await;
             open.lock().conns.retain(|(i, _)| *i != id);
         });
     }
 }
 
-/// Serves one connection until it ends, or until `cancel` (the server closing: a graceful
-/// end, in-flight requests get a second; or the connection evicted at the cap).
+/// Serves one connection until it ends, until `cancel` (the server closing: a graceful
+/// end, in-flight requests get a second), or until `evict` (the cap reached: closed at once,
+/// so that its descriptor is free for the new connection).
 async fn serve(
     stream: tokio::net::TcpStream,
     app: Router,
     request_timeout: Duration,
     cancel: &CancellationToken,
+    evict: &CancellationToken,
 ) {
     use tower::ServiceExt;
     // The peer, for the rule on writes (see `control`); unknown only if the socket is gone.
@@ -235,6 +236,7 @@ async fn serve(
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
+        _ = evict.cancelled() => {}
         _ = cancel.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;

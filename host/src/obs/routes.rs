@@ -52,7 +52,8 @@ pub fn router(state: ObsState, config: &ObsConfig) -> Router {
     };
     r = r.merge(super::control::routes(state.clone(), writes));
     // Routes added after the auth layer are not behind it.
-    let guard = super::guard::Guard::new(config.addr, &config.allowed_hosts);
+    let token = state.token.is_some();
+    let guard = super::guard::Guard::new(config.addr, &config.allowed_hosts, token);
     r.layer(middleware::from_fn_with_state(state.clone(), auth))
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -25,6 +25,9 @@ pub struct ObsState {
     pub(super) over_limit: Arc<AtomicBool>,
     /// Why the write routes refuse messages for now (see [`ObsState::hold_ingress`]).
     ingress_held: Arc<parking_lot::RwLock<Option<String>>>,
+    /// The bytes of request bodies being read and not yet queued, in KiB: reserved before a
+    /// body is read (see `control::INGRESS_READING_BYTES`).
+    pub(super) reading: Arc<tokio::sync::Semaphore>,
 }
 
 impl ObsState {
@@ -41,6 +44,9 @@ impl ObsState {
             routine_limit: Arc::new(AtomicUsize::new(super::metrics::DEFAULT_ROUTINE_LIMIT)),
             over_limit: Arc::new(AtomicBool::new(false)),
             ingress_held: Arc::default(),
+            reading: Arc::new(tokio::sync::Semaphore::new(
+                (super::control::INGRESS_READING_BYTES >> 10) as usize,
+            )),
         }
     }
 

@@ -531,11 +531,49 @@ fn slow_clients_cannot_starve_health_checks_or_reloads_under_a_low_descriptor_li
     let status = Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     read_until(&mut child, &rx, "reload: 1 plugin(s): 1 unchanged");
-    // Every slow client is cut off: evicted for newer ones, or at the request timeout.
+    // Every slow client is cut off: evicted for newer ones, or at the request timeout (408).
+    let mut timed_out = 0;
     for mut s in slow {
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf); // EOF (or a reset) ends it; a hang fails the test
+        timed_out += usize::from(buf.starts_with(b"HTTP/1.1 408"));
     }
+    assert!(timed_out > 0, "no slow client got 408");
+    stop_cleanly(&mut child);
+}
+
+#[test]
+fn request_bodies_being_read_are_bounded_in_bytes() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(gorch_artifacts::path("idler"), dir.path().join("idle.wasm")).unwrap();
+    // Messages up to 16 MiB (then --max-body's default is the limit).
+    std::fs::write(dir.path().join("idle.toml"), "[limits]\nmessage-bytes = \"16MiB\"\n").unwrap();
+    let (mut child, rx) = run_host(dir.path(), &[]);
+    let port = port_of(&read_until(&mut child, &rx, "metrics: http://"));
+    // Five clients announce 15 MiB bodies and send one byte: four fit in the 64 MiB being
+    // read at once, one is refused at once, before any of its body is read.
+    let clients: Vec<std::net::TcpStream> = (0..5)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+            let head = format!(
+                "POST /gorchestra/api/topics/big HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\
+                 Content-Length: 15728640\r\n\r\na"
+            );
+            s.write_all(head.as_bytes()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s
+        })
+        .collect();
+    let refused = clients
+        .into_iter()
+        .filter_map(|mut s| {
+            let mut buf = [0u8; 12];
+            s.read_exact(&mut buf).ok().map(|()| buf)
+        })
+        .filter(|b| b.starts_with(b"HTTP/1.0 503"))
+        .count();
+    assert_eq!(refused, 1);
     stop_cleanly(&mut child);
 }

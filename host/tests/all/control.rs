@@ -340,6 +340,14 @@ fn without_a_token_writes_come_from_loopback_peers_only() {
     read_until(&mut host, &rx, "metrics: http://");
     let (status, body) = http_request(&port, "POST", "/gorchestra/api/topics/jobs", &[], "x");
     assert_eq!(status, 202, "{body}");
+    // A page whose name was rebound to this address (its own Origin): refused, since the
+    // Host check of reads is off on 0.0.0.0 without --allowed-host.
+    let name = format!("attacker.example:{port}");
+    let origin = format!("http://{name}");
+    let rebound = [("Host", name.as_str()), ("Origin", origin.as_str())];
+    let (status, body) = http_request(&port, "POST", "/gorchestra/api/topics/jobs", &rebound, "x");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("rebound"), "{body}");
     // This machine's address on a non-loopback interface, if it has one (no packet is sent).
     let ours = std::net::UdpSocket::bind("0.0.0.0:0")
         .and_then(|s| s.connect("10.255.255.255:9").map(|_| s))
