@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::local_nats::{LocalNats, default_data_dir};
-use super::watch::{Request, reload_loop, watch_dir};
+use super::watch::{Requests, reload_loop, watch_dir};
 use super::{EngineArgs, LogFormat};
 use crate::cluster::{Cluster, ClusterConfig, DEFAULT_LEAVE_BOUND};
 use crate::obs::{DEFAULT_ADDR, ObsConfig, ObsServer};
@@ -154,10 +154,10 @@ impl RunCmd {
     /// signal during start-up stops what has started (within the shutdown bound) and exits 0.
     pub async fn run(self) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
-        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(16);
+        let (requests, changed) = Requests::new();
         let signals = Signals::install().context("cannot install signal handlers")?;
-        let watcher = tokio::spawn(signals.watch(stop.clone(), reload_tx.clone()));
-        let result = self.serve(&stop, reload_tx, reload_rx).await;
+        let watcher = tokio::spawn(signals.watch(stop.clone(), requests.clone()));
+        let result = self.serve(&stop, requests, changed).await;
         watcher.abort();
         result
     }
@@ -165,8 +165,8 @@ impl RunCmd {
     async fn serve(
         &self,
         stop: &CancellationToken,
-        reload_tx: mpsc::Sender<Request>,
-        reload_rx: mpsc::Receiver<Request>,
+        requests: Requests,
+        changed: mpsc::Receiver<()>,
     ) -> anyhow::Result<()> {
         let orch = Orchestrator::new();
         let server = self.start_server(&orch)?;
@@ -216,7 +216,7 @@ impl RunCmd {
             }
         };
         let reloader = Reloader::new(&orch, &engine, &self.dir, &scanned, &board);
-        let _watch = if self.watch { Some(watch_dir(&self.dir, reload_tx)?) } else { None };
+        let _watch = if self.watch { Some(watch_dir(&self.dir, requests.clone())?) } else { None };
         let started = start_plugins(&orch, &engine, &self.dir, &scanned, &board, stop).await;
         reloader.adopt(&started).await;
         server.state().set_reloader(reloader.clone());
@@ -229,7 +229,7 @@ impl RunCmd {
             server.set_ready(true);
             self.announce(&started, server.local_addr());
         }
-        let reloads = tokio::spawn(reload_loop(reloader, reload_rx, stop.clone()));
+        let reloads = tokio::spawn(reload_loop(reloader, requests, changed, stop.clone()));
         // Until a signal, or until another process of this node's name takes the lease.
         let lost = async {
             match &cluster {
@@ -400,7 +400,7 @@ impl Signals {
     }
 
     /// The next SIGINT or SIGTERM; each SIGHUP meanwhile asks for a reload.
-    async fn next(&mut self, reload: &mpsc::Sender<Request>) {
+    async fn next(&mut self, reload: &Requests) {
         #[cfg(unix)]
         loop {
             tokio::select! {
@@ -408,7 +408,7 @@ impl Signals {
                 _ = self.term.recv() => return,
                 _ = self.hup.recv() => {
                     tracing::info!("SIGHUP: applying the plugin directory");
-                    let _ = reload.try_send(Request::Now);
+                    reload.now();
                 }
             }
         }
@@ -419,7 +419,7 @@ impl Signals {
         }
     }
 
-    async fn watch(mut self, stop: CancellationToken, reload: mpsc::Sender<Request>) {
+    async fn watch(mut self, stop: CancellationToken, reload: Requests) {
         self.next(&reload).await;
         stop.cancel();
         self.next(&reload).await;

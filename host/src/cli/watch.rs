@@ -1,26 +1,47 @@
 //! Applying the plugin directory on request: SIGHUP at once, `--watch` changes once the
 //! directory has gone quiet (bounded: constant writes delay a change by at most
-//! [`MAX_DELAY`]). The watcher looks at `*.wasm` and `*.toml` only (a log file written into
-//! the directory changes nothing), and follows the directory when it is replaced (`mv`,
-//! `rm` + `mkdir`, a symlink swap).
+//! [`MAX_DELAY`], and such a forced reload stops no plugin whose files are missing, since
+//! they may not be written yet: a reload once the directory is quiet does). The watcher
+//! looks at `*.wasm` and `*.toml` only (a log file written into the directory changes
+//! nothing), and follows the directory when it is replaced (`mv`, `rm` + `mkdir`, a symlink
+//! swap).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::plugin::Reloader;
 
-/// A request to apply the directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Request {
-    /// SIGHUP: at once.
-    Now,
-    /// A watched file changed: once the directory is quiet.
-    Changed,
+/// What asks for a reload: SIGHUP (at once, never dropped), or the watcher (a watched file
+/// changed: once the directory is quiet).
+#[derive(Clone)]
+pub(super) struct Requests {
+    now: Arc<Notify>,
+    changed: mpsc::Sender<()>,
+}
+
+impl Requests {
+    /// The requests and the receiving end of the watcher's.
+    pub(super) fn new() -> (Requests, mpsc::Receiver<()>) {
+        let (changed, rx) = mpsc::channel(1);
+        (Requests { now: Arc::new(Notify::new()), changed }, rx)
+    }
+
+    /// SIGHUP: a reload at once (a second one while it waits is the same reload).
+    pub(super) fn now(&self) {
+        self.now.notify_one();
+    }
+
+    /// A watched file changed (dropped when a change is already waiting: the same reload).
+    fn changed(&self) {
+        let _ = self.changed.try_send(());
+    }
 }
 
 /// How long the directory must stay quiet before a change is applied: editors and deploy
@@ -36,33 +57,49 @@ const REARM_EVERY: Duration = Duration::from_secs(1);
 /// Applies the directory on each request, one reload at a time (see the module doc).
 pub(super) async fn reload_loop(
     reloader: Reloader,
-    mut requests: mpsc::Receiver<Request>,
+    requests: Requests,
+    mut changed: mpsc::Receiver<()>,
     stop: CancellationToken,
 ) {
     loop {
-        let first = tokio::select! {
+        let on_change = tokio::select! {
             _ = stop.cancelled() => return,
-            r = requests.recv() => match r {
-                Some(r) => r,
+            _ = requests.now.notified() => false,
+            r = changed.recv() => match r {
+                Some(()) => true,
                 None => return,
             },
         };
-        if first == Request::Changed {
+        let mut quiet = true;
+        if on_change {
             let deadline = Instant::now() + MAX_DELAY;
             loop {
-                let quiet = (Instant::now() + DEBOUNCE).min(deadline);
-                match tokio::time::timeout_at(quiet, requests.recv()).await {
-                    Ok(Some(Request::Changed)) => {}
-                    Ok(Some(Request::Now)) | Err(_) => break,
-                    Ok(None) => return,
+                let until = (Instant::now() + DEBOUNCE).min(deadline);
+                tokio::select! {
+                    r = changed.recv() => match r {
+                        Some(()) if Instant::now() >= deadline => { quiet = false; break }
+                        Some(()) => {}
+                        None => return,
+                    },
+                    _ = requests.now.notified() => break,
+                    _ = tokio::time::sleep_until(until) => {
+                        quiet = Instant::now() < deadline;
+                        break;
+                    }
                 }
             }
         }
         if stop.is_cancelled() {
             return;
         }
-        // It logs each change and a summary line.
-        reloader.apply().await;
+        // Each logs every change and a summary line.
+        if quiet {
+            reloader.apply().await;
+        } else {
+            reloader.apply_keeping_missing().await;
+            // It kept missing plugins: a full reload follows once the directory is quiet.
+            requests.changed();
+        }
     }
 }
 
@@ -80,19 +117,34 @@ impl Drop for DirWatch {
 
 /// Watches `dir` (not recursively) and asks for a reload when a `*.wasm` or `*.toml` in it
 /// changes.
-pub(super) fn watch_dir(dir: &Path, reload: mpsc::Sender<Request>) -> anyhow::Result<DirWatch> {
-    let watcher = arm(dir, reload.clone())?;
+pub(super) fn watch_dir(dir: &Path, requests: Requests) -> anyhow::Result<DirWatch> {
+    let removed = Arc::new(AtomicBool::new(false));
+    let watcher = arm(dir, requests.clone(), removed.clone())?;
     tracing::info!("watching {} for changes", dir.display());
-    let task = tokio::spawn(follow(dir.to_path_buf(), reload, watcher, identity(dir)));
+    let task =
+        tokio::spawn(follow(dir.to_path_buf(), requests, watcher, identity(dir), removed));
     Ok(DirWatch { task })
 }
 
-fn arm(dir: &Path, reload: mpsc::Sender<Request>) -> anyhow::Result<notify::RecommendedWatcher> {
+/// A watcher of `dir`: a change of a watched file asks for a reload; the removal of `dir`
+/// itself sets `removed` (it may come back with the same inode number).
+fn arm(
+    dir: &Path,
+    requests: Requests,
+    removed: Arc<AtomicBool>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
     use notify::Watcher;
+    let watched_dir = dir.to_path_buf();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        if !event.kind.is_access() && event.paths.iter().any(|p| watched(p)) {
-            let _ = reload.try_send(Request::Changed);
+        if event.kind.is_access() {
+            return;
+        }
+        if event.kind.is_remove() && event.paths.iter().any(|p| p == &watched_dir) {
+            removed.store(true, Relaxed);
+        }
+        if event.paths.iter().any(|p| watched(p)) {
+            requests.changed();
         }
     })
     .context("cannot watch the plugin directory")?;
@@ -122,19 +174,21 @@ fn identity(dir: &Path) -> Option<(u64, u64)> {
     }
 }
 
-/// Checks every [`REARM_EVERY`] that `dir` is still the directory watched; when it was
-/// replaced, watches the new one and asks for a reload.
+/// Checks every [`REARM_EVERY`] that `dir` is still the directory watched (its identity,
+/// and no removal reported); when it was replaced, watches the new one and asks for a
+/// reload.
 async fn follow(
     dir: PathBuf,
-    reload: mpsc::Sender<Request>,
+    requests: Requests,
     mut _watcher: notify::RecommendedWatcher,
     mut watched: Option<(u64, u64)>,
+    removed: Arc<AtomicBool>,
 ) {
     let mut told_missing = false;
     loop {
         tokio::time::sleep(REARM_EVERY).await;
         let now = identity(&dir);
-        if now == watched {
+        if now == watched && !removed.load(Relaxed) {
             continue;
         }
         let Some(_) = now else {
@@ -144,13 +198,14 @@ async fn follow(
             }
             continue;
         };
-        match arm(&dir, reload.clone()) {
+        removed.store(false, Relaxed);
+        match arm(&dir, requests.clone(), removed.clone()) {
             Ok(w) => {
                 _watcher = w;
                 watched = now;
                 told_missing = false;
                 tracing::info!("{} was replaced: watching the new directory", dir.display());
-                let _ = reload.try_send(Request::Changed);
+                requests.changed();
             }
             Err(e) => tracing::warn!("{e:#}"),
         }

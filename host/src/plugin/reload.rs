@@ -179,7 +179,18 @@ impl Reloader {
     /// the other; during shutdown the reload is refused (one failed entry says so). Each
     /// change and a summary line are logged.
     pub async fn apply(&self) -> ReloadReport {
-        let mut report = self.apply_quietly().await;
+        self.apply_with(true).await
+    }
+
+    /// Like [`apply`](Self::apply), but a plugin whose files are missing keeps running
+    /// (`--watch` applying a directory that is still being written: a plugin not copied
+    /// yet is not stopped); a later `apply` stops it.
+    pub async fn apply_keeping_missing(&self) -> ReloadReport {
+        self.apply_with(false).await
+    }
+
+    async fn apply_with(&self, remove_missing: bool) -> ReloadReport {
+        let mut report = self.apply_quietly(remove_missing).await;
         report.plugins.sort_by(|a, b| a.file.cmp(&b.file));
         for c in &report.plugins {
             match c.action {
@@ -197,7 +208,7 @@ impl Reloader {
         report
     }
 
-    async fn apply_quietly(&self) -> ReloadReport {
+    async fn apply_quietly(&self, remove_missing: bool) -> ReloadReport {
         let inner = &*self.inner;
         let mut guard = inner.applied.lock().await;
         let mut report = ReloadReport::default();
@@ -259,7 +270,10 @@ impl Reloader {
             scanned.plugins.iter().any(|p| &p.stem == stem) || broken.contains(stem)
         };
         // What left the directory stops first: its routine names are free for the others.
-        let gone: Vec<String> = applied.keys().filter(|s| !present(s)).cloned().collect();
+        let gone: Vec<String> = match remove_missing {
+            true => applied.keys().filter(|s| !present(s)).cloned().collect(),
+            false => Vec::new(),
+        };
         for stem in gone {
             let old = applied.remove(&stem).expect("listed above");
             inner.stop_all(&old.routines).await;
@@ -267,7 +281,10 @@ impl Reloader {
             let file = inner.dir.join(format!("{stem}.wasm"));
             report.push(change(&stem, &file, ReloadAction::Stopped, Some(old.version), None));
         }
-        for spec in &scanned.plugins {
+        // Smallest first, as at start-up: a small plugin does not wait for a large compile.
+        let mut order: Vec<&PluginSpec> = scanned.plugins.iter().collect();
+        order.sort_by_key(|p| std::fs::metadata(&p.wasm).map_or(0, |m| m.len()));
+        for spec in order {
             let c = inner.apply_one(spec, &scanned, applied).await;
             report.push(c);
         }

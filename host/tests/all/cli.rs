@@ -471,6 +471,12 @@ fn watch_applies_under_constant_writes_and_follows_a_replaced_directory() {
     std::fs::write(d.join("other.wasm"), &idler).unwrap();
     read_until(&mut child, &rx, "was replaced: watching the new directory");
     wait_for("the new directory applied", || routine_names(&port) == ["other"]);
+    // Removed and made again (the new directory may get the old one's inode number).
+    std::fs::remove_dir_all(&d).unwrap();
+    std::fs::create_dir(&d).unwrap();
+    std::fs::write(d.join("third.wasm"), &idler).unwrap();
+    read_until(&mut child, &rx, "was replaced: watching the new directory");
+    wait_for("the remade directory applied", || routine_names(&port) == ["third"]);
     stop_cleanly(&mut child);
 }
 
