@@ -411,6 +411,18 @@ impl Inner {
                     let note = self.rolled_back(stem, old);
                     return change(stem, &spec.wasm, ReloadAction::Unchanged, v, note);
                 }
+                // Routines that had been rolled back from this file and ended since: the
+                // file stays refused until it changes.
+                if let Some(ran) = ended.iter().find_map(|n| self.ran_other_version(n, old)) {
+                    let note = format!(
+                        "version {} gave up after its upgrade and was rolled back to version \
+                         {ran}, whose routines have ended since; the file is tried again when \
+                         it changes",
+                        old.version
+                    );
+                    self.board.note(stem, note.clone());
+                    return change(stem, &spec.wasm, ReloadAction::Unchanged, v, Some(note));
+                }
                 return self.restart_ended(spec, scanned, bytes, &ended).await;
             }
             if let Some(why) = renames(&old.manifest, &spec.manifest) {
@@ -475,6 +487,13 @@ impl Inner {
             Applied { wasm_hash, toml_hash, manifest, routines: names, version: version.clone() };
         applied.insert(stem.to_string(), entry);
         change(stem, &spec.wasm, action, Some(version), note)
+    }
+
+    /// The version the ended routine `name` last ran, when it is not the applied one (it
+    /// was rolled back), from the history.
+    fn ran_other_version(&self, name: &str, old: &Applied) -> Option<String> {
+        let last = self.orch.history().into_iter().rev().find(|s| s.name == name)?;
+        (!old.version.is_empty() && last.version != old.version).then_some(last.version)
     }
 
     /// Whether the routine `name` of plugin `stem` is live.
@@ -623,6 +642,9 @@ fn settings_note(old: &PluginManifest, new: &PluginManifest) -> Option<String> {
     }
     if old.max_deliveries != new.max_deliveries {
         changed.push("max-deliveries")
+    }
+    if old.rollback_window != new.rollback_window {
+        changed.push("rollback-window")
     }
     if old.queue_capacity != new.queue_capacity {
         changed.push("queue-capacity")

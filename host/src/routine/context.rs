@@ -186,7 +186,7 @@ impl RoutineContext {
         deliver: impl Fn(&InFlightSlot, Vec<Message>, Arc<dyn Origin>, u32) -> Option<R>,
     ) -> Result<Option<R>, CallError> {
         let in_flight = self.shared.in_flight();
-        let max_deliveries = self.shared.supervision().max_deliveries;
+        let max_deliveries = self.shared.max_deliveries();
         self.link.open(queue)?;
         let mut left = timeout;
         // For a second receive after a message went to `dead-letter` on arrival.

@@ -306,6 +306,16 @@ impl RoutineShared {
     }
 
     /// True while an upgrade waits for the current run to end.
+    /// `max-deliveries`, except while a new version may still be rolled back (its rollback
+    /// window): then a message it crashes on is not used up, it goes back for the version
+    /// that may come back.
+    pub fn max_deliveries(&self) -> u32 {
+        match self.upgrade.keeps_previous() {
+            true => u32::MAX,
+            false => self.supervision.max_deliveries,
+        }
+    }
+
     pub fn upgrade_pending(&self) -> bool {
         self.upgrade.is_pending()
     }

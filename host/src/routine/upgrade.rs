@@ -35,6 +35,9 @@ pub(crate) struct UpgradeSlot {
     settled: Mutex<Option<(Settling, tokio::time::Instant)>>,
     settled_changed: tokio::sync::Notify,
     rollback_window: std::time::Duration,
+    /// Whether `settling` or `settled` holds a previous version: read on every receive
+    /// ([`keeps_previous`](Self::keeps_previous)) without taking the locks.
+    kept: std::sync::atomic::AtomicBool,
     handover: Mutex<Option<Vec<u8>>>,
     seq: AtomicU64,
     upgrades: AtomicU64,
@@ -51,6 +54,7 @@ impl UpgradeSlot {
             settled: Mutex::new(None),
             settled_changed: tokio::sync::Notify::new(),
             rollback_window,
+            kept: std::sync::atomic::AtomicBool::new(false),
             handover: Mutex::new(None),
             seq: AtomicU64::new(0),
             upgrades: AtomicU64::new(0),
@@ -86,6 +90,7 @@ impl UpgradeSlot {
             saved: self.handover.lock().clone(),
             failed: None,
         });
+        self.refresh_kept();
         Some(work)
     }
 
@@ -97,9 +102,11 @@ impl UpgradeSlot {
         let Some(s) = settling.as_mut().filter(|s| s.failed.is_none()) else { return };
         match result {
             Ok(()) => {
-                let seq = s.seq;
                 let done = settling.take().expect("matched above");
+                drop(settling);
+                let seq = done.seq;
                 self.keep_for_rollback(done);
+                self.refresh_kept();
                 self.upgrades.fetch_add(1, Relaxed);
                 self.done.send_replace((seq, None));
             }
@@ -116,10 +123,17 @@ impl UpgradeSlot {
         self.settled_changed.notify_waiters();
     }
 
-    /// Whether a previous version is kept, or may be once the upgrade being settled settles.
+    /// Whether a previous version is kept, or may be once the upgrade being settled settles
+    /// (with a rollback window).
     pub fn keeps_previous(&self) -> bool {
-        !self.rollback_window.is_zero()
-            && (self.settled.lock().is_some() || self.settling.lock().is_some())
+        self.kept.load(Relaxed)
+    }
+
+    /// Recomputes [`keeps_previous`](Self::keeps_previous) after a change of either slot.
+    fn refresh_kept(&self) {
+        let kept = !self.rollback_window.is_zero()
+            && (self.settled.lock().is_some() || self.settling.lock().is_some());
+        self.kept.store(kept, Relaxed);
     }
 
     /// Lets go of each kept previous version when its rollback window ends; never returns
@@ -134,10 +148,16 @@ impl UpgradeSlot {
                 Some(end) => {
                     tokio::select! {
                         _ = tokio::time::sleep_until(end) => {
-                            let mut s = self.settled.lock();
-                            if s.as_ref().is_some_and(|(_, at)| *at + self.rollback_window <= end) {
-                                *s = None;
+                            {
+                                let mut s = self.settled.lock();
+                                let over = |(_, at): &(Settling, tokio::time::Instant)| {
+                                    *at + self.rollback_window <= end
+                                };
+                                if s.as_ref().is_some_and(over) {
+                                    *s = None;
+                                }
                             }
+                            self.refresh_kept();
                         }
                         _ = changed => {}
                     }
@@ -151,12 +171,15 @@ impl UpgradeSlot {
     /// is undone like a failed `restore` (the driver's next [`take_rollback`](Self::take_rollback)
     /// brings back the previous code and its saved state) and true is returned.
     pub fn crash_rollback(&self, why: String) -> bool {
-        let Some((mut s, at)) = self.settled.lock().take() else { return false };
+        let taken = self.settled.lock().take();
+        let Some((mut s, at)) = taken else { return false };
         if at.elapsed() > self.rollback_window || self.is_pending() {
+            self.refresh_kept();
             return false;
         }
         s.failed = Some(why);
         *self.settling.lock() = Some(s);
+        self.refresh_kept();
         true
     }
 
@@ -173,6 +196,8 @@ impl UpgradeSlot {
             return None;
         }
         let s = settling.take()?;
+        drop(settling);
+        self.refresh_kept();
         *self.version.lock() = s.previous_version.clone();
         *self.handover.lock() = s.saved.clone();
         self.done.send_replace((s.seq, s.failed.clone()));

@@ -77,7 +77,7 @@ pub(crate) async fn drive(
         last = state;
         shared.count_termination(state);
         let clean = state == State::Stopped && !run.cancel.is_cancelled();
-        let max = shared.supervision().max_deliveries;
+        let max = shared.max_deliveries();
         let error = || shared.last_error();
         let counted = || shared.count_dead_letter();
         delivery::settle(shared.in_flight(), shared.name(), error, max, clean, counted);
@@ -218,6 +218,18 @@ fn next_step(
     }
     let sup = shared.supervision();
     if !sup.restart.restarts_after(state) {
+        // A new version that fails where its policy does not restart: as one that gives up.
+        let why = || {
+            let last = shared.last_error().unwrap_or_else(|| state.to_string());
+            format!(
+                "it ended {state} and its restart policy does not restart it; last: {last} \
+                 (within {} of the upgrade: rolled back)",
+                humantime::format_duration(sup.rollback_window)
+            )
+        };
+        if state != State::Stopped && shared.upgrade().crash_rollback(why()) {
+            return Step::RollBack;
+        }
         return Step::End(state);
     }
     if started.elapsed() >= sup.backoff.stable_after {

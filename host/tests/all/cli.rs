@@ -378,12 +378,13 @@ fn an_upgrade_that_crash_loops_is_rolled_back_with_its_mailbox() {
     let d = dir.path();
     // relay republishes its mailbox on the `echo` topic; it gives up after 3 quick failures.
     let echo = std::fs::read(gorch_artifacts::path("echo")).unwrap();
-    // testkit with no MODE fails at once, without receiving: a version that loads but
-    // crashes.
+    // testkit in mode `recv` takes a message and fails: a version that loads but crashes
+    // on every message (the echo guest ignores the mode).
     let crashes = std::fs::read(gorch_artifacts::path("testkit")).unwrap();
     std::fs::write(d.join("relay.wasm"), &echo).unwrap();
     let manifest = "queue-capacity = 1000\n[backoff]\ninitial = \"10ms\"\nmax = \"20ms\"\n\
-                    [intensity]\nmax-restarts = 2\nwithin = \"1m\"\n";
+                    [intensity]\nmax-restarts = 2\nwithin = \"1m\"\n\
+                    [wasi]\nenv = { MODE = \"recv\" }\n";
     std::fs::write(d.join("relay.toml"), manifest).unwrap();
     let (mut child, rx) = run_host(d, &[]);
     let port = port_of(&read_until(&mut child, &rx, "metrics: http://"));
@@ -405,9 +406,11 @@ fn an_upgrade_that_crash_loops_is_rolled_back_with_its_mailbox() {
     for i in 20..60 {
         send(i);
     }
-    // It gives up, the previous version comes back with the mailbox: nothing is lost.
+    // It gives up, the previous version comes back with the mailbox: nothing is lost, and
+    // the message it crashed on (three times, max-deliveries) was not used up.
     wait_for("the rollback", || version_of(&port, "relay") == v1);
     wait_for("all 60 echoed", || published(&port, "echo") == 60);
+    assert_eq!(published(&port, "dead-letter"), 0);
     read_until(&mut child, &rx, "rolled back");
     let snaps: Vec<gorch_host::Snapshot> =
         serde_json::from_str(&http_get(&port, "/gorchestra/api/routines")).unwrap();
