@@ -770,6 +770,7 @@ fn sends_keep_their_word_across_a_nats_restart() {
 /// SIGKILL while 2,000 messages flow loses nothing, and the stream goes on.
 #[test]
 fn a_nats_server_killed_under_replicas_3_loses_nothing() {
+    let _heavy = crate::common::heavy();
     let mut nats = crate::common::nats::NatsCluster::start();
     run(async {
         let join = |name: &'static str| {
@@ -802,7 +803,7 @@ fn a_nats_server_killed_under_replicas_3_loses_nothing() {
                 Ok::<(), CallError>(())
             })
             .unwrap();
-        assert!(wait_until(Duration::from_secs(60), || seen.lock().len() >= 300).await);
+        assert!(wait_until(Duration::from_secs(120), || seen.lock().len() >= 300).await);
         nats.servers[0].kill();
         // The servers elect new stream and consumer leaders first: on a loaded 2-core
         // machine (the whole suite at once) that took over 30 s once.

@@ -117,6 +117,7 @@ fn follow_the_readme(dir: &Path, name: &str) {
 
 #[test]
 fn a_new_rust_project_builds_with_no_flag_and_runs() {
+    let _heavy = crate::common::heavy();
     let (_tmp, dir) = generate("job-producer", "rust", &[]);
     let cargo_toml = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
     assert!(
@@ -137,6 +138,7 @@ fn a_new_rust_project_builds_with_no_flag_and_runs() {
 
 #[test]
 fn a_new_python_project_builds_and_runs() {
+    let _heavy = crate::common::heavy();
     build_example(Lang::Python); // installs componentize-py under target/
     let (_tmp, dir) = generate("py-hello", "python", &[]);
     build(&dir, &[("COMPONENTIZE_PY", &Lang::Python.tool())], &[]);
@@ -145,6 +147,7 @@ fn a_new_python_project_builds_and_runs() {
 
 #[test]
 fn a_new_javascript_project_builds_and_runs() {
+    let _heavy = crate::common::heavy();
     build_example(Lang::Js); // installs componentize-js under examples/guests-js
     let (_tmp, dir) = generate("js-hello", "js", &[]);
     build(&dir, &[("COMPONENTIZE_JS", &Lang::Js.tool())], &[]);

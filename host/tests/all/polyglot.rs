@@ -69,6 +69,7 @@ fn exercise(component: &WasmComponent, name: &str, topic: &str, lang: &str) -> S
 
 #[test]
 fn python_guest_beats_echoes_its_mailbox_publishes_and_logs() {
+    let _heavy = crate::common::heavy();
     let component = load(&build_example(Lang::Python));
     let log = exercise(&component, "echo-py", "echo-py", "python");
     assert!(log.contains("echo-py starting (python, restarts: 0)"), "{log}");
@@ -77,6 +78,7 @@ fn python_guest_beats_echoes_its_mailbox_publishes_and_logs() {
 
 #[test]
 fn javascript_guest_beats_echoes_its_mailbox_publishes_and_logs() {
+    let _heavy = crate::common::heavy();
     let component = load(&build_example(Lang::Js));
     let log = exercise(&component, "echo-js", "echo-js", "javascript");
     assert!(log.contains("echo-js starting (javascript, restarts: 0)"), "{log}");

@@ -58,6 +58,15 @@ pub fn spawn_mode_with(
     orch.spawn_wasm(opts, testkit(), wasm.env("MODE", mode)).expect("spawn")
 }
 
+/// Held by the tests that load the machine for long (building and compiling Python and
+/// JavaScript components, a three-server NATS cluster with replicated streams), so that no
+/// two of them run at once on a 2-core machine: beside a Python compile, a replicated
+/// stream took over a minute to move 300 messages.
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs `f` on a 2-thread runtime built like the binary's, then checks that the test left
 /// no tokio task alive (the goleak idea).
 pub fn run<F: Future>(f: F) -> F::Output {
