@@ -210,7 +210,11 @@ impl InFlightSlot {
             return false;
         }
         let msg = taken.pop().unwrap_or_default();
-        let why = Some("its host died while processing it".to_string());
+        let why = Some(
+            "its deliveries were used up before this receive (its receiver's host died while \
+             processing it, or a version that was rolled back crashed on it)"
+                .to_string(),
+        );
         send_dead_letter(origin, Letter::new("", why, origin.describe(), msg));
         self.unused(std::mem::take(taken));
         true
@@ -221,12 +225,14 @@ impl InFlightSlot {
 /// hands it back to the head of its queue, or sends a message to `dead-letter` once it has
 /// failed `max` deliveries (`counted` is called first: the routine counts it). A batch goes
 /// back in its order with no delivery counted, its messages marked to be handed out one at
-/// a time.
+/// a time. With `max` `None` (the crash is the code's: a new version that may be rolled
+/// back) a message goes back with no delivery counted (a queue that counts deliveries
+/// itself, JetStream, still counts it).
 pub(crate) fn settle(
     slot: &InFlightSlot,
     routine: &str,
     error: impl FnOnce() -> Option<String>,
-    max: u32,
+    max: Option<u32>,
     clean: bool,
     counted: impl FnOnce(),
 ) {
@@ -259,7 +265,11 @@ pub(crate) fn settle(
         return;
     }
     match msgs.pop() {
-        Some(msg) if exhausted(msg.deliveries, max) => {
+        Some(mut msg) if max.is_none() => {
+            msg.deliveries = msg.deliveries.saturating_sub(1);
+            back(vec![msg])
+        }
+        Some(msg) if max.is_some_and(|max| exhausted(msg.deliveries, max)) => {
             counted();
             send_dead_letter(&*origin, Letter::new(routine, error(), origin.describe(), msg));
         }

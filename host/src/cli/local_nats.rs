@@ -24,6 +24,9 @@ const STOP_WITHIN: Duration = Duration::from_secs(5);
 /// The running child (see the module doc).
 pub(super) struct LocalNats {
     url: String,
+    /// The token the server requires: made for this run, kept in a file only its owner
+    /// reads (never on a command line other users can see).
+    token: String,
     child: Arc<parking_lot::Mutex<Child>>,
     pid_file: PathBuf,
     stop: CancellationToken,
@@ -70,14 +73,17 @@ impl LocalNats {
             .with_context(|| format!("cannot create the data directory {}", data.display()))?;
         let lock = lock(data)?;
         let pid_file = data.join("nats-server.pid");
-        stop_leftover(&pid_file).await;
+        let conf = data.join("nats-server.conf");
+        stop_leftover(&pid_file, &conf).await;
         let store = data.join("nats");
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let log = data.join("nats-server.log");
+        let token: String = (0..32).map(|_| format!("{:x}", rand::random::<u8>() & 15)).collect();
+        write_config(&conf, port, &store, &token)?;
         let spawn = {
-            let (server, store, log, pid_file) =
-                (server.clone(), store.clone(), log.clone(), pid_file.clone());
-            move || spawn_server(&server, &store, port, &log, &pid_file)
+            let (server, conf, log, pid_file) =
+                (server.clone(), conf.clone(), log.clone(), pid_file.clone());
+            move || spawn_server(&server, &conf, &log, &pid_file)
         };
         let child = spawn()?;
         tracing::info!(
@@ -92,12 +98,17 @@ impl LocalNats {
         let stop = CancellationToken::new();
         let watch = tokio::spawn(supervise(child.clone(), spawn, stop.clone()));
         let url = format!("nats://127.0.0.1:{port}");
-        Ok(LocalNats { url, child, pid_file, stop, watch, _lock: lock })
+        Ok(LocalNats { url, token, child, pid_file, stop, watch, _lock: lock })
     }
 
     /// Its URL.
     pub(super) fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The token it requires.
+    pub(super) fn token(&self) -> &str {
+        &self.token
     }
 
     /// Stops it: SIGTERM, then the kill after [`STOP_WITHIN`].
@@ -156,27 +167,41 @@ fn lock(data: &Path) -> anyhow::Result<File> {
     Ok(file)
 }
 
-/// Starts one nats-server process; its pid goes to `pid_file`, its output to `log`.
-fn spawn_server(
-    server: &Path,
-    store: &Path,
-    port: u16,
-    log: &Path,
-    pid_file: &Path,
-) -> anyhow::Result<Child> {
+/// The server's configuration: loopback only, JetStream with its store, and the token,
+/// in a file only its owner may read.
+fn write_config(conf: &Path, port: u16, store: &Path, token: &str) -> anyhow::Result<()> {
+    let text = format!(
+        "# Written by gorch-host for --nats local, at each start.\n\
+         listen: \"127.0.0.1:{port}\"\n\
+         jetstream {{ store_dir: {store:?} }}\n\
+         authorization {{ token: \"{token}\" }}\n"
+    );
+    let mut options = File::options();
+    options.create(true).write(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(conf).with_context(|| format!("cannot write {}", conf.display()))?;
+    // The mode applies when the file is created: a file of an earlier run is made private too.
+    #[cfg(unix)]
+    std::fs::set_permissions(conf, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// Starts one nats-server process with `conf`; its pid goes to `pid_file`, its output to
+/// `log`. In a process group of its own: the terminal's Ctrl-C is the host's to handle (it
+/// stops the server after it has left the cluster).
+fn spawn_server(server: &Path, conf: &Path, log: &Path, pid_file: &Path) -> anyhow::Result<Child> {
     let out = File::options()
         .create(true)
         .append(true)
         .open(log)
         .with_context(|| format!("cannot open {}", log.display()))?;
-    let child = Command::new(server)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(store)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .with_context(|| format!("cannot start {}", server.display()))?;
+    let mut cmd = Command::new(server);
+    cmd.arg("-c").arg(conf).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = cmd.spawn().with_context(|| format!("cannot start {}", server.display()))?;
     let mut f = File::create(pid_file)?;
     writeln!(f, "{}", child.id())?;
     Ok(child)
@@ -239,15 +264,18 @@ async fn supervise(
 }
 
 /// A nats-server left behind by a host that was killed (its pid in `pid_file`, and still a
-/// nats-server): stopped, so that its store is free.
-async fn stop_leftover(pid_file: &Path) {
+/// nats-server running this data directory's `conf`): stopped, so that its store is free.
+async fn stop_leftover(pid_file: &Path, conf: &Path) {
     let Some(pid) = std::fs::read_to_string(pid_file).ok().and_then(|s| s.trim().parse().ok())
     else {
         return;
     };
+    let conf = conf.to_string_lossy().into_owned();
     let is_nats = |pid: u32| {
-        std::fs::read(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("nats-server"))
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            let c = String::from_utf8_lossy(&c);
+            c.contains("nats-server") && c.contains(conf.as_str())
+        })
     };
     if !is_nats(pid) {
         return;

@@ -204,6 +204,7 @@ impl RunCmd {
             None => None,
             Some(mut config) => {
                 config.message_bytes = limit;
+                config.token = local_nats.as_ref().map(|n| n.token().to_string());
                 // A message taken before the join would stay on the in-memory bus.
                 let why = format!("joining the cluster at {}", config.url);
                 server.state().hold_ingress(Some(why));

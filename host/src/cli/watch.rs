@@ -1,7 +1,8 @@
 //! Applying the plugin directory on request: SIGHUP at once, `--watch` changes once the
 //! directory has gone quiet (bounded: constant writes delay a change by at most
-//! [`MAX_DELAY`], and such a forced reload stops no plugin whose files are missing, since
-//! they may not be written yet: a reload once the directory is quiet does). The watcher
+//! [`MAX_DELAY`]); a change stops no plugin whose files are missing until the directory has
+//! been quiet for [`REMOVE_AFTER`] (a slow copy or a replaced directory is not a removal
+//! of what is not copied yet). The watcher
 //! looks at `*.wasm` and `*.toml` only (a log file written into the directory changes
 //! nothing), and follows the directory when it is replaced (`mv`, `rm` + `mkdir`, a symlink
 //! swap).
@@ -54,51 +55,63 @@ const MAX_DELAY: Duration = Duration::from_secs(2);
 /// How often the watcher checks that the directory is still the one it watches.
 const REARM_EVERY: Duration = Duration::from_secs(1);
 
-/// Applies the directory on each request, one reload at a time (see the module doc).
+/// How long the directory must stay quiet before a change removes plugins: a directory
+/// replaced or copied slowly must not stop the plugins whose files are not there yet.
+const REMOVE_AFTER: Duration = Duration::from_secs(2);
+
+/// Applies the directory on each request, one reload at a time (see the module doc). A
+/// change is applied without stopping plugins whose files are missing; those stop once the
+/// directory has been quiet for [`REMOVE_AFTER`] (SIGHUP applies everything at once).
 pub(super) async fn reload_loop(
     reloader: Reloader,
     requests: Requests,
     mut changed: mpsc::Receiver<()>,
     stop: CancellationToken,
 ) {
+    // When plugins whose files are missing are stopped, unless another change comes first.
+    let mut removals: Option<Instant> = None;
     loop {
+        let due = removals.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         let on_change = tokio::select! {
             _ = stop.cancelled() => return,
             _ = requests.now.notified() => false,
+            _ = tokio::time::sleep_until(due), if removals.is_some() => false,
             r = changed.recv() => match r {
                 Some(()) => true,
                 None => return,
             },
         };
-        let mut quiet = true;
+        let mut full = !on_change;
         if on_change {
             let deadline = Instant::now() + MAX_DELAY;
             loop {
                 let until = (Instant::now() + DEBOUNCE).min(deadline);
                 tokio::select! {
                     r = changed.recv() => match r {
-                        Some(()) if Instant::now() >= deadline => { quiet = false; break }
+                        Some(()) if Instant::now() >= deadline => break,
                         Some(()) => {}
                         None => return,
                     },
-                    _ = requests.now.notified() => break,
-                    _ = tokio::time::sleep_until(until) => {
-                        quiet = Instant::now() < deadline;
-                        break;
-                    }
+                    _ = requests.now.notified() => { full = true; break }
+                    _ = tokio::time::sleep_until(until) => break,
                 }
             }
         }
         if stop.is_cancelled() {
             return;
         }
+        if !full && !reloader.dir().is_dir() {
+            // Gone for now: the watcher asks again when it is back.
+            removals = None;
+            continue;
+        }
         // Each logs every change and a summary line.
-        if quiet {
+        if full {
+            removals = None;
             reloader.apply().await;
         } else {
+            removals = Some(Instant::now() + REMOVE_AFTER);
             reloader.apply_keeping_missing().await;
-            // It kept missing plugins: a full reload follows once the directory is quiet.
-            requests.changed();
         }
     }
 }
@@ -134,7 +147,8 @@ fn arm(
     removed: Arc<AtomicBool>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     use notify::Watcher;
-    let watched_dir = dir.to_path_buf();
+    // notify reports absolute paths: the directory as given, made absolute.
+    let watched_dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if event.kind.is_access() {

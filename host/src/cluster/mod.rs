@@ -89,6 +89,8 @@ pub struct ClusterConfig {
     /// replicas`, 1 to 5; default 1). With 3 on a NATS cluster of three servers, losing one
     /// server loses nothing.
     pub replicas: usize,
+    /// A token the NATS server requires (`--nats local` makes one per run), if any.
+    pub token: Option<String>,
 }
 
 impl ClusterConfig {
@@ -104,6 +106,7 @@ impl ClusterConfig {
             message_bytes: None,
             local_topics: Vec::new(),
             replicas: 1,
+            token: None,
         }
     }
 }
@@ -525,6 +528,9 @@ async fn connect(
                 }
             }
         });
+    if let Some(token) = &config.token {
+        opts = opts.token(token.clone());
+    }
     if let Some(creds) = &config.creds {
         opts = opts
             .credentials_file(creds)

@@ -305,17 +305,22 @@ impl RoutineShared {
         &self.upgrade
     }
 
-    /// True while an upgrade waits for the current run to end.
-    /// `max-deliveries`, except while a new version may still be rolled back (its rollback
-    /// window): then a message it crashes on is not used up, it goes back for the version
-    /// that may come back.
+    /// Whether a new version may still be rolled back (its rollback window; a member of a
+    /// group is not rolled back): a message it crashes on is then not counted against
+    /// `max-deliveries`, it goes back for the version that may come back.
+    pub fn rollback_possible(&self) -> bool {
+        self.group.is_none() && self.upgrade.keeps_previous()
+    }
+
+    /// `max-deliveries`, or no limit while [`rollback_possible`](Self::rollback_possible).
     pub fn max_deliveries(&self) -> u32 {
-        match self.upgrade.keeps_previous() {
+        match self.rollback_possible() {
             true => u32::MAX,
             false => self.supervision.max_deliveries,
         }
     }
 
+    /// True while an upgrade waits for the current run to end.
     pub fn upgrade_pending(&self) -> bool {
         self.upgrade.is_pending()
     }

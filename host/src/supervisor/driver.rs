@@ -77,7 +77,8 @@ pub(crate) async fn drive(
         last = state;
         shared.count_termination(state);
         let clean = state == State::Stopped && !run.cancel.is_cancelled();
-        let max = shared.max_deliveries();
+        // `None` while the run's version may be rolled back: its crash is not the message's.
+        let max = (!shared.rollback_possible()).then(|| shared.supervision().max_deliveries);
         let error = || shared.last_error();
         let counted = || shared.count_dead_letter();
         delivery::settle(shared.in_flight(), shared.name(), error, max, clean, counted);
@@ -227,7 +228,8 @@ fn next_step(
                 humantime::format_duration(sup.rollback_window)
             )
         };
-        if state != State::Stopped && shared.upgrade().crash_rollback(why()) {
+        let alone = shared.group().is_none();
+        if alone && state != State::Stopped && shared.upgrade().crash_rollback(why()) {
             return Step::RollBack;
         }
         return Step::End(state);

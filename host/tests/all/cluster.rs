@@ -580,6 +580,12 @@ fn nats_local_keeps_queued_topic_messages_across_a_killed_host() {
     let (mut host, rx) = run(plugins.path());
     let log = read_until(&mut host, &rx, "metrics: http://");
     assert!(log.contains("started ") && log.contains("nats-server"), "{log}");
+    // It takes no connection without this run's token (other local users cannot use it).
+    let nats_port = log.split("on 127.0.0.1:").nth(1).unwrap().split(',').next().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let anonymous = rt.block_on(async_nats::connect(format!("nats://127.0.0.1:{nats_port}")));
+    assert!(anonymous.is_err(), "a connection without the token was taken");
+    drop(rt);
     let port = port_of(&log);
     for i in 0..1000 {
         let (status, body) =
