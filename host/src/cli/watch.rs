@@ -134,8 +134,7 @@ pub(super) fn watch_dir(dir: &Path, requests: Requests) -> anyhow::Result<DirWat
     let removed = Arc::new(AtomicBool::new(false));
     let watcher = arm(dir, requests.clone(), removed.clone())?;
     tracing::info!("watching {} for changes", dir.display());
-    let task =
-        tokio::spawn(follow(dir.to_path_buf(), requests, watcher, identity(dir), removed));
+    let task = tokio::spawn(follow(dir.to_path_buf(), requests, watcher, identity(dir), removed));
     Ok(DirWatch { task })
 }
 
