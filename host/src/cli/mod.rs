@@ -40,7 +40,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load, validate and start every plugin in a directory; run until SIGINT/SIGTERM.
-    Run(RunCmd),
+    Run(Box<RunCmd>),
     /// Validate component files against the gorch:worker world; print imports and exports.
     Check(CheckCmd),
     /// Print the stats table of a running host (from its JSON API).
