@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::json;
 
-use super::state::ObsState;
+use super::state::{INGRESS_READING_BYTES, ObsState};
 use crate::names::{validate_routine_name, validate_topic_name};
 use crate::transport::CallError;
 
@@ -35,10 +35,6 @@ pub const INGRESS_WAIT: Duration = Duration::from_millis(500);
 /// The most bytes ingress queues in one in-memory topic or mailbox: past it, 503 with
 /// `Retry-After` (a topic nobody drains cannot take the host's memory).
 pub const INGRESS_QUEUE_BYTES: u64 = 64 << 20;
-
-/// The most bytes of request bodies read at once (reserved before reading: the declared
-/// `Content-Length`, or the message limit when there is none): past it, 503.
-pub const INGRESS_READING_BYTES: u64 = 64 << 20;
 
 /// The most bytes all in-memory topics may hold for ingress to publish more.
 pub const INGRESS_TOTAL_BYTES: u64 = 256 << 20;

@@ -38,6 +38,7 @@ pub use metrics::{
     write_text_with,
 };
 pub use routes::{BODY_LIMIT, MAX_PROFILE_SECONDS, router};
+pub use state::INGRESS_READING_BYTES;
 pub use state::ObsState;
 
 /// Default address of the observability server.

@@ -139,14 +139,15 @@ async fn process() -> impl IntoResponse {
 /// The board, with each running plugin's `routines` counted live (a routine stopped on
 /// request or ended by its policy is no longer counted).
 async fn plugins(AxState(s): AxState<ObsState>) -> impl IntoResponse {
-    let mut live: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for r in s.orch.shared_list() {
-        *live.entry(r.plugin().to_string()).or_default() += 1;
+    let routines = s.orch.shared_list();
+    let mut live: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for r in &routines {
+        *live.entry(r.plugin()).or_default() += 1;
     }
     let mut list = s.plugins.list();
     for p in &mut list {
         if p.status == LoadState::Running {
-            p.routines = live.get(&p.plugin).copied().unwrap_or(0);
+            p.routines = live.get(p.plugin.as_str()).copied().unwrap_or(0);
         }
     }
     axum::Json(list)

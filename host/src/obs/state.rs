@@ -10,6 +10,10 @@ use prometheus::Registry;
 use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, Orchestrator};
 use crate::plugin::{PluginBoard, Reloader};
 
+/// The most bytes of request bodies read at once (reserved before reading: the declared
+/// `Content-Length`, or the message limit when there is none): past it, 503.
+pub const INGRESS_READING_BYTES: u64 = 64 << 20;
+
 /// What the routes share.
 #[derive(Clone)]
 pub struct ObsState {
@@ -26,7 +30,7 @@ pub struct ObsState {
     /// Why the write routes refuse messages for now (see [`ObsState::hold_ingress`]).
     ingress_held: Arc<parking_lot::RwLock<Option<String>>>,
     /// The bytes of request bodies being read and not yet queued, in KiB: reserved before a
-    /// body is read (see `control::INGRESS_READING_BYTES`).
+    /// body is read ([`INGRESS_READING_BYTES`]).
     pub(super) reading: Arc<tokio::sync::Semaphore>,
 }
 
@@ -44,9 +48,7 @@ impl ObsState {
             routine_limit: Arc::new(AtomicUsize::new(super::metrics::DEFAULT_ROUTINE_LIMIT)),
             over_limit: Arc::new(AtomicBool::new(false)),
             ingress_held: Arc::default(),
-            reading: Arc::new(tokio::sync::Semaphore::new(
-                (super::control::INGRESS_READING_BYTES >> 10) as usize,
-            )),
+            reading: Arc::new(tokio::sync::Semaphore::new((INGRESS_READING_BYTES >> 10) as usize)),
         }
     }
 

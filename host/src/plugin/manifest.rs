@@ -13,7 +13,7 @@ pub(super) use super::parse::{parse_toml, read_toml};
 
 use crate::names::validate_routine_name;
 use crate::orchestrator::{DEFAULT_MESSAGE_BYTES, DEFAULT_QUEUE_CAPACITY, SpawnOptions};
-use crate::supervisor::{Backoff, Intensity, MAX_POLICY_DURATION, RestartPolicy, Supervision};
+use crate::supervisor::{Backoff, Intensity, RestartPolicy, Supervision};
 use crate::wasm::{DEFAULT_MEMORY_LIMIT, EngineConfig, Metering, WasmOptions};
 
 /// The most `instances` one manifest, and all the manifests of a directory together, may ask
@@ -384,13 +384,7 @@ fn positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 
 fn rollback_window<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let v: Duration = humantime_serde::deserialize(d)?;
-    if v > MAX_POLICY_DURATION {
-        return Err(custom(format!(
-            "rollback-window must be at most {} (MAX_POLICY_DURATION), got {}",
-            humantime::format_duration(MAX_POLICY_DURATION),
-            humantime::format_duration(v)
-        )));
-    }
+    crate::supervisor::check_bound("rollback-window", v).map_err(custom)?;
     Ok(v)
 }
 

@@ -29,6 +29,7 @@ mod policy;
 
 pub(crate) use group::GroupInner;
 pub use group::{Group, Strategy};
+pub(crate) use policy::check_bound;
 pub use policy::{
     Backoff, DEFAULT_MAX_DELIVERIES, DEFAULT_ROLLBACK_WINDOW, Intensity, MAX_POLICY_DURATION,
     PolicyError, RestartPolicy, Supervision,

@@ -59,7 +59,7 @@ impl Default for Backoff {
 pub const MAX_POLICY_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Checks that the duration of `key` is at most [`MAX_POLICY_DURATION`].
-fn check_bound(key: &'static str, value: Duration) -> Result<(), PolicyError> {
+pub(crate) fn check_bound(key: &'static str, value: Duration) -> Result<(), PolicyError> {
     if value > MAX_POLICY_DURATION {
         return Err(PolicyError::TooLong { key, value, max: MAX_POLICY_DURATION });
     }
