@@ -364,6 +364,14 @@ pub mod mailbox {
         wit_mailbox::send(to, payload).map_err(Into::into)
     }
 
+    /// Delivers each payload to the mailbox of `to` in order, waiting while it is full: one
+    /// host call for all of them, and to a routine on another node as few round trips as
+    /// NATS messages carry. Nothing is sent if one is too large; after another error, the
+    /// payloads before the failing one were delivered.
+    pub fn send_batch(to: &str, payloads: &[Vec<u8>]) -> Result<()> {
+        wit_mailbox::send_batch(to, payloads).map_err(Into::into)
+    }
+
     /// Waits for the next message, then takes up to `max` in all of what is queued (at
     /// least one message; never empty). One host call for the whole batch.
     ///

@@ -56,43 +56,72 @@ fn main() {
     let server = nats();
     let url = format!("nats://127.0.0.1:{}", server.1);
     let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
+    // `cargo bench --bench cluster -- mailbox` runs the sections named (one-way, mailbox,
+    // same-node); none named: all.
+    let named: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let run = |section: &str| named.is_empty() || named.iter().any(|n| n == section);
+    if run("one-way") {
+        one_way(&rt, &url);
+    }
+    if run("mailbox") {
+        mailbox(&rt, &url);
+    }
+    if run("same-node") {
+        same_node_rows(&rt, &url);
+    }
+}
+
+fn one_way(rt: &tokio::runtime::Runtime, url: &str) {
+    let url = url.to_string();
     println!("## one way, 64 B, {ONE_WAY} messages, node a → node b (rates in msg/s)");
     println!(
-        "| raw JetStream, fastest same guarantees (async publish window {WINDOW}, fetch {WINDOW}, ack each) | raw JetStream, synchronous publish, pull 1 | gorch single calls | gorch publish-batch / recv-batch ({WINDOW}) | raw core NATS | (b) / sync | (c) / fastest |"
+        "| raw JetStream, fastest same guarantees (async publish window {WINDOW}, fetch {WINDOW}, ack each) | raw JetStream, synchronous publish, pull 1 | raw synchronous publish, fetching consumer | raw synchronous publish, no consumer | gorch single calls | gorch publish-batch / recv-batch ({WINDOW}) | raw core NATS | (b) / sync | (c) / fastest |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let fast = rt.block_on(raw_jetstream_fast(&url));
-    let sync = rt.block_on(raw_jetstream(&url));
+    let sync = rt.block_on(raw_jetstream(&url, "RAW", RawConsumer::PullOne));
+    let sync_fetching = rt.block_on(raw_jetstream(&url, "RAWF", RawConsumer::Fetching));
+    let sync_alone = rt.block_on(raw_jetstream(&url, "RAWN", RawConsumer::None));
     let single = rt.block_on(one_way_cluster(&url, "bench-single", false));
     let batch = rt.block_on(one_way_cluster(&url, "bench-batch", true));
     let core = rt.block_on(raw_core(&url));
     println!(
-        "| {:.1} k | {:.1} k | {:.1} k | {:.1} k | {:.0} k | {:.2} | {:.2} |",
+        "| {:.1} k | {:.1} k | {:.1} k | {:.1} k | {:.1} k | {:.1} k | {:.0} k | {:.2} | {:.2} |",
         fast / 1e3,
         sync / 1e3,
+        sync_fetching / 1e3,
+        sync_alone / 1e3,
         single / 1e3,
         batch / 1e3,
         core / 1e3,
         single / sync,
         batch / fast
     );
-    println!();
+}
+
+fn mailbox(rt: &tokio::runtime::Runtime, url: &str) {
+    let url = url.to_string();
     println!("## mailbox, node a → node b, {ROUND_TRIPS} sends / round trips");
     println!(
-        "| gorch one way (send) | gorch ping-pong | raw NATS request/reply | ping-pong / raw |"
+        "| gorch one way (send) | gorch one way (send-batch, {WINDOW}) | gorch ping-pong | raw NATS request/reply | ping-pong / raw |"
     );
-    println!("|---|---|---|---|");
-    let one_way = rt.block_on(mailbox_one_way(&url));
+    println!("|---|---|---|---|---|");
+    let one_way = rt.block_on(mailbox_one_way(&url, false));
+    let batched = rt.block_on(mailbox_one_way(&url, true));
     let g = rt.block_on(ping_pong_cluster(&url));
     let raw = rt.block_on(raw_request(&url));
     println!(
-        "| {:.1} k msg/s | {:.1} k rt/s | {:.1} k rt/s | {:.2} |",
+        "| {:.1} k msg/s | {:.1} k msg/s | {:.1} k rt/s | {:.1} k rt/s | {:.2} |",
         one_way / 1e3,
+        batched / 1e3,
         g / 1e3,
         raw / 1e3,
         g / raw
     );
-    println!();
+}
+
+fn same_node_rows(rt: &tokio::runtime::Runtime, url: &str) {
+    let url = url.to_string();
     println!(
         "## same-node consumer, 64 B: {ONE_WAY} through the stream; {LOCAL} through memory, \
          three rounds alternating (medians)"
@@ -254,41 +283,63 @@ async fn raw_jetstream_fast(url: &str) -> f64 {
     ONE_WAY as f64 / t.elapsed().as_secs_f64()
 }
 
-async fn raw_jetstream(url: &str) -> f64 {
+/// The consumer beside a synchronous raw publisher.
+#[derive(Clone, Copy, PartialEq)]
+enum RawConsumer {
+    /// Pulls one message at a time, acks each (awaiting the ack's publish).
+    PullOne,
+    /// Fetches what the stream has (up to the window), acks each.
+    Fetching,
+    /// None: the publisher alone (what one synchronous publisher can do here).
+    None,
+}
+
+/// A publisher that awaits each stored acknowledgement, beside `consumer`.
+async fn raw_jetstream(url: &str, name: &str, consumer: RawConsumer) -> f64 {
     let pc = async_nats::connect(url).await.unwrap();
     let cc = async_nats::connect(url).await.unwrap();
     let js = jetstream::new(pc);
-    let stream = js
+    let subject = name.to_lowercase();
+    let stream = jetstream::new(cc)
         .get_or_create_stream(jetstream::stream::Config {
-            name: "RAW".into(),
-            subjects: vec!["raw".into()],
+            name: name.into(),
+            subjects: vec![subject.clone()],
             retention: jetstream::stream::RetentionPolicy::WorkQueue,
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         })
         .await
         .unwrap();
-    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+    let pull: jetstream::consumer::Consumer<pull::Config> = stream
         .get_or_create_consumer(
-            "raw",
-            pull::Config { durable_name: Some("raw".into()), ..Default::default() },
+            &subject,
+            pull::Config { durable_name: Some(subject.clone()), ..Default::default() },
         )
         .await
         .unwrap();
-    let _ = cc;
     let t = Instant::now();
     let rx = tokio::spawn(async move {
         let mut got = 0;
-        while got < ONE_WAY {
-            let mut batch = consumer.batch().max_messages(1).messages().await.unwrap();
-            if let Some(Ok(m)) = batch.next().await {
+        while consumer != RawConsumer::None && got < ONE_WAY {
+            let batch = match consumer {
+                RawConsumer::PullOne => pull.batch().max_messages(1).messages().await,
+                _ => {
+                    pull.batch()
+                        .max_messages(WINDOW)
+                        .expires(Duration::from_millis(100))
+                        .messages()
+                        .await
+                }
+            };
+            let mut batch = batch.unwrap();
+            while let Some(Ok(m)) = batch.next().await {
                 m.ack().await.unwrap();
                 got += 1;
             }
         }
     });
     for _ in 0..ONE_WAY {
-        js.publish("raw", vec![7u8; PAYLOAD].into()).await.unwrap().await.unwrap();
+        js.publish(subject.clone(), vec![7u8; PAYLOAD].into()).await.unwrap().await.unwrap();
     }
     rx.await.unwrap();
     ONE_WAY as f64 / t.elapsed().as_secs_f64()
@@ -365,13 +416,16 @@ async fn raw_request(url: &str) -> f64 {
     rate
 }
 
-/// One way through mailboxes: a routine on node a sends to one on node b.
-async fn mailbox_one_way(url: &str) -> f64 {
+/// One way through mailboxes: a routine on node a sends to one on node b (`batch`: with
+/// `send-batch`, [`WINDOW`] at a time; the receiver takes them with single receives).
+async fn mailbox_one_way(url: &str, batch: bool) -> f64 {
     let (a, ca) = join(url, "a").await;
     let (b, cb) = join(url, "b").await;
+    let n =
+        if batch { (ROUND_TRIPS * 10) as usize / WINDOW * WINDOW } else { ROUND_TRIPS as usize };
     let rx = b
-        .spawn(SpawnOptions::new("sink"), |ctx| async move {
-            for _ in 0..ROUND_TRIPS {
+        .spawn(SpawnOptions::new("sink"), move |ctx| async move {
+            for _ in 0..n {
                 ctx.recv(None).await?;
             }
             Ok::<(), CallError>(())
@@ -381,15 +435,21 @@ async fn mailbox_one_way(url: &str) -> f64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let t = Instant::now();
-    a.spawn(SpawnOptions::new("source"), |ctx| async move {
-        for _ in 0..ROUND_TRIPS {
+    a.spawn(SpawnOptions::new("source"), move |ctx| async move {
+        if batch {
+            for _ in 0..n / WINDOW {
+                ctx.send_batch("sink", vec![vec![1u8; PAYLOAD]; WINDOW]).await?;
+            }
+            return Ok(());
+        }
+        for _ in 0..n {
             ctx.send("sink", vec![1u8; PAYLOAD]).await?;
         }
         Ok::<(), CallError>(())
     })
     .unwrap();
     rx.wait().await;
-    let rate = ROUND_TRIPS as f64 / t.elapsed().as_secs_f64();
+    let rate = n as f64 / t.elapsed().as_secs_f64();
     leave(a, ca).await;
     leave(b, cb).await;
     rate

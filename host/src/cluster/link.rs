@@ -9,12 +9,11 @@
 //!   this host), except the node-local topics (`[cluster] local-topics`), which stay on the
 //!   in-memory bus. A receive's origin maps the settle operations of
 //!   [`delivery`](crate::delivery) onto JetStream: ack, nak (redelivered to any node), and a
-//!   dead letter published before the message is terminated. A batch receive takes what the
-//!   stream holds in one request; messages delivered before wait in the run's stash and go
-//!   out alone.
+//!   dead letter published before the message is terminated. Receives are served from the
+//!   node's messages of the topic fetched ahead ([`prefetch`](super::prefetch)); a message
+//!   delivered before goes out alone.
 
 use std::any::Any;
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::topics::{self, RemoteDelivery, RemoteMsg};
+use super::topics::{self, RemoteMsg};
 use super::{ClusterCore, split_address};
 use crate::bus::TopicStats;
 use crate::channel::Channel;
@@ -79,6 +78,34 @@ async fn send(
     super::rpc::send(core, node, name, payload, cancel).await
 }
 
+/// Delivers `payloads` to the mailbox of `to` in order, like [`send`]: on another node, in
+/// requests that carry as many as a NATS message holds.
+async fn send_batch(
+    core: &ClusterCore,
+    local: &LocalLink,
+    to: &str,
+    payloads: Vec<Vec<u8>>,
+    cancel: &CancellationToken,
+) -> (usize, Result<(), CallError>) {
+    let (node, name) = split_address(to);
+    let remote = match node {
+        Some(n) if n != core.node => {
+            if validate_routine_name(name).is_err() || validate_routine_name(n).is_err() {
+                return (0, Err(CallError::InvalidName(to.to_string())));
+            }
+            Some(n.to_string())
+        }
+        // Here if it runs here, else on a node that runs it.
+        _ if local.transport().mailbox(name).is_some() => None,
+        None => pick(&core.registry.holders(name)),
+        Some(_) => None,
+    };
+    match remote {
+        Some(node) => super::rpc::send_batch(core, &node, name, payloads, cancel).await,
+        None => local.send_batch(name, payloads, cancel).await,
+    }
+}
+
 /// One of `nodes`, at random (spreads sends to a name several nodes run).
 fn pick(nodes: &[String]) -> Option<String> {
     use rand::seq::IndexedRandom;
@@ -89,7 +116,7 @@ impl Transport for ClusterTransport {
     fn link(&self, name: &str, mailbox: &Channel<Message>) -> Arc<dyn Link> {
         let local = self.local.link_to(mailbox, self.dead.clone());
         let unique = self.core.registry.is_unique_here(name).then(|| name.to_string());
-        Arc::new(ClusterLink { core: self.core.clone(), local, unique, stash: Mutex::default() })
+        Arc::new(ClusterLink { core: self.core.clone(), local, unique })
     }
     fn clash(&self, name: &str, unique: bool) -> Option<String> {
         self.core.registry.conflict(name, unique)
@@ -169,19 +196,6 @@ struct ClusterLink {
     /// A cluster-unique routine's name: its receives are fenced by this node's lease and
     /// wait for its claim.
     unique: Option<String>,
-    /// Messages delivered before that a batch receive took (a message delivered before goes
-    /// alone): the next receives of their topic take them first, one each. Handed back
-    /// when the run ends.
-    stash: Mutex<VecDeque<(String, RemoteDelivery)>>,
-}
-
-impl Drop for ClusterLink {
-    fn drop(&mut self) {
-        for (_, d) in self.stash.get_mut().drain(..) {
-            d.held(false);
-            d.handle.nak();
-        }
-    }
 }
 
 impl ClusterLink {
@@ -203,27 +217,9 @@ impl ClusterLink {
             }
             Queue::Topic(t) => t,
         };
-        let mut taken: Vec<RemoteDelivery> = self.stashed(topic).into_iter().collect();
+        let taken = topics::take(&self.core, topic, max, timeout, cancel).await?;
         if taken.is_empty() {
-            let Some(first) = topics::recv(&self.core, topic, timeout, cancel).await? else {
-                return Ok(None);
-            };
-            let more = max > 1 && first.delivered_before == 0;
-            taken.push(first);
-            if more {
-                // Those delivered before wait in the stash for receives of their own; the
-                // others come in this batch.
-                let rest = topics::take_more(&self.core, topic, max - 1).await;
-                let mut stash = self.stash.lock();
-                for d in rest {
-                    if d.delivered_before > 0 {
-                        d.held(true);
-                        stash.push_back((topic.to_string(), d));
-                    } else {
-                        taken.push(d);
-                    }
-                }
-            }
+            return Ok(None);
         }
         let mut handles = Vec::with_capacity(taken.len());
         for d in taken {
@@ -231,15 +227,6 @@ impl ClusterLink {
             handles.push(d.handle);
         }
         Ok(Some(Arc::new(RemoteOrigin { topic: topic.to_string(), handles: Mutex::new(handles) })))
-    }
-
-    /// The first stashed message of `topic` (it was delivered before: it goes alone).
-    fn stashed(&self, topic: &str) -> Option<RemoteDelivery> {
-        let mut stash = self.stash.lock();
-        let i = stash.iter().position(|(t, _)| t == topic)?;
-        let (_, d) = stash.remove(i)?;
-        d.held(false);
-        Some(d)
     }
 }
 
@@ -259,6 +246,15 @@ impl Link for ClusterLink {
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<(), CallError>> {
         send(&self.core, self.local.transport(), to, payload, cancel).boxed()
+    }
+
+    fn send_batch<'a>(
+        &'a self,
+        to: &'a str,
+        payloads: Vec<Vec<u8>>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, (usize, Result<(), CallError>)> {
+        send_batch(&self.core, &self.local, to, payloads, cancel).boxed()
     }
 
     fn publish<'a>(

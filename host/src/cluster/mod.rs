@@ -32,6 +32,7 @@ use crate::transport::CallError;
 
 mod lease;
 mod link;
+mod prefetch;
 mod registry;
 mod rpc;
 mod topics;
@@ -262,6 +263,8 @@ pub(crate) struct ClusterCore {
     /// One permit per topic message taken and not yet settled with a confirmed verdict
     /// (bounds the progress and verdict tasks: receives wait when none is left).
     pub(crate) in_flight: Arc<tokio::sync::Semaphore>,
+    /// One permit per publish awaiting its acknowledgement ([`topics::PUBLISHING`]).
+    pub(crate) publishing: tokio::sync::Semaphore,
     /// The ids of the sends from other nodes this node took.
     pub(crate) sends: rpc::Sends,
     pub(crate) stop: CancellationToken,
@@ -386,6 +389,7 @@ impl Cluster {
             acks_unconfirmed: Default::default(),
             sends: Default::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
+            publishing: tokio::sync::Semaphore::new(topics::PUBLISHING),
             stop: CancellationToken::new(),
         });
         let transport = ClusterTransport::new(core.clone(), orch.local_transport());
@@ -403,6 +407,7 @@ impl Cluster {
             return Err(js_err(e));
         }
         topics::start_stats(&core);
+        topics::start_sweeper(&core);
         tracing::info!(node = %core.node, "joined the cluster at {}", core.url);
         Ok(Cluster { core })
     }
@@ -470,6 +475,8 @@ impl Cluster {
     pub async fn leave_within(&self, bound: Duration) {
         let core = &self.core;
         let deadline = tokio::time::Instant::now() + bound;
+        // Messages fetched ahead for receives that are gone: to another node at once.
+        topics::hand_back_all(core);
         core.tasks.close();
         // Background loops end with `stop`; the one-shot ack tasks end by themselves.
         core.stop.cancel();

@@ -1,7 +1,11 @@
 //! Node-to-node calls through NATS request/reply, on subjects `gorch.rpc.<node>.<call>`:
 //! - `send`: a message for a routine's mailbox (header `Gorch-To`, and `Gorch-Send-Id`, one
 //!   id per send kept across its retries); the reply is `ok`, `no-such-routine`, `closed` or
-//!   `full` (the sender tries again: backpressure across nodes);
+//!   `full` (the sender tries again: backpressure across nodes). With the header
+//!   `Gorch-Batch: N` the body is N messages, each a 4-byte little-endian length and its
+//!   bytes, taken in order (one round trip for all of them: a sender's consecutive sends to
+//!   one node, `send-batch`); the reply is `ok`, or `K full|closed|no-such-routine` when
+//!   only the first K were taken;
 //! - `snapshots`: the node's routine snapshots as JSON (for `ps --cluster`).
 //!
 //! A send whose request gets no answer is retried with its id while the registry says its
@@ -27,6 +31,7 @@ use crate::transport::CallError;
 
 const TO: &str = "Gorch-To";
 const SEND_ID: &str = "Gorch-Send-Id";
+const BATCH: &str = "Gorch-Batch";
 /// How long a node holds a send for a full mailbox before answering `full`.
 const HOLD_FULL: Duration = Duration::from_secs(1);
 /// How long a sender that is cancelled waits for the answer of a request under way.
@@ -53,15 +58,16 @@ pub(crate) struct Sends {
 
 #[derive(Default)]
 struct SendsInner {
-    /// true: taken; false: being taken.
-    ids: HashMap<String, bool>,
+    /// The answer of a send that took something; `None`: being taken.
+    ids: HashMap<String, Option<String>>,
     /// Taken ids, oldest first, with when.
     order: VecDeque<(Instant, String)>,
 }
 
 enum Seen {
     New,
-    Taken,
+    /// Taken before, with this answer.
+    Taken(String),
     Taking,
 }
 
@@ -77,22 +83,27 @@ impl Sends {
             s.ids.remove(&old);
         }
         match s.ids.get(id) {
-            Some(true) => Seen::Taken,
-            Some(false) => Seen::Taking,
+            Some(Some(answer)) => Seen::Taken(answer.clone()),
+            Some(None) => Seen::Taking,
             None => {
-                s.ids.insert(id.to_string(), false);
+                s.ids.insert(id.to_string(), None);
                 Seen::New
             }
         }
     }
 
-    fn end(&self, id: &str, taken: bool) {
+    /// Ends the send `id`: its answer is remembered when it took something (a retry gets
+    /// the same answer), forgotten when it took nothing (a retry may take it).
+    fn end(&self, id: &str, answer: Option<&str>) {
         let mut s = self.inner.lock();
-        if taken {
-            s.ids.insert(id.to_string(), true);
-            s.order.push_back((Instant::now(), id.to_string()));
-        } else {
-            s.ids.remove(id);
+        match answer {
+            Some(a) if took_any(a) => {
+                s.ids.insert(id.to_string(), Some(a.to_string()));
+                s.order.push_back((Instant::now(), id.to_string()));
+            }
+            _ => {
+                s.ids.remove(id);
+            }
         }
     }
 }
@@ -147,8 +158,8 @@ async fn answer(core: &ClusterCore, call: &str, msg: async_nats::Message) {
                 match core.sends.begin(id) {
                     Seen::New => {}
                     // A retry of a send this node took: not taken twice.
-                    Seen::Taken => {
-                        let _ = core.client.publish(reply, "ok".into()).await;
+                    Seen::Taken(answer) => {
+                        let _ = core.client.publish(reply, answer.into()).await;
                         return;
                     }
                     // Its first request is still being answered.
@@ -158,9 +169,10 @@ async fn answer(core: &ClusterCore, call: &str, msg: async_nats::Message) {
                     }
                 }
             }
-            let answer = take(core, &orch, header(TO), msg.payload).await;
+            let batch = header(BATCH).map(|n| n.parse::<usize>().unwrap_or(usize::MAX));
+            let answer = take(core, &orch, header(TO), msg.payload, batch).await;
             if let Some(id) = &id {
-                core.sends.end(id, answer == Some("ok"));
+                core.sends.end(id, answer.as_deref());
             }
             // No answer while this node's lease lapsed: the sender retries.
             let Some(answer) = answer else { return };
@@ -171,29 +183,73 @@ async fn answer(core: &ClusterCore, call: &str, msg: async_nats::Message) {
     let _ = core.client.publish(reply, body).await;
 }
 
-/// Puts a sent message in the mailbox of `to`: the answer for the sender, or `None` while
-/// this node's lease lapsed (a paused process coming back: if its lease is lost, another
-/// process answers the retry).
+/// Puts a sent message (or a batch of `batch` framed messages, in order) in the mailbox of
+/// `to`: the answer for the sender, or `None` while this node's lease lapsed (a paused
+/// process coming back: if its lease is lost, another process answers the retry).
 async fn take(
     core: &ClusterCore,
     orch: &crate::Orchestrator,
     to: Option<String>,
     payload: bytes::Bytes,
-) -> Option<&'static str> {
+    batch: Option<usize>,
+) -> Option<String> {
     let never = CancellationToken::new();
     let valid = tokio::time::timeout(HOLD_FULL, core.lease.wait_valid(&never)).await;
     if !matches!(valid, Ok(Ok(()))) {
         return None;
     }
-    let Some(h) = to.as_deref().and_then(|n| orch.get_by_name(n)) else {
-        return Some("no-such-routine");
+    let msgs = match batch {
+        None => vec![payload.to_vec()],
+        Some(n) => match unframe(&payload, n) {
+            Some(msgs) => msgs,
+            None => return Some("closed".into()),
+        },
     };
-    let m = Message::from(payload.to_vec());
-    Some(match tokio::time::timeout(HOLD_FULL, h.mailbox().send(m)).await {
-        Ok(Ok(())) => "ok",
-        Ok(Err(_)) => "closed",
-        Err(_) => "full",
-    })
+    let answer = |taken: usize, what: &str| match batch {
+        None => what.to_string(),
+        Some(_) => format!("{taken} {what}"),
+    };
+    let Some(h) = to.as_deref().and_then(|n| orch.get_by_name(n)) else {
+        return Some(answer(0, "no-such-routine"));
+    };
+    for (i, m) in msgs.into_iter().enumerate() {
+        match tokio::time::timeout(HOLD_FULL, h.mailbox().send(Message::from(m))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Some(answer(i, "closed")),
+            Err(_) => return Some(answer(i, "full")),
+        }
+    }
+    Some("ok".into())
+}
+
+/// Whether an answer says the send took at least one message.
+fn took_any(answer: &str) -> bool {
+    answer == "ok" || answer.split_once(' ').is_some_and(|(k, _)| k != "0")
+}
+
+/// Messages framed for a batch send: each a 4-byte little-endian length and its bytes.
+fn frame(msgs: &[Vec<u8>]) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(msgs.iter().map(|m| m.len() + 4).sum());
+    for m in msgs {
+        out.extend_from_slice(&(m.len() as u32).to_le_bytes());
+        out.extend_from_slice(m);
+    }
+    out.into()
+}
+
+/// The `n` messages of a framed batch (`None`: not that).
+fn unframe(mut body: &[u8], n: usize) -> Option<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let (len, rest) = body.split_first_chunk::<4>()?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if rest.len() < len {
+            return None;
+        }
+        out.push(rest[..len].to_vec());
+        body = &rest[len..];
+    }
+    (out.len() == n).then_some(out)
 }
 
 /// Sends `payload` to the routine `name` on `node`; waits while its mailbox is full.
@@ -208,61 +264,171 @@ pub(crate) async fn send(
     if payload.len() > max {
         return Err(CallError::TooLarge(max as u64));
     }
-    let id = core.topics.next_id(&core.node_token);
-    let payload = bytes::Bytes::from(payload);
-    // A request went out and got no answer: the node may have taken it.
-    let mut unanswered = false;
-    // Retries stop well within the time the node remembers the id.
-    let started = tokio::time::Instant::now();
-    let unknown = |why: &str| {
-        CallError::OutcomeUnknown(format!("node {node:?} did not answer a send to {name:?}: {why}"))
-    };
+    let mut call = Call::new(core, node, name);
+    let body = bytes::Bytes::from(payload);
     loop {
-        if cancel.is_cancelled() {
-            return Err(if unanswered { unknown("cancelled") } else { CallError::Cancelled });
+        match call.ask(&body, None, cancel).await?.as_ref() {
+            b"ok" => return Ok(()),
+            b"no-such-routine" => return Err(CallError::NoSuchRoutine(format!("{node}/{name}"))),
+            b"full" => call.pause(cancel).await,
+            _ => return Err(CallError::Closed),
         }
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(TO, name);
-        headers.insert(SEND_ID, id.as_str());
-        let request =
-            core.client.request_with_headers(subject(node, "send"), headers, payload.clone());
-        let request = tokio::time::timeout(REMOTE_SEND_TIMEOUT, request);
-        let Some(reply) = answer_or_grace(request, cancel, CANCEL_GRACE).await else {
-            return Err(unknown("cancelled while its request was under way"));
-        };
-        let mut pause = Duration::from_millis(50);
-        match reply {
-            Ok(Ok(m)) => match m.payload.as_ref() {
-                b"ok" => return Ok(()),
-                b"no-such-routine" => {
-                    return Err(CallError::NoSuchRoutine(format!("{node}/{name}")));
-                }
-                b"full" => pause = Duration::from_millis(20),
-                _ => return Err(CallError::Closed),
-            },
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                // Nobody listens: no node took this request (an earlier one may have).
-                if unanswered {
-                    return Err(unknown("its node is gone"));
-                }
-                return Err(super::closed(format!("send to node {node:?}: {e}")));
+    }
+}
+
+/// Sends `payloads` to the routine `name` on `node` in order, as many as a NATS message
+/// carries in each request; waits while its mailbox is full. Returns how many were taken
+/// before the error that stopped the rest, if any.
+pub(crate) async fn send_batch(
+    core: &ClusterCore,
+    node: &str,
+    name: &str,
+    payloads: Vec<Vec<u8>>,
+    cancel: &CancellationToken,
+) -> (usize, Result<(), CallError>) {
+    let max = core.max_message();
+    if payloads.iter().any(|p| p.len() + 4 > max) {
+        return (0, Err(CallError::TooLarge(max.saturating_sub(4) as u64)));
+    }
+    let mut done = 0;
+    while done < payloads.len() {
+        // The next request: as many as fit.
+        let mut end = done;
+        let mut bytes = 0;
+        while end < payloads.len() && bytes + payloads[end].len() + 4 <= max {
+            bytes += payloads[end].len() + 4;
+            end += 1;
+        }
+        let mut call = Call::new(core, node, name);
+        let mut from = done;
+        while from < end {
+            let body = frame(&payloads[from..end]);
+            let answer = match call.ask(&body, Some(end - from), cancel).await {
+                Ok(a) => a,
+                Err(e) => return (from, Err(e)),
+            };
+            let answer = String::from_utf8_lossy(&answer).into_owned();
+            if answer == "ok" {
+                from = end;
+                break;
             }
-            // A transport error, or the bound.
-            Ok(Err(e)) => {
-                tracing::debug!("send to node {node:?}: {e} (retrying)");
-                unanswered = true;
+            let (taken, what) = answer.split_once(' ').unwrap_or(("0", "closed"));
+            let taken = taken.parse::<usize>().unwrap_or(0).min(end - from);
+            from += taken;
+            match what {
+                "full" => {
+                    if taken > 0 {
+                        // Those were taken under this id: the rest is a new send.
+                        call = Call::new(core, node, name);
+                    }
+                    call.pause(cancel).await;
+                }
+                "no-such-routine" => {
+                    return (from, Err(CallError::NoSuchRoutine(format!("{node}/{name}"))));
+                }
+                _ => return (from, Err(CallError::Closed)),
             }
-            Err(_) => unanswered = true,
         }
-        if unanswered && !core.registry.is_live(node) {
-            return Err(unknown("its lease lapsed (paused, cut off or gone)"));
+        done = from;
+    }
+    (done, Ok(()))
+}
+
+/// One send's requests to a node: one id kept across the retries of a request that got no
+/// answer (the node takes it once), retried while the node is live, for at most a minute.
+struct Call<'a> {
+    core: &'a ClusterCore,
+    node: &'a str,
+    name: &'a str,
+    id: String,
+    /// A request went out and got no answer: the node may have taken it.
+    unanswered: bool,
+    started: tokio::time::Instant,
+    pause: Duration,
+}
+
+impl<'a> Call<'a> {
+    fn new(core: &'a ClusterCore, node: &'a str, name: &'a str) -> Self {
+        Call {
+            core,
+            node,
+            name,
+            id: core.topics.next_id(&core.node_token),
+            unanswered: false,
+            started: tokio::time::Instant::now(),
+            pause: Duration::from_millis(50),
         }
-        if unanswered && started.elapsed() > REMEMBER_SENDS / 2 {
-            return Err(unknown("no answer for a minute"));
-        }
+    }
+
+    fn unknown(&self, why: &str) -> CallError {
+        CallError::OutcomeUnknown(format!(
+            "node {:?} did not answer a send to {:?}: {why}",
+            self.node, self.name
+        ))
+    }
+
+    /// Waits before asking again after `full`.
+    async fn pause(&self, cancel: &CancellationToken) {
         tokio::select! {
             _ = cancel.cancelled() => {}
-            _ = tokio::time::sleep(pause) => {}
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+
+    /// The node's answer to `body` (one message, or `batch` framed ones).
+    async fn ask(
+        &mut self,
+        body: &bytes::Bytes,
+        batch: Option<usize>,
+        cancel: &CancellationToken,
+    ) -> Result<bytes::Bytes, CallError> {
+        let core = self.core;
+        loop {
+            if cancel.is_cancelled() {
+                return Err(if self.unanswered {
+                    self.unknown("cancelled")
+                } else {
+                    CallError::Cancelled
+                });
+            }
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(TO, self.name);
+            headers.insert(SEND_ID, self.id.as_str());
+            if let Some(n) = batch {
+                headers.insert(BATCH, n.to_string().as_str());
+            }
+            let request =
+                core.client.request_with_headers(subject(self.node, "send"), headers, body.clone());
+            let request = tokio::time::timeout(REMOTE_SEND_TIMEOUT, request);
+            let Some(reply) = answer_or_grace(request, cancel, CANCEL_GRACE).await else {
+                return Err(self.unknown("cancelled while its request was under way"));
+            };
+            match reply {
+                Ok(Ok(m)) => return Ok(m.payload),
+                Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                    // Nobody listens: no node took this request (an earlier one may have).
+                    if self.unanswered {
+                        return Err(self.unknown("its node is gone"));
+                    }
+                    return Err(super::closed(format!("send to node {:?}: {e}", self.node)));
+                }
+                // A transport error, or the bound.
+                Ok(Err(e)) => {
+                    tracing::debug!("send to node {:?}: {e} (retrying)", self.node);
+                    self.unanswered = true;
+                }
+                Err(_) => self.unanswered = true,
+            }
+            if !core.registry.is_live(self.node) {
+                return Err(self.unknown("its lease lapsed (paused, cut off or gone)"));
+            }
+            if self.started.elapsed() > REMEMBER_SENDS / 2 {
+                return Err(self.unknown("no answer for a minute"));
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(self.pause) => {}
+            }
         }
     }
 }
@@ -286,11 +452,27 @@ mod tests {
         let sends = Sends::default();
         assert!(matches!(sends.begin("n.1"), Seen::New));
         assert!(matches!(sends.begin("n.1"), Seen::Taking));
-        sends.end("n.1", true);
-        assert!(matches!(sends.begin("n.1"), Seen::Taken));
+        sends.end("n.1", Some("ok"));
+        assert!(matches!(sends.begin("n.1"), Seen::Taken(a) if a == "ok"));
         // One not taken (full, gone) may be tried again.
         assert!(matches!(sends.begin("n.2"), Seen::New));
-        sends.end("n.2", false);
+        sends.end("n.2", Some("full"));
         assert!(matches!(sends.begin("n.2"), Seen::New));
+        // Part of a batch taken: a retry gets the same answer.
+        assert!(matches!(sends.begin("n.3"), Seen::New));
+        sends.end("n.3", Some("3 full"));
+        assert!(matches!(sends.begin("n.3"), Seen::Taken(a) if a == "3 full"));
+        assert!(matches!(sends.begin("n.4"), Seen::New));
+        sends.end("n.4", Some("0 full"));
+        assert!(matches!(sends.begin("n.4"), Seen::New));
+    }
+
+    #[test]
+    fn a_batch_is_framed_and_read_back() {
+        let msgs = vec![b"a".to_vec(), Vec::new(), vec![7u8; 300]];
+        assert_eq!(unframe(&frame(&msgs), 3), Some(msgs.clone()));
+        assert_eq!(unframe(&frame(&msgs), 2), None);
+        let body = frame(&msgs);
+        assert_eq!(unframe(&body[..body.len() - 1], 3), None);
     }
 }

@@ -33,6 +33,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::prefetch::{HOLD, Prefetch};
 use super::{ClusterCore, MIN_ACK_WAIT, answer_or_grace, closed, token, untoken};
 use crate::bus::{ClusterTopicStats, DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY, TopicStats};
 use crate::clock::now_nanos;
@@ -82,8 +83,11 @@ pub(crate) struct Topic {
     blocked_recv_ns: AtomicU64,
     /// Messages of this topic this node sent to `dead-letter`.
     dead_lettered: AtomicU64,
-    /// Messages of this topic held in runs' stashes (see `link`).
-    prefetched: AtomicU64,
+    /// This node's messages of the topic fetched ahead of its receives.
+    prefetch: Prefetch,
+    /// Acks of settled messages waiting to be sent (see [`RemoteMsg::ack_all`]), and
+    /// whether a task is sending them.
+    acks: Mutex<(Vec<RemoteMsg>, bool)>,
 }
 
 impl Topic {
@@ -135,19 +139,6 @@ pub(crate) struct RemoteDelivery {
     /// How many times JetStream handed it out before this time.
     pub(crate) delivered_before: u32,
     pub(crate) handle: RemoteMsg,
-}
-
-impl RemoteDelivery {
-    /// Counts the message in (or out of) its topic's `prefetched` figure: a run holds it
-    /// for a later receive.
-    pub(crate) fn held(&self, held: bool) {
-        let n = &self.handle.taken.topic.prefetched;
-        if held {
-            n.fetch_add(1, Relaxed);
-        } else {
-            n.fetch_sub(1, Relaxed);
-        }
-    }
 }
 
 /// The acknowledgement handle of an in-flight cluster message. Dropping it without a
@@ -207,52 +198,36 @@ impl RemoteMsg {
             drop(permit);
         });
     }
-    /// Processed: removed from the stream.
-    pub(crate) fn ack(self) {
-        self.verdict(AckKind::Ack);
-    }
-
-    /// Processed, all of them (taken together, in stream order): every ack but the last is
-    /// sent without waiting for the server's answer, and the last one's confirmation
-    /// confirms them all (the server handles a connection's acks in order). If it does not
-    /// come, each is confirmed on its own.
-    pub(crate) fn ack_all(mut msgs: Vec<RemoteMsg>) {
-        let Some(last) = msgs.pop() else { return };
-        if msgs.is_empty() {
-            return last.ack();
+    /// Processed, all of them (messages of one topic): queued for the topic's ack sender.
+    /// While it awaits the server's answer to one group, the acks settled meanwhile (by
+    /// this and other receives of the topic on this node) queue up and go as the next
+    /// group: one round trip per group, not per message. A group not confirmed within
+    /// [`ACK_INLINE`] (a lost connection) goes on alone, without holding up the next.
+    pub(crate) fn ack_all(msgs: Vec<RemoteMsg>) {
+        let Some(first) = msgs.first() else { return };
+        let (core, topic) = (first.core.clone(), first.taken.topic.clone());
+        let start = {
+            let mut acks = topic.acks.lock();
+            acks.0.extend(msgs);
+            !std::mem::replace(&mut acks.1, true)
+        };
+        if !start {
+            return;
         }
-        let core = last.core.clone();
         let c = core.clone();
         core.spawn(async move {
-            // Only on the connection the batch was taken on (a verdict names its message by
-            // stream sequence: after a reconnect the stream may be another one).
-            let epoch = last.taken.epoch;
-            let mut sent = c.connected() && c.epoch() == epoch;
-            if sent {
-                for m in &msgs {
-                    sent &= m.acker.ack_with(AckKind::Ack).await.is_ok();
-                }
+            loop {
+                let group = {
+                    let mut acks = topic.acks.lock();
+                    if acks.0.is_empty() {
+                        acks.1 = false;
+                        break;
+                    }
+                    std::mem::take(&mut acks.0)
+                };
+                let confirming = c.tasks.spawn(ack_group(c.clone(), group));
+                let _ = tokio::time::timeout(ACK_INLINE, confirming).await;
             }
-            let RemoteMsg { acker, permit, taken, _progress, .. } = last;
-            let confirmed = sent
-                && c.epoch() == epoch
-                && acker.double_ack_with(AckKind::Ack).await.is_ok()
-                // Not reconnected meanwhile (acks in the old connection's buffer are lost).
-                && c.epoch() == epoch;
-            drop((permit, _progress));
-            if confirmed {
-                return;
-            }
-            confirm(&c, &acker, AckKind::Ack, &taken).await;
-            let each = msgs.into_iter().map(|m| {
-                let c = c.clone();
-                async move {
-                    let RemoteMsg { acker, permit, taken, _progress, .. } = m;
-                    confirm(&c, &acker, AckKind::Ack, &taken).await;
-                    drop((permit, _progress));
-                }
-            });
-            futures::future::join_all(each).await;
         });
     }
     /// Not processed: redelivered now, to any node.
@@ -280,6 +255,50 @@ impl RemoteMsg {
         });
     }
 }
+
+/// Acks a group of messages of one topic: every ack but the last is sent without waiting
+/// for the server's answer, and the last one's confirmation confirms them all (the server
+/// handles a connection's acks of one consumer in order). If it does not come, each is
+/// confirmed on its own. Messages taken on an earlier connection are confirmed on their own
+/// (a verdict names its message by stream sequence: after a reconnect the stream may be
+/// another one).
+async fn ack_group(c: Arc<ClusterCore>, group: Vec<RemoteMsg>) {
+    let c = &*c;
+    let epoch = c.epoch();
+    let (mut msgs, older): (Vec<RemoteMsg>, Vec<RemoteMsg>) =
+        group.into_iter().partition(|m| m.taken.epoch == epoch);
+    let each = |msgs: Vec<RemoteMsg>| {
+        futures::future::join_all(msgs.into_iter().map(|m| async move {
+            let RemoteMsg { acker, permit, taken, _progress, .. } = m;
+            confirm(c, &acker, AckKind::Ack, &taken).await;
+            drop((permit, _progress));
+        }))
+    };
+    each(older).await;
+    let Some(last) = msgs.pop() else { return };
+    let mut sent = c.connected() && c.epoch() == epoch;
+    if sent {
+        for m in &msgs {
+            sent &= m.acker.ack_with(AckKind::Ack).await.is_ok();
+        }
+    }
+    let RemoteMsg { acker, permit, taken, _progress, .. } = last;
+    let confirmed = sent
+        && c.epoch() == epoch
+        && acker.double_ack_with(AckKind::Ack).await.is_ok()
+        // Not reconnected meanwhile (acks in the old connection's buffer are lost).
+        && c.epoch() == epoch;
+    drop((permit, _progress));
+    if confirmed {
+        return;
+    }
+    confirm(c, &acker, AckKind::Ack, &taken).await;
+    each(msgs).await;
+}
+
+/// How long the ack sender of a topic waits for a group's confirmation before it goes on
+/// with the next group.
+const ACK_INLINE: Duration = Duration::from_millis(50);
 
 /// Sends `kind` for a message and waits for the server to confirm it, trying three times
 /// (a verdict lost in a disconnect would make the message come back); one never confirmed
@@ -452,7 +471,8 @@ async fn topic(core: &ClusterCore, name: &str) -> Result<Arc<Topic>, CallError> 
         blocked_publish: Mutex::default(),
         blocked_recv_ns: AtomicU64::new(0),
         dead_lettered: AtomicU64::new(0),
-        prefetched: AtomicU64::new(0),
+        prefetch: Prefetch::default(),
+        acks: Mutex::default(),
     });
     Ok(core.topics.handles.lock().entry(name.to_string()).or_insert(t).clone())
 }
@@ -485,6 +505,8 @@ fn forget(core: &ClusterCore, name: &str, t: &Arc<Topic>) {
     let mut handles = core.topics.handles.lock();
     if handles.get(name).is_some_and(|h| Arc::ptr_eq(h, t)) {
         handles.remove(name);
+        drop(handles);
+        hand_back_prefetched(t, Duration::ZERO);
         warn_gone(name);
     }
 }
@@ -530,6 +552,9 @@ pub(crate) async fn publish(
 
 /// Most publishes of one batch whose acknowledgements are awaited together.
 const PUBLISH_WINDOW: usize = 256;
+/// Most publishes of a node awaiting their acknowledgement at once (single publishes of
+/// many routines and batch windows together): more wait for room.
+pub(crate) const PUBLISHING: usize = 4096;
 
 /// Publishes `payloads` on the cluster topic `name`: each window of them is sent before
 /// their acknowledgements are awaited together, and one that was not stored is retried on
@@ -556,6 +581,14 @@ pub(crate) async fn publish_many(
     let payloads: Vec<bytes::Bytes> = payloads.into_iter().map(Into::into).collect();
     let mut done = 0;
     for window in payloads.chunks(PUBLISH_WINDOW) {
+        let room = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return (done, Err(CallError::Cancelled)),
+            room = core.publishing.acquire_many(window.len() as u32) => match room {
+                Ok(room) => room,
+                Err(_) => return (done, Err(CallError::Closed)),
+            },
+        };
         let ids: Vec<String> =
             window.iter().map(|_| core.topics.next_id(&core.node_token)).collect();
         let mut acks = Vec::with_capacity(window.len());
@@ -577,6 +610,7 @@ pub(crate) async fn publish_many(
             stored += 1;
         }
         done += stored;
+        drop(room);
         // The first not stored, and those after it, one by one (the stored ones among them
         // are dropped by JetStream as duplicates).
         for (payload, id) in window.iter().zip(&ids).skip(stored) {
@@ -623,6 +657,15 @@ async fn publish_with_id(
         if cancel.is_cancelled() {
             break Err(if unsure { unknown("its answer was lost") } else { CallError::Cancelled });
         }
+        if let Some(limit) = too_large_for(&t, payload.len()) {
+            break Err(CallError::TooLarge(limit));
+        }
+        // A place in this node's window of publishes awaiting their acknowledgement.
+        let _room = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => continue,
+            room = core.publishing.acquire() => room.map_err(|_| CallError::Closed)?,
+        };
         let message = async_nats::jetstream::message::PublishMessage::build()
             .payload(payload.clone())
             .message_id(id);
@@ -635,9 +678,6 @@ async fn publish_with_id(
             // connection, a timeout) may have been.
             r.map_err(|e| (e.kind() == PublishErrorKind::StreamNotFound || is_full(&e), e))
         };
-        if let Some(limit) = too_large_for(&t, payload.len()) {
-            break Err(CallError::TooLarge(limit));
-        }
         let Some(r) = answer_or_grace(attempt, cancel, CANCEL_GRACE).await else {
             break Err(unknown("no answer came before it was cancelled"));
         };
@@ -692,16 +732,90 @@ impl Drop for Blocked {
     }
 }
 
-/// Takes the next message of the cluster topic `name` (`Ok(None)`: `timeout` passed).
-pub(crate) async fn recv(
+/// Takes up to `max` messages of the cluster topic `name` (none: `timeout` passed): from
+/// this node's prefetched ones, else fetched for this and the topic's other receives here
+/// (see [`prefetch`](super::prefetch)). A message delivered before comes alone.
+pub(crate) async fn take(
     core: &Arc<ClusterCore>,
     name: &str,
+    max: usize,
     timeout: Option<Duration>,
     cancel: &CancellationToken,
-) -> Result<Option<RemoteDelivery>, CallError> {
+) -> Result<Vec<RemoteDelivery>, CallError> {
     let mut t = topic(core, name).await?;
     let start = Instant::now();
-    let deadline = timeout.map(|d| start + d);
+    let deadline = timeout.map(|d| tokio::time::Instant::now() + d);
+    let max = max.max(1);
+    let result = loop {
+        let prefetch = &t.prefetch;
+        let demand = prefetch.want(max);
+        let ended = prefetch.fetch_ended();
+        let got = prefetch.pop(max);
+        if !got.is_empty() {
+            break Ok(got);
+        }
+        if let Some((turn, window)) = prefetch.turn() {
+            let (first, from) = match pull_first(core, name, &t, deadline, cancel).await {
+                Ok(Some(first)) => first,
+                Ok(None) => break Ok(Vec::new()),
+                Err(e) => break Err(e),
+            };
+            // What else the stream holds now: first deliveries for this receive (as many as
+            // it asks), the rest for the next receives. One delivered before goes alone.
+            let more =
+                if window > 1 { fetch_now(core, &from, window - 1).await } else { Vec::new() };
+            let batch = max > 1 && first.delivered_before == 0;
+            let mut mine = vec![first];
+            let mut rest = Vec::new();
+            for d in more {
+                if batch && mine.len() < max && d.delivered_before == 0 {
+                    mine.push(d);
+                } else {
+                    rest.push(d);
+                }
+            }
+            from.prefetch.keep(rest);
+            drop(turn);
+            break Ok(mine);
+        }
+        // Another receive fetches: wait for what it brings.
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break Err(CallError::Cancelled),
+            _ = ended => {}
+            _ = sleep_until(deadline) => break Ok(Vec::new()),
+        }
+        drop(demand);
+        // A lost stream or consumer is created again (see `forget_lost`).
+        t = match topic(core, name).await {
+            Ok(fresh) => fresh,
+            Err(CallError::Closed) => t,
+            Err(e) => break Err(e),
+        };
+    };
+    t.blocked_recv_ns.fetch_add(start.elapsed().as_nanos() as u64, Relaxed);
+    result
+}
+
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the next message of the topic `name` whose handle is `t` (`Ok(None)`: the
+/// deadline passed; a deadline already past still asks once, a try-receive), with the
+/// handle it came through (a lost stream's is replaced meanwhile).
+async fn pull_first(
+    core: &Arc<ClusterCore>,
+    name: &str,
+    t: &Arc<Topic>,
+    deadline: Option<tokio::time::Instant>,
+    cancel: &CancellationToken,
+) -> Result<Option<(RemoteDelivery, Arc<Topic>)>, CallError> {
+    let mut t = t.clone();
     // Room for one more taken message: wait until there is (a receive that only waits holds
     // none; the permit is taken with the message).
     tokio::select! {
@@ -710,25 +824,24 @@ pub(crate) async fn recv(
         p = core.in_flight.acquire() => drop(p.map_err(|_| CallError::Closed)?),
     }
     let mut first = true;
-    let result = loop {
+    loop {
         if !first {
             // A lost stream or consumer is created again (see `forget_lost`).
             t = match topic(core, name).await {
                 Ok(fresh) => fresh,
                 Err(CallError::Closed) => t,
-                Err(e) => break Err(e),
+                Err(e) => return Err(e),
             };
         }
-        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        // A zero timeout still asks once (a try-receive).
+        let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
         if !first && left == Some(Duration::ZERO) {
-            break Ok(None);
+            return Ok(None);
         }
         first = false;
         let expires = left.unwrap_or(PULL_MAX).clamp(Duration::from_millis(1), PULL_MAX);
         let pulled = tokio::select! {
             biased;
-            _ = cancel.cancelled() => break Err(CallError::Cancelled),
+            _ = cancel.cancelled() => return Err(CallError::Cancelled),
             // A pull sent before a reconnect is lost with the old connection.
             _ = core.reconnected.notified() => continue,
             m = pull_one(&t, expires) => m,
@@ -744,15 +857,12 @@ pub(crate) async fn recv(
                     forget(core, name, &t);
                 }
                 tokio::select! {
-                    _ = cancel.cancelled() => break Err(CallError::Cancelled),
+                    _ = cancel.cancelled() => return Err(CallError::Cancelled),
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
                 continue;
             }
         };
-        // JetStream numbers this delivery (1 for the first).
-        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
-        let (msg, acker) = msg.split();
         // Usually free at once (checked before the pull).
         let permit = match core.in_flight.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -760,15 +870,36 @@ pub(crate) async fn recv(
                 core.in_flight.clone().acquire_owned().await.map_err(|_| CallError::Closed)?
             }
         };
-        let handle = remote_msgs(core, vec![(acker, permit)], &t).pop().expect("one handle");
-        break Ok(Some(RemoteDelivery {
-            payload: msg.payload.to_vec(),
-            delivered_before: delivered - 1,
+        let first = deliveries(core, vec![(msg, permit)], &t).pop().expect("one delivery");
+        return Ok(Some((first, t)));
+    }
+}
+
+/// The deliveries of messages just taken together, each with its handle.
+fn deliveries(
+    core: &Arc<ClusterCore>,
+    got: Vec<(async_nats::jetstream::Message, OwnedSemaphorePermit)>,
+    t: &Arc<Topic>,
+) -> Vec<RemoteDelivery> {
+    let mut taken = Vec::with_capacity(got.len());
+    let mut payloads = Vec::with_capacity(got.len());
+    for (m, permit) in got {
+        // JetStream numbers this delivery (1 for the first).
+        let delivered = m.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+        let (m, acker) = m.split();
+        payloads.push((m.payload.to_vec(), delivered - 1));
+        taken.push((acker, permit));
+    }
+    let handles = remote_msgs(core, taken, t);
+    payloads
+        .into_iter()
+        .zip(handles)
+        .map(|((payload, delivered_before), handle)| RemoteDelivery {
+            payload,
+            delivered_before,
             handle,
-        }));
-    };
-    t.blocked_recv_ns.fetch_add(start.elapsed().as_nanos() as u64, Relaxed);
-    result
+        })
+        .collect()
 }
 
 /// One message, `Ok(None)` when the pull expired without one, `Err` when it failed.
@@ -805,6 +936,7 @@ fn remote_msgs(
         loop {
             tokio::select! {
                 _ = d.cancelled() => break,
+                _ = c.stop.cancelled() => break,
                 _ = tokio::time::sleep(every) => {}
             }
             match t.still_there(&c).await {
@@ -834,16 +966,10 @@ fn remote_msgs(
         .collect()
 }
 
-/// Up to `max` more messages of the cluster topic `name` that are there now (one request,
-/// no wait): what a batch receive adds to its first message.
-pub(crate) async fn take_more(
-    core: &Arc<ClusterCore>,
-    name: &str,
-    max: usize,
-) -> Vec<RemoteDelivery> {
-    let Ok(t) = topic(core, name).await else { return Vec::new() };
-    // Room first, without waiting: as many as there are permits for.
-    let mut permits: Vec<OwnedSemaphorePermit> =
+/// Up to `max` more messages of the topic whose handle is `t` that are there now (one
+/// request, no wait), as many as there are permits for.
+async fn fetch_now(core: &Arc<ClusterCore>, t: &Arc<Topic>, max: usize) -> Vec<RemoteDelivery> {
+    let permits: Vec<OwnedSemaphorePermit> =
         std::iter::from_fn(|| core.in_flight.clone().try_acquire_owned().ok()).take(max).collect();
     if permits.is_empty() {
         return Vec::new();
@@ -854,25 +980,41 @@ pub(crate) async fn take_more(
             got.push(m);
         }
     }
-    permits.truncate(got.len());
-    let mut taken = Vec::with_capacity(got.len());
-    let mut payloads = Vec::with_capacity(got.len());
-    for (m, permit) in got.into_iter().zip(permits) {
-        let delivered = m.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
-        let (m, acker) = m.split();
-        payloads.push((m.payload.to_vec(), delivered - 1));
-        taken.push((acker, permit));
+    deliveries(core, got.into_iter().zip(permits).collect(), t)
+}
+
+/// Hands back the messages this node holds for later receives of `t` longer than `hold`
+/// (all of them with `Duration::ZERO`): another node takes them.
+fn hand_back_prefetched(t: &Topic, hold: Duration) {
+    for d in t.prefetch.expired(hold) {
+        d.handle.nak();
     }
-    let handles = remote_msgs(core, taken, &t);
-    payloads
-        .into_iter()
-        .zip(handles)
-        .map(|((payload, delivered_before), handle)| RemoteDelivery {
-            payload,
-            delivered_before,
-            handle,
-        })
-        .collect()
+}
+
+/// Hands back every prefetched message of every topic (the node leaves).
+pub(crate) fn hand_back_all(core: &ClusterCore) {
+    let handles: Vec<Arc<Topic>> = core.topics.handles.lock().values().cloned().collect();
+    for t in handles {
+        hand_back_prefetched(&t, Duration::ZERO);
+    }
+}
+
+/// Hands back prefetched messages that waited longer than [`HOLD`] (their receives went
+/// away or are slow), every half of it, while the node is in the cluster.
+pub(crate) fn start_sweeper(core: &Arc<ClusterCore>) {
+    let c = core.clone();
+    core.tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = c.stop.cancelled() => break,
+                _ = tokio::time::sleep(HOLD / 2) => {}
+            }
+            let handles: Vec<Arc<Topic>> = c.topics.handles.lock().values().cloned().collect();
+            for t in handles {
+                hand_back_prefetched(&t, HOLD);
+            }
+        }
+    });
 }
 
 /// Refreshes the topic figures while the node is in the cluster: every [`STATS_EVERY`]
@@ -925,7 +1067,7 @@ async fn refresh_stats(core: &ClusterCore) {
             pending_ack: consumer.as_ref().map_or(0, |c| c.cached_info().num_ack_pending as u64),
             redelivered: consumer.as_ref().map_or(0, |c| c.cached_info().num_redelivered as u64),
             dead_lettered: counted(|t| &t.dead_lettered),
-            prefetched: counted(|t| &t.prefetched),
+            prefetched: local.as_ref().map_or(0, |t| t.prefetch.held()),
         };
         out.push(TopicStats {
             len: s.messages as usize,
@@ -950,11 +1092,16 @@ async fn refresh_stats(core: &ClusterCore) {
 /// Drops the handles of topics whose stream or consumer the server no longer has (it lost
 /// its store, or someone deleted them): the next publish or receive creates them again.
 fn forget_lost(core: &ClusterCore, whole: &std::collections::HashSet<String>, listed: Instant) {
+    let mut gone = Vec::new();
     core.topics.handles.lock().retain(|name, t| {
         let kept = whole.contains(name) || t.opened >= listed;
         if !kept {
             warn_gone(name);
+            gone.push(t.clone());
         }
         kept
     });
+    for t in gone {
+        hand_back_prefetched(&t, Duration::ZERO);
+    }
 }

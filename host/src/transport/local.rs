@@ -315,6 +315,25 @@ impl Link for LocalLink {
         .boxed()
     }
 
+    /// One by one: each is an in-memory hand-over.
+    fn send_batch<'a>(
+        &'a self,
+        to: &'a str,
+        payloads: Vec<Vec<u8>>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, (usize, Result<(), CallError>)> {
+        async move {
+            let total = payloads.len();
+            for (i, p) in payloads.into_iter().enumerate() {
+                if let Err(e) = self.send(to, p, cancel).await {
+                    return (i, Err(e));
+                }
+            }
+            (total, Ok(()))
+        }
+        .boxed()
+    }
+
     fn publish<'a>(
         &'a self,
         topic: &'a str,

@@ -85,6 +85,15 @@ pub(crate) trait Link: Send + Sync {
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<(), CallError>>;
 
+    /// Delivers `payloads` to the mailbox of the routine `to` in order, waiting while it is
+    /// full; returns how many were delivered and the error that stopped the rest, if any.
+    fn send_batch<'a>(
+        &'a self,
+        to: &'a str,
+        payloads: Vec<Vec<u8>>,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, (usize, Result<(), CallError>)>;
+
     /// Publishes `payload` on `topic`, waiting while it is full.
     fn publish<'a>(
         &'a self,

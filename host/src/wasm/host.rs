@@ -125,6 +125,14 @@ impl wit_mailbox::Host for HostState {
         self.alive()?;
         Ok(self.ctx.send(&to, payload).await.map_err(wit_error))
     }
+    async fn send_batch(
+        &mut self,
+        to: String,
+        payloads: Vec<Vec<u8>>,
+    ) -> wasmtime::Result<Result<(), types::Error>> {
+        self.alive()?;
+        Ok(self.ctx.send_batch(&to, payloads).await.map_err(wit_error))
+    }
     async fn recv_batch(
         &mut self,
         max: u32,

@@ -391,6 +391,53 @@ fn a_batch_with_one_payload_too_large_publishes_nothing() {
     })
 }
 
+/// `mailbox.send-batch` from a guest delivers every message once, in order, through a
+/// mailbox smaller than a batch (the sender waits for room); a batch with one payload over
+/// the limit sends nothing; a name nobody runs is `no-such-routine`.
+#[test]
+fn send_batch_delivers_in_order_and_checks_sizes_first() {
+    run(async {
+        let orch = Orchestrator::new();
+        let got = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let g = got.clone();
+        let sink = orch
+            .spawn(SpawnOptions::new("sink").queue_capacity(4), move |ctx| {
+                let g = g.clone();
+                async move {
+                    while let Some(m) = ctx.recv(None).await? {
+                        g.lock().push(u64::from_le_bytes(m[..8].try_into().unwrap()));
+                    }
+                    Ok::<(), CallError>(())
+                }
+            })
+            .unwrap();
+        let wasm = WasmOptions::default().env("TO", "sink").env("COUNT", "500").env("BATCH", "7");
+        let flood = spawn_mode_with(&orch, SpawnOptions::new("flood"), "flood", wasm);
+        assert_eq!(wait_end(&flood, Duration::from_secs(30)).await, State::Stopped);
+        assert!(wait_until(Duration::from_secs(10), || got.lock().len() == 500).await);
+        assert_eq!(*got.lock(), (0..500).collect::<Vec<u64>>());
+        let opts = SpawnOptions::new("checks").message_bytes(8);
+        let h = orch
+            .spawn(opts, |ctx| async move {
+                let mixed = vec![vec![9; 8], vec![0; 9]];
+                if ctx.send_batch("sink", mixed).await != Err(CallError::TooLarge(8)) {
+                    return Err("a too-large payload was not refused".to_string());
+                }
+                let r = ctx.send_batch("nowhere", vec![vec![0; 8]]).await;
+                if r != Err(CallError::NoSuchRoutine("nowhere".into())) {
+                    return Err(format!("expected no-such-routine, got {r:?}"));
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(wait_end(&h, Duration::from_secs(10)).await, State::Stopped);
+        assert_eq!(last_error(&orch, "checks"), "");
+        assert_eq!(got.lock().len(), 500, "nothing of the refused batch arrived");
+        sink.stop();
+        shutdown(&orch).await;
+    })
+}
+
 /// Issue 25, finding 10: a routine asked to stop that ignores it and receives again was
 /// still handed queued messages during its grace period. Now every receive answers
 /// `cancelled` at once, and the queue keeps its messages for the next run.

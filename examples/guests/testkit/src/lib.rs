@@ -185,24 +185,33 @@ fn run() -> Result<(), String> {
             seen.push(limit);
             Err(seen.join(" "))
         }
-        // Publishes COUNT messages of SIZE bytes on TOPIC; BATCH > 1 publishes that many per
-        // host call (`publish-batch`).
+        // Publishes COUNT messages of SIZE bytes on TOPIC (or sends them to the routine TO);
+        // BATCH > 1 sends that many per host call (`publish-batch`, `send-batch`). Each
+        // message starts with its number (8 bytes, little-endian) when SIZE allows.
         "flood" => {
             let topic = std::env::var("TOPIC").unwrap_or_else(|_| "flood".into());
-            let payload = vec![7u8; env_num("SIZE", 64) as usize];
+            let to = std::env::var("TO").ok();
+            let size = env_num("SIZE", 64) as usize;
             let (count, batch) = (env_num("COUNT", 1000), env_num("BATCH", 1).max(1));
-            if batch == 1 {
-                for _ in 0..count {
-                    bus::publish(&topic, &payload).map_err(|e| e.to_string())?;
+            let payload = |i: u64| {
+                let mut p = vec![7u8; size];
+                if size >= 8 {
+                    p[..8].copy_from_slice(&i.to_le_bytes());
                 }
-                return Ok(());
-            }
-            let full = vec![payload.clone(); batch as usize];
-            let mut left = count;
-            while left > 0 {
-                let n = left.min(batch) as usize;
-                bus::publish_batch(&topic, &full[..n]).map_err(|e| e.to_string())?;
-                left -= n as u64;
+                p
+            };
+            let mut i = 0;
+            while i < count {
+                let n = (count - i).min(batch);
+                let msgs: Vec<Vec<u8>> = (i..i + n).map(payload).collect();
+                let r = match (&to, batch) {
+                    (Some(to), 1) => mailbox::send(to, &msgs[0]),
+                    (Some(to), _) => mailbox::send_batch(to, &msgs),
+                    (None, 1) => bus::publish(&topic, &msgs[0]),
+                    (None, _) => bus::publish_batch(&topic, &msgs),
+                };
+                r.map_err(|e| e.to_string())?;
+                i += n;
             }
             Ok(())
         }
