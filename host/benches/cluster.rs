@@ -55,7 +55,9 @@ fn nats() -> Nats {
 fn main() {
     let server = nats();
     let url = format!("nats://127.0.0.1:{}", server.1);
-    let rt = gorch_host::runtime_builder().worker_threads(2).build().unwrap();
+    // `GORCH_BENCH_THREADS=1`: one worker thread (a profile without cross-thread wake-ups).
+    let threads = std::env::var("GORCH_BENCH_THREADS").ok().and_then(|t| t.parse().ok());
+    let rt = gorch_host::runtime_builder().worker_threads(threads.unwrap_or(2)).build().unwrap();
     // `cargo bench --bench cluster -- mailbox` runs the sections named (one-way, mailbox,
     // same-node); none named: all.
     let named: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
@@ -455,6 +457,10 @@ async fn mailbox_one_way(url: &str, batch: bool) -> f64 {
     rate
 }
 
+/// Messages a same-node consumer takes before the clock starts (the routines' registration
+/// in the cluster and the runtime's warm-up are not what the rows compare).
+const WARM_UP: u64 = 10_000;
+
 async fn same_node(url: Option<&str>, topic: &'static str, n: u64) -> f64 {
     let (orch, cluster) = match url {
         Some(url) => {
@@ -463,11 +469,26 @@ async fn same_node(url: Option<&str>, topic: &'static str, n: u64) -> f64 {
         }
         None => (Orchestrator::new(), None),
     };
-    let t = Instant::now();
-    let rx = consumer(&orch, topic, false, n);
+    let started = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let s = started.clone();
+    let rx = orch
+        .spawn(SpawnOptions::new("consumer"), move |ctx| {
+            let s = s.clone();
+            async move {
+                for i in 0..n {
+                    if i == WARM_UP {
+                        *s.lock().unwrap() = Some(Instant::now());
+                    }
+                    ctx.bus_recv(topic, None).await?;
+                }
+                Ok::<(), CallError>(())
+            }
+        })
+        .unwrap();
     publisher(&orch, topic, false, n);
     rx.wait().await;
-    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let t = started.lock().unwrap().expect("warmed up");
+    let rate = (n - WARM_UP) as f64 / t.elapsed().as_secs_f64();
     orch.shutdown(Duration::from_secs(2)).await;
     if let Some(c) = cluster {
         c.leave().await;

@@ -68,7 +68,8 @@ pub struct ClusterTopicStats {
     pub redelivered: u64,
     /// Messages of the topic this node sent to `dead-letter`.
     pub dead_lettered: u64,
-    /// Messages this node took from the stream in a batch and holds for its next receives.
+    /// Messages this node fetched from the stream ahead of its receives and holds for them
+    /// (not yet handed to a routine; handed back if nobody here takes them).
     pub prefetched: u64,
 }
 

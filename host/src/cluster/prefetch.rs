@@ -4,13 +4,17 @@
 //! - One receive at a time fetches; the others wait for what it brings. The fetcher waits
 //!   for the stream's next message (a pull of one), then takes what else the stream holds
 //!   now, up to the window, in one request (`topics::take`).
-//! - The window follows demand: the receives waiting now (each counted for as many as it
-//!   asks), doubled when the last fetch was used up within [`QUICK`], halved when it was not,
-//!   from 1 to [`MAX_WINDOW`]. So a busy consumer pays one request per window, an idle one
-//!   holds nothing back from the other nodes.
-//! - A message that waits here longer than [`HOLD`] (its receivers went away or are slow)
-//!   is handed back (nak) so that another node takes it; so are all of them when the node
-//!   leaves or the topic's stream is lost.
+//! - The window follows demand: at least what the receives waiting now ask for together;
+//!   doubled when the last fetch got all it asked for and was used up within [`QUICK`],
+//!   halved when it got all but was not used up that fast, and otherwise (the stream held
+//!   less, or the wait ended empty) what the stream held, from 1 to [`MAX_WINDOW`]. So a busy
+//!   consumer pays one request per window, and what waits here is about [`QUICK`] of this
+//!   node's consumption; an idle node holds nothing back from the others.
+//! - A message that waits here longer than [`HOLD`] (its receivers went away) is handed
+//!   back (nak) so that another node takes it; so are all of them when the node leaves or
+//!   the topic's stream is lost. JetStream counts a hand-back as a delivery (it has no
+//!   uncounted one), so the hold is long next to a restart's backoff: a routine that
+//!   crash-loops on one message does not use up the deliveries of those fetched with it.
 //! - Everything here is in flight in JetStream's view and never acknowledged before a
 //!   routine handled it: if the host dies, the consumer's ack wait brings it back to another
 //!   node. The messages are counted in the topic's `prefetched` figure.
@@ -29,7 +33,7 @@ pub(crate) const MAX_WINDOW: usize = 256;
 /// A fetch used up within this grows the window (the receives outpace it).
 const QUICK: Duration = Duration::from_millis(20);
 /// The longest a message waits here before it is handed back to the stream.
-pub(crate) const HOLD: Duration = Duration::from_secs(1);
+pub(crate) const HOLD: Duration = Duration::from_secs(5);
 
 pub(crate) struct Prefetch {
     state: Mutex<State>,
@@ -43,12 +47,17 @@ struct State {
     msgs: VecDeque<(Instant, RemoteDelivery)>,
     /// A receive is fetching for all.
     fetching: bool,
-    /// The size of the next fetch.
+    /// The size of the last fetch, and whether it got all it asked for.
     window: usize,
-    /// When the last fetch ended.
+    full: bool,
+    /// How many the last fetch brought, and when it ended.
+    brought: usize,
     refilled: Instant,
     /// What the receives inside `take` now ask for, together.
     demand: usize,
+    /// Handed back for good (the topic's handle is dropped, or the node leaves): what a
+    /// fetch under way brings goes back at once.
+    closed: bool,
 }
 
 impl Default for Prefetch {
@@ -58,8 +67,11 @@ impl Default for Prefetch {
                 msgs: VecDeque::new(),
                 fetching: false,
                 window: 1,
+                full: false,
+                brought: 0,
                 refilled: Instant::now(),
                 demand: 0,
+                closed: false,
             }),
             fetched: Notify::new(),
             held: AtomicU64::new(0),
@@ -77,17 +89,46 @@ impl Drop for Demand<'_> {
 }
 
 /// The fetcher's turn: given up (and the waiting receives woken) when dropped, whatever
-/// became of the fetch.
-pub(crate) struct Turn<'a>(&'a Prefetch);
+/// became of the fetch (see [`Turn::brought`]).
+pub(crate) struct Turn<'a> {
+    prefetch: &'a Prefetch,
+    /// The window asked for, and how many came (the first included); 0 if none.
+    window: usize,
+    brought: usize,
+}
+
+impl Turn<'_> {
+    /// The size of the fetch.
+    pub(crate) fn window(&self) -> usize {
+        self.window
+    }
+
+    /// Records what the fetch brought, the first message included.
+    pub(crate) fn brought(&mut self, n: usize) {
+        self.brought = n;
+    }
+}
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        let mut s = self.0.state.lock();
+        let mut s = self.prefetch.state.lock();
         s.fetching = false;
+        s.full = self.brought > 0 && self.brought >= self.window;
+        s.brought = self.brought;
         s.refilled = Instant::now();
         drop(s);
-        self.0.fetched.notify_waiters();
+        self.prefetch.fetched.notify_waiters();
     }
+}
+
+/// What a receive gets from [`Prefetch::pop_or_turn`].
+pub(crate) enum Next<'a> {
+    /// Messages held here.
+    Held(Vec<RemoteDelivery>),
+    /// None here and no fetch under way: this receive fetches.
+    Fetch(Turn<'a>),
+    /// None here, another receive fetches: wait for it.
+    Wait,
 }
 
 impl Prefetch {
@@ -99,8 +140,9 @@ impl Prefetch {
 
     /// What a receive of up to `max` takes from here: one message delivered before alone
     /// (so that one that crashes its receiver is found and counted alone), else the first
-    /// deliveries at the front, up to `max`.
-    pub(crate) fn pop(&self, max: usize) -> Vec<RemoteDelivery> {
+    /// deliveries at the front, up to `max`. With none here, the fetcher's turn if no
+    /// receive has it (one look under one lock: never a fetch while messages wait here).
+    pub(crate) fn pop_or_turn(&self, max: usize) -> Next<'_> {
         let mut s = self.state.lock();
         let mut out = Vec::new();
         while out.len() < max.max(1) {
@@ -116,20 +158,21 @@ impl Prefetch {
                 break;
             }
         }
-        self.held.fetch_sub(out.len() as u64, Relaxed);
-        out
-    }
-
-    /// The fetcher's turn, if no receive has it: with it, the size of the fetch.
-    pub(crate) fn turn(&self) -> Option<(Turn<'_>, usize)> {
-        let mut s = self.state.lock();
+        if !out.is_empty() {
+            self.held.fetch_sub(out.len() as u64, Relaxed);
+            return Next::Held(out);
+        }
         if s.fetching {
-            return None;
+            return Next::Wait;
         }
         s.fetching = true;
-        let grown = if s.refilled.elapsed() < QUICK { s.window * 2 } else { s.window / 2 };
-        s.window = grown.max(s.demand).clamp(1, MAX_WINDOW);
-        Some((Turn(self), s.window))
+        let next = match (s.full, s.refilled.elapsed() < QUICK) {
+            (true, true) => s.window * 2,
+            (true, false) => s.window / 2,
+            (false, _) => s.brought,
+        };
+        s.window = next.max(s.demand).clamp(1, MAX_WINDOW);
+        Next::Fetch(Turn { prefetch: self, window: s.window, brought: 0 })
     }
 
     /// A future that completes when the current fetch ends: made before looking, so that
@@ -138,23 +181,38 @@ impl Prefetch {
         self.fetched.notified()
     }
 
-    /// Keeps fetched messages for the next receives.
-    pub(crate) fn keep(&self, msgs: impl IntoIterator<Item = RemoteDelivery>) {
+    /// Keeps fetched messages for the next receives and wakes those waiting; once closed,
+    /// gives them back (to hand back).
+    pub(crate) fn keep(&self, msgs: Vec<RemoteDelivery>) -> Vec<RemoteDelivery> {
         let now = Instant::now();
         let mut s = self.state.lock();
-        let before = s.msgs.len();
+        if s.closed {
+            return msgs;
+        }
+        self.held.fetch_add(msgs.len() as u64, Relaxed);
         s.msgs.extend(msgs.into_iter().map(|d| (now, d)));
-        self.held.fetch_add((s.msgs.len() - before) as u64, Relaxed);
+        drop(s);
+        self.fetched.notify_waiters();
+        Vec::new()
     }
 
-    /// The messages held longer than `hold` (all of them with `Duration::ZERO`), to hand
-    /// back.
+    /// The messages held longer than `hold`, to hand back.
     pub(crate) fn expired(&self, hold: Duration) -> Vec<RemoteDelivery> {
         let mut s = self.state.lock();
         let mut out = Vec::new();
         while s.msgs.front().is_some_and(|(at, _)| at.elapsed() >= hold) {
             out.push(s.msgs.pop_front().expect("front").1);
         }
+        self.held.fetch_sub(out.len() as u64, Relaxed);
+        out
+    }
+
+    /// Every message held, to hand back; what a fetch under way brings later is given back
+    /// by [`keep`](Self::keep).
+    pub(crate) fn close(&self) -> Vec<RemoteDelivery> {
+        let mut s = self.state.lock();
+        s.closed = true;
+        let out: Vec<RemoteDelivery> = s.msgs.drain(..).map(|(_, d)| d).collect();
         self.held.fetch_sub(out.len() as u64, Relaxed);
         out
     }

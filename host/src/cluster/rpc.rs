@@ -1,17 +1,20 @@
 //! Node-to-node calls through NATS request/reply, on subjects `gorch.rpc.<node>.<call>`:
 //! - `send`: a message for a routine's mailbox (header `Gorch-To`, and `Gorch-Send-Id`, one
 //!   id per send kept across its retries); the reply is `ok`, `no-such-routine`, `closed` or
-//!   `full` (the sender tries again: backpressure across nodes). With the header
-//!   `Gorch-Batch: N` the body is N messages, each a 4-byte little-endian length and its
-//!   bytes, taken in order (one round trip for all of them: a sender's consecutive sends to
-//!   one node, `send-batch`); the reply is `ok`, or `K full|closed|no-such-routine` when
-//!   only the first K were taken;
+//!   `full` (the sender tries again: backpressure across nodes);
+//! - `send-batch`: several messages for one mailbox in one request (a routine's
+//!   `send-batch`; header `Gorch-Batch: N`, the body N messages, each a 4-byte little-endian
+//!   length and its bytes), taken in order within one second in all; the reply is `ok`, or
+//!   `K full|closed|no-such-routine` when only the first K were taken (the sender goes on
+//!   with the rest under a new id once K > 0). A node without this call has no responder on
+//!   its subject: the sender gets `closed`, never a batch taken as one message;
 //! - `snapshots`: the node's routine snapshots as JSON (for `ps --cluster`).
 //!
 //! A send whose request gets no answer is retried with its id while the registry says its
 //! node is live, for at most half of [`REMEMBER_SENDS`] (the node remembers the ids it took
-//! that long, at most 65,536 of them, and answers `ok` again without taking the message
-//! twice; the ids live in the process, so a new process of the node's name does not know
+//! that long, at most 65,536 of them, and answers a retry with the answer it gave, without
+//! taking anything twice; a retry that arrives while the first request is still being
+//! taken is answered `full` (`0 full` for a batch) and asked again; the ids live in the process, so a new process of the node's name does not know
 //! them). It ends `closed` when nothing can have taken it
 //! (no node listens), and `outcome-unknown` when a request went out and no answer came
 //! (the node paused or cut off past its lease): the message may still be delivered.
@@ -111,7 +114,7 @@ impl Sends {
 /// Answers this node's calls until it leaves.
 pub(crate) async fn serve(core: &Arc<ClusterCore>) -> Result<(), String> {
     let answering = Arc::new(tokio::sync::Semaphore::new(ANSWERING));
-    for call in ["send", "snapshots"] {
+    for call in ["send", "send-batch", "snapshots"] {
         // A queue group: two processes of one node name (one paused past its lease) never
         // both take a request.
         let mut sub = core
@@ -149,10 +152,12 @@ async fn answer(core: &ClusterCore, call: &str, msg: async_nats::Message) {
         return;
     };
     let body: bytes::Bytes = match call {
-        "send" => {
+        "send" | "send-batch" => {
             let header = |h: &str| {
                 msg.headers.as_ref().and_then(|hs| hs.get(h)).map(|v| v.as_str().to_string())
             };
+            let batch = (call == "send-batch")
+                .then(|| header(BATCH).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0));
             let id = header(SEND_ID);
             if let Some(id) = &id {
                 match core.sends.begin(id) {
@@ -162,14 +167,15 @@ async fn answer(core: &ClusterCore, call: &str, msg: async_nats::Message) {
                         let _ = core.client.publish(reply, answer.into()).await;
                         return;
                     }
-                    // Its first request is still being answered.
+                    // Its first request is still being answered: nothing more taken for this
+                    // one (the sender asks again with the same id).
                     Seen::Taking => {
-                        let _ = core.client.publish(reply, "full".into()).await;
+                        let full = if batch.is_some() { "0 full" } else { "full" };
+                        let _ = core.client.publish(reply, full.into()).await;
                         return;
                     }
                 }
             }
-            let batch = header(BATCH).map(|n| n.parse::<usize>().unwrap_or(usize::MAX));
             let answer = take(core, &orch, header(TO), msg.payload, batch).await;
             if let Some(id) = &id {
                 core.sends.end(id, answer.as_deref());
@@ -212,8 +218,11 @@ async fn take(
     let Some(h) = to.as_deref().and_then(|n| orch.get_by_name(n)) else {
         return Some(answer(0, "no-such-routine"));
     };
+    // A batch waits for room at most HOLD_FULL in all (well within the sender's bound on
+    // one request), then says how many it took.
+    let until = tokio::time::Instant::now() + HOLD_FULL;
     for (i, m) in msgs.into_iter().enumerate() {
-        match tokio::time::timeout(HOLD_FULL, h.mailbox().send(Message::from(m))).await {
+        match tokio::time::timeout_at(until, h.mailbox().send(Message::from(m))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Some(answer(i, "closed")),
             Err(_) => return Some(answer(i, "full")),
@@ -287,15 +296,16 @@ pub(crate) async fn send_batch(
     cancel: &CancellationToken,
 ) -> (usize, Result<(), CallError>) {
     let max = core.max_message();
-    if payloads.iter().any(|p| p.len() + 4 > max) {
-        return (0, Err(CallError::TooLarge(max.saturating_sub(4) as u64)));
+    if payloads.iter().any(|p| p.len() > max) {
+        return (0, Err(CallError::TooLarge(max as u64)));
     }
     let mut done = 0;
     while done < payloads.len() {
-        // The next request: as many as fit.
+        // The next request: as many as fit (at least one: its 4 bytes of framing fit in the
+        // room kept for headers).
         let mut end = done;
         let mut bytes = 0;
-        while end < payloads.len() && bytes + payloads[end].len() + 4 <= max {
+        while end < payloads.len() && (end == done || bytes + payloads[end].len() + 4 <= max) {
             bytes += payloads[end].len() + 4;
             end += 1;
         }
@@ -312,7 +322,8 @@ pub(crate) async fn send_batch(
                 from = end;
                 break;
             }
-            let (taken, what) = answer.split_once(' ').unwrap_or(("0", "closed"));
+            // `K what`; a bare word took nothing.
+            let (taken, what) = answer.split_once(' ').unwrap_or(("0", &answer));
             let taken = taken.parse::<usize>().unwrap_or(0).min(end - from);
             from += taken;
             match what {
@@ -397,8 +408,9 @@ impl<'a> Call<'a> {
             if let Some(n) = batch {
                 headers.insert(BATCH, n.to_string().as_str());
             }
+            let call = if batch.is_some() { "send-batch" } else { "send" };
             let request =
-                core.client.request_with_headers(subject(self.node, "send"), headers, body.clone());
+                core.client.request_with_headers(subject(self.node, call), headers, body.clone());
             let request = tokio::time::timeout(REMOTE_SEND_TIMEOUT, request);
             let Some(reply) = answer_or_grace(request, cancel, CANCEL_GRACE).await else {
                 return Err(self.unknown("cancelled while its request was under way"));

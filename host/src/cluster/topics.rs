@@ -33,7 +33,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::prefetch::{HOLD, Prefetch};
+use super::prefetch::{HOLD, Next, Prefetch};
 use super::{ClusterCore, MIN_ACK_WAIT, answer_or_grace, closed, token, untoken};
 use crate::bus::{ClusterTopicStats, DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY, TopicStats};
 use crate::clock::now_nanos;
@@ -506,7 +506,7 @@ fn forget(core: &ClusterCore, name: &str, t: &Arc<Topic>) {
     if handles.get(name).is_some_and(|h| Arc::ptr_eq(h, t)) {
         handles.remove(name);
         drop(handles);
-        hand_back_prefetched(t, Duration::ZERO);
+        close_prefetch(t);
         warn_gone(name);
     }
 }
@@ -661,7 +661,7 @@ async fn publish_with_id(
             break Err(CallError::TooLarge(limit));
         }
         // A place in this node's window of publishes awaiting their acknowledgement.
-        let _room = tokio::select! {
+        let room = tokio::select! {
             biased;
             _ = cancel.cancelled() => continue,
             room = core.publishing.acquire() => room.map_err(|_| CallError::Closed)?,
@@ -681,6 +681,8 @@ async fn publish_with_id(
         let Some(r) = answer_or_grace(attempt, cancel, CANCEL_GRACE).await else {
             break Err(unknown("no answer came before it was cancelled"));
         };
+        // Not held through a pause: a blocked topic does not slow the others.
+        drop(room);
         match r {
             Ok(()) => break Ok(()),
             Err((refused, e)) => {
@@ -750,11 +752,13 @@ pub(crate) async fn take(
         let prefetch = &t.prefetch;
         let demand = prefetch.want(max);
         let ended = prefetch.fetch_ended();
-        let got = prefetch.pop(max);
-        if !got.is_empty() {
-            break Ok(got);
-        }
-        if let Some((turn, window)) = prefetch.turn() {
+        let mut turn = match prefetch.pop_or_turn(max) {
+            Next::Held(got) => break Ok(got),
+            Next::Fetch(turn) => Some(turn),
+            Next::Wait => None,
+        };
+        if let Some(turn) = turn.as_mut() {
+            let window = turn.window();
             let (first, from) = match pull_first(core, name, &t, deadline, cancel).await {
                 Ok(Some(first)) => first,
                 Ok(None) => break Ok(Vec::new()),
@@ -764,6 +768,7 @@ pub(crate) async fn take(
             // it asks), the rest for the next receives. One delivered before goes alone.
             let more =
                 if window > 1 { fetch_now(core, &from, window - 1).await } else { Vec::new() };
+            turn.brought(1 + more.len());
             let batch = max > 1 && first.delivered_before == 0;
             let mut mine = vec![first];
             let mut rest = Vec::new();
@@ -774,8 +779,10 @@ pub(crate) async fn take(
                     rest.push(d);
                 }
             }
-            from.prefetch.keep(rest);
-            drop(turn);
+            for d in from.prefetch.keep(rest) {
+                // Its handle was dropped meanwhile (the stream is gone, or the node leaves).
+                d.handle.nak();
+            }
             break Ok(mine);
         }
         // Another receive fetches: wait for what it brings.
@@ -785,7 +792,7 @@ pub(crate) async fn take(
             _ = ended => {}
             _ = sleep_until(deadline) => break Ok(Vec::new()),
         }
-        drop(demand);
+        drop((demand, turn));
         // A lost stream or consumer is created again (see `forget_lost`).
         t = match topic(core, name).await {
             Ok(fresh) => fresh,
@@ -975,18 +982,35 @@ async fn fetch_now(core: &Arc<ClusterCore>, t: &Arc<Topic>, max: usize) -> Vec<R
         return Vec::new();
     }
     let mut got = Vec::new();
-    if let Ok(mut batch) = t.consumer.fetch().max_messages(permits.len()).messages().await {
-        while let Some(Ok(m)) = batch.next().await {
-            got.push(m);
+    let fetching = async {
+        if let Ok(mut batch) = t.consumer.fetch().max_messages(permits.len()).messages().await {
+            while let Some(Ok(m)) = batch.next().await {
+                got.push(m);
+            }
         }
-    }
+    };
+    // The answer to a request lost in a disconnect never comes: what came by then is kept
+    // (the rest, if any, comes back after the ack wait).
+    let _ = tokio::time::timeout(FETCH_BOUND, fetching).await;
     deliveries(core, got.into_iter().zip(permits).collect(), t)
 }
 
-/// Hands back the messages this node holds for later receives of `t` longer than `hold`
-/// (all of them with `Duration::ZERO`): another node takes them.
+/// Bound on a fetch of what the stream holds now (no wait on the server's side: only a lost
+/// answer takes this long).
+const FETCH_BOUND: Duration = Duration::from_secs(2);
+
+/// Hands back the messages this node held for later receives of `t` longer than `hold`:
+/// another node takes them.
 fn hand_back_prefetched(t: &Topic, hold: Duration) {
     for d in t.prefetch.expired(hold) {
+        d.handle.nak();
+    }
+}
+
+/// Hands back every message held for later receives of `t`, now and from a fetch under way
+/// (its handle is dropped).
+fn close_prefetch(t: &Topic) {
+    for d in t.prefetch.close() {
         d.handle.nak();
     }
 }
@@ -995,7 +1019,7 @@ fn hand_back_prefetched(t: &Topic, hold: Duration) {
 pub(crate) fn hand_back_all(core: &ClusterCore) {
     let handles: Vec<Arc<Topic>> = core.topics.handles.lock().values().cloned().collect();
     for t in handles {
-        hand_back_prefetched(&t, Duration::ZERO);
+        close_prefetch(&t);
     }
 }
 
@@ -1102,6 +1126,6 @@ fn forget_lost(core: &ClusterCore, whole: &std::collections::HashSet<String>, li
         kept
     });
     for t in gone {
-        hand_back_prefetched(&t, Duration::ZERO);
+        close_prefetch(&t);
     }
 }

@@ -229,7 +229,7 @@ impl Series {
             ),
             Series::TopicPrefetched => (
                 "gorch_topic_prefetched",
-                "Cluster topic messages this node took in a batch and holds for its next receives (only with --nats).",
+                "Cluster topic messages this node fetched ahead and holds for its next receives (only with --nats).",
                 TOPIC,
                 false,
             ),

@@ -623,8 +623,8 @@ fn nats_local_keeps_queued_topic_messages_across_a_killed_host() {
 type Numbers = Arc<Mutex<Vec<u64>>>;
 
 /// A routine that keeps the first 8 bytes (a little-endian number) of each message of its
-/// mailbox, slowly enough at first that a small mailbox fills.
-fn numbered_sink(orch: &Orchestrator, name: &str, got: &Numbers) {
+/// mailbox, taking `pause` after each of the first 64 (so that a small mailbox fills).
+fn numbered_sink(orch: &Orchestrator, name: &str, got: &Numbers, pause: Duration) {
     let got = got.clone();
     let opts = SpawnOptions::new(name).queue_capacity(16);
     orch.spawn(opts, move |ctx| {
@@ -638,7 +638,7 @@ fn numbered_sink(orch: &Orchestrator, name: &str, got: &Numbers) {
                     got.len() < 64
                 };
                 if slow {
-                    ctx.sleep(Duration::from_millis(5)).await;
+                    ctx.sleep(pause).await;
                 }
             }
             Ok::<(), CallError>(())
@@ -650,7 +650,8 @@ fn numbered_sink(orch: &Orchestrator, name: &str, got: &Numbers) {
 /// Issue 22: `send-batch` from a guest to a routine on another node: every message arrives
 /// once and in order, through a mailbox of 16 that keeps filling (a request answered "only
 /// the first K were taken" goes on with the rest); a batch larger than a NATS message goes
-/// in several requests; one payload over the limit sends nothing; a name nobody runs is
+/// in several requests; a batch into a mailbox that empties slower than a request's bound
+/// still arrives once; one payload over the limit sends nothing; a name nobody runs is
 /// `no-such-routine`.
 #[test]
 fn send_batch_crosses_nodes_in_order_once() {
@@ -658,10 +659,13 @@ fn send_batch_crosses_nodes_in_order_once() {
     run(async {
         let (a, ca) = node(&nats, "a").await;
         let (b, cb) = node(&nats, "b").await;
-        let (small, large): (Numbers, Numbers) = Default::default();
-        numbered_sink(&b, "sink", &small);
-        numbered_sink(&b, "big-sink", &large);
-        let seen = || ca.nodes_running("sink") == ["b"] && ca.nodes_running("big-sink") == ["b"];
+        let (small, large, slow): (Numbers, Numbers, Numbers) = Default::default();
+        numbered_sink(&b, "sink", &small, Duration::from_millis(5));
+        numbered_sink(&b, "big-sink", &large, Duration::from_millis(5));
+        // A batch into it takes longer than one request may wait for its answer.
+        numbered_sink(&b, "slow-sink", &slow, Duration::from_millis(250));
+        let seen =
+            || ["sink", "big-sink", "slow-sink"].iter().all(|n| ca.nodes_running(n) == ["b"]);
         assert!(wait_until(Duration::from_secs(10), seen).await);
         let wasm = gorch_host::WasmOptions::default()
             .env("TO", "sink")
@@ -684,6 +688,8 @@ fn send_batch_crosses_nodes_in_order_once() {
                         })
                         .collect();
                     let mut out = vec![ctx.send_batch("b/big-sink", big).await];
+                    let numbered = (0..30u64).map(|i| i.to_le_bytes().to_vec()).collect();
+                    out.push(ctx.send_batch("slow-sink", numbered).await);
                     let mixed = vec![vec![0u8; 8], vec![0u8; 300_000]];
                     out.push(ctx.send_batch("b/big-sink", mixed).await);
                     out.push(ctx.send_batch("nowhere", vec![vec![0u8; 8]]).await);
@@ -696,15 +702,17 @@ fn send_batch_crosses_nodes_in_order_once() {
         assert_eq!(wait_end(&h, Duration::from_secs(60)).await, gorch_host::State::Stopped);
         let results = results.lock().clone();
         assert_eq!(results[0], Ok(()));
-        assert_eq!(results[1], Err(CallError::TooLarge(200_000)));
-        assert_eq!(results[2], Err(CallError::NoSuchRoutine("nowhere".into())));
+        assert_eq!(results[1], Ok(()));
+        assert_eq!(results[2], Err(CallError::TooLarge(200_000)));
+        assert_eq!(results[3], Err(CallError::NoSuchRoutine("nowhere".into())));
         let done = wait_until(Duration::from_secs(30), || {
-            small.lock().len() >= 2000 && large.lock().len() >= 30
+            small.lock().len() >= 2000 && large.lock().len() >= 30 && slow.lock().len() >= 30
         })
         .await;
         assert!(done, "{} and {} arrived", small.lock().len(), large.lock().len());
         assert_eq!(*small.lock(), (0..2000).collect::<Vec<u64>>(), "in order, once each");
         assert_eq!(*large.lock(), (0..30).collect::<Vec<u64>>());
+        assert_eq!(*slow.lock(), (0..30).collect::<Vec<u64>>());
         leave(&a, &ca).await;
         leave(&b, &cb).await;
     });
@@ -757,5 +765,51 @@ fn prefetched_messages_go_back_when_their_receiver_stops() {
         assert_eq!(distinct(&[&took, &rest]), all(500));
         leave(&a, &ca).await;
         leave(&b, &cb).await;
+    });
+}
+
+/// Issue 22 (review): a routine that crash-loops on one message, with its usual backoff,
+/// while the node holds the messages fetched with it: only the poison is dead-lettered
+/// (the others keep their deliveries: nothing fetched ahead is handed back, and counted,
+/// while its receiver restarts), every other message is processed.
+#[test]
+fn a_crash_looping_receiver_does_not_use_up_its_neighbours_deliveries() {
+    let nats = Nats::start();
+    run(async {
+        let (a, ca) = node(&nats, "a").await;
+        let (out, letters): (Seen, Seen) = Default::default();
+        collector(&a, "out", "testkit-out", &out);
+        collector(&a, "letters", gorch_host::DEAD_LETTER_TOPIC, &letters);
+        let msgs: Vec<String> =
+            (0..40).map(|i| if i == 3 { "poison".into() } else { format!("m{i}") }).collect();
+        let batch: Vec<Vec<u8>> = msgs.iter().map(|m| m.as_bytes().to_vec()).collect();
+        let h = a
+            .spawn(SpawnOptions::new("publisher"), move |ctx| {
+                let batch = batch.clone();
+                async move { ctx.publish_batch("neighbours", batch).await }
+            })
+            .unwrap();
+        assert_eq!(wait_end(&h, Duration::from_secs(30)).await, gorch_host::State::Stopped);
+        let wasm = gorch_host::WasmOptions::default()
+            .env("SOURCE", "neighbours")
+            .env("POISON", "always")
+            .env("MAX", "1");
+        let supervision =
+            gorch_host::Supervision { max_deliveries: 3, ..gorch_host::Supervision::for_plugin() };
+        let opts = SpawnOptions::new("trap").supervision(supervision);
+        let trap = crate::common::spawn_mode_with(&a, opts, "batch-trap", wasm);
+        let done = wait_until(Duration::from_secs(60), || {
+            out.lock().len() >= 39 && !letters.lock().is_empty()
+        })
+        .await;
+        assert!(done, "out {:?}, letters {:?}", out.lock(), letters.lock());
+        let processed: BTreeSet<String> =
+            out.lock().iter().filter_map(|l| l.rsplit(' ').next().map(str::to_string)).collect();
+        let expected: BTreeSet<String> = msgs.iter().filter(|m| *m != "poison").cloned().collect();
+        assert_eq!(processed, expected);
+        let letters = letters.lock().clone();
+        assert_eq!(letters.len(), 1, "only the poison: {letters:?}");
+        trap.stop();
+        leave(&a, &ca).await;
     });
 }
