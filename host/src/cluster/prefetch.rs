@@ -142,8 +142,19 @@ impl Prefetch {
     /// (so that one that crashes its receiver is found and counted alone), else the first
     /// deliveries at the front, up to `max`. With none here, the fetcher's turn if no
     /// receive has it (one look under one lock: never a fetch while messages wait here).
-    pub(crate) fn pop_or_turn(&self, max: usize) -> Next<'_> {
+    /// Messages held `stale` or longer go to `back` instead (to hand back: after a pause
+    /// of the process they may have been redelivered elsewhere).
+    pub(crate) fn pop_or_turn(
+        &self,
+        max: usize,
+        stale: Duration,
+        back: &mut Vec<RemoteDelivery>,
+    ) -> Next<'_> {
         let mut s = self.state.lock();
+        while s.msgs.front().is_some_and(|(at, _)| at.elapsed() >= stale) {
+            back.push(s.msgs.pop_front().expect("front").1);
+            self.held.fetch_sub(1, Relaxed);
+        }
         let mut out = Vec::new();
         while out.len() < max.max(1) {
             let alone = match s.msgs.front() {

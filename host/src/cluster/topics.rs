@@ -752,10 +752,20 @@ pub(crate) async fn take(
         let prefetch = &t.prefetch;
         let demand = prefetch.want(max);
         let ended = prefetch.fetch_ended();
-        let mut turn = match prefetch.pop_or_turn(max) {
-            Next::Held(got) => break Ok(got),
-            Next::Fetch(turn) => Some(turn),
-            Next::Wait => None,
+        let mut turn = {
+            let mut stale = Vec::new();
+            let next = match prefetch.pop_or_turn(max, HOLD.min(t.ack_wait / 2), &mut stale) {
+                Next::Held(got) => Err(got),
+                Next::Fetch(turn) => Ok(Some(turn)),
+                Next::Wait => Ok(None),
+            };
+            for d in stale {
+                d.handle.nak();
+            }
+            match next {
+                Err(got) => break Ok(got),
+                Ok(turn) => turn,
+            }
         };
         if let Some(turn) = turn.as_mut() {
             let window = turn.window();
