@@ -33,7 +33,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::prefetch::{HOLD, Next, Prefetch};
+use super::prefetch::{HOLD, Held, Next, Prefetch};
 use super::{ClusterCore, MIN_ACK_WAIT, answer_or_grace, closed, token, untoken};
 use crate::bus::{ClusterTopicStats, DEFAULT_MAX_TOPICS, DEFAULT_TOPIC_CAPACITY, TopicStats};
 use crate::clock::now_nanos;
@@ -84,7 +84,7 @@ pub(crate) struct Topic {
     /// Messages of this topic this node sent to `dead-letter`.
     dead_lettered: AtomicU64,
     /// This node's messages of the topic fetched ahead of its receives.
-    prefetch: Prefetch,
+    prefetch: Prefetch<RemoteDelivery>,
     /// Acks of settled messages waiting to be sent (see [`RemoteMsg::ack_all`]), and
     /// whether a task is sending them.
     acks: Mutex<(Vec<RemoteMsg>, bool)>,
@@ -139,6 +139,12 @@ pub(crate) struct RemoteDelivery {
     /// How many times JetStream handed it out before this time.
     pub(crate) delivered_before: u32,
     pub(crate) handle: RemoteMsg,
+}
+
+impl Held for RemoteDelivery {
+    fn delivered_before(&self) -> bool {
+        self.delivered_before > 0
+    }
 }
 
 /// The acknowledgement handle of an in-flight cluster message. Dropping it without a
