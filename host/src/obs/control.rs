@@ -106,7 +106,7 @@ async fn guard(AxState(writes): AxState<Writes>, req: Request, next: Next) -> Re
 }
 
 /// A refusal: the status and the reason, answered as JSON `{"error": ...}`.
-struct ApiError {
+pub(super) struct ApiError {
     status: StatusCode,
     message: String,
     retry_after: bool,
@@ -313,7 +313,7 @@ fn valid_routine_name(name: &str) -> Result<(), ApiError> {
 
 /// 404, suggesting the live routine whose name is closest to `name` (a typo), as cargo
 /// does for commands.
-fn no_routine(s: &ObsState, name: &str) -> ApiError {
+pub(super) fn no_routine(s: &ObsState, name: &str) -> ApiError {
     let closest = s
         .orch()
         .snapshots()

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Query, Request, State as AxState};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State as AxState};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -33,6 +33,7 @@ pub fn router(state: ObsState, config: &ObsConfig) -> Router {
     let mut r = Router::new()
         .route("/metrics", get(metrics))
         .route("/gorchestra/api/routines", get(routines))
+        .route("/gorchestra/api/routines/{name}", get(routine))
         .route("/gorchestra/api/topics", get(topics))
         .route("/gorchestra/api/history", get(history))
         .route("/gorchestra/api/process", get(process))
@@ -120,8 +121,54 @@ async fn metrics(AxState(s): AxState<ObsState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }
 
-async fn routines(AxState(s): AxState<ObsState>) -> impl IntoResponse {
-    axum::Json(s.orch.snapshots())
+/// `?state=` (a state's name, in any case) and `?limit=` (the first N, by id).
+#[derive(serde::Deserialize)]
+struct RoutinesQuery {
+    state: Option<String>,
+    limit: Option<String>,
+}
+
+/// Snapshots of the live routines, by id: those in `?state=` if given, at most `?limit=`
+/// (only those are read: a large host answers a narrow question cheaply). 400 names what
+/// is wrong with a parameter.
+async fn routines(
+    AxState(s): AxState<ObsState>,
+    Query(q): Query<RoutinesQuery>,
+) -> Result<Response, Response> {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"error": m})));
+    let state = match q.state.as_deref() {
+        None => None,
+        Some(v) => {
+            let all = crate::State::ALL;
+            let found = all.iter().find(|st| st.as_str().eq_ignore_ascii_case(v.trim()));
+            let names: Vec<&str> = all.iter().map(|st| st.as_str()).collect();
+            let why = || format!("unknown state {v:?}: one of {}", names.join(", "));
+            Some(*found.ok_or_else(|| bad(why()).into_response())?)
+        }
+    };
+    let limit = match q.limit.as_deref() {
+        None => usize::MAX,
+        Some(v) => v.trim().parse::<usize>().map_err(|_| {
+            bad(format!("limit {v:?} is not a whole number of routines")).into_response()
+        })?,
+    };
+    let list: Vec<crate::Snapshot> = s
+        .orch
+        .list()
+        .iter()
+        .filter(|h| state.is_none_or(|st| h.state() == st))
+        .take(limit)
+        .map(|h| h.snapshot())
+        .collect();
+    Ok(axum::Json(list).into_response())
+}
+
+/// One routine's snapshot; 404 (suggesting the closest name) if none has that name.
+async fn routine(AxState(s): AxState<ObsState>, Path(name): Path<String>) -> Response {
+    match s.orch.get_by_name(&name) {
+        Some(h) => axum::Json(h.snapshot()).into_response(),
+        None => super::control::no_routine(&s, &name).into_response(),
+    }
 }
 
 async fn topics(AxState(s): AxState<ObsState>) -> impl IntoResponse {

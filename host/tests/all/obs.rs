@@ -248,6 +248,60 @@ fn json_api_health_readiness_and_a_hostile_name() {
     })
 }
 
+/// Issue 24: at scale the API answers narrow questions: one routine by name (404 with the
+/// closest name), the routines in one state, the first N; a bad parameter is a 400 that
+/// says what is wrong.
+#[test]
+fn one_routine_and_filtered_lists() {
+    run(async {
+        let orch = Orchestrator::new();
+        let app = router(ObsState::new(&orch, None), &ObsConfig::default());
+        let handles: Vec<_> = ["worker-1", "worker-2", "worker-3"]
+            .into_iter()
+            .map(|n| {
+                orch.spawn(SpawnOptions::new(n), |ctx| async move {
+                    ctx.cancelled().await;
+                    Ok::<(), String>(())
+                })
+                .unwrap()
+            })
+            .collect();
+        let running = || handles.iter().all(|h| h.state() == gorch_host::State::Running);
+        assert!(wait_until(Duration::from_secs(5), running).await);
+        let names = |body: &str| -> Vec<String> {
+            let v: Vec<serde_json::Value> = serde_json::from_str(body).unwrap();
+            v.iter().map(|s| s["name"].as_str().unwrap().to_string()).collect()
+        };
+        let (status, body) = get(&app, "/gorchestra/api/routines/worker-2", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let one: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (one["name"].as_str(), one["state"].as_str()),
+            (Some("worker-2"), Some("RUNNING"))
+        );
+        let (status, body) = get(&app, "/gorchestra/api/routines/worker-9", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body.contains("did you mean"), "{body}");
+        let (_, body) = get(&app, "/gorchestra/api/routines?state=running", None).await;
+        assert_eq!(names(&body), ["worker-1", "worker-2", "worker-3"]);
+        let (_, body) = get(&app, "/gorchestra/api/routines?state=BACKOFF", None).await;
+        assert!(names(&body).is_empty());
+        let (_, body) = get(&app, "/gorchestra/api/routines?state=RUNNING&limit=2", None).await;
+        assert_eq!(names(&body), ["worker-1", "worker-2"]);
+        let (status, body) = get(&app, "/gorchestra/api/routines?state=asleep", None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("RUNNING") && body.contains("asleep"), "{body}");
+        let (status, body) = get(&app, "/gorchestra/api/routines?limit=-1", None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("limit"), "{body}");
+        for h in &handles {
+            h.stop();
+            h.wait().await;
+        }
+        shutdown(&orch).await;
+    })
+}
+
 #[test]
 fn the_token_guards_every_route_but_healthz() {
     run(async {
@@ -258,6 +312,7 @@ fn the_token_guards_every_route_but_healthz() {
             "/metrics",
             "/gorchestra",
             "/gorchestra/api/routines",
+            "/gorchestra/api/routines/nobody",
             "/gorchestra/api/topics",
             "/gorchestra/api/history",
             "/readyz",
