@@ -818,3 +818,56 @@ fn a_nats_server_killed_under_replicas_3_loses_nothing() {
         leave(&a, &ca).await;
     });
 }
+
+/// Issue 22: a real node whose consumers are served from its prefetch window, paused with
+/// SIGSTOP past the ack wait while it holds fetched messages, then resumed. What it held
+/// goes to the other node after the ack wait; back, it hands what it still held back
+/// instead of handing it out (it had waited longer than half the ack wait). Nothing is lost;
+/// the copies are counted (at least once allows a few: the messages in its routines' hands).
+#[test]
+fn a_node_paused_with_prefetched_messages_loses_none() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(gorch_artifacts::path("testkit"), dir.path().join("relay.wasm")).unwrap();
+    let manifest = "instances = 2\n[wasi]\nenv = { MODE = \"batch-trap\", SOURCE = \"work\", \
+                    MAX = \"1\" }\n";
+    std::fs::write(dir.path().join("relay.toml"), manifest).unwrap();
+    std::fs::write(dir.path().join("gorch.toml"), "[cluster]\nack-wait = \"2s\"\n").unwrap();
+    let url = nats.url();
+    run(async {
+        let (b, cb) = node(&nats, "b").await;
+        publish_all(&b, "work", "m", 1000).await;
+        let out = tally(&b, "out", Some("testkit-out"));
+        let (mut host, rx) = run_host(dir.path(), &["--nats", &url, "--node", "a"]);
+        read_until(&mut host, &rx, "metrics: http://");
+        // Pause node a mid-stream, with messages fetched ahead of its relays.
+        assert!(wait_until(Duration::from_secs(60), || out.lock().len() >= 200).await);
+        signal(&host, "-STOP");
+        assert!(sees(&cb, "a", false).await, "a's lease did not expire");
+        // The rest goes to node b once a's messages are past their ack wait.
+        let late = tally(&b, "late", Some("work"));
+        let processed = |out: &Copies, late: &Copies| -> BTreeSet<String> {
+            let relayed = out
+                .lock()
+                .keys()
+                .filter_map(|l| l.rsplit(' ').next())
+                .map(String::from)
+                .collect::<BTreeSet<_>>();
+            relayed.union(&late.lock().keys().cloned().collect()).cloned().collect()
+        };
+        let all: BTreeSet<String> = (0..1000).map(|i| format!("m{i}")).collect();
+        let done = wait_until(Duration::from_secs(60), || processed(&out, &late) == all).await;
+        assert!(done, "{} of 1000 processed while a was paused", processed(&out, &late).len());
+        signal(&host, "-CONT");
+        assert!(sees(&cb, "a", true).await, "a did not come back");
+        crate::common::host::stop_cleanly(&mut host);
+        assert_eq!(processed(&out, &late), all, "lost messages");
+        let copies: usize =
+            out.lock().values().sum::<usize>() + late.lock().values().sum::<usize>();
+        eprintln!("paused node: 1000 messages, {} copies processed", copies);
+        // At most the messages in a's routines' hands come twice (one each per relay), and
+        // what a's nats client had buffered; not its prefetch window.
+        assert!(copies - 1000 <= 64, "{copies} copies of 1000");
+        leave(&b, &cb).await;
+    });
+}
