@@ -10,11 +10,16 @@
 //!   less, or the wait ended empty) what the stream held, from 1 to [`MAX_WINDOW`]. So a busy
 //!   consumer pays one request per window, and what waits here is about [`QUICK`] of this
 //!   node's consumption; an idle node holds nothing back from the others.
-//! - A message that waits here longer than [`HOLD`] (its receivers went away) is handed
-//!   back (nak) so that another node takes it; so are all of them when the node leaves or
-//!   the topic's stream is lost. JetStream counts a hand-back as a delivery (it has no
-//!   uncounted one), so the hold is long next to a restart's backoff: a routine that
-//!   crash-loops on one message does not use up the deliveries of those fetched with it.
+//! - When no receive of the topic has come for [`HOLD`] (its receivers went away, or are
+//!   stuck), what waits here is handed back (nak) so that another node takes it, and the
+//!   window starts again from 1; so is all of it when the node leaves or the topic's stream
+//!   is lost. JetStream counts a hand-back as a delivery (it has no uncounted one). A fetch
+//!   whose first message was delivered before (a crash loop's sign) brings nothing more.
+//! - Progress acks keep what waits here this node's. If the process was paused past the
+//!   ack wait (SIGSTOP, a long stall), JetStream gave it to another node meanwhile, and
+//!   this node hands it out too when it resumes: a copy, which at-least-once allows (a
+//!   pause cannot be told from a loaded machine's late timers, and dropping or handing back
+//!   on a guess would cost deliveries).
 //! - Everything here is in flight in JetStream's view and never acknowledged before a
 //!   routine handled it: if the host dies, the consumer's ack wait brings it back to another
 //!   node. The messages are counted in the topic's `prefetched` figure.
@@ -35,7 +40,7 @@ pub(crate) trait Held {
 pub(crate) const MAX_WINDOW: usize = 256;
 /// A fetch used up within this grows the window (the receives outpace it).
 const QUICK: Duration = Duration::from_millis(20);
-/// The longest a message waits here before it is handed back to the stream.
+/// How long messages wait here for a receive before they are handed back to the stream.
 pub(crate) const HOLD: Duration = Duration::from_secs(5);
 
 pub(crate) struct Prefetch<T> {
@@ -47,7 +52,7 @@ pub(crate) struct Prefetch<T> {
 }
 
 struct State<T> {
-    msgs: VecDeque<(Instant, T)>,
+    msgs: VecDeque<T>,
     /// A receive is fetching for all.
     fetching: bool,
     /// The size of the last fetch, and whether it got all it asked for.
@@ -61,6 +66,8 @@ struct State<T> {
     /// Handed back for good (the topic's handle is dropped, or the node leaves): what a
     /// fetch under way brings goes back at once.
     closed: bool,
+    /// When a receive last looked here.
+    last_receive: Instant,
 }
 
 impl<T> Default for Prefetch<T> {
@@ -75,6 +82,7 @@ impl<T> Default for Prefetch<T> {
                 refilled: Instant::now(),
                 demand: 0,
                 closed: false,
+                last_receive: Instant::now(),
             }),
             fetched: Notify::new(),
             held: AtomicU64::new(0),
@@ -145,29 +153,19 @@ impl<T: Held> Prefetch<T> {
     /// (so that one that crashes its receiver is found and counted alone), else the first
     /// deliveries at the front, up to `max`. With none here, the fetcher's turn if no
     /// receive has it (one look under one lock: never a fetch while messages wait here).
-    /// Messages held `stale` or longer go to `back` instead (to hand back: after a pause
-    /// of the process they may have been redelivered elsewhere).
-    pub(crate) fn pop_or_turn(
-        &self,
-        max: usize,
-        stale: Duration,
-        back: &mut Vec<T>,
-    ) -> Next<'_, T> {
+    pub(crate) fn pop_or_turn(&self, max: usize) -> Next<'_, T> {
         let mut s = self.state.lock();
-        while s.msgs.front().is_some_and(|(at, _)| at.elapsed() >= stale) {
-            back.push(s.msgs.pop_front().expect("front").1);
-            self.held.fetch_sub(1, Relaxed);
-        }
+        s.last_receive = Instant::now();
         let mut out = Vec::new();
         while out.len() < max.max(1) {
             let alone = match s.msgs.front() {
                 None => break,
-                Some((_, d)) => d.delivered_before(),
+                Some(d) => d.delivered_before(),
             };
             if alone && !out.is_empty() {
                 break;
             }
-            out.push(s.msgs.pop_front().expect("front").1);
+            out.push(s.msgs.pop_front().expect("front"));
             if alone {
                 break;
             }
@@ -198,26 +196,31 @@ impl<T: Held> Prefetch<T> {
     /// Keeps fetched messages for the next receives and wakes those waiting; once closed,
     /// gives them back (to hand back).
     pub(crate) fn keep(&self, msgs: Vec<T>) -> Vec<T> {
-        let now = Instant::now();
         let mut s = self.state.lock();
         if s.closed {
             return msgs;
         }
         self.held.fetch_add(msgs.len() as u64, Relaxed);
-        s.msgs.extend(msgs.into_iter().map(|d| (now, d)));
+        s.msgs.extend(msgs);
         drop(s);
         self.fetched.notify_waiters();
         Vec::new()
     }
 
-    /// The messages held longer than `hold`, to hand back.
-    pub(crate) fn expired(&self, hold: Duration) -> Vec<T> {
+    /// Everything held, when no receive has looked here for `hold` and none waits now (to
+    /// hand back); the window starts again from 1.
+    pub(crate) fn abandoned(&self, hold: Duration) -> Vec<T> {
         let mut s = self.state.lock();
-        let mut out = Vec::new();
-        while s.msgs.front().is_some_and(|(at, _)| at.elapsed() >= hold) {
-            out.push(s.msgs.pop_front().expect("front").1);
+        if s.msgs.is_empty() || s.demand > 0 || s.last_receive.elapsed() < hold {
+            return Vec::new();
         }
+        self.take_all(&mut s)
+    }
+
+    fn take_all(&self, s: &mut State<T>) -> Vec<T> {
+        let out: Vec<T> = s.msgs.drain(..).collect();
         self.held.fetch_sub(out.len() as u64, Relaxed);
+        (s.window, s.full, s.brought) = (1, false, 0);
         out
     }
 
@@ -226,9 +229,7 @@ impl<T: Held> Prefetch<T> {
     pub(crate) fn close(&self) -> Vec<T> {
         let mut s = self.state.lock();
         s.closed = true;
-        let out: Vec<T> = s.msgs.drain(..).map(|(_, d)| d).collect();
-        self.held.fetch_sub(out.len() as u64, Relaxed);
-        out
+        self.take_all(&mut s)
     }
 
     /// Messages held here now.
@@ -252,7 +253,7 @@ mod tests {
     }
 
     fn take(p: &Prefetch<M>, max: usize) -> Vec<u32> {
-        match p.pop_or_turn(max, HOLD, &mut Vec::new()) {
+        match p.pop_or_turn(max) {
             Next::Held(got) => got.into_iter().map(|m| m.0).collect(),
             _ => Vec::new(),
         }
@@ -273,22 +274,20 @@ mod tests {
     #[test]
     fn one_receive_fetches_at_a_time_and_never_while_messages_wait() {
         let p: Prefetch<M> = Prefetch::default();
-        let Next::Fetch(turn) = p.pop_or_turn(1, HOLD, &mut Vec::new()) else { panic!() };
-        assert!(matches!(p.pop_or_turn(1, HOLD, &mut Vec::new()), Next::Wait));
+        let Next::Fetch(turn) = p.pop_or_turn(1) else { panic!() };
+        assert!(matches!(p.pop_or_turn(1), Next::Wait));
         p.keep(vec![M(1, false)]);
         drop(turn);
         // Held messages first: no new turn while one waits.
         assert_eq!(take(&p, 1), [1]);
-        assert!(matches!(p.pop_or_turn(1, HOLD, &mut Vec::new()), Next::Fetch(_)));
+        assert!(matches!(p.pop_or_turn(1), Next::Fetch(_)));
     }
 
     #[test]
     fn the_window_follows_what_the_stream_held_and_the_demand() {
         let p: Prefetch<M> = Prefetch::default();
         let turn_of = |p: &Prefetch<M>, brought: Option<usize>| {
-            let Next::Fetch(mut turn) = p.pop_or_turn(1, HOLD, &mut Vec::new()) else {
-                panic!("no turn")
-            };
+            let Next::Fetch(mut turn) = p.pop_or_turn(1) else { panic!("no turn") };
             let window = turn.window();
             turn.brought(brought.unwrap_or(window));
             window
@@ -319,12 +318,17 @@ mod tests {
     }
 
     #[test]
-    fn stale_messages_are_given_back_not_handed_out() {
+    fn held_messages_go_back_only_when_no_receive_came_for_the_hold() {
         let p = Prefetch::default();
         p.keep(vec![M(1, false), M(2, false)]);
-        let mut back = Vec::new();
-        assert!(matches!(p.pop_or_turn(1, Duration::ZERO, &mut back), Next::Fetch(_)));
-        assert_eq!(back, [M(1, false), M(2, false)]);
+        // A receive looked just now (or one waits): kept.
+        assert_eq!(take(&p, 1), [1]);
+        assert!(p.abandoned(Duration::from_secs(3600)).is_empty());
+        let waiting = p.want(1);
+        assert!(p.abandoned(Duration::ZERO).is_empty());
+        drop(waiting);
+        // Nobody looked for the hold and nobody waits: back, and the window restarts.
+        assert_eq!(p.abandoned(Duration::ZERO), [M(2, false)]);
         assert_eq!(p.held(), 0);
     }
 }

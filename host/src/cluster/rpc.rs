@@ -4,7 +4,8 @@
 //!   `full` (the sender tries again: backpressure across nodes);
 //! - `send-batch`: several messages for one mailbox in one request (a routine's
 //!   `send-batch`; header `Gorch-Batch: N`, the body N messages, each a 4-byte little-endian
-//!   length and its bytes), taken in order within one second in all; the reply is `ok`, or
+//!   length and its bytes), taken in order within about a second in all (after this node's
+//!   lease is checked); the reply is `ok`, or
 //!   `K full|closed|no-such-routine` when only the first K were taken (the sender goes on
 //!   with the rest under a new id once K > 0). A node without this call has no responder on
 //!   its subject: the sender gets `closed`, never a batch taken as one message;
@@ -156,6 +157,12 @@ async fn answer(core: &ClusterCore, call: &str, msg: async_nats::Message) {
             let header = |h: &str| {
                 msg.headers.as_ref().and_then(|hs| hs.get(h)).map(|v| v.as_str().to_string())
             };
+            if call == "send" && header(BATCH).is_some() {
+                // A batch on the single-message subject (a sender of another version): never
+                // taken as one message.
+                let _ = core.client.publish(reply, "closed".into()).await;
+                return;
+            }
             let batch = (call == "send-batch")
                 .then(|| header(BATCH).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0));
             let id = header(SEND_ID);
@@ -176,9 +183,12 @@ async fn answer(core: &ClusterCore, call: &str, msg: async_nats::Message) {
                     }
                 }
             }
+            // Ends the id's "being taken" mark whatever happens to this task (else its
+            // retries would be told `full` for ever).
+            let taking = id.as_deref().map(|id| Taking(&core.sends, id, None));
             let answer = take(core, &orch, header(TO), msg.payload, batch).await;
-            if let Some(id) = &id {
-                core.sends.end(id, answer.as_deref());
+            if let Some(mut t) = taking {
+                t.2 = answer.clone();
             }
             // No answer while this node's lease lapsed: the sender retries.
             let Some(answer) = answer else { return };
@@ -229,6 +239,15 @@ async fn take(
         }
     }
     Some("ok".into())
+}
+
+/// A send id being taken: [`Sends::end`] with the answer (if any) when dropped.
+struct Taking<'a>(&'a Sends, &'a str, Option<String>);
+
+impl Drop for Taking<'_> {
+    fn drop(&mut self) {
+        self.0.end(self.1, self.2.as_deref());
+    }
 }
 
 /// Whether an answer says the send took at least one message.

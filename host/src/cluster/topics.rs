@@ -758,20 +758,10 @@ pub(crate) async fn take(
         let prefetch = &t.prefetch;
         let demand = prefetch.want(max);
         let ended = prefetch.fetch_ended();
-        let mut turn = {
-            let mut stale = Vec::new();
-            let next = match prefetch.pop_or_turn(max, HOLD.min(t.ack_wait / 2), &mut stale) {
-                Next::Held(got) => Err(got),
-                Next::Fetch(turn) => Ok(Some(turn)),
-                Next::Wait => Ok(None),
-            };
-            for d in stale {
-                d.handle.nak();
-            }
-            match next {
-                Err(got) => break Ok(got),
-                Ok(turn) => turn,
-            }
+        let mut turn = match prefetch.pop_or_turn(max) {
+            Next::Held(got) => break Ok(got),
+            Next::Fetch(turn) => Some(turn),
+            Next::Wait => None,
         };
         if let Some(turn) = turn.as_mut() {
             let window = turn.window();
@@ -782,8 +772,13 @@ pub(crate) async fn take(
             };
             // What else the stream holds now: first deliveries for this receive (as many as
             // it asks), the rest for the next receives. One delivered before goes alone.
-            let more =
-                if window > 1 { fetch_now(core, &from, window - 1).await } else { Vec::new() };
+            // A first message delivered before (a crash loop's sign) comes alone: nothing is
+            // fetched with it that a hand-back could cost a delivery.
+            let more = if window > 1 && first.delivered_before == 0 {
+                fetch_now(core, &from, window - 1).await
+            } else {
+                Vec::new()
+            };
             turn.brought(1 + more.len());
             let batch = max > 1 && first.delivered_before == 0;
             let mut mine = vec![first];
@@ -1005,20 +1000,26 @@ async fn fetch_now(core: &Arc<ClusterCore>, t: &Arc<Topic>, max: usize) -> Vec<R
             }
         }
     };
-    // The answer to a request lost in a disconnect never comes: what came by then is kept
-    // (the rest, if any, comes back after the ack wait).
-    let _ = tokio::time::timeout(FETCH_BOUND, fetching).await;
+    // The server answers at once (no wait on its side); only a disconnect loses the answer:
+    // what came by then is kept (the rest, if any, comes back after the ack wait).
+    tokio::select! {
+        _ = fetching => {}
+        _ = core.reconnected.notified() => {}
+        _ = tokio::time::sleep(FETCH_BOUND) => {}
+    }
     deliveries(core, got.into_iter().zip(permits).collect(), t)
 }
 
-/// Bound on a fetch of what the stream holds now (no wait on the server's side: only a lost
-/// answer takes this long).
-const FETCH_BOUND: Duration = Duration::from_secs(2);
+/// Last-resort bound on a fetch of what the stream holds now (the server answers at once;
+/// a lost connection ends the wait sooner).
+const FETCH_BOUND: Duration = Duration::from_secs(30);
+/// How often the sweeper runs.
+const TICK: Duration = Duration::from_secs(1);
 
-/// Hands back the messages this node held for later receives of `t` longer than `hold`:
-/// another node takes them.
+/// Hands back what this node holds for receives of `t` when none came for `hold`: another
+/// node takes it.
 fn hand_back_prefetched(t: &Topic, hold: Duration) {
-    for d in t.prefetch.expired(hold) {
+    for d in t.prefetch.abandoned(hold) {
         d.handle.nak();
     }
 }
@@ -1039,15 +1040,15 @@ pub(crate) fn hand_back_all(core: &ClusterCore) {
     }
 }
 
-/// Hands back prefetched messages that waited longer than [`HOLD`] (their receives went
-/// away or are slow), every half of it, while the node is in the cluster.
+/// Every [`TICK`] while the node is in the cluster: hands back the prefetched messages of
+/// topics no receive came for in [`HOLD`].
 pub(crate) fn start_sweeper(core: &Arc<ClusterCore>) {
     let c = core.clone();
     core.tasks.spawn(async move {
         loop {
             tokio::select! {
                 _ = c.stop.cancelled() => break,
-                _ = tokio::time::sleep(HOLD / 2) => {}
+                _ = tokio::time::sleep(TICK) => {}
             }
             let handles: Vec<Arc<Topic>> = c.topics.handles.lock().values().cloned().collect();
             for t in handles {
