@@ -94,8 +94,11 @@ impl<T> Default for Prefetch<T> {
 pub(crate) struct Demand<'a, T>(&'a Prefetch<T>, usize);
 
 impl<T> Drop for Demand<'_, T> {
+    /// A receive that just ended counts as a recent one (see [`Prefetch::abandoned`]).
     fn drop(&mut self) {
-        self.0.state.lock().demand -= self.1;
+        let mut s = self.0.state.lock();
+        s.demand -= self.1;
+        s.last_receive = Instant::now();
     }
 }
 
@@ -202,16 +205,19 @@ impl<T: Held> Prefetch<T> {
         }
         self.held.fetch_add(msgs.len() as u64, Relaxed);
         s.msgs.extend(msgs);
+        // The hold counts from their arrival (the fetcher may have waited long for them).
+        s.last_receive = Instant::now();
         drop(s);
         self.fetched.notify_waiters();
         Vec::new()
     }
 
-    /// Everything held, when no receive has looked here for `hold` and none waits now (to
-    /// hand back); the window starts again from 1.
-    pub(crate) fn abandoned(&self, hold: Duration) -> Vec<T> {
+    /// Everything held, when at `now` no receive has looked here, ended, or brought
+    /// messages for `hold` and none waits (to hand back); the window starts again from 1.
+    pub(crate) fn abandoned(&self, hold: Duration, now: Instant) -> Vec<T> {
         let mut s = self.state.lock();
-        if s.msgs.is_empty() || s.demand > 0 || s.last_receive.elapsed() < hold {
+        let quiet = now.saturating_duration_since(s.last_receive);
+        if s.msgs.is_empty() || s.demand > 0 || quiet < hold {
             return Vec::new();
         }
         self.take_all(&mut s)
@@ -323,12 +329,19 @@ mod tests {
         p.keep(vec![M(1, false), M(2, false)]);
         // A receive looked just now (or one waits): kept.
         assert_eq!(take(&p, 1), [1]);
-        assert!(p.abandoned(Duration::from_secs(3600)).is_empty());
+        let hour = Duration::from_secs(3600);
+        assert!(p.abandoned(hour, Instant::now()).is_empty());
         let waiting = p.want(1);
-        assert!(p.abandoned(Duration::ZERO).is_empty());
+        assert!(p.abandoned(Duration::ZERO, Instant::now() + hour).is_empty());
         drop(waiting);
         // Nobody looked for the hold and nobody waits: back, and the window restarts.
-        assert_eq!(p.abandoned(Duration::ZERO), [M(2, false)]);
+        assert_eq!(p.abandoned(hour, Instant::now() + 2 * hour), [M(2, false)]);
         assert_eq!(p.held(), 0);
+        // Messages a fetch brings count from their arrival, however long its receive
+        // waited for them.
+        let before = Instant::now();
+        p.keep(vec![M(3, false)]);
+        assert!(p.abandoned(hour, before + hour).is_empty());
+        assert_eq!(p.abandoned(hour, Instant::now() + hour), [M(3, false)]);
     }
 }

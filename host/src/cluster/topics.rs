@@ -1019,7 +1019,7 @@ const TICK: Duration = Duration::from_secs(1);
 /// Hands back what this node holds for receives of `t` when none came for `hold`: another
 /// node takes it.
 fn hand_back_prefetched(t: &Topic, hold: Duration) {
-    for d in t.prefetch.abandoned(hold) {
+    for d in t.prefetch.abandoned(hold, Instant::now()) {
         d.handle.nak();
     }
 }

@@ -667,7 +667,8 @@ fn send_batch_crosses_nodes_in_order_once() {
         numbered_sink(&b, "sink", &small, Duration::from_millis(5));
         numbered_sink(&b, "big-sink", &large, Duration::from_millis(5));
         // A batch into it (14 messages past its 16 places, 500 ms each) takes longer than
-        // one request may wait for its answer (5 s): the node answers what it took so far.
+        // one request may wait for its answer (5 s): the node answers with what it took
+        // within about a second, and the sender goes on with the rest.
         numbered_sink(&b, "slow-sink", &slow, Duration::from_millis(500));
         let seen =
             || ["sink", "big-sink", "slow-sink"].iter().all(|n| ca.nodes_running(n) == ["b"]);
