@@ -11,10 +11,11 @@
 //!   consumer pays one request per window, and what waits here is about [`QUICK`] of this
 //!   node's consumption; an idle node holds nothing back from the others.
 //! - When no receive of the topic has come for [`HOLD`] (its receivers went away, or are
-//!   stuck), what waits here is handed back (nak) so that another node takes it, and the
-//!   window starts again from 1; so is all of it when the node leaves or the topic's stream
-//!   is lost. JetStream counts a hand-back as a delivery (it has no uncounted one). A fetch
-//!   whose first message was delivered before (a crash loop's sign) brings nothing more.
+//!   stuck), what waits here is let go without a verdict, so that JetStream's ack wait
+//!   hands it to another node, and the window starts again from 1. When the node leaves or
+//!   the topic's stream is lost, all of it is handed back (nak) at once. Either way
+//!   JetStream counts one more delivery (it has no uncounted hand-back). A fetch whose
+//!   first message was delivered before (a crash loop's sign) brings nothing more.
 //! - Progress acks keep what waits here this node's. If the process was paused past the
 //!   ack wait (SIGSTOP, a long stall), JetStream gave it to another node meanwhile, and
 //!   this node hands it out too when it resumes: a copy, which at-least-once allows (a
@@ -213,7 +214,7 @@ impl<T: Held> Prefetch<T> {
     }
 
     /// Everything held, when at `now` no receive has looked here, ended, or brought
-    /// messages for `hold` and none waits (to hand back); the window starts again from 1.
+    /// messages for `hold` and none waits (to let go); the window starts again from 1.
     pub(crate) fn abandoned(&self, hold: Duration, now: Instant) -> Vec<T> {
         let mut s = self.state.lock();
         let quiet = now.saturating_duration_since(s.last_receive);

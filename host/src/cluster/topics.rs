@@ -1016,12 +1016,12 @@ const FETCH_BOUND: Duration = Duration::from_secs(30);
 /// How often the sweeper runs.
 const TICK: Duration = Duration::from_secs(1);
 
-/// Hands back what this node holds for receives of `t` when none came for `hold`: another
-/// node takes it.
+/// Lets go of what this node holds for receives of `t` when none came for `hold`: without a
+/// verdict, so that JetStream's ack wait hands it to another node (a nak would be sooner,
+/// but under load nats-server 2.9.10 was seen to leave messages naked this way in the
+/// stream, pending nothing, unseen by the other node's pulls for 90 s).
 fn hand_back_prefetched(t: &Topic, hold: Duration) {
-    for d in t.prefetch.abandoned(hold, Instant::now()) {
-        d.handle.nak();
-    }
+    drop(t.prefetch.abandoned(hold, Instant::now()));
 }
 
 /// Hands back every message held for later receives of `t`, now and from a fetch under way
