@@ -26,7 +26,6 @@
 //!   node. The messages are counted in the topic's `prefetched` figure.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -48,17 +47,14 @@ pub(crate) struct Prefetch<T> {
     state: Mutex<State<T>>,
     /// Woken when a fetch ends (with messages or without).
     fetched: Notify,
-    /// Messages held here now (the topic's `prefetched` figure).
-    held: AtomicU64,
 }
 
 struct State<T> {
     msgs: VecDeque<T>,
     /// A receive is fetching for all.
     fetching: bool,
-    /// The size of the last fetch, and whether it got all it asked for.
+    /// The size of the last fetch.
     window: usize,
-    full: bool,
     /// How many the last fetch brought, and when it ended.
     brought: usize,
     refilled: Instant,
@@ -78,7 +74,6 @@ impl<T> Default for Prefetch<T> {
                 msgs: VecDeque::new(),
                 fetching: false,
                 window: 1,
-                full: false,
                 brought: 0,
                 refilled: Instant::now(),
                 demand: 0,
@@ -86,7 +81,6 @@ impl<T> Default for Prefetch<T> {
                 last_receive: Instant::now(),
             }),
             fetched: Notify::new(),
-            held: AtomicU64::new(0),
         }
     }
 }
@@ -128,7 +122,6 @@ impl<T> Drop for Turn<'_, T> {
     fn drop(&mut self) {
         let mut s = self.prefetch.state.lock();
         s.fetching = false;
-        s.full = self.brought > 0 && self.brought >= self.window;
         s.brought = self.brought;
         s.refilled = Instant::now();
         drop(s);
@@ -175,14 +168,14 @@ impl<T: Held> Prefetch<T> {
             }
         }
         if !out.is_empty() {
-            self.held.fetch_sub(out.len() as u64, Relaxed);
             return Next::Held(out);
         }
         if s.fetching {
             return Next::Wait;
         }
         s.fetching = true;
-        let next = match (s.full, s.refilled.elapsed() < QUICK) {
+        let full = s.brought > 0 && s.brought >= s.window;
+        let next = match (full, s.refilled.elapsed() < QUICK) {
             (true, true) => s.window * 2,
             (true, false) => s.window / 2,
             (false, _) => s.brought,
@@ -204,7 +197,6 @@ impl<T: Held> Prefetch<T> {
         if s.closed {
             return msgs;
         }
-        self.held.fetch_add(msgs.len() as u64, Relaxed);
         s.msgs.extend(msgs);
         // The hold counts from their arrival (the fetcher may have waited long for them).
         s.last_receive = Instant::now();
@@ -226,8 +218,7 @@ impl<T: Held> Prefetch<T> {
 
     fn take_all(&self, s: &mut State<T>) -> Vec<T> {
         let out: Vec<T> = s.msgs.drain(..).collect();
-        self.held.fetch_sub(out.len() as u64, Relaxed);
-        (s.window, s.full, s.brought) = (1, false, 0);
+        (s.window, s.brought) = (1, 0);
         out
     }
 
@@ -241,7 +232,7 @@ impl<T: Held> Prefetch<T> {
 
     /// Messages held here now.
     pub(crate) fn held(&self) -> u64 {
-        self.held.load(Relaxed)
+        self.state.lock().msgs.len() as u64
     }
 }
 
